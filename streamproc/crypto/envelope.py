@@ -1,0 +1,248 @@
+"""Envelope format v1: AES-256-GCM record values under KMS-wrapped data keys.
+
+Layout (all integers big-endian; see docs/wire-format.md)::
+
+    0      1    version byte, 0x01
+    1      1    n = length of the KEK id (1..255)
+    2      n    KEK id, UTF-8
+    2+n    4    KEK version (u32)
+    6+n    2    m = length of the wrapped data key (1..65535)
+    8+n    m    wrapped data key (opaque to us; provider-specific)
+    8+n+m  4    topic fingerprint: SHA-256(topic)[:4]
+    12+n+m 12   GCM nonce (random)
+    24+n+m ...  ciphertext || 16-byte GCM tag
+
+The associated data is ``b"streamproc/env/v1\\0" + u16(len(topic)) + topic + header``
+where ``header`` is every byte before the nonce.  Relabelling the key id or version,
+swapping the wrapped key or moving the ciphertext to another topic therefore fails
+authentication.  The fingerprint only lets us *say* ``wrong_topic`` instead of
+``tampered``; it is not a security boundary.
+
+Every parse or authentication failure raises :class:`~streamproc.errors.EnvelopeError`
+with a reason class and a value-free detail, in the spirit of ``cryptography``'s Fernet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from streamproc.crypto.dek_cache import DekCache
+from streamproc.crypto.kms import DataKey, KmsProvider
+from streamproc.errors import (
+    EnvelopeError,
+    KeyNotFound,
+    KeyRevoked,
+    Reason,
+    UnwrapFailed,
+)
+
+VERSION = 0x01
+NONCE_LEN = 12
+TAG_LEN = 16
+_AAD_PREFIX = b"streamproc/env/v1\x00"
+_U32 = struct.Struct(">I")
+_U16 = struct.Struct(">H")
+MIN_LEN = 1 + 1 + 1 + 4 + 2 + 1 + 4 + NONCE_LEN + TAG_LEN
+
+#: Default bounds on data-key reuse.  Random 96-bit nonces stay far below the NIST
+#: SP 800-38D limit of 2**32 invocations per key; age bounds the blast radius of a leak.
+DEFAULT_MAX_RECORDS_PER_DEK = 1 << 24
+DEFAULT_MAX_DEK_AGE_S = 3600.0
+
+
+@lru_cache(maxsize=4096)
+def topic_fingerprint(topic: str) -> bytes:
+    return hashlib.sha256(topic.encode()).digest()[:4]
+
+
+@lru_cache(maxsize=4096)
+def _topic_aad(topic: str) -> bytes:
+    t = topic.encode()
+    return _AAD_PREFIX + _U16.pack(len(t)) + t
+
+
+def build_header(kek_id: str, kek_version: int, wrapped: bytes, topic: str) -> bytes:
+    kid = kek_id.encode()
+    if not 1 <= len(kid) <= 255:
+        raise ValueError("KEK id must be 1..255 bytes")
+    if not 1 <= len(wrapped) <= 0xFFFF:
+        raise ValueError("wrapped key must be 1..65535 bytes")
+    return (
+        bytes((VERSION, len(kid)))
+        + kid
+        + _U32.pack(kek_version)
+        + _U16.pack(len(wrapped))
+        + wrapped
+        + topic_fingerprint(topic)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class EnvelopeHeader:
+    kek_id: str
+    kek_version: int
+    wrapped: bytes
+    fingerprint: bytes
+    header_len: int
+
+
+def parse_header(data: bytes) -> EnvelopeHeader:
+    """Parse the cleartext header; raises :class:`EnvelopeError` on any malformation."""
+    n = len(data)
+    if n == 0:
+        raise EnvelopeError(Reason.MALFORMED, "empty value")
+    if data[0] != VERSION:
+        raise EnvelopeError(Reason.UNSUPPORTED_VERSION, f"version byte 0x{data[0]:02x}")
+    if n < MIN_LEN:
+        raise EnvelopeError(Reason.MALFORMED, f"{n} bytes is shorter than any envelope")
+    klen = data[1]
+    pos = 2 + klen
+    if klen == 0 or pos + 6 > n:
+        raise EnvelopeError(Reason.MALFORMED, "bad key id length")
+    try:
+        kek_id = data[2:pos].decode()
+    except UnicodeDecodeError:
+        raise EnvelopeError(Reason.MALFORMED, "key id is not UTF-8") from None
+    (kver,) = _U32.unpack_from(data, pos)
+    (wlen,) = _U16.unpack_from(data, pos + 4)
+    pos += 6
+    end = pos + wlen
+    if wlen == 0 or end + 4 + NONCE_LEN + TAG_LEN > n:
+        raise EnvelopeError(Reason.MALFORMED, "bad wrapped key length")
+    return EnvelopeHeader(kek_id, kver, data[pos:end], data[end : end + 4], end + 4)
+
+
+class Sealer:
+    """Seals values for one topic under one KEK, reusing a data key within bounds.
+
+    Thread-safe.  ``clock`` is injectable so tests can drive data-key expiry.
+    """
+
+    def __init__(
+        self,
+        kms: KmsProvider,
+        kek_id: str,
+        topic: str,
+        *,
+        max_records: int = DEFAULT_MAX_RECORDS_PER_DEK,
+        max_age: float = DEFAULT_MAX_DEK_AGE_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_records < 1 or max_age <= 0:
+            raise ValueError("data-key reuse bounds must be positive")
+        self.kms = kms
+        self.kek_id = kek_id
+        self.topic = topic
+        self.max_records = max_records
+        self.max_age = max_age
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._dek: DataKey | None = None
+        self._aead: AESGCM | None = None
+        self._prefix = b""
+        self._aad = b""
+        self._used = 0
+        self._born = 0.0
+        #: Number of data keys generated so far (one KMS call each).
+        self.data_keys_generated = 0
+
+    @property
+    def kek_version(self) -> int | None:
+        return self._dek.kek_version if self._dek is not None else None
+
+    def _rotate(self, now: float) -> None:
+        dek = self.kms.generate_data_key(self.kek_id, {"topic": self.topic})
+        self._dek = dek
+        self._aead = AESGCM(dek.plaintext)
+        self._prefix = build_header(dek.kek_id, dek.kek_version, dek.wrapped, self.topic)
+        self._aad = _topic_aad(self.topic) + self._prefix
+        self._used = 0
+        self._born = now
+        self.data_keys_generated += 1
+
+    def rotate(self) -> None:
+        """Force a fresh data key (for example after the KEK was rotated)."""
+        with self._lock:
+            self._rotate(self._clock())
+
+    def seal(self, plaintext: bytes) -> bytes:
+        with self._lock:
+            now = self._clock()
+            if self._aead is None or self._used >= self.max_records or now - self._born >= self.max_age:
+                self._rotate(now)
+            self._used += 1
+            aead, prefix, aad = self._aead, self._prefix, self._aad
+        assert aead is not None
+        nonce = os.urandom(NONCE_LEN)
+        return prefix + nonce + aead.encrypt(nonce, plaintext, aad)
+
+    def seal_many(self, plaintexts: list[bytes]) -> list[bytes]:
+        """Seal a batch with one lock round trip per data key (the pipeline's hot path)."""
+        out: list[bytes] = []
+        i = 0
+        n = len(plaintexts)
+        urandom = os.urandom
+        while i < n:
+            with self._lock:
+                now = self._clock()
+                if self._aead is None or self._used >= self.max_records or now - self._born >= self.max_age:
+                    self._rotate(now)
+                take = min(n - i, self.max_records - self._used)
+                self._used += take
+                aead, prefix, aad = self._aead, self._prefix, self._aad
+            assert aead is not None
+            enc = aead.encrypt
+            for p in plaintexts[i : i + take]:
+                nonce = urandom(NONCE_LEN)
+                out.append(prefix + nonce + enc(nonce, p, aad))
+            i += take
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    plaintext: bytes
+    kek_id: str
+    kek_version: int
+
+
+class Opener:
+    """Opens envelopes through a :class:`DekCache` (one KMS call per data key)."""
+
+    def __init__(self, cache: DekCache) -> None:
+        self.cache = cache
+
+    @classmethod
+    def for_kms(cls, kms: KmsProvider, **cache_options: float) -> Opener:
+        return cls(DekCache(kms, **cache_options))  # type: ignore[arg-type]
+
+    def open(self, topic: str, data: bytes) -> Opened:
+        h = parse_header(data)
+        if h.fingerprint != topic_fingerprint(topic):
+            raise EnvelopeError(Reason.WRONG_TOPIC, f"key {h.kek_id!r} v{h.kek_version}; sealed for another topic")
+        try:
+            aead = self.cache.get(h.kek_id, h.kek_version, h.wrapped, topic)
+        except KeyRevoked:
+            raise EnvelopeError(Reason.KEY_REVOKED, f"key {h.kek_id!r} v{h.kek_version}") from None
+        except KeyNotFound:
+            raise EnvelopeError(Reason.UNKNOWN_KEY, f"key {h.kek_id!r} v{h.kek_version}") from None
+        except UnwrapFailed:
+            raise EnvelopeError(Reason.TAMPERED, f"wrapped key under {h.kek_id!r} v{h.kek_version}") from None
+        hl = h.header_len
+        try:
+            pt = aead.decrypt(
+                data[hl : hl + NONCE_LEN], data[hl + NONCE_LEN :], _topic_aad(topic) + data[:hl]
+            )
+        except InvalidTag:
+            raise EnvelopeError(Reason.TAMPERED, f"ciphertext under {h.kek_id!r} v{h.kek_version}") from None
+        return Opened(pt, h.kek_id, h.kek_version)
