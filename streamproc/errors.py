@@ -34,6 +34,8 @@ class Reason(str, enum.Enum):
     """The plaintext is not Confluent-framed Avro that matches its schema."""
     TRANSFORM_FAILED = "transform_failed"
     """An operator could not transform a value (for example a malformed date)."""
+    UNSUPPORTED_SCHEMA = "unsupported_schema"
+    """The policy cannot be applied to this schema (an operator does not fit a field type)."""
     NO_ROUTE = "no_route"
     """The pipeline has no destination for the record's topic."""
 
@@ -56,6 +58,14 @@ class RecordError(StreamprocError):
 
 class EnvelopeError(RecordError):
     """The envelope could not be opened.  Opaque on purpose: it says why, never what."""
+
+
+class TransientError(StreamprocError):
+    """A dependency (KMS, schema registry, broker) is briefly unavailable.
+
+    Never a property of a record: the runtime pauses, backs off and retries the whole
+    batch, and sends nothing to the dead-letter topic for it.
+    """
 
 
 class KmsError(StreamprocError):
@@ -88,12 +98,20 @@ class UnwrapFailed(KmsError):
     reason = Reason.TAMPERED
 
 
-class KmsUnavailable(KmsError):
+class KmsUnavailable(KmsError, TransientError):
     """A transient KMS outage.  Not a bad record: the caller must pause and retry."""
 
 
 class SchemaError(StreamprocError):
     """A schema is invalid, unsupported or cannot be resolved."""
+
+
+class SchemaNotFound(SchemaError):
+    """The schema id is unknown to the schema source (a record-level failure)."""
+
+
+class SchemaRegistryUnavailable(TransientError):
+    """The schema registry could not be reached; retry, never dead-letter."""
 
 
 class PolicyError(StreamprocError):

@@ -65,6 +65,9 @@ class DekCache:
         entry = self._entries.get(key)
         if entry is not None and entry[0] > now:
             self.hits += 1
+            with self._lock:  # LRU, not FIFO: a hit makes the entry the most recent
+                if key in self._entries:
+                    self._entries.move_to_end(key)
             if now - self._last_sweep >= self.revocation_check_interval:
                 self._sweep(now)
                 if key not in self._entries:
@@ -77,7 +80,7 @@ class DekCache:
         failure = self._failures.get(key)
         if failure is not None:
             if failure[0] > now:
-                raise failure[1]
+                raise failure[1].with_traceback(None)  # do not pile up frames on each re-raise
             del self._failures[key]
         kek_id, kek_version, wrapped, topic = key
         ctx: Mapping[str, str] = {"topic": topic}

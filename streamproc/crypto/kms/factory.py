@@ -1,0 +1,243 @@
+"""Build a :class:`~streamproc.crypto.kms.KmsProvider` from a configuration mapping.
+
+Examples (the ``kms:`` section of a pipeline config)::
+
+    {"provider": "local", "path": "keys/keyring.json"}
+    {"provider": "vault", "url": "https://bao.internal:8200", "mount": "transit"}
+    {"provider": "aws", "region": "eu-west-1"}
+
+Every mistake raises :class:`~streamproc.errors.ConfigError` naming the offending key
+(``kms.mount``, ``kms.provider``...), so a typo fails at start-up rather than at the first
+record.
+
+Secrets come from the environment, which *overrides* the file: ``VAULT_TOKEN`` (or
+``BAO_TOKEN``) beats ``token``, so a config file checked into git can carry a placeholder
+while the real token is injected by the deployment.  ``VAULT_ADDR``/``BAO_ADDR`` and
+``VAULT_NAMESPACE`` are fallbacks for ``url`` and ``namespace``.  AWS credentials are
+*refused* in the file altogether: they come from the standard chain (``AWS_ACCESS_KEY_ID``
+/ ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``, a ``profile``, web identity, instance
+role); ``AWS_REGION``/``AWS_DEFAULT_REGION`` and ``AWS_ENDPOINT_URL_KMS``/``AWS_ENDPOINT_URL``
+are fallbacks for ``region`` and ``endpoint_url``.
+
+``hvac`` and ``boto3`` are optional extras (``streamproc[vault]``, ``streamproc[aws]``):
+their modules are imported only when that provider is asked for, so the base install and
+the local keyring work without them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from streamproc.crypto.kms import KmsProvider
+from streamproc.errors import ConfigError
+
+PROVIDERS = ("local", "vault", "aws")
+
+_Check = Callable[[str, Any], Any]
+
+
+def _str(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{key} must be a non-empty string")
+    return value
+
+
+def _number(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(f"{key} must be a positive number")
+    return float(value)
+
+
+def _int(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key} must be a positive integer")
+    return value
+
+
+def _bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false")
+    return value
+
+
+def _choice(*allowed: str) -> _Check:
+    def check(key: str, value: Any) -> str:
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)} (got {value!r})")
+        return str(value)
+
+    return check
+
+
+_SCHEMAS: dict[str, dict[str, _Check]] = {
+    "local": {"path": _str, "reload_interval": _number},
+    "vault": {
+        "url": _str,
+        "token": _str,
+        "mount": _str,
+        "kv_mount": _str,
+        "kv_prefix": _str,
+        "namespace": _str,
+        "timeout": _number,
+        "verify": _bool,
+        "ca_cert": _str,
+        "client_cert": _str,
+        "client_key": _str,
+        "context_binding": _choice("associated_data", "derived"),
+        "revocation_cache_ttl": _number,
+    },
+    "aws": {
+        "region": _str,
+        "endpoint_url": _str,
+        "profile": _str,
+        "connect_timeout": _number,
+        "read_timeout": _number,
+        "max_attempts": _int,
+        "check_key_state": _bool,
+        "state_cache_ttl": _number,
+    },
+}
+
+_AWS_SECRET_KEYS = frozenset(
+    {
+        "access_key_id",
+        "secret_access_key",
+        "session_token",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "credentials",
+    }
+)
+
+
+def _validated(provider: str, spec: Mapping[str, Any]) -> dict[str, Any]:
+    schema = _SCHEMAS[provider]
+    out: dict[str, Any] = {}
+    for key, value in spec.items():
+        if key == "provider":
+            continue
+        if not isinstance(key, str):
+            raise ConfigError(f"kms: keys must be strings (got {key!r})")
+        if provider == "aws" and key in _AWS_SECRET_KEYS:
+            raise ConfigError(
+                f"kms.{key}: AWS credentials do not belong in the configuration; use "
+                "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, or a role"
+            )
+        if key not in schema:
+            raise ConfigError(
+                f"kms.{key}: unknown setting for provider {provider!r} "
+                f"(expected one of: {', '.join(sorted(schema))})"
+            )
+        out[key] = schema[key](f"kms.{key}", value)
+    return out
+
+
+def _missing_extra(provider: str, exc: ImportError) -> ConfigError:
+    return ConfigError(
+        f"kms.provider: {provider!r} needs the optional dependency {exc.name or 'package'!r}; "
+        f"install it with: pip install 'streamproc[{provider}]'"
+    )
+
+
+def build_kms(
+    spec: Mapping[str, Any],
+    *,
+    env: Mapping[str, str] | None = None,
+    base_dir: str | os.PathLike[str] | None = None,
+) -> KmsProvider:
+    """Construct the provider described by ``spec``.
+
+    ``env`` defaults to ``os.environ`` (injectable for tests); ``base_dir`` anchors a
+    relative local keyring ``path`` (normally the directory of the config file).
+    """
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"kms: expected a mapping, got {type(spec).__name__}")
+    env = os.environ if env is None else env
+    provider = spec.get("provider")
+    if provider is None:
+        raise ConfigError(f"kms.provider: missing (one of: {', '.join(PROVIDERS)})")
+    if provider not in PROVIDERS:
+        raise ConfigError(f"kms.provider: unknown provider {provider!r} (one of: {', '.join(PROVIDERS)})")
+    opts = _validated(provider, spec)
+    if provider == "local":
+        return _build_local(opts, base_dir)
+    if provider == "vault":
+        return _build_vault(opts, env)
+    return _build_aws(opts, env)
+
+
+def _build_local(opts: dict[str, Any], base_dir: str | os.PathLike[str] | None) -> KmsProvider:
+    from streamproc.crypto.kms.local import LocalKeyring
+
+    if "path" not in opts:
+        raise ConfigError("kms.path: required for provider 'local'")
+    path = Path(opts.pop("path")).expanduser()
+    if base_dir is not None and not path.is_absolute():
+        path = Path(base_dir) / path
+    return LocalKeyring(path, **opts)
+
+
+def _build_vault(opts: dict[str, Any], env: Mapping[str, str]) -> KmsProvider:
+    try:
+        from streamproc.crypto.kms.vault import VaultTransitKms
+    except ImportError as exc:
+        raise _missing_extra("vault", exc) from None
+
+    file_token = opts.pop("token", None)
+    token = env.get("VAULT_TOKEN") or env.get("BAO_TOKEN") or file_token
+    url = opts.pop("url", None) or env.get("VAULT_ADDR") or env.get("BAO_ADDR")
+    if not url:
+        raise ConfigError("kms.url: required for provider 'vault' (or set VAULT_ADDR/BAO_ADDR)")
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"kms.url: must start with http:// or https:// (got {url!r})")
+    if not token:
+        raise ConfigError("kms.token: required for provider 'vault' (set VAULT_TOKEN or BAO_TOKEN)")
+    namespace = opts.pop("namespace", None) or env.get("VAULT_NAMESPACE") or None
+    verify: bool | str = opts.pop("verify", True)
+    ca_cert = opts.pop("ca_cert", None)
+    if ca_cert is not None:
+        if verify is False:
+            raise ConfigError("kms.ca_cert: conflicts with verify: false")
+        verify = ca_cert
+    cert, key = opts.pop("client_cert", None), opts.pop("client_key", None)
+    if (cert is None) != (key is None):
+        missing = "client_key" if key is None else "client_cert"
+        raise ConfigError(f"kms.{missing}: client_cert and client_key go together")
+    return VaultTransitKms(
+        url,
+        token,
+        namespace=namespace,
+        verify=verify,
+        client_cert=(cert, key) if cert is not None and key is not None else None,
+        **opts,
+    )
+
+
+def _build_aws(opts: dict[str, Any], env: Mapping[str, str]) -> KmsProvider:
+    try:
+        from streamproc.crypto.kms.aws import AwsKms
+    except ImportError as exc:
+        raise _missing_extra("aws", exc) from None
+
+    region = opts.pop("region", None) or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if not region:
+        raise ConfigError("kms.region: required for provider 'aws' (or set AWS_REGION)")
+    endpoint = opts.pop("endpoint_url", None) or env.get("AWS_ENDPOINT_URL_KMS") or env.get("AWS_ENDPOINT_URL")
+    if endpoint is not None and not endpoint.startswith(("http://", "https://")):
+        raise ConfigError(f"kms.endpoint_url: must start with http:// or https:// (got {endpoint!r})")
+    key_id, secret = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
+    credentials: dict[str, str] | None = None
+    if key_id or secret:
+        if not (key_id and secret):
+            missing = "AWS_SECRET_ACCESS_KEY" if key_id else "AWS_ACCESS_KEY_ID"
+            raise ConfigError(f"kms: environment has only half of the AWS key pair ({missing} is unset)")
+        credentials = {"aws_access_key_id": key_id, "aws_secret_access_key": secret}
+        if env.get("AWS_SESSION_TOKEN"):
+            credentials["aws_session_token"] = env["AWS_SESSION_TOKEN"]
+        if "profile" in opts:
+            raise ConfigError("kms.profile: conflicts with AWS_ACCESS_KEY_ID in the environment")
+    return AwsKms(region, endpoint, credentials=credentials, **opts)

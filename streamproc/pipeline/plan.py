@@ -1,0 +1,304 @@
+"""Plan trees: what happens to every part of a record, for one (schema, audience).
+
+:func:`build_plan` combines a schema's annotations with an audience's rules into a tree of
+plan nodes, binding each operator once (keys derived, parameters parsed).  The same tree
+drives three things, so they cannot disagree:
+
+* :func:`output_schema` -- the derived output schema;
+* :mod:`streamproc.pipeline.codegen` -- the byte-level function used on the hot path;
+* :mod:`streamproc.pipeline.reference` -- a slow dict-walking interpreter, the oracle
+  the property tests compare the generated code against.
+
+Subtrees in which nothing changes collapse into :class:`Keep`, which the generated code
+copies as raw bytes without decoding.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from streamproc.crypto.pseudonym import PseudonymKeys
+from streamproc.errors import PolicyError
+from streamproc.operators import Operator, OperatorError, OpContext
+from streamproc.policy.model import Audience, Rule
+from streamproc.schema import avro
+from streamproc.schema.annotations import DOMAIN_HINT, records_in, subject_field
+from streamproc.schema.avro import Array, AvroType, Field, Map, Primitive, Record, Union
+
+_ids = itertools.count(1)
+
+TRANSFORM_PROP = "streamproc.transform"
+
+
+@dataclass(eq=False)
+class Node:
+    t: AvroType
+
+
+@dataclass(eq=False)
+class Keep(Node):
+    """Copy the value's bytes verbatim."""
+
+
+@dataclass(eq=False)
+class Drop(Node):
+    """Skip the value; the field leaves the output (record fields only)."""
+
+
+@dataclass(eq=False)
+class Apply(Node):
+    """Decode a scalar (unless ``decode`` is False), run ``fn``, encode as ``out``."""
+
+    out: AvroType = field(default_factory=lambda: Primitive("null"))
+    fn: Any = None
+    op: str = ""
+    path: str = ""
+    needs_subject: bool = False
+    decode: bool = True
+
+
+@dataclass(eq=False)
+class RecordNode(Node):
+    fields: list[tuple[Field, Node]] = field(default_factory=list)
+    out: Record | None = None
+    uid: int = field(default_factory=lambda: next(_ids))
+
+
+@dataclass(eq=False)
+class ArrayNode(Node):
+    items: Node = field(default_factory=lambda: Keep(Primitive("null")))
+
+
+@dataclass(eq=False)
+class MapNode(Node):
+    values: Node = field(default_factory=lambda: Keep(Primitive("null")))
+
+
+@dataclass(eq=False)
+class UnionNode(Node):
+    branches: list[Node] = field(default_factory=list)
+    out: Union | None = None
+    index_map: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    """A compiled plan for one (input schema, audience)."""
+
+    audience: str
+    root: Node
+    out_schema: Any
+    subject: Field | None
+    transforms: dict[str, int]
+    """Operator name -> number of transformed positions (for metrics and docs)."""
+
+
+def is_keep(n: Node) -> bool:
+    return isinstance(n, Keep)
+
+
+class _Builder:
+    def __init__(self, audience: Audience, keys: PseudonymKeys | None, root: Record) -> None:
+        self.audience = audience
+        self.keys = keys
+        self.records: dict[str, RecordNode] = {}
+        self.transforms: dict[str, int] = {}
+        self.subject_needed = False
+        self.root = root
+
+    # -- fields -------------------------------------------------------------------------
+    def record(self, r: Record, prefix: str) -> Node:
+        memo = self.records.get(r.fullname)
+        if memo is not None:
+            return memo
+        node = RecordNode(r)
+        self.records[r.fullname] = node
+        for f in r.fields:
+            node.fields.append((f, self.field(f, f"{prefix}{f.name}")))
+        if all(is_keep(n) for _, n in node.fields):
+            del self.records[r.fullname]
+            return Keep(r)
+        return node
+
+    def field(self, f: Field, path: str) -> Node:
+        if f.tags:
+            rule = self.audience.rule_for(f.tags)
+            if rule is None:
+                return Drop(f.type)  # a tag this audience does not mention: minimize
+            domain = str(rule.params.get("domain") or f.props.get(DOMAIN_HINT) or rule.tag)
+            return self.rule(rule, f.type, path, domain)
+        if records_in(f.type):
+            return self.container(f.type, path)
+        return Keep(f.type) if self.audience.untagged == "keep" else Drop(f.type)
+
+    def container(self, t: AvroType, path: str) -> Node:
+        if isinstance(t, Record):
+            return self.record(t, path + ".")
+        if isinstance(t, Array):
+            items = self.container(t.items, path + "[]")
+            return Keep(t) if is_keep(items) else ArrayNode(t, items)
+        if isinstance(t, Map):
+            values = self.container(t.values, path + "{}")
+            return Keep(t) if is_keep(values) else MapNode(t, values)
+        if isinstance(t, Union):
+            branches = [self.container(b, path) for b in t.branches]
+            return self.union(t, branches)
+        return Keep(t)
+
+    def union(self, t: Union, branches: list[Node]) -> Node:
+        if all(is_keep(b) for b in branches):
+            return Keep(t)
+        outs = [node_out_type(b) for b in branches]
+        uniq: list[AvroType] = []
+        keys: list[str] = []
+        index_map = []
+        for o in outs:
+            assert o is not None
+            k = avro.canonical_json(avro.to_json(o))
+            if k not in keys:
+                keys.append(k)
+                uniq.append(o)
+            index_map.append(keys.index(k))
+        return UnionNode(t, branches, Union("union", branches=uniq), index_map)
+
+    # -- rules --------------------------------------------------------------------------
+    def rule(self, rule: Rule, t: AvroType, path: str, domain: str) -> Node:
+        op = rule.operator
+        if rule.op == "keep":
+            return Keep(t)
+        if rule.op == "drop":
+            return Drop(t)
+        if op.any_type:
+            return self.apply(op, rule, t, path, domain, decode=False)
+        if isinstance(t, Union):
+            branches = [Keep(b) if b.kind == "null" else self.rule(rule, b, path, domain) for b in t.branches]
+            return self.union(t, branches)
+        if isinstance(t, Array):
+            return ArrayNode(t, self.rule(rule, t.items, path + "[]", domain))
+        if isinstance(t, Map):
+            return MapNode(t, self.rule(rule, t.values, path + "{}", domain))
+        return self.apply(op, rule, t, path, domain, decode=True)
+
+    def apply(self, op: Operator, rule: Rule, t: AvroType, path: str, domain: str, decode: bool) -> Node:
+        where = f"audience {self.audience.name!r}, field {path!r}, tag {rule.tag!r}"
+        try:
+            out = op.output_type(rule.params, t)
+            fn = op.bind(rule.params, t, OpContext(self.audience.name, domain, path, self.keys))
+        except OperatorError as exc:
+            raise PolicyError(f"{where}: {exc}") from None
+        assert out is not None
+        if op.needs_subject:
+            self.subject_needed = True
+            want = rule.params.get("subject_field")
+            if want is not None and not any(f.name == want for f in self.root.fields):
+                raise PolicyError(f"{where}: subject_field {want!r} is not a top-level field")
+        self.transforms[op.name] = self.transforms.get(op.name, 0) + 1
+        return Apply(t, out, fn, op.name, path, op.needs_subject, decode)
+
+
+def build_plan(schema: AvroType, audience: Audience, keys: PseudonymKeys | None) -> Plan:
+    if not isinstance(schema, Record):
+        raise PolicyError("streamproc processes record schemas only")
+    b = _Builder(audience, keys, schema)
+    root = b.record(schema, "")
+    subject = None
+    if b.subject_needed:
+        explicit = {
+            r.params.get("subject_field") for r in audience.rules if r.operator.needs_subject
+        } - {None}
+        if len(explicit) > 1:
+            raise PolicyError(f"audience {audience.name!r}: date_shift rules name different subject fields")
+        if explicit:
+            name = explicit.pop()
+            subject = next(f for f in schema.fields if f.name == name)
+        else:
+            subject = subject_field(schema)
+        if subject is None:
+            raise PolicyError(
+                f"audience {audience.name!r}, schema {schema.fullname}: date_shift needs a subject "
+                "(mark a top-level field with \"streamproc.subject\": true or set subject_field)"
+            )
+        st = subject.type
+        if isinstance(st, Union) and st.nullable_of is not None:
+            st = st.nullable_of
+        if st.kind not in ("string", "bytes", "int", "long", "fixed"):
+            raise PolicyError(f"schema {schema.fullname}: subject field {subject.name!r} must be a scalar")
+    return Plan(audience.name, root, output_schema(schema, root), subject, b.transforms)
+
+
+# -- output schema --------------------------------------------------------------------------
+
+
+def node_out_type(n: Node) -> AvroType | None:
+    if isinstance(n, Keep):
+        return n.t
+    if isinstance(n, Drop):
+        return None
+    if isinstance(n, Apply):
+        return n.out
+    if isinstance(n, RecordNode):
+        if n.out is None:
+            r = n.t
+            assert isinstance(r, Record)
+            n.out = Record("record", dict(r.props), r.name, r.namespace, [])
+            for f, child in n.fields:
+                ot = node_out_type(child)
+                if ot is None:
+                    continue
+                props = dict(f.props)
+                if not isinstance(child, Keep):
+                    ops = sorted(_ops_in(child))
+                    if ops:
+                        props[TRANSFORM_PROP] = ops[0] if len(ops) == 1 else ops
+                    _fix_default(props, f.type, ot)
+                n.out.fields.append(Field(f.name, ot, props))
+        return n.out
+    if isinstance(n, ArrayNode):
+        it = node_out_type(n.items)
+        assert it is not None
+        return Array("array", dict(n.t.props), it)
+    if isinstance(n, MapNode):
+        vt = node_out_type(n.values)
+        assert vt is not None
+        return Map("map", dict(n.t.props), vt)
+    if isinstance(n, UnionNode):
+        assert n.out is not None
+        return n.out
+    raise TypeError(n)
+
+
+def _ops_in(n: Node, seen: set[int] | None = None) -> set[str]:
+    seen = set() if seen is None else seen
+    if id(n) in seen:
+        return set()
+    seen.add(id(n))
+    if isinstance(n, Apply):
+        return {n.op}
+    if isinstance(n, RecordNode):
+        return set().union(*(_ops_in(c, seen) for _, c in n.fields))
+    if isinstance(n, ArrayNode):
+        return _ops_in(n.items, seen)
+    if isinstance(n, MapNode):
+        return _ops_in(n.values, seen)
+    if isinstance(n, UnionNode):
+        return set().union(*(_ops_in(b, seen) for b in n.branches))
+    return set()
+
+
+def _fix_default(props: dict[str, Any], t_in: AvroType, t_out: AvroType) -> None:
+    """A default that no longer fits the output type is removed (or set to null)."""
+    if "default" not in props:
+        return
+    if isinstance(t_out, Union) and t_out.branches and t_out.branches[0].kind == "null":
+        props["default"] = None
+    elif avro.canonical_json(avro.to_json(t_in)) != avro.canonical_json(avro.to_json(t_out)):
+        del props["default"]
+
+
+def output_schema(schema: Record, root: Node) -> Any:
+    t = node_out_type(root)
+    assert t is not None
+    return copy.deepcopy(avro.to_json(t))

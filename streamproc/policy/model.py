@@ -1,0 +1,167 @@
+"""The policy file: audiences, and for each, an operator per tag.
+
+Example (see docs/policy.md for the full reference)::
+
+    name: acme-privacy
+    keys:
+      pseudonym: pseudonym-master      # secret key that token/encrypt/date_shift derive from
+    defaults:
+      untagged: drop                   # data minimization is the default
+      record_key: token
+    audiences:
+      analytics:
+        untagged: keep
+        tags:
+          EMAIL: {op: token, normalize: [lower, strip]}
+          CARD_NUMBER: {op: mask, keep_last: 4}
+          BIRTH_DATE: {op: generalize, to: year}
+          PII: drop
+
+A field carrying several tags is governed by the first of the audience's ``tags`` entries
+(in file order) that it carries; a tag the audience does not mention makes the field
+``drop`` for that audience.  The policy version is a hash of its canonical content, so it
+changes exactly when the meaning changes, not when comments or formatting do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from streamproc.errors import PolicyError
+from streamproc.operators import Operator, OperatorError, get_operator
+
+RECORD_KEY_MODES = ("keep", "token", "drop")
+
+
+@dataclass(frozen=True)
+class Rule:
+    tag: str
+    op: str
+    params: Mapping[str, Any]
+    operator: Operator = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Audience:
+    name: str
+    untagged: str
+    record_key: Rule
+    rules: tuple[Rule, ...]
+    description: str = ""
+
+    def rule_for(self, tags: tuple[str, ...]) -> Rule | None:
+        """The first rule (in file order) whose tag the field carries."""
+        for r in self.rules:
+            if r.tag in tags:
+                return r
+        return None
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    version: str
+    pseudonym_key: str | None
+    audiences: Mapping[str, Audience]
+    source: str = "<policy>"
+
+    def audience(self, name: str) -> Audience:
+        try:
+            return self.audiences[name]
+        except KeyError:
+            raise PolicyError(f"{self.source}: no audience {name!r} (have: {', '.join(self.audiences)})") from None
+
+    @property
+    def tags(self) -> set[str]:
+        return {r.tag for a in self.audiences.values() for r in a.rules}
+
+
+def _rule(src: str, audience: str, tag: str, spec: Any) -> Rule:
+    where = f"{src}: audience {audience!r}, tag {tag!r}"
+    if isinstance(spec, str):
+        op_name, params = spec, {}
+    elif isinstance(spec, Mapping):
+        if "op" not in spec:
+            raise PolicyError(f"{where}: rule needs 'op' (one of the operators)")
+        op_name = spec["op"]
+        params = {k: v for k, v in spec.items() if k != "op"}
+    else:
+        raise PolicyError(f"{where}: rule must be an operator name or a mapping with 'op'")
+    try:
+        op = get_operator(str(op_name))
+        op.validate(params)
+    except OperatorError as exc:
+        raise PolicyError(f"{where}: {exc}") from None
+    return Rule(tag, op.name, dict(params), op)
+
+
+def _record_key(src: str, audience: str, spec: Any) -> Rule:
+    rule = _rule(src, audience, "<record key>", spec)
+    if rule.op not in RECORD_KEY_MODES:
+        raise PolicyError(f"{src}: audience {audience!r}: record_key must be one of {RECORD_KEY_MODES}")
+    return rule
+
+
+def parse_policy(raw: Any, source: str = "<policy>") -> Policy:
+    if not isinstance(raw, Mapping):
+        raise PolicyError(f"{source}: a policy is a mapping with 'audiences'")
+    unknown = set(raw) - {"name", "keys", "defaults", "audiences", "description"}
+    if unknown:
+        raise PolicyError(f"{source}: unknown top-level key(s) {sorted(unknown)}")
+    defaults = raw.get("defaults") or {}
+    if not isinstance(defaults, Mapping) or set(defaults) - {"untagged", "record_key"}:
+        raise PolicyError(f"{source}: 'defaults' may set only 'untagged' and 'record_key'")
+    keys = raw.get("keys") or {}
+    if not isinstance(keys, Mapping) or set(keys) - {"pseudonym"}:
+        raise PolicyError(f"{source}: 'keys' may set only 'pseudonym'")
+    auds = raw.get("audiences")
+    if not isinstance(auds, Mapping) or not auds:
+        raise PolicyError(f"{source}: 'audiences' must be a non-empty mapping")
+    audiences: dict[str, Audience] = {}
+    needs_keys = False
+    for name, spec in auds.items():
+        where = f"{source}: audience {name!r}"
+        if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
+            raise PolicyError(f"{where}: audience names are letters, digits, '-' and '_'")
+        spec = spec or {}
+        if not isinstance(spec, Mapping):
+            raise PolicyError(f"{where}: must be a mapping")
+        bad = set(spec) - {"untagged", "record_key", "tags", "description"}
+        if bad:
+            raise PolicyError(f"{where}: unknown key(s) {sorted(bad)}")
+        untagged = spec.get("untagged", defaults.get("untagged", "drop"))
+        if untagged not in ("keep", "drop"):
+            raise PolicyError(f"{where}: 'untagged' must be keep or drop, not {untagged!r}")
+        tags = spec.get("tags") or {}
+        if not isinstance(tags, Mapping):
+            raise PolicyError(f"{where}: 'tags' must map tag names to rules")
+        rules = tuple(_rule(source, name, str(t), r) for t, r in tags.items())
+        rk = _record_key(source, name, spec.get("record_key", defaults.get("record_key", "token")))
+        needs_keys |= any(r.operator.needs_keys for r in (*rules, rk))
+        audiences[name] = Audience(name, untagged, rk, rules, str(spec.get("description", "")))
+    pseudonym = keys.get("pseudonym")
+    if needs_keys and not pseudonym:
+        raise PolicyError(f"{source}: token, encrypt_deterministic and date_shift need 'keys.pseudonym'")
+    canonical = json.dumps(raw, sort_keys=True, separators=(",", ":"), default=str)
+    version = "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    return Policy(str(raw.get("name", "policy")), version, pseudonym, audiences, source)
+
+
+def load_policy(path: str | Path) -> Policy:
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except OSError as exc:
+        raise PolicyError(f"{p}: cannot read ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise PolicyError(f"{p}: not valid YAML{where}") from None
+    return parse_policy(raw, str(p))

@@ -1,0 +1,1 @@
+"""Schema layer: Avro type model, Confluent framing, schema sources and annotations."""

