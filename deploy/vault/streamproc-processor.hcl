@@ -1,0 +1,51 @@
+# OpenBao / Vault policy for the streamproc processor (least privilege).
+#
+# The processor opens records sealed by producers (unwrap under SOURCE KEKs) and re-seals
+# them per audience (new data keys under DESTINATION KEKs).  It must never be able to
+# decrypt what it produced for an audience, and it needs nothing else on the data path.
+#
+# Conventions this file assumes (edit the paths if yours differ):
+#   transit engine at  transit/   (VaultTransitKms mount=..., default "transit")
+#   KV v2 engine at    secret/    (VaultTransitKms kv_mount=..., default "secret")
+#   source KEKs        streamproc-src-<topic>      e.g. streamproc-src-orders
+#   destination KEKs   streamproc-dst-<audience>   e.g. streamproc-dst-analytics
+#   pseudonym secrets  secret/streamproc/<key_id>  (field "material", base64)
+# To list keys explicitly instead of by prefix, repeat a stanza per exact key name.
+#
+# Apply:  bao policy write streamproc-processor deploy/vault/streamproc-processor.hcl
+#         bao token create -policy=streamproc-processor -period=24h
+# (tests/integration/test_kms_vault.py loads this very file and checks every rule.)
+
+# Unwrap data keys that producers wrapped under source KEKs.
+path "transit/decrypt/streamproc-src-*" {
+  capabilities = ["update"]
+}
+
+# Read source key configuration (never material): min_decryption_version, soft-delete and
+# existence, so cached data keys are evicted soon after a revocation.
+path "transit/keys/streamproc-src-*" {
+  capabilities = ["read"]
+}
+
+# Generate data keys under destination KEKs: the plaintext to encrypt with, the wrapped
+# form to ship.  No decrypt, no "wrapped"-only variant, no encrypt of arbitrary data.
+path "transit/datakey/plaintext/streamproc-dst-*" {
+  capabilities = ["update"]
+}
+
+# Belt and braces: deny beats any grant, so even if another policy attached to the same
+# token allowed it, this token cannot decrypt audience data.
+path "transit/decrypt/streamproc-dst-*" {
+  capabilities = ["deny"]
+}
+
+# Only with context_binding = "derived" (servers older than Vault 1.13): the provider
+# reads the destination key config to check the key is derived.  Not needed otherwise.
+# path "transit/keys/streamproc-dst-*" {
+#   capabilities = ["read"]
+# }
+
+# Pseudonym master secrets (KV v2 data path; read only, current and older versions).
+path "secret/data/streamproc/*" {
+  capabilities = ["read"]
+}
