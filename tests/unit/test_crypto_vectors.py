@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import types
 from collections.abc import Mapping
+from pathlib import Path
 
 import pytest
 from cryptography.exceptions import InvalidTag
@@ -392,3 +394,16 @@ def test_envelope_v1_pinned_bytes_open() -> None:
     opened = envelope.Opener(DekCache(kms)).open(KAT_TOPIC, bytes.fromhex(KAT_ENVELOPE_HEX))
     assert opened == envelope.Opened(KAT_PLAINTEXT, KAT_KEK_ID, KAT_KEK_VERSION)
     assert kms.unwrap_calls == 1
+
+
+def test_wire_format_doc_shows_the_pinned_example() -> None:
+    """docs/wire-format.md's worked example is these exact bytes."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "wire-format.md").read_text()
+    block = re.search(r"The whole envelope as one hex string:\s*```\n(.*?)```", doc, re.S)
+    assert block is not None
+    assert "".join(block.group(1).split()) == KAT_ENVELOPE_HEX
+    assert f"`{KAT_DEK.hex()}`" in doc
+    assert f"`{KAT_PLAINTEXT.hex()}`" in doc
+    aad_block = doc.split("The AAD, 64 bytes:")[1].split("```")[1]
+    aad_lines = [line.split()[0] for line in aad_block.splitlines() if line.strip()]
+    assert "".join(aad_lines) == KAT_AAD_HEX
