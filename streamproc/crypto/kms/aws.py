@@ -148,8 +148,9 @@ class AwsKms:
 
         ``credentials`` may hold ``aws_access_key_id``, ``aws_secret_access_key`` and
         ``aws_session_token``; without it boto3's standard chain applies (environment,
-        profile, web identity, instance role).  ``max_attempts`` counts botocore's own
-        retries of throttling and transient errors before we report ``KmsUnavailable``.
+        profile, web identity, instance role).  ``max_attempts`` is the number of tries per
+        call, the first included, that botocore makes on throttling and transient errors
+        before we report ``KmsUnavailable`` (the caller then backs off and retries itself).
         """
         if max_attempts < 1 or connect_timeout <= 0 or read_timeout <= 0:
             raise ConfigError("aws: timeouts and max_attempts must be positive")
@@ -172,7 +173,8 @@ class AwsKms:
         cfg = botocore.config.Config(
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
-            retries={"max_attempts": max_attempts, "mode": "standard"},
+            # total_max_attempts counts the first try; botocore's "max_attempts" would not
+            retries={"total_max_attempts": max_attempts, "mode": "standard"},
         )
         try:
             self.client = sess.client("kms", region_name=region, endpoint_url=endpoint_url, config=cfg)
