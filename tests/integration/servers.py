@@ -138,7 +138,9 @@ def _launch(
     try:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with status {proc.returncode} before it was ready")
+                raise RuntimeError(
+                    f"{name} exited with status {proc.returncode} before it was ready"
+                )
             if ready():
                 return proc, Path(log_name), log
             time.sleep(0.1)
@@ -212,7 +214,9 @@ class OpenBaoServer(ManagedProcess):
 def start_openbao(*, timeout: float = 30.0, root_token: str | None = None) -> OpenBaoServer:
     """Start ``bao server -dev`` on 127.0.0.1 and wait until ``sys/health`` says active.
 
-    Skips the calling test if no ``bao`` binary is available.  The dev server has a KV v2
+    The dev server also opens its cluster listener on 127.0.0.1 at the next port (a clash
+    there is retried with another port).  Skips the calling test if no ``bao`` binary
+    is available.  The dev server has a KV v2
     engine at ``secret/`` already; call :meth:`OpenBaoServer.enable_transit` for transit.
     """
     binary = find_bao()

@@ -259,7 +259,9 @@ def test_sealer_opener_end_to_end(moto: MotoServer, admin: Any) -> None:
 
 
 def _stubbed(**kw: Any) -> tuple[AwsKms, Stubber]:
-    client = boto3.client("kms", region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x")
+    client = boto3.client(
+        "kms", region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x"
+    )
     return AwsKms(client=client, **kw), Stubber(client)
 
 
@@ -291,7 +293,9 @@ def test_decrypt_error_mapping(code: str, status: int, expected: type[Exception]
     assert type(info.value) is expected or expected is KmsError
 
 
-@pytest.mark.parametrize(("state", "expected"), [("PendingDeletion", KeyRevoked), ("Unavailable", KmsUnavailable)])
+@pytest.mark.parametrize(
+    ("state", "expected"), [("PendingDeletion", KeyRevoked), ("Unavailable", KmsUnavailable)]
+)
 def test_invalid_state_is_refined_by_describe_key(state: str, expected: type[Exception]) -> None:
     kms, stub = _stubbed(check_key_state=False)
     stub.add_client_error("decrypt", service_error_code="KMSInvalidStateException")

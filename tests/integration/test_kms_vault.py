@@ -45,8 +45,14 @@ integration = pytest.mark.integration
 def bao() -> Iterator[OpenBaoServer]:
     with start_openbao() as server:
         server.enable_transit()
-        for name in ("streamproc-processor", "streamproc-producer", "streamproc-subscriber-analytics"):
-            server.client().sys.create_or_update_policy(name, (POLICIES / f"{name}.hcl").read_text())
+        for name in (
+            "streamproc-processor",
+            "streamproc-producer",
+            "streamproc-subscriber-analytics",
+        ):
+            server.client().sys.create_or_update_policy(
+                name, (POLICIES / f"{name}.hcl").read_text()
+            )
         yield server
 
 
@@ -256,7 +262,9 @@ def test_processor_policy_is_least_privilege(bao: OpenBaoServer, root: Any) -> N
 @integration
 def test_processor_deny_beats_other_grants(bao: OpenBaoServer, root: Any) -> None:
     dst = new_key(root, "dst")
-    root.sys.create_or_update_policy("too-generous", 'path "transit/*" { capabilities = ["update", "read"] }')
+    root.sys.create_or_update_policy(
+        "too-generous", 'path "transit/*" { capabilities = ["update", "read"] }'
+    )
     token = token_with(root, "streamproc-processor", "too-generous")
     processor = kms_for(bao, token)
     dk = processor.generate_data_key(dst, CTX)
@@ -302,7 +310,9 @@ def test_get_secret_versions_and_errors(bao: OpenBaoServer, root: Any) -> None:
     path = f"streamproc/{name}"
     ms = [os.urandom(32) for _ in range(3)]
     for m in ms:
-        root.secrets.kv.v2.create_or_update_secret(path=path, secret={"material": base64.b64encode(m).decode()})
+        root.secrets.kv.v2.create_or_update_secret(
+            path=path, secret={"material": base64.b64encode(m).decode()}
+        )
     root.secrets.kv.v2.delete_secret_versions(path=path, versions=[1])
     root.secrets.kv.v2.destroy_secret_versions(path=path, versions=[2])
     assert kms.get_secret(name) == (3, ms[2])
@@ -316,7 +326,9 @@ def test_get_secret_versions_and_errors(bao: OpenBaoServer, root: Any) -> None:
         kms.get_secret("pm-does-not-exist")
     with pytest.raises(KeyNotFound):
         kms.get_secret("../../sys/policy")
-    root.secrets.kv.v2.create_or_update_secret(path="streamproc/short", secret={"material": "c2hvcnQ="})
+    root.secrets.kv.v2.create_or_update_secret(
+        path="streamproc/short", secret={"material": "c2hvcnQ="}
+    )
     with pytest.raises(ConfigError) as info:
         kms.get_secret("short")
     assert "c2hvcnQ" not in str(info.value) and "short" in str(info.value)
@@ -398,7 +410,11 @@ class _FakeAdapter:
             return {"version": self.version} if self.version else {}
         ct = "vault:v1:" + base64.b64encode(b"x" * 60).decode()
         return {
-            "data": {"ciphertext": ct, "plaintext": base64.b64encode(b"k" * 32).decode(), "key_version": 1},
+            "data": {
+                "ciphertext": ct,
+                "plaintext": base64.b64encode(b"k" * 32).decode(),
+                "key_version": 1,
+            },
             "warnings": self.warnings,
         }
 

@@ -163,7 +163,11 @@ class AwsKms:
             self.client = client
             return
         if credentials:
-            unknown = set(credentials) - {"aws_access_key_id", "aws_secret_access_key", "aws_session_token"}
+            unknown = set(credentials) - {
+                "aws_access_key_id",
+                "aws_secret_access_key",
+                "aws_session_token",
+            }
             if unknown:
                 raise ConfigError(f"aws: unknown credential field(s) {sorted(unknown)}")
         try:
@@ -177,9 +181,13 @@ class AwsKms:
             retries={"total_max_attempts": max_attempts, "mode": "standard"},
         )
         try:
-            self.client = sess.client("kms", region_name=region, endpoint_url=endpoint_url, config=cfg)
+            self.client = sess.client(
+                "kms", region_name=region, endpoint_url=endpoint_url, config=cfg
+            )
         except bce.NoRegionError:
-            raise ConfigError("aws: no region (set region, AWS_REGION or AWS_DEFAULT_REGION)") from None
+            raise ConfigError(
+                "aws: no region (set region, AWS_REGION or AWS_DEFAULT_REGION)"
+            ) from None
         except ValueError as exc:  # e.g. a malformed endpoint_url
             raise ConfigError(f"aws: invalid client settings ({exc})") from None
 
@@ -211,13 +219,17 @@ class AwsKms:
         if code == "AccessDeniedException":
             raise KeyAccessDenied(f"aws: access denied for {op} on {what}") from None
         if code in _INAUTHENTIC:
-            raise UnwrapFailed(f"aws: wrapped key was refused as inauthentic under {what}") from None
+            raise UnwrapFailed(
+                f"aws: wrapped key was refused as inauthentic under {what}"
+            ) from None
         if code == "InvalidKeyUsageException":
             if op == "Decrypt":  # the envelope names a key that cannot have wrapped it
                 raise UnwrapFailed(f"aws: {what} is not a symmetric encryption key") from None
             raise ConfigError(f"aws: {what} is not a symmetric ENCRYPT_DECRYPT key")
         if code in _TRANSIENT or status >= 500 or status == 429:
-            raise KmsUnavailable(f"aws: {op} on {what} failed transiently ({code or status})") from None
+            raise KmsUnavailable(
+                f"aws: {op} on {what} failed transiently ({code or status})"
+            ) from None
         raise KmsError(f"aws: {op} on {what} failed ({code or status})") from None
 
     # -- key state ----------------------------------------------------------------------
@@ -234,7 +246,9 @@ class AwsKms:
                 hit = self._states.get(kek_id)
             if hit is not None and hit[0] > now:
                 if hit[1] is None and not tolerant:
-                    raise KeyAccessDenied(f"aws: access denied for DescribeKey on KMS key {kek_id!r}")
+                    raise KeyAccessDenied(
+                        f"aws: access denied for DescribeKey on KMS key {kek_id!r}"
+                    )
                 return hit[1]
         state: str | None
         try:
@@ -288,11 +302,17 @@ class AwsKms:
         except (bce.ClientError, bce.BotoCoreError) as exc:
             self._raise_mapped(exc, "GenerateDataKey", kek_id)
         plaintext, blob = resp.get("Plaintext"), resp.get("CiphertextBlob")
-        if not isinstance(plaintext, bytes) or len(plaintext) != DATA_KEY_BYTES or not isinstance(blob, bytes):
+        if (
+            not isinstance(plaintext, bytes)
+            or len(plaintext) != DATA_KEY_BYTES
+            or not isinstance(blob, bytes)
+        ):
             raise KmsError(f"aws: GenerateDataKey under {kek_id!r} returned an unexpected response")
         return DataKey(kek_id, KEK_VERSION, plaintext, blob)
 
-    def unwrap(self, kek_id: str, kek_version: int, wrapped: bytes, context: Mapping[str, str]) -> bytes:
+    def unwrap(
+        self, kek_id: str, kek_version: int, wrapped: bytes, context: Mapping[str, str]
+    ) -> bytes:
         """``Decrypt`` pinned to ``kek_id`` with the same encryption context."""
         self._check_id(kek_id)
         if kek_version != KEK_VERSION:
@@ -310,7 +330,9 @@ class AwsKms:
             self._raise_mapped(exc, "Decrypt", kek_id)
         plaintext = resp.get("Plaintext")
         if not isinstance(plaintext, bytes) or len(plaintext) != DATA_KEY_BYTES:
-            raise UnwrapFailed(f"aws: wrapped key under {kek_id!r} did not decrypt to a 256-bit data key")
+            raise UnwrapFailed(
+                f"aws: wrapped key under {kek_id!r} did not decrypt to a 256-bit data key"
+            )
         return plaintext
 
     def is_revoked(self, kek_id: str, kek_version: int) -> bool:

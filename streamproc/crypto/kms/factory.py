@@ -161,7 +161,9 @@ def build_kms(
     if provider is None:
         raise ConfigError(f"kms.provider: missing (one of: {', '.join(PROVIDERS)})")
     if provider not in PROVIDERS:
-        raise ConfigError(f"kms.provider: unknown provider {provider!r} (one of: {', '.join(PROVIDERS)})")
+        raise ConfigError(
+            f"kms.provider: unknown provider {provider!r} (one of: {', '.join(PROVIDERS)})"
+        )
     opts = _validated(provider, spec)
     if provider == "local":
         return _build_local(opts, base_dir)
@@ -226,15 +228,23 @@ def _build_aws(opts: dict[str, Any], env: Mapping[str, str]) -> KmsProvider:
     region = opts.pop("region", None) or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
     if not region:
         raise ConfigError("kms.region: required for provider 'aws' (or set AWS_REGION)")
-    endpoint = opts.pop("endpoint_url", None) or env.get("AWS_ENDPOINT_URL_KMS") or env.get("AWS_ENDPOINT_URL")
+    endpoint = (
+        opts.pop("endpoint_url", None)
+        or env.get("AWS_ENDPOINT_URL_KMS")
+        or env.get("AWS_ENDPOINT_URL")
+    )
     if endpoint is not None and not endpoint.startswith(("http://", "https://")):
-        raise ConfigError(f"kms.endpoint_url: must start with http:// or https:// (got {endpoint!r})")
+        raise ConfigError(
+            f"kms.endpoint_url: must start with http:// or https:// (got {endpoint!r})"
+        )
     key_id, secret = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
     credentials: dict[str, str] | None = None
     if key_id or secret:
         if not (key_id and secret):
             missing = "AWS_SECRET_ACCESS_KEY" if key_id else "AWS_ACCESS_KEY_ID"
-            raise ConfigError(f"kms: environment has only half of the AWS key pair ({missing} is unset)")
+            raise ConfigError(
+                f"kms: environment has only half of the AWS key pair ({missing} is unset)"
+            )
         credentials = {"aws_access_key_id": key_id, "aws_secret_access_key": secret}
         if env.get("AWS_SESSION_TOKEN"):
             credentials["aws_session_token"] = env["AWS_SESSION_TOKEN"]

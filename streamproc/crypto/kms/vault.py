@@ -146,7 +146,9 @@ def canonical_context(context: Mapping[str, str]) -> bytes:
     for k, v in context.items():
         if not isinstance(k, str) or not isinstance(v, str):
             raise TypeError("wrap context keys and values must be strings")
-    return json.dumps(dict(context), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return json.dumps(
+        dict(context), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    ).encode()
 
 
 def _b64(data: bytes) -> str:
@@ -270,14 +272,18 @@ class VaultTransitKms:
                 ) from None
             raise KeyAccessDenied(f"vault: permission denied for {op} on {what}") from None
         if isinstance(exc, _TRANSIENT):
-            raise KmsUnavailable(f"vault: server unavailable during {op} on {what} ({type(exc).__name__})") from None
+            raise KmsUnavailable(
+                f"vault: server unavailable during {op} on {what} ({type(exc).__name__})"
+            ) from None
         if isinstance(exc, hvac_exc.InvalidPath):
             raise KeyNotFound(f"vault: {what} not found (no such key or mount)") from None
         if isinstance(exc, hvac_exc.InvalidRequest):
             if "soft-deleted" in text or "soft deleted" in text:
                 raise KeyRevoked(f"vault: {what} is soft-deleted") from None
             if "too old" in text or "disallowed by policy" in text:
-                raise KeyRevoked(f"vault: {what} is below the key's min_decryption_version") from None
+                raise KeyRevoked(
+                    f"vault: {what} is below the key's min_decryption_version"
+                ) from None
             if "too new" in text:
                 raise KeyNotFound(f"vault: {what} does not exist yet") from None
             if "not found" in text:
@@ -288,8 +294,12 @@ class VaultTransitKms:
                     f"{self.context_binding!r}; use context_binding='derived' or a non-derived key"
                 ) from None
             if op == "decrypt":
-                raise UnwrapFailed(f"vault: wrapped key under {what} was refused as invalid or inauthentic") from None
-        raise KmsError(f"vault: {op} on {what} failed ({type(exc).__name__}: {text[:200]})") from None
+                raise UnwrapFailed(
+                    f"vault: wrapped key under {what} was refused as invalid or inauthentic"
+                ) from None
+        raise KmsError(
+            f"vault: {op} on {what} failed ({type(exc).__name__}: {text[:200]})"
+        ) from None
 
     # -- context binding --------------------------------------------------------------------
     def _ensure_server_supports_ad(self) -> None:
@@ -374,19 +384,25 @@ class VaultTransitKms:
             raise KmsError(f"vault: datakey for {what} returned a key of the wrong size")
         return DataKey(kek_id, version, plaintext, ciphertext.encode("ascii"))
 
-    def unwrap(self, kek_id: str, kek_version: int, wrapped: bytes, context: Mapping[str, str]) -> bytes:
+    def unwrap(
+        self, kek_id: str, kek_version: int, wrapped: bytes, context: Mapping[str, str]
+    ) -> bytes:
         """Decrypt a wrapped data key with transit ``decrypt`` and the same bound context."""
         self._check_name(kek_id)
         what = f"transit key {kek_id!r} v{kek_version}"
         try:
             ciphertext = wrapped.decode("ascii")
         except UnicodeDecodeError:
-            raise UnwrapFailed(f"vault: wrapped key under {what} is not a transit ciphertext") from None
+            raise UnwrapFailed(
+                f"vault: wrapped key under {what} is not a transit ciphertext"
+            ) from None
         version = ciphertext_version(ciphertext)
         if version is None:
             raise UnwrapFailed(f"vault: wrapped key under {what} is not a transit ciphertext")
         if version != kek_version:
-            raise UnwrapFailed(f"vault: wrapped key is labelled {kek_id!r} v{kek_version} but was wrapped under v{version}")
+            raise UnwrapFailed(
+                f"vault: wrapped key is labelled {kek_id!r} v{kek_version} but was wrapped under v{version}"
+            )
         body = {"ciphertext": ciphertext, **self._binding(kek_id, context)}
         try:
             resp = self._request("POST", f"/v1/{self.mount}/decrypt/{kek_id}", json=body)
@@ -398,9 +414,13 @@ class VaultTransitKms:
         try:
             plaintext = base64.b64decode(resp["data"].get("plaintext") or "", validate=True)
         except (binascii.Error, ValueError):
-            raise UnwrapFailed(f"vault: wrapped key under {what} did not decrypt to a data key") from None
+            raise UnwrapFailed(
+                f"vault: wrapped key under {what} did not decrypt to a data key"
+            ) from None
         if len(plaintext) != DATA_KEY_BYTES:
-            raise UnwrapFailed(f"vault: wrapped key under {what} did not decrypt to a 256-bit data key")
+            raise UnwrapFailed(
+                f"vault: wrapped key under {what} did not decrypt to a 256-bit data key"
+            )
         return plaintext
 
     def _key_config(self, kek_id: str) -> dict[str, Any] | None:
@@ -463,11 +483,17 @@ class VaultTransitKms:
         what = f"secret {path!r}" + (f" v{version}" if version is not None else "")
         params = {"version": int(version)} if version is not None else None
         try:
-            resp = self._request("GET", f"/v1/{self.kv_mount}/data/{self.kv_prefix}/{key_id}", params=params)
+            resp = self._request(
+                "GET", f"/v1/{self.kv_mount}/data/{self.kv_prefix}/{key_id}", params=params
+            )
         except hvac_exc.InvalidPath as exc:
             # KV v2 answers 404 both for "never existed" and for deleted/destroyed versions;
             # only the latter carry version metadata.
-            meta = ((exc.json or {}).get("data") or {}).get("metadata") if isinstance(exc.json, Mapping) else None
+            meta = (
+                ((exc.json or {}).get("data") or {}).get("metadata")
+                if isinstance(exc.json, Mapping)
+                else None
+            )
             if isinstance(meta, Mapping) and (meta.get("destroyed") or meta.get("deletion_time")):
                 raise KeyRevoked(f"vault: {what} is deleted or destroyed") from None
             raise KeyNotFound(f"vault: {what} not found") from None
@@ -475,7 +501,9 @@ class VaultTransitKms:
             self._raise_mapped(exc, "read", what)
         data = resp.get("data") if isinstance(resp, Mapping) else None
         if not isinstance(data, Mapping) or not isinstance(data.get("metadata"), Mapping):
-            raise KmsError(f"vault: unexpected KV v2 response for {what} (is {self.kv_mount!r} a KV v2 mount?)")
+            raise KmsError(
+                f"vault: unexpected KV v2 response for {what} (is {self.kv_mount!r} a KV v2 mount?)"
+            )
         meta = data["metadata"]
         if meta.get("destroyed") or meta.get("deletion_time"):
             raise KeyRevoked(f"vault: {what} is deleted or destroyed")
@@ -488,5 +516,7 @@ class VaultTransitKms:
         except (binascii.Error, ValueError):
             raise ConfigError(f"vault: field 'material' of {what} is not base64") from None
         if len(material) < MIN_SECRET_BYTES:
-            raise ConfigError(f"vault: field 'material' of {what} is shorter than {MIN_SECRET_BYTES} bytes")
+            raise ConfigError(
+                f"vault: field 'material' of {what} is shorter than {MIN_SECRET_BYTES} bytes"
+            )
         return int(meta["version"]), material
