@@ -104,6 +104,8 @@ class LocalKeyring:
             raise ConfigError(f"keyring {self.path} is not readable JSON ({type(exc).__name__})") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("keys"), dict):
             raise ConfigError(f"keyring {self.path} is not a {FORMAT} file")
+        for kid, entry in data["keys"].items():
+            _check_entry(self.path, kid, entry)
         self._data = data
         self._mtime = st.st_mtime_ns
         self._aead.clear()
@@ -243,6 +245,25 @@ class LocalKeyring:
             if meta.get("revoked"):
                 raise KeyRevoked(f"secret {key_id!r} version {ver} is revoked")
             return ver, _unb64(meta["material"])
+
+
+def _check_entry(path: Path, kid: str, entry: Any) -> None:
+    """Validate one key entry so damage surfaces as ConfigError at load, not at first use."""
+    bad = ConfigError(f"keyring {path}: key {kid!r} is malformed")
+    if not isinstance(entry, dict) or entry.get("kind") not in KINDS or not isinstance(entry.get("versions"), dict):
+        raise bad
+    versions = entry["versions"]
+    if not versions or str(entry.get("primary")) not in versions:
+        raise bad
+    for v, meta in versions.items():
+        if not v.isdigit() or not isinstance(meta, dict):
+            raise bad
+        try:
+            material = _unb64(meta["material"])
+        except (KeyError, TypeError, ValueError):
+            raise bad from None
+        if len(material) != 32:
+            raise bad
 
 
 def _new_version(now: float) -> dict[str, Any]:
