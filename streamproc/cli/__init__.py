@@ -1,0 +1,1 @@
+"""The ``streamproc`` command line (one module per command group)."""

@@ -1,0 +1,137 @@
+"""``streamproc policy check``: lint schemas against a policy, for CI.
+
+It fails (non-zero exit) when:
+
+* a field of a schema is neither classified nor explicitly public (no ``confluent:tags``);
+* a tag used by a schema has no rule for some audience (that audience would silently
+  lose the field: say so explicitly with ``drop``);
+* a rule cannot apply to the field's type (``mask`` on a date, ``date_shift`` without a
+  subject field, ...), found by compiling every (schema, audience) plan.
+
+It warns when a field carries several tags whose rules disagree for an audience (the
+first rule in file order wins) and when a rule's tag is used by no schema.
+
+Plans are compiled with a throw-away random pseudonym key, so the linter needs no access
+to real key material.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from streamproc.crypto.pseudonym import PseudonymKeys
+from streamproc.errors import PolicyError
+from streamproc.pipeline.plan import build_plan
+from streamproc.policy.model import Policy
+from streamproc.schema.annotations import leaves
+from streamproc.schema.avro import Record
+from streamproc.schema.registry import RegisteredSchema
+
+
+class _ThrowawySecrets:
+    def __init__(self) -> None:
+        self._key = os.urandom(32)
+
+    def get_secret(self, key_id: str, version: int | None = None) -> tuple[int, bytes]:
+        return version or 1, self._key
+
+
+@dataclass
+class Finding:
+    level: str  # "error" | "warning"
+    schema: str
+    message: str
+
+
+@dataclass
+class Report:
+    findings: list[Finding] = field(default_factory=list)
+    matrix: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)
+    """schema -> field path -> audience -> treatment."""
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "error"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "findings": [f.__dict__ for f in self.findings],
+            "matrix": self.matrix,
+        }
+
+
+def check(policy: Policy, schemas: list[RegisteredSchema]) -> Report:
+    report = Report()
+    keys = PseudonymKeys(_ThrowawySecrets(), policy.pseudonym_key or "lint")
+    used_tags: set[str] = set()
+    for rs in sorted(schemas, key=lambda s: s.name):
+        node = rs.node
+        name = rs.name
+        if not isinstance(node, Record):
+            report.findings.append(Finding("error", name, "top-level schema is not a record"))
+            continue
+        rows: dict[str, dict[str, str]] = {}
+        for leaf in leaves(node):
+            rows[leaf.path] = {}
+            used_tags.update(leaf.tags)
+            if not leaf.tags:
+                report.findings.append(Finding(
+                    "error", name,
+                    f"field {leaf.path!r} is neither classified nor explicitly public "
+                    "(add \"confluent:tags\", e.g. [\"PUBLIC\"])",
+                ))
+            for aud in policy.audiences.values():
+                if not leaf.tags:
+                    rows[leaf.path][aud.name] = f"untagged -> {aud.untagged}"
+                    continue
+                rule = aud.rule_for(leaf.tags)
+                if rule is None:
+                    report.findings.append(Finding(
+                        "error", name,
+                        f"audience {aud.name!r} has no rule for tag(s) {list(leaf.tags)} of field "
+                        f"{leaf.path!r} (it would be dropped; say 'drop' explicitly)",
+                    ))
+                    rows[leaf.path][aud.name] = "no rule -> drop"
+                    continue
+                rows[leaf.path][aud.name] = rule.op + (f" {dict(rule.params)}" if rule.params else "")
+                ops = {r.op for r in aud.rules if r.tag in leaf.tags}
+                if len(ops) > 1:
+                    report.findings.append(Finding(
+                        "warning", name,
+                        f"audience {aud.name!r}: field {leaf.path!r} has tags with different rules "
+                        f"({sorted(ops)}); the first in file order ({rule.tag} -> {rule.op}) applies",
+                    ))
+        for aud in policy.audiences.values():
+            try:
+                build_plan(node, aud, keys)
+            except PolicyError as exc:
+                report.findings.append(Finding("error", name, str(exc)))
+        report.matrix[name] = rows
+    for tag in sorted(policy.tags - used_tags):
+        report.findings.append(Finding("warning", "*", f"tag {tag!r} has rules but no schema uses it"))
+    return report
+
+
+def render_text(report: Report, show_matrix: bool = False) -> str:
+    lines = []
+    if show_matrix:
+        for schema, rows in report.matrix.items():
+            lines.append(f"{schema}")
+            auds = sorted({a for r in rows.values() for a in r})
+            for path, per in rows.items():
+                lines.append(f"  {path}")
+                for a in auds:
+                    lines.append(f"    {a:12} {per.get(a, '')}")
+        lines.append("")
+    for f in report.findings:
+        lines.append(f"{f.level.upper():8} {f.schema}: {f.message}")
+    n_err, n_warn = len(report.errors), len(report.findings) - len(report.errors)
+    lines.append(f"{'OK' if report.ok else 'FAILED'}: {len(report.matrix)} schema(s), {n_err} error(s), {n_warn} warning(s)")
+    return "\n".join(lines)
