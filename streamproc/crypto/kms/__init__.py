@@ -7,7 +7,7 @@ only ``generate_data_key`` on destination KEKs; keeping the two apart is what le
 operator grant least privilege.
 
 ``context`` is bound to the wrapped key (AAD for local keys, the encryption context for
-AWS KMS, the derivation context for Vault transit): a data key wrapped for one topic
+AWS KMS, transit ``associated_data`` for Vault/OpenBao, with derived keys as a fallback): a data key wrapped for one topic
 does not unwrap for another.
 
 Errors are typed (:class:`~streamproc.errors.KeyNotFound`,

@@ -131,7 +131,7 @@ class LocalKeyring:
         entry = self._data["keys"].get(key_id)
         if entry is None or (kind is not None and entry["kind"] != kind):
             raise KeyNotFound(f"key {key_id!r} not found in keyring")
-        return entry  # type: ignore[no-any-return]
+        return entry
 
     # -- administration (streamproc keys ...) --------------------------------------------
     def create_key(self, key_id: str, kind: str = "kek") -> int:

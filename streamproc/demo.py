@@ -1,0 +1,156 @@
+"""The demo: a workspace with keys, schemas and a policy, and before/after views.
+
+Used by ``streamproc demo``.  The workspace is what a real deployment has -- a keyring
+(mode 0600) with source and destination KEKs and the pseudonym master secret, a schema
+directory, the policy and a processor config -- created in a temporary directory so the
+demo never touches anything else.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from streamproc.crypto.kms.local import LocalKeyring
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+#: Source topic -> (schema file, source KEK, generator kind).
+SOURCES = {
+    "orders": ("order.avsc", "orders-kek", "order"),
+    "logins": ("login.avsc", "logins-kek", "login"),
+}
+AUDIENCES = ("analytics", "fraud", "support")
+PSEUDONYM_SECRET = "pseudonym-master"
+
+
+def find_examples(schemas: str | None = None, policy: str | None = None) -> tuple[Path, Path]:
+    """The example schemas directory and policy file (repository checkout by default)."""
+    s = Path(schemas) if schemas else REPO_ROOT / "schemas"
+    p = Path(policy) if policy else REPO_ROOT / "policy.yaml"
+    if not (s / "order.avsc").exists() or not p.exists():
+        raise FileNotFoundError(
+            f"example schemas/policy not found at {s} and {p}; run from a streamproc checkout "
+            "or pass --schemas and --policy"
+        )
+    return s, p
+
+
+def dest_topic(source: str, audience: str) -> str:
+    return f"{source}.{audience}"
+
+
+def dead_letter_topic(source: str) -> str:
+    return f"{source}.dlq"
+
+
+@dataclass
+class Workspace:
+    root: Path
+    keyring: Path
+    schemas: Path
+    policy: Path
+
+    def pipelines(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "sources": [src],
+                "dead_letter_topic": dead_letter_topic(src),
+                "destinations": [
+                    {"topic": dest_topic(src, a), "audience": a, "kek": f"{a}-kek"} for a in AUDIENCES
+                ],
+            }
+            for src in SOURCES
+        ]
+
+    def write_config(self, bootstrap: str, metrics_port: int, **extra: Any) -> Path:
+        cfg = {
+            "kafka": {"bootstrap.servers": bootstrap},
+            "consumer": {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000},
+            "group_id": "streamproc-demo",
+            "processing_guarantee": "exactly_once",
+            "schemas": {"directory": str(self.schemas)},
+            "kms": {"provider": "local", "path": str(self.keyring)},
+            "policy": str(self.policy),
+            "pipelines": self.pipelines(),
+            "topics": {"defaults": {"partitions": 3, "replication_factor": 1}},
+            "metrics": {"host": "127.0.0.1", "port": metrics_port},
+            "logging": {"level": "WARNING", "format": "human"},
+            **extra,
+        }
+        path = self.root / "streamproc.yaml"
+        path.write_text(json.dumps(cfg, indent=2))  # JSON is valid YAML
+        return path
+
+
+def make_workspace(root: Path, schemas: Path, policy: Path) -> Workspace:
+    root.mkdir(parents=True, exist_ok=True)
+    sdir = root / "schemas"
+    sdir.mkdir(exist_ok=True)
+    for f in schemas.glob("*.avsc"):
+        shutil.copy(f, sdir / f.name)
+    pol = root / "policy.yaml"
+    shutil.copy(policy, pol)
+    ring_path = root / "keys" / "keyring.json"
+    ring = LocalKeyring.open_or_create(ring_path)
+    for _, kek, _ in SOURCES.values():
+        ring.ensure_key(kek)
+    for a in AUDIENCES:
+        ring.ensure_key(f"{a}-kek")
+    ring.ensure_key(PSEUDONYM_SECRET, "secret")
+    return Workspace(root, ring_path, sdir, pol)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, (dt.date, dt.datetime)):
+        return v.isoformat()
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (dict, list)):
+        return json.dumps(v, default=str, separators=(",", ":"))
+    return "∅" if v is None else str(v)
+
+
+def _flatten(rec: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in rec.items():
+        if isinstance(v, Mapping) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def before_after_table(title: str, before: Mapping[str, Any], afters: Mapping[str, Mapping[str, Any]]) -> Table:
+    """One row per field: the producer's value, then what each audience received."""
+    table = Table(title=title, show_lines=False, header_style="bold", title_justify="left")
+    table.add_column("field", style="cyan", no_wrap=True)
+    table.add_column("producer sent", overflow="fold", max_width=28)
+    for a in afters:
+        table.add_column(a, overflow="fold", max_width=30)
+    flat_before = _flatten(before)
+    flat_afters = {a: _flatten(r) for a, r in afters.items()}
+    for path, v in flat_before.items():
+        cells = []
+        for a in afters:
+            if path in flat_afters[a]:
+                after = flat_afters[a][path]
+                same = _fmt(after) == _fmt(v)
+                cells.append(_fmt(after) if same else f"[yellow]{_fmt(after)}[/]")
+            else:
+                cells.append("[red](dropped)[/]")
+        table.add_row(path, _fmt(v), *cells)
+    return table
+
+
+def show(console: Console, title: str, before: Mapping[str, Any], afters: Mapping[str, Mapping[str, Any]]) -> None:
+    console.print(before_after_table(title, before, afters))
+    console.print("[dim]yellow: transformed by the audience's policy · red: dropped · ∅: null[/]\n")
