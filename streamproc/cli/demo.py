@@ -82,7 +82,12 @@ def _in_process(console: Console, ws: d.Workspace, events: int, show_n: int, see
         by_offset: dict[int, dict[str, Any]] = {}
         for out in result.outputs:
             audience = out.topic.rsplit(".", 1)[1]
-            by_offset.setdefault(out.source.offset, {})[audience] = opener.decode(out.topic, out.value)
+            by_offset.setdefault(out.source.offset, {})[audience] = opener.decode(out.topic, _value(out))
         for i in range(min(show_n, len(records))):
             # "Before" is the source record opened with the source key, as the processor saw it.
-            d.show(console, f"{topic} offset {i}", opener.decode(topic, batch[i].value or b""), by_offset[i])
+            d.show(console, f"{topic} offset {i}", opener.decode(topic, _value(batch[i])), by_offset[i])
+
+
+def _value(rec: Any) -> bytes:
+    assert rec.value is not None  # the demo produces no tombstones
+    return bytes(rec.value)

@@ -103,7 +103,6 @@ def list_(keyring_path: str, as_json: bool) -> None:
 
 
 if importlib.util.find_spec("streamproc.cli.reidentify") is not None:
-    from streamproc.cli import reidentify as _reid
-
+    _reid = importlib.import_module("streamproc.cli.reidentify")
     if hasattr(_reid, "export_audience"):
         keys.add_command(_reid.export_audience, "export-audience")

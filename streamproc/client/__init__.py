@@ -72,7 +72,8 @@ class RecordOpener:
         parsed = self._parsed.get(schema_id)
         if parsed is None:
             parsed = self._parsed[schema_id] = fastavro.parse_schema(rs.json)
-        return rs, fastavro.schemaless_reader(io.BytesIO(body), parsed, None)
+        record: dict[str, Any] = fastavro.schemaless_reader(io.BytesIO(body), parsed, None)  # type: ignore[assignment]
+        return rs, record
 
     def decode(self, topic: str, value: bytes) -> dict[str, Any]:
         return self.open(topic, value)[1]

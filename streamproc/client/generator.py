@@ -30,11 +30,11 @@ class EventGenerator:
 
     def order(self, canary: bool = False) -> dict[str, Any]:
         f, r = self.fake, self.rng
-        items = [
+        items: list[dict[str, Any]] = [
             {"sku": f"SKU-{r.randrange(10**5):05d}", "quantity": r.randint(1, 4), "unit_price_cents": r.randint(199, 19999)}
             for _ in range(r.randint(1, 3))
         ]
-        rec = {
+        rec: dict[str, Any] = {
             "order_id": f"ord-{r.randrange(10**10):010d}",
             "customer_id": self._customer(),
             "email": f.email(),
@@ -43,7 +43,7 @@ class EventGenerator:
             "birth_date": (f.date_of_birth(minimum_age=18, maximum_age=90) - EPOCH).days,
             "amount_cents": sum(i["quantity"] * i["unit_price_cents"] for i in items),
             "currency": r.choice(["GBP", "EUR", "USD"]),
-            "placed_at": int(f.date_time_between("-30d", "now", tzinfo=dt.timezone.utc).timestamp() * 1000),
+            "placed_at": int(f.date_time_between("-30d", "now", tzinfo=dt.UTC).timestamp() * 1000),
             "shipping_address": {
                 "street": f.street_address(),
                 "city": f.city(),
@@ -74,7 +74,7 @@ class EventGenerator:
             "customer_id": self._customer(),
             "username": f.email(),
             "ip_address": r.choice([f.ipv4_public(), f.ipv6()]),
-            "occurred_at": int(f.date_time_between("-30d", "now", tzinfo=dt.timezone.utc).timestamp() * 1000),
+            "occurred_at": int(f.date_time_between("-30d", "now", tzinfo=dt.UTC).timestamp() * 1000),
             "method": r.choice(["PASSWORD", "SSO", "PASSKEY"]),
             "success": r.random() > 0.1,
             "recovery_emails": [f.email() for _ in range(r.randint(0, 2))],

@@ -94,7 +94,7 @@ class PseudonymKeys:
         return v, hkdf(m, SHIFT_SALT, f"{audience}\x00{domain}")
 
 
-def make_tokenizer(version: int, key: bytes) -> "TokenFn":
+def make_tokenizer(version: int, key: bytes) -> TokenFn:
     """Return ``f(canonical_bytes) -> token``; the HMAC key schedule is computed once."""
     prefix = f"tk{version}_"
     base = hmac.new(key, digestmod=sha256)

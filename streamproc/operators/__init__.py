@@ -6,7 +6,7 @@ To add an operator, write one small class deriving from
 
 from __future__ import annotations
 
-from streamproc.operators.base import Operator, OperatorError, OpContext
+from streamproc.operators.base import OpContext, Operator, OperatorError
 from streamproc.operators.date_shift import DateShift
 from streamproc.operators.deterministic import EncryptDeterministic
 from streamproc.operators.drop import Drop

@@ -14,7 +14,14 @@ from collections.abc import Mapping
 from hashlib import sha256
 from typing import Any
 
-from streamproc.operators.base import TEMPORAL, Operator, OperatorError, OpContext, require_kind, value_kind
+from streamproc.operators.base import (
+    TEMPORAL,
+    OpContext,
+    Operator,
+    OperatorError,
+    require_kind,
+    value_kind,
+)
 from streamproc.schema.avro import AvroType
 
 _PER_DAY = {"date": 1, "timestamp-millis": 86_400_000, "timestamp-micros": 86_400_000_000}

@@ -18,7 +18,14 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from streamproc.operators.base import TEMPORAL, Operator, OperatorError, OpContext, require_kind, value_kind
+from streamproc.operators.base import (
+    TEMPORAL,
+    OpContext,
+    Operator,
+    OperatorError,
+    require_kind,
+    value_kind,
+)
 from streamproc.schema.avro import AvroType
 
 _EPOCH = dt.date(1970, 1, 1)

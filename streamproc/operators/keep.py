@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from streamproc.operators.base import Operator, OpContext
+from streamproc.operators.base import OpContext, Operator
 from streamproc.schema.avro import AvroType
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from streamproc.operators.base import STRING, Operator, OperatorError, OpContext, require_kind
+from streamproc.operators.base import STRING, OpContext, Operator, OperatorError, require_kind
 from streamproc.schema.avro import AvroType
 
 _KINDS = frozenset({"string", "int", "long"})

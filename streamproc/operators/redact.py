@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from streamproc.operators.base import Operator, OperatorError, OpContext, value_kind
+from streamproc.operators.base import OpContext, Operator, OperatorError, value_kind
 from streamproc.schema.avro import AvroType, Primitive, Union
 
 _CONST_TYPES: dict[str, tuple[type, ...]] = {

@@ -22,7 +22,7 @@ from typing import Any
 
 from streamproc.crypto.pseudonym import PseudonymKeys
 from streamproc.errors import PolicyError
-from streamproc.operators import Operator, OperatorError, OpContext
+from streamproc.operators import OpContext, Operator, OperatorError
 from streamproc.policy.model import Audience, Rule
 from streamproc.schema import avro
 from streamproc.schema.annotations import DOMAIN_HINT, records_in, subject_field

@@ -14,7 +14,17 @@ import fastavro
 
 from streamproc.operators.base import canonical_bytes
 from streamproc.pipeline.codegen import TransformFailed
-from streamproc.pipeline.plan import Apply, ArrayNode, Drop, Keep, MapNode, Node, Plan, RecordNode, UnionNode
+from streamproc.pipeline.plan import (
+    Apply,
+    ArrayNode,
+    Drop,
+    Keep,
+    MapNode,
+    Node,
+    Plan,
+    RecordNode,
+    UnionNode,
+)
 from streamproc.schema import avro
 from streamproc.schema.avro import Enum, Record, Union
 
@@ -77,7 +87,7 @@ def _apply(n: Node, value: Any, subject: bytes | None) -> Any:
 
 def run_reference(plan: Plan, schema_json: Any, avro_bytes: bytes) -> bytes:
     reader = fastavro.parse_schema(avro.strip_logical(schema_json))
-    record = fastavro.schemaless_reader(io.BytesIO(avro_bytes), reader, None, return_record_name=True)
+    record: Any = fastavro.schemaless_reader(io.BytesIO(avro_bytes), reader, None, return_record_name=True)
     subject = None
     if plan.subject is not None:
         sv = _unwrap(record[plan.subject.name])

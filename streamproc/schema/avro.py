@@ -10,6 +10,7 @@ earlier becomes the same node object, so recursive schemas are graphs, not infin
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -113,7 +114,7 @@ def parse(schema: Any) -> AvroType:
         try:
             schema = json.loads(schema)
         except ValueError as exc:
-            raise SchemaError(f"schema is not JSON: {exc.msg}") from None
+            raise SchemaError(f"schema is not JSON ({type(exc).__name__})") from None
     return _Parser().node(schema, None)
 
 
@@ -215,10 +216,8 @@ class _Writer:
 def canonical_json(schema: Any) -> str:
     """Stable JSON text (sorted keys, no spaces) used for hashing and registration."""
     if isinstance(schema, str):
-        try:
+        with contextlib.suppress(ValueError):
             schema = json.loads(schema)
-        except ValueError:
-            pass
     return json.dumps(schema, sort_keys=True, separators=(",", ":"))
 
 
