@@ -1,0 +1,144 @@
+"""``streamproc run --config FILE [--workers N]``: run the processor.
+
+With ``--workers 1`` (the default) the worker runs in this process and the process
+manager (systemd, Kubernetes) owns restarts.  With ``--workers N`` a supervisor runs N
+worker processes in the same consumer group, serves their aggregated metrics and health
+on ``metrics.port``, forwards SIGTERM and restarts failed workers (see
+:mod:`streamproc.runtime.supervisor`).
+
+Exit codes: 0 after a clean drain (SIGTERM/SIGINT), 1 on a fatal runtime error, 78 when
+the configuration is invalid (do not restart: fix the file).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+import click
+
+from streamproc.config import Config
+from streamproc.errors import ConfigError, PolicyError, SchemaError
+from streamproc.observability import Observer
+
+log = logging.getLogger("streamproc.cli.run")
+
+
+def _configure_logging(level: str, fmt: str) -> None:
+    try:
+        from streamproc.observability.logging import configure_logging
+    except ImportError:  # pragma: no cover - observability is part of the package
+        logging.basicConfig(level=level)
+        return
+    configure_logging(level, "human" if fmt in ("text", "human") else fmt)
+
+
+def run_single(
+    config_path: str | os.PathLike[str], *, index: int = 0, serve_metrics: bool = True
+) -> int:
+    """Run one worker in this process; returns its exit code.
+
+    Also the entry point of every supervised child (``serve_metrics=False``: the
+    supervisor serves the aggregate).
+    """
+    from streamproc.config import load_config
+    from streamproc.runtime.worker import EXIT_CONFIG, run_worker
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        click.echo(f"streamproc: configuration error: {exc}", err=True)
+        return EXIT_CONFIG
+    _configure_logging(config.logging.level, config.logging.format)
+    observer, server = _observer(config, index, serve_metrics)
+    try:
+        return run_worker(config, index=index, observer=observer)
+    except (ConfigError, PolicyError, SchemaError) as exc:
+        log.error("configuration error: %s", exc)
+        return EXIT_CONFIG
+    finally:
+        close = getattr(observer, "close", None)
+        if close is not None:
+            close()
+        if server is not None:
+            server.stop()
+
+
+def _observer(config: Config, index: int, serve: bool) -> tuple[Observer, Any]:
+    """Prometheus metrics (and their HTTP server when ``serve``), or the no-op Observer."""
+    if not config.metrics.enabled:
+        return Observer(), None
+    from streamproc.observability.metrics import Metrics
+
+    metrics = Metrics(allowed_destinations=config.destination_topics, worker=index)
+    server = None
+    if serve:
+        from streamproc.observability.server import start_server
+
+        server = start_server(metrics, config.metrics.host, config.metrics.port)
+        log.info("metrics at %s/metrics", server.url, extra={"port": server.port})
+    return metrics, server
+
+
+def run_supervised(config_path: str | os.PathLike[str], workers: int) -> int:
+    from streamproc.config import load_config
+    from streamproc.runtime.supervisor import Supervisor
+    from streamproc.runtime.worker import EXIT_CONFIG
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        click.echo(f"streamproc: configuration error: {exc}", err=True)
+        return EXIT_CONFIG
+    _configure_logging(config.logging.level, config.logging.format)
+    server = None
+    on_exit = None
+    if config.metrics.enabled:
+        from streamproc.observability.server import (
+            mark_worker_dead,
+            setup_multiprocess,
+            start_aggregate_server,
+        )
+
+        setup_multiprocess()
+        server = start_aggregate_server(
+            config.metrics.host, config.metrics.port, expected_workers=workers
+        )
+        on_exit = mark_worker_dead
+        log.info(
+            "aggregate metrics at %s/metrics",
+            server.url,
+            extra={"port": server.port, "workers": workers},
+        )
+    try:
+        return Supervisor(config_path, workers, on_child_exit=on_exit).run()
+    finally:
+        if server is not None:
+            server.stop()
+
+
+@click.command("run")
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Processor config (YAML).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 256),
+    default=1,
+    show_default=True,
+    help="Worker processes in the group.",
+)
+def run(config_path: str, workers: int) -> None:
+    """Run the processor: consume, sanitize per audience, produce (exactly once by default)."""
+    code = run_single(config_path) if workers == 1 else run_supervised(config_path, workers)
+    sys.exit(code)
+
+
+if __name__ == "__main__":  # python -m streamproc.cli.run (tests, before main.py wires it)
+    run()

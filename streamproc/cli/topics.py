@@ -1,0 +1,38 @@
+"""``streamproc topics apply --config FILE``: create the config's topics (idempotent)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from streamproc.errors import ConfigError
+
+
+@click.group("topics")
+def topics() -> None:
+    """Manage the Kafka topics a config needs."""
+
+
+@topics.command("apply")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="Processor config (YAML).")
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds to wait for the cluster.")
+def apply(config_path: str, timeout: float) -> None:
+    """Create source, destination and dead-letter topics; report those that exist."""
+    from confluent_kafka import KafkaException
+
+    from streamproc.config import load_config
+    from streamproc.runtime.topics import apply_topics
+
+    try:
+        config = load_config(config_path, check_policy=False)
+    except ConfigError as exc:
+        raise click.ClickException(f"configuration error: {exc}") from None
+    try:
+        results = apply_topics(config, timeout=timeout)
+    except KafkaException as exc:
+        click.echo(f"streamproc: topic creation failed: {exc}", err=True)
+        sys.exit(1)
+    for r in results:
+        note = f"  ({r.note})" if r.note else ""
+        click.echo(f"{r.status:8} {r.topic}  partitions={r.partitions} replication={r.replication_factor}{note}")

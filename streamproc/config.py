@@ -1,0 +1,732 @@
+"""The processor configuration: one YAML file, validated up front with precise errors.
+
+A typo in a config file should fail at start-up with a message that names the file, the
+key path and what is wrong -- not at the first record, and not as a librdkafka error
+about a property nobody remembers setting.  :func:`load_config` therefore reads the
+file, interpolates the environment, applies the ``STREAMPROC_*`` overrides, resolves
+relative paths and checks every section, raising :class:`~streamproc.errors.ConfigError`
+with messages such as ``streamproc.yaml: pipelines[0].destinations[1].audience: 'fraud2'
+is not an audience of policy.yaml (have: analytics, fraud, support)``.
+
+Format (every key; see ``docs/configuration.md`` for the prose)::
+
+    kafka:                      # passed through to librdkafka (incl. security.protocol, ssl.*, sasl.*)
+      bootstrap.servers: 127.0.0.1:9092
+    consumer: {}                # extra consumer-only librdkafka settings
+    producer: {}                # extra producer-only librdkafka settings
+    group_id: streamproc
+    processing_guarantee: exactly_once     # or at_least_once
+    batch: {max_records: 2000, max_wait_ms: 100}
+    max_record_bytes: 1048576
+    schemas: {directory: ./schemas}        # or {url: http://registry:8081, ...confluent client settings}
+    kms: {provider: local, path: ./keys/keyring.json}   # vault/aws: see streamproc.crypto.kms.factory
+    policy: ./policy.yaml
+    pipelines:
+      - sources: [orders]
+        dead_letter_topic: orders.dlq
+        destinations:
+          - {topic: orders.analytics, audience: analytics, kek: analytics-kek}
+          - {topic: orders.fraud, audience: fraud, kek: fraud-kek}
+    topics:                      # for `streamproc topics apply`
+      defaults: {partitions: 6, replication_factor: 1, config: {retention.ms: "604800000"}}
+      overrides: {orders.dlq: {config: {retention.ms: "2592000000"}}}
+    metrics: {host: 0.0.0.0, port: 9464}
+    logging: {level: INFO, format: json}      # format: json or text (alias: human)
+
+Environment:
+
+* ``${VAR}`` and ``${VAR:-default}`` are interpolated in every string value (keys are
+  left alone).  An unset ``${VAR}`` without a default is an error naming the key path,
+  so a missing secret is never silently replaced by an empty string.  ``$${`` escapes a
+  literal ``${``.  A value that is exactly one ``${VAR}`` whose text is an integer stays a
+  string; typed fields (ports, counts) accept numeric strings for that reason.
+* ``STREAMPROC_BOOTSTRAP_SERVERS`` replaces ``kafka.bootstrap.servers``;
+  ``STREAMPROC_SCHEMA_REGISTRY_URL`` replaces the ``schemas`` section's source with
+  ``{url: ...}`` (other registry client settings are kept, ``directory`` is dropped);
+  ``STREAMPROC_METRICS_PORT`` replaces ``metrics.port``.  Overrides win over the file
+  because deployments inject them per environment.
+
+Relative paths (``schemas.directory``, ``kms.path``, ``kms.ca_cert``/``client_cert``/
+``client_key``, ``policy``, and librdkafka ``*.location`` / ``*.keytab`` settings) are
+resolved against the directory of the config file, so the file means the same thing
+whichever directory the processor is started from.
+
+The settings the runtime owns (``group.id``, ``enable.auto.commit``, ``isolation.level``,
+``transactional.id``, ``enable.idempotence``...) are refused in the librdkafka sections:
+they decide the processing guarantee and must not be overridden by accident.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from streamproc.errors import ConfigError, PolicyError
+
+GUARANTEES = ("exactly_once", "at_least_once")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("json", "text", "human")  # "human" is an alias of "text"
+
+ENV_BOOTSTRAP = "STREAMPROC_BOOTSTRAP_SERVERS"
+ENV_REGISTRY = "STREAMPROC_SCHEMA_REGISTRY_URL"
+ENV_METRICS_PORT = "STREAMPROC_METRICS_PORT"
+
+TOP_LEVEL = (
+    "kafka",
+    "consumer",
+    "producer",
+    "group_id",
+    "processing_guarantee",
+    "batch",
+    "max_record_bytes",
+    "schemas",
+    "kms",
+    "policy",
+    "pipelines",
+    "topics",
+    "metrics",
+    "logging",
+)
+
+#: librdkafka settings the runtime sets itself; the guarantee depends on them.
+RESERVED_KAFKA = {
+    "group.id": "set 'group_id' at the top level instead",
+    "enable.auto.commit": "the worker commits offsets itself (in the transaction or after a flush)",
+    "enable.auto.offset.store": "the worker stores offsets itself",
+    "isolation.level": "the worker always reads read_committed",
+    "transactional.id": "derived from group_id and the worker index so zombies are fenced",
+    "enable.idempotence": "set by processing_guarantee",
+    "on_commit": "not configurable",
+}
+
+_VAR = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_PATH_SUFFIXES = (".location", ".keytab")
+
+
+# --------------------------------------------------------------------------------------
+# Dataclasses
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DestinationConfig:
+    topic: str
+    audience: str
+    kek: str
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    sources: tuple[str, ...]
+    dead_letter_topic: str
+    destinations: tuple[DestinationConfig, ...]
+
+
+@dataclass(frozen=True)
+class TopicSettings:
+    partitions: int | None = None
+    replication_factor: int | None = None
+    config: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TopicsConfig:
+    defaults: TopicSettings = field(default_factory=lambda: TopicSettings(6, 1, {}))
+    overrides: Mapping[str, TopicSettings] = field(default_factory=dict)
+
+    def for_topic(self, topic: str) -> TopicSettings:
+        """Defaults overlaid with the topic's override (config maps are merged)."""
+        o = self.overrides.get(topic)
+        d = self.defaults
+        if o is None:
+            return TopicSettings(d.partitions or 1, d.replication_factor or 1, dict(d.config))
+        return TopicSettings(
+            o.partitions or d.partitions or 1,
+            o.replication_factor or d.replication_factor or 1,
+            {**d.config, **o.config},
+        )
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    host: str = "0.0.0.0"
+    port: int = 9464
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "INFO"
+    format: str = "json"
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated configuration.  Build librdkafka dicts with the ``*_config`` methods."""
+
+    path: Path
+    kafka: Mapping[str, Any]
+    consumer: Mapping[str, Any]
+    producer: Mapping[str, Any]
+    group_id: str
+    processing_guarantee: str
+    batch_max_records: int
+    batch_max_wait_ms: int
+    max_record_bytes: int
+    schemas: Mapping[str, Any]
+    kms: Mapping[str, Any]
+    policy: Path
+    pipelines: tuple[PipelineConfig, ...]
+    topics: TopicsConfig
+    metrics: MetricsConfig
+    logging: LoggingConfig
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    @property
+    def exactly_once(self) -> bool:
+        return self.processing_guarantee == "exactly_once"
+
+    @property
+    def source_topics(self) -> list[str]:
+        return [s for p in self.pipelines for s in p.sources]
+
+    @property
+    def destination_topics(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for p in self.pipelines:
+            for d in p.destinations:
+                seen.setdefault(d.topic, None)
+        return list(seen)
+
+    @property
+    def dead_letter_topics(self) -> list[str]:
+        return list(dict.fromkeys(p.dead_letter_topic for p in self.pipelines))
+
+    def all_topics(self) -> list[str]:
+        """Sources, destinations and DLQs, in that order, without repeats."""
+        return list(
+            dict.fromkeys([*self.source_topics, *self.destination_topics, *self.dead_letter_topics])
+        )
+
+    def dead_letter_topic_for(self, source_topic: str) -> str:
+        for p in self.pipelines:
+            if source_topic in p.sources:
+                return p.dead_letter_topic
+        raise KeyError(source_topic)
+
+    def routes_spec(self) -> list[dict[str, Any]]:
+        """The pipelines in the form :func:`streamproc.pipeline.core.build_routes` takes."""
+        return [
+            {
+                "sources": list(p.sources),
+                "destinations": [
+                    {"topic": d.topic, "audience": d.audience, "kek": d.kek} for d in p.destinations
+                ],
+            }
+            for p in self.pipelines
+        ]
+
+    # -- librdkafka -------------------------------------------------------------------------
+    def admin_config(self) -> dict[str, Any]:
+        return dict(self.kafka)
+
+    def consumer_config(self, **extra: Any) -> dict[str, Any]:
+        """Common settings + ``consumer:`` + runtime-owned settings (which win)."""
+        return {**self.kafka, **self.consumer, **extra}
+
+    def producer_config(self, **extra: Any) -> dict[str, Any]:
+        return {**self.kafka, **self.producer, **extra}
+
+
+# --------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------
+class _Ctx:
+    """Carries the file name so every error message can start with it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def error(self, where: str, what: str) -> ConfigError:
+        return ConfigError(f"{self.path}: {where}: {what}" if where else f"{self.path}: {what}")
+
+
+def load_config(
+    path: str | os.PathLike[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    check_policy: bool = True,
+) -> Config:
+    """Read, interpolate, override, resolve and validate a config file.
+
+    ``env`` defaults to ``os.environ`` (injectable for tests).  ``check_policy`` loads the
+    policy file so destination audiences are checked now rather than at the first record.
+    """
+    p = Path(path).expanduser().resolve()
+    ctx = _Ctx(Path(path))
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or type(exc).__name__})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ctx.error("", f"not valid YAML{where}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ctx.error("", f"the top level must be a mapping, got {_tname(raw)}")
+    env = os.environ if env is None else env
+    raw = _interpolate(raw, env, ctx, "")
+    _apply_overrides(raw, env, ctx)
+    return _validate(raw, p, ctx, check_policy)
+
+
+def parse_config(
+    data: Mapping[str, Any] | str,
+    *,
+    base_dir: str | os.PathLike[str] = ".",
+    env: Mapping[str, str] | None = None,
+    check_policy: bool = True,
+    name: str = "<config>",
+) -> Config:
+    """Like :func:`load_config` for a mapping or YAML text (tests, embedding)."""
+    raw = yaml.safe_load(data) if isinstance(data, str) else dict(data)
+    ctx = _Ctx(Path(name))
+    if not isinstance(raw, dict):
+        raise ctx.error("", f"the top level must be a mapping, got {_tname(raw)}")
+    env = os.environ if env is None else env
+    raw = _interpolate(raw, env, ctx, "")
+    _apply_overrides(raw, env, ctx)
+    return _validate(raw, Path(base_dir).resolve() / name, ctx, check_policy)
+
+
+def _interpolate(value: Any, env: Mapping[str, str], ctx: _Ctx, where: str) -> Any:
+    if isinstance(value, str):
+
+        def sub(m: re.Match[str]) -> str:
+            if m.group(0) == "$${":
+                return "${"
+            var, default = m.group(1), m.group(2)
+            got = env.get(var)
+            if got is None or (got == "" and default is not None):
+                if default is None:
+                    raise ctx.error(
+                        where,
+                        f"environment variable {var} is not set (use ${{{var}:-default}} for a default)",
+                    )
+                return default
+            return got
+
+        return _VAR.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: _interpolate(v, env, ctx, _join(where, k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, env, ctx, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _apply_overrides(raw: dict[str, Any], env: Mapping[str, str], ctx: _Ctx) -> None:
+    bootstrap = env.get(ENV_BOOTSTRAP)
+    if bootstrap:
+        kafka = raw.get("kafka")
+        if kafka is None:
+            kafka = raw["kafka"] = {}
+        if not isinstance(kafka, dict):
+            raise ctx.error("kafka", f"must be a mapping, got {_tname(kafka)}")
+        kafka["bootstrap.servers"] = bootstrap
+    url = env.get(ENV_REGISTRY)
+    if url:
+        schemas = raw.get("schemas")
+        if not isinstance(schemas, dict):
+            schemas = {}
+        schemas = {k: v for k, v in schemas.items() if k != "directory"}
+        schemas["url"] = url
+        raw["schemas"] = schemas
+    port = env.get(ENV_METRICS_PORT)
+    if port:
+        metrics = raw.get("metrics")
+        if not isinstance(metrics, dict):
+            metrics = {}
+        metrics["port"] = port
+        raw["metrics"] = metrics
+
+
+# --------------------------------------------------------------------------------------
+# Validation helpers
+# --------------------------------------------------------------------------------------
+def _join(where: str, key: Any) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def _tname(v: Any) -> str:
+    if v is None:
+        return "nothing (null)"
+    return {
+        dict: "a mapping",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+    }.get(type(v), type(v).__name__)
+
+
+def _mapping(
+    ctx: _Ctx, where: str, v: Any, *, allowed: Sequence[str] | None = None
+) -> dict[str, Any]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise ctx.error(where, f"must be a mapping, got {_tname(v)}")
+    for k in v:
+        if not isinstance(k, str):
+            raise ctx.error(where, f"keys must be strings (got {k!r})")
+        if allowed is not None and k not in allowed:
+            raise ctx.error(
+                _join(where, k),
+                f"unknown setting{_did_you_mean(k, allowed)} (expected one of: {', '.join(allowed)})",
+            )
+    return v
+
+
+def _did_you_mean(k: str, allowed: Sequence[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(k, list(allowed), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _str(ctx: _Ctx, where: str, v: Any) -> str:
+    if not isinstance(v, str) or not v.strip():
+        raise ctx.error(where, f"must be a non-empty string, got {_tname(v)}")
+    return v
+
+
+def _int(ctx: _Ctx, where: str, v: Any, *, minimum: int, maximum: int | None = None) -> int:
+    if isinstance(v, str) and re.fullmatch(r"\s*-?\d+\s*", v):
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ctx.error(where, f"must be an integer, got {_tname(v)}")
+    if v < minimum or (maximum is not None and v > maximum):
+        rng = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+        raise ctx.error(where, f"must be {rng}, got {v}")
+    return v
+
+
+def _bool(ctx: _Ctx, where: str, v: Any) -> bool:
+    if isinstance(v, str) and v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    if not isinstance(v, bool):
+        raise ctx.error(where, f"must be true or false, got {_tname(v)}")
+    return v
+
+
+def _choice(ctx: _Ctx, where: str, v: Any, allowed: Sequence[str]) -> str:
+    if v not in allowed:
+        raise ctx.error(where, f"must be one of {', '.join(allowed)}, got {v!r}")
+    return str(v)
+
+
+def _resolve(base: Path, value: str) -> str:
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p))
+
+
+def _kafka_section(ctx: _Ctx, where: str, v: Any, base: Path) -> dict[str, Any]:
+    m = _mapping(ctx, where, v)
+    out: dict[str, Any] = {}
+    for k, val in m.items():
+        if k in RESERVED_KAFKA:
+            raise ctx.error(
+                _join(where, k),
+                f"is set by streamproc and cannot be configured ({RESERVED_KAFKA[k]})",
+            )
+        if isinstance(val, dict | list) or val is None:
+            raise ctx.error(
+                _join(where, k), f"librdkafka settings must be scalars, got {_tname(val)}"
+            )
+        if isinstance(val, str) and k.endswith(_PATH_SUFFIXES):
+            val = _resolve(base, val)
+        out[k] = val
+    return out
+
+
+def _topic_settings(ctx: _Ctx, where: str, v: Any) -> TopicSettings:
+    m = _mapping(ctx, where, v, allowed=("partitions", "replication_factor", "config"))
+    parts = (
+        _int(ctx, _join(where, "partitions"), m["partitions"], minimum=1)
+        if "partitions" in m
+        else None
+    )
+    rf = (
+        _int(ctx, _join(where, "replication_factor"), m["replication_factor"], minimum=1)
+        if "replication_factor" in m
+        else None
+    )
+    cfg = _mapping(ctx, _join(where, "config"), m.get("config"))
+    conf: dict[str, str] = {}
+    for k, val in cfg.items():
+        if isinstance(val, dict | list) or val is None:
+            raise ctx.error(
+                _join(_join(where, "config"), k),
+                f"topic configs must be scalars, got {_tname(val)}",
+            )
+        conf[k] = str(val).lower() if isinstance(val, bool) else str(val)
+    return TopicSettings(parts, rf, conf)
+
+
+def _validate(raw: dict[str, Any], path: Path, ctx: _Ctx, check_policy: bool) -> Config:
+    base = path.parent
+    for k in raw:
+        if k not in TOP_LEVEL:
+            raise ctx.error(
+                str(k),
+                f"unknown top-level key{_did_you_mean(str(k), TOP_LEVEL)} (expected one of: {', '.join(TOP_LEVEL)})",
+            )
+
+    kafka = _kafka_section(ctx, "kafka", raw.get("kafka"), base)
+    if "bootstrap.servers" not in kafka:
+        raise ctx.error("kafka.bootstrap.servers", f"is required (or set {ENV_BOOTSTRAP})")
+    _str(ctx, "kafka.bootstrap.servers", kafka["bootstrap.servers"])
+    consumer = _kafka_section(ctx, "consumer", raw.get("consumer"), base)
+    producer = _kafka_section(ctx, "producer", raw.get("producer"), base)
+
+    group_id = _str(ctx, "group_id", raw.get("group_id", "streamproc"))
+    guarantee = _choice(
+        ctx, "processing_guarantee", raw.get("processing_guarantee", "exactly_once"), GUARANTEES
+    )
+
+    batch = _mapping(ctx, "batch", raw.get("batch"), allowed=("max_records", "max_wait_ms"))
+    max_records = _int(
+        ctx, "batch.max_records", batch.get("max_records", 2000), minimum=1, maximum=1_000_000
+    )
+    max_wait = _int(
+        ctx, "batch.max_wait_ms", batch.get("max_wait_ms", 100), minimum=0, maximum=60_000
+    )
+    max_bytes = _int(ctx, "max_record_bytes", raw.get("max_record_bytes", 1 << 20), minimum=1)
+
+    if "schemas" not in raw:
+        raise ctx.error(
+            "schemas",
+            f"is required ({{directory: ./schemas}} or {{url: http://registry:8081}}; or set {ENV_REGISTRY})",
+        )
+    schemas = dict(_mapping(ctx, "schemas", raw["schemas"]))
+    if ("directory" in schemas) == ("url" in schemas):
+        raise ctx.error("schemas", "needs exactly one of 'directory' or 'url'")
+    if "directory" in schemas:
+        if set(schemas) != {"directory"}:
+            extra = sorted(set(schemas) - {"directory"})
+            raise ctx.error(
+                _join("schemas", extra[0]), "only applies to a registry ('url'), not to a directory"
+            )
+        d = Path(_resolve(base, _str(ctx, "schemas.directory", schemas["directory"])))
+        if not d.is_dir():
+            raise ctx.error("schemas.directory", f"{d} is not a directory")
+        schemas["directory"] = str(d)
+    else:
+        url = _str(ctx, "schemas.url", schemas["url"])
+        if not (url.startswith(("http://", "https://", "mock://"))):
+            raise ctx.error("schemas.url", f"must start with http:// or https:// (got {url!r})")
+
+    if "kms" not in raw:
+        raise ctx.error(
+            "kms", "is required (for example {provider: local, path: ./keys/keyring.json})"
+        )
+    kms = dict(_mapping(ctx, "kms", raw["kms"]))
+    provider = kms.get("provider")
+    if provider is None:
+        raise ctx.error("kms.provider", "is required (local, vault or aws)")
+    for key in ("path", "ca_cert", "client_cert", "client_key"):
+        if isinstance(kms.get(key), str) and (provider == "local" or key != "path"):
+            kms[key] = _resolve(base, kms[key])
+    _check_kms(ctx, str(provider), kms)
+
+    if "policy" not in raw:
+        raise ctx.error("policy", "is required (path to the policy file)")
+    policy = Path(_resolve(base, _str(ctx, "policy", raw["policy"])))
+    if not policy.is_file():
+        raise ctx.error("policy", f"{policy} does not exist")
+
+    pipelines = _pipelines(ctx, raw.get("pipelines"))
+    if check_policy:
+        _check_audiences(ctx, pipelines, policy)
+
+    topics_raw = _mapping(ctx, "topics", raw.get("topics"), allowed=("defaults", "overrides"))
+    defaults = _topic_settings(ctx, "topics.defaults", topics_raw.get("defaults"))
+    defaults = TopicSettings(
+        defaults.partitions or 6, defaults.replication_factor or 1, defaults.config
+    )
+    overrides_raw = _mapping(ctx, "topics.overrides", topics_raw.get("overrides"))
+    overrides = {
+        t: _topic_settings(ctx, f"topics.overrides.{t}", v) for t, v in overrides_raw.items()
+    }
+
+    m = _mapping(ctx, "metrics", raw.get("metrics"), allowed=("host", "port", "enabled"))
+    metrics = MetricsConfig(
+        host=_str(ctx, "metrics.host", m.get("host", "0.0.0.0")),
+        port=_int(ctx, "metrics.port", m.get("port", 9464), minimum=0, maximum=65535),
+        enabled=_bool(ctx, "metrics.enabled", m.get("enabled", True)),
+    )
+    lg = _mapping(ctx, "logging", raw.get("logging"), allowed=("level", "format"))
+    level = lg.get("level", "INFO")
+    logging_cfg = LoggingConfig(
+        level=_choice(
+            ctx, "logging.level", level.upper() if isinstance(level, str) else level, LOG_LEVELS
+        ),
+        format=_choice(ctx, "logging.format", lg.get("format", "json"), LOG_FORMATS),
+    )
+    return Config(
+        path=path,
+        kafka=kafka,
+        consumer=consumer,
+        producer=producer,
+        group_id=group_id,
+        processing_guarantee=guarantee,
+        batch_max_records=max_records,
+        batch_max_wait_ms=max_wait,
+        max_record_bytes=max_bytes,
+        schemas=schemas,
+        kms=kms,
+        policy=policy,
+        pipelines=pipelines,
+        topics=TopicsConfig(defaults, overrides),
+        metrics=metrics,
+        logging=logging_cfg,
+    )
+
+
+def _check_kms(ctx: _Ctx, provider: str, kms: Mapping[str, Any]) -> None:
+    """Provider-specific checks belong to the KMS factory; we only add the file name.
+
+    The provider itself is built later (``build_kms``): building a Vault or AWS client
+    here would make loading a config file a network operation.
+    """
+    from streamproc.crypto.kms import factory
+
+    if provider not in factory.PROVIDERS:
+        raise ctx.error(
+            "kms.provider",
+            f"unknown provider {provider!r} (one of: {', '.join(factory.PROVIDERS)})",
+        )
+    validate = getattr(factory, "_validated", None)
+    if validate is None:
+        return
+    try:
+        validate(provider, kms)
+    except ConfigError as exc:
+        raise ConfigError(f"{ctx.path}: {exc}") from None
+
+
+def _pipelines(ctx: _Ctx, v: Any) -> tuple[PipelineConfig, ...]:
+    if v is None:
+        raise ctx.error(
+            "pipelines", "is required (a list of {sources, dead_letter_topic, destinations})"
+        )
+    if not isinstance(v, list) or not v:
+        raise ctx.error("pipelines", f"must be a non-empty list, got {_tname(v)}")
+    out = []
+    seen_sources: dict[str, str] = {}
+    dest_settings: dict[str, tuple[str, str, str]] = {}
+    for i, p in enumerate(v):
+        where = f"pipelines[{i}]"
+        m = _mapping(ctx, where, p, allowed=("sources", "dead_letter_topic", "destinations"))
+        srcs = m.get("sources")
+        if isinstance(srcs, str):
+            srcs = [srcs]
+        if not isinstance(srcs, list) or not srcs:
+            raise ctx.error(f"{where}.sources", "must be a non-empty list of topic names")
+        sources = tuple(_str(ctx, f"{where}.sources[{j}]", s) for j, s in enumerate(srcs))
+        for j, s in enumerate(sources):
+            if s in seen_sources:
+                raise ctx.error(
+                    f"{where}.sources[{j}]", f"topic {s!r} is already a source of {seen_sources[s]}"
+                )
+            seen_sources[s] = where
+        if "dead_letter_topic" not in m:
+            raise ctx.error(
+                f"{where}.dead_letter_topic", "is required (bad records go there, never dropped)"
+            )
+        dlq = _str(ctx, f"{where}.dead_letter_topic", m["dead_letter_topic"])
+        dests_raw = m.get("destinations")
+        if not isinstance(dests_raw, list) or not dests_raw:
+            raise ctx.error(
+                f"{where}.destinations", "must be a non-empty list of {topic, audience, kek}"
+            )
+        dests = []
+        for j, d in enumerate(dests_raw):
+            dw = f"{where}.destinations[{j}]"
+            dm = _mapping(ctx, dw, d, allowed=("topic", "audience", "kek"))
+            for key in ("topic", "audience", "kek"):
+                if key not in dm:
+                    raise ctx.error(f"{dw}.{key}", "is required")
+            dc = DestinationConfig(
+                _str(ctx, f"{dw}.topic", dm["topic"]),
+                _str(ctx, f"{dw}.audience", dm["audience"]),
+                _str(ctx, f"{dw}.kek", dm["kek"]),
+            )
+            prev = dest_settings.get(dc.topic)
+            if prev is not None and prev[:2] != (dc.audience, dc.kek):
+                raise ctx.error(
+                    f"{dw}.topic",
+                    f"{dc.topic!r} is configured again with a different audience or kek (first at {prev[2]})",
+                )
+            dest_settings.setdefault(dc.topic, (dc.audience, dc.kek, dw))
+            dests.append(dc)
+        out.append(PipelineConfig(sources, dlq, tuple(dests)))
+    # Topic roles must not overlap: a loop would re-process its own output.
+    sources_set = set(seen_sources)
+    for i, pc in enumerate(out):
+        where = f"pipelines[{i}]"
+        for j, d in enumerate(pc.destinations):
+            if d.topic in sources_set:
+                raise ctx.error(
+                    f"{where}.destinations[{j}].topic", f"{d.topic!r} is also a source topic"
+                )
+            if d.topic == pc.dead_letter_topic or d.topic in {q.dead_letter_topic for q in out}:
+                raise ctx.error(
+                    f"{where}.destinations[{j}].topic", f"{d.topic!r} is also a dead-letter topic"
+                )
+        if pc.dead_letter_topic in sources_set:
+            raise ctx.error(
+                f"{where}.dead_letter_topic", f"{pc.dead_letter_topic!r} is also a source topic"
+            )
+    return tuple(out)
+
+
+def _check_audiences(ctx: _Ctx, pipelines: Sequence[PipelineConfig], policy_path: Path) -> None:
+    from streamproc.policy.model import load_policy
+
+    try:
+        policy = load_policy(policy_path)
+    except PolicyError as exc:
+        raise ctx.error("policy", str(exc)) from None
+    for i, p in enumerate(pipelines):
+        for j, d in enumerate(p.destinations):
+            if d.audience not in policy.audiences:
+                raise ctx.error(
+                    f"pipelines[{i}].destinations[{j}].audience",
+                    f"{d.audience!r} is not an audience of {policy_path.name} (have: {', '.join(policy.audiences)})",
+                )
+
+
+__all__ = [
+    "Config",
+    "DestinationConfig",
+    "LoggingConfig",
+    "MetricsConfig",
+    "PipelineConfig",
+    "TopicSettings",
+    "TopicsConfig",
+    "load_config",
+    "parse_config",
+]

@@ -1,0 +1,921 @@
+"""The processor worker: consume a batch, run the pipeline, produce, commit.
+
+One worker = one consumer + one producer, in one thread.  The loop is deliberately
+simple: rebalance callbacks only ever run inside ``consume()``, and a transaction is
+never open while ``consume()`` runs, so a rebalance can never land in the middle of a
+transaction (the ``on_revoke`` handler still checks, and aborts one if it ever finds it).
+
+Checkpoint, ``processing_guarantee: exactly_once`` (per batch)
+--------------------------------------------------------------
+
+1. **Consume** up to ``batch.max_records`` records within ``batch.max_wait_ms`` from the
+   owned partitions (``isolation.level=read_committed``, ``enable.auto.commit=false``).
+2. **Process**: ``pipeline.process(records)`` -- pure, no Kafka I/O.  A
+   :class:`~streamproc.errors.TransientError` (KMS or registry outage) pauses the
+   partitions, backs off and retries *the same records* (step 2 again); nothing is
+   produced and nothing goes to the DLQ for it.
+3. **Begin** the transaction.  *Invariant: no transaction is open.*
+4. **Produce** every output record and every dead letter into the transaction.
+   *Invariant: one produce per output and per quarantined record.*
+5. **Compute offsets**: per partition, last record offset + 1.  *Invariants: every
+   partition is still owned by this worker, and every offset is beyond the last one this
+   worker committed for it.*
+6. **Send offsets** with ``send_offsets_to_transaction(offsets,
+   consumer_group_metadata())``: the offsets join the transaction and are fenced by the
+   group generation (KIP-447), so a worker that lost its partitions cannot commit them.
+7. **Commit** the transaction: outputs, dead letters and offsets become visible at once.
+8. **Report** to the observer (transaction, latency, dead letters, lag, cache counters).
+
+Failures in steps 3-7: a *retriable* error retries the same call (with backoff); an
+*abortable* error aborts the transaction, seeks every partition of the batch back to the
+batch's first offset -- which, because batches commit in order, is the last committed
+offset -- and continues with step 1; a *fatal* error (fenced by a newer instance with the
+same ``transactional.id``, unsupported broker...) stops the worker with a non-zero exit
+and commits nothing.  Invariant violations raise :class:`InvariantViolation` and are
+fatal too: they mean a bug, and committing past one could lose data.
+
+``transactional.id`` is ``<group_id>-worker-<index>``: stable across restarts, so a
+restarted worker fences its own zombie (``init_transactions`` bumps the epoch and aborts
+whatever the dead instance left open).
+
+Checkpoint, ``processing_guarantee: at_least_once``
+---------------------------------------------------
+
+Steps 1-2 as above; then produce everything with the idempotent producer, ``flush()``
+and check every delivery report; only then commit the offsets synchronously.  A failed
+delivery seeks back and re-processes the batch, so outputs may be duplicated, never lost.
+
+Rebalances
+----------
+
+Eager assignment (``range``) by default.  With eager rebalancing every partition is
+revoked at once, which is the clean barrier a transactional worker wants: the revoke
+callback runs between batches, after the last commit, so there is nothing to hand over
+but committed offsets.  Cooperative-sticky would move fewer partitions but needs two
+rebalance rounds per change, and each round costs a group join (about half the session
+timeout on Tansu); it works here too (set ``partition.assignment.strategy:
+cooperative-sticky`` under ``consumer:``) because the callbacks only look at the
+partitions they are given.
+
+Signals
+-------
+
+SIGTERM/SIGINT only set a flag.  The loop finishes (commits) the batch in hand, or
+abandons it if it is waiting out a transient outage (nothing was produced, offsets stay
+where they were), closes the consumer (leaving the group) and returns 0.  SIGKILL loses
+nothing: an open transaction is aborted by the next instance's ``init_transactions`` or
+by the transaction timeout, and its records are re-read from the committed offsets.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+
+from streamproc.config import Config
+from streamproc.errors import KmsUnavailable, SchemaRegistryUnavailable, TransientError
+from streamproc.observability import Observer
+from streamproc.pipeline.core import BatchResult, InputRecord, Pipeline
+from streamproc.runtime.backoff import Backoff
+from streamproc.runtime.dlq import dead_letter_headers
+
+log = logging.getLogger("streamproc.runtime.worker")
+
+TP = tuple[str, int]
+
+#: Exit codes of :meth:`Worker.run` (and of ``streamproc run``).
+EXIT_OK = 0
+EXIT_FATAL = 1
+EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h: do not restart, fix the config
+
+
+class FatalWorkerError(RuntimeError):
+    """The worker cannot continue safely (fenced, fatal client error); exit non-zero."""
+
+
+class InvariantViolation(FatalWorkerError):
+    """A commit-protocol invariant does not hold: a bug.  Nothing more is committed."""
+
+
+class _Abort(Exception):
+    """Internal: the transaction was aborted; rewind and re-consume."""
+
+
+def _dependency(exc: BaseException) -> str:
+    if isinstance(exc, KmsUnavailable):
+        return "kms"
+    if isinstance(exc, SchemaRegistryUnavailable):
+        return "schema_registry"
+    return "dependency"
+
+
+@dataclass
+class _Batch:
+    messages: list[Message]
+    first: dict[TP, int] = field(default_factory=dict)
+    last: dict[TP, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for m in self.messages:
+            tp = _tp(m)
+            off = _off(m)
+            if tp not in self.first:
+                self.first[tp] = off
+            self.last[tp] = off
+
+    def keep_only(self, owned: set[TP]) -> None:
+        """Drop records of partitions this worker no longer owns (after a revoke)."""
+        if all(tp in owned for tp in self.first):
+            return
+        self.messages = [m for m in self.messages if _tp(m) in owned]
+        self.first = {tp: o for tp, o in self.first.items() if tp in owned}
+        self.last = {tp: o for tp, o in self.last.items() if tp in owned}
+
+
+class Worker:
+    """Runs the consume-process-produce loop for one worker index of a consumer group.
+
+    Collaborators are passed in: ``pipeline`` (built by
+    :func:`streamproc.runtime.factory.build_pipeline` in production), ``observer`` (the
+    no-op :class:`Observer` by default), and the consumer/producer factories (tests).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        pipeline: Pipeline,
+        *,
+        index: int = 0,
+        observer: Observer | None = None,
+        consumer_factory: Callable[[dict[str, Any]], Consumer] = Consumer,
+        producer_factory: Callable[[dict[str, Any]], Producer] = Producer,
+        backoff: Backoff | None = None,
+        kafka_timeout: float = 30.0,
+        lag_interval: float = 1.0,
+    ) -> None:
+        self.config = config
+        self.pipeline = pipeline
+        self.index = index
+        self.observer = observer or Observer()
+        self._consumer_factory = consumer_factory
+        self._producer_factory = producer_factory
+        self.backoff = backoff or Backoff(base=0.2, cap=10.0)
+        self.kafka_timeout = kafka_timeout
+        self.lag_interval = lag_interval
+        self.exactly_once = config.exactly_once
+        self.transactional_id = f"{config.group_id}-worker-{index}"
+        self._stop = threading.Event()
+        self._owned: set[TP] = set()
+        self._committed: dict[TP, int] = {}
+        self._txn_open = False
+        self._in_backoff = False
+        self._dropped_during_backoff: dict[TP, int] = {}
+        self._broker_down_since: float | None = None
+        self._broker_attempt = 0
+        self._last_lag = 0.0
+        self._dlq_for = {s: p.dead_letter_topic for p in config.pipelines for s in p.sources}
+        self._delivery_errors: list[str] = []
+        self.consumer: Consumer | None = None
+        self.producer: Producer | None = None
+        #: Counters for tests and the final log line.
+        self.batches_committed = 0
+        self.records_committed = 0
+        self.aborts = 0
+        self._consecutive_aborts = 0
+        self._revoked_in_flight: set[TP] = set()
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask the loop to finish the current batch and exit (thread- and signal-safe)."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT -> :meth:`stop` (main thread only)."""
+        import signal
+
+        def handler(signum: int, _frame: object) -> None:
+            log.info("signal received; draining", extra={"signal": signal.Signals(signum).name})
+            self.stop()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def run(self) -> int:
+        """Run until stopped; returns an exit code (0 clean, 1 fatal)."""
+        try:
+            self._start()
+            while not self._stop.is_set():
+                self._step()
+        except FatalWorkerError as exc:
+            log.error("fatal %s: %s", type(exc).__name__, exc)
+            self._close(clean=False)
+            return EXIT_FATAL
+        except KafkaException as exc:
+            log.error("fatal Kafka error: %s", _describe(exc))
+            self._close(clean=False)
+            return EXIT_FATAL
+        self._close(clean=True)
+        log.info(
+            "stopped after %d batches (%d aborted transactions)",
+            self.batches_committed,
+            self.aborts,
+            extra={"records": self.records_committed, "worker": self.index},
+        )
+        return EXIT_OK
+
+    def _consumer_conf(self) -> dict[str, Any]:
+        conf = self.config.consumer_config()
+        conf.setdefault("auto.offset.reset", "earliest")
+        conf.setdefault("partition.assignment.strategy", "range")
+        conf.setdefault("client.id", f"streamproc-{self.config.group_id}-{self.index}")
+        conf.update(
+            {
+                "group.id": self.config.group_id,
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "isolation.level": "read_committed",
+                "enable.partition.eof": False,
+                "error_cb": self._on_client_error,
+            }
+        )
+        return conf
+
+    def _producer_conf(self) -> dict[str, Any]:
+        conf = self.config.producer_config()
+        conf.setdefault("client.id", f"streamproc-{self.config.group_id}-{self.index}-producer")
+        conf.setdefault("linger.ms", 5)
+        conf["error_cb"] = self._on_client_error
+        if self.exactly_once:
+            conf["transactional.id"] = self.transactional_id
+        else:
+            conf["enable.idempotence"] = True
+            conf.setdefault("acks", "all")
+        return conf
+
+    def _start(self) -> None:
+        self.observer.ready(False, "starting")
+        self.producer = self._producer_factory(self._producer_conf())
+        if self.exactly_once:
+            # Fences any earlier instance with the same transactional.id and aborts what it
+            # left open, so a restarted worker never races its own zombie.
+            producer = self.producer
+            self._retry_kafka(
+                "init_transactions", lambda: producer.init_transactions(self.kafka_timeout)
+            )
+        self.consumer = self._consumer_factory(self._consumer_conf())
+        sources = self.pipeline.source_topics
+        self.consumer.subscribe(
+            sources, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
+        log.info(
+            "worker started (%s) on %s",
+            self.config.processing_guarantee,
+            ", ".join(sources),
+            extra={
+                "group_id": self.config.group_id,
+                "worker": self.index,
+                "transactional_id": self.transactional_id if self.exactly_once else None,
+            },
+        )
+
+    def _close(self, *, clean: bool) -> None:
+        c, self.consumer = self.consumer, None
+        p, self.producer = self.producer, None
+        if p is not None and self._txn_open:
+            try:
+                p.abort_transaction(self.kafka_timeout)
+                self.observer.transaction("aborted")
+            except KafkaException as exc:
+                log.warning("abort on close failed: %s", _describe(exc))
+            self._txn_open = False
+        if c is not None:
+            try:
+                c.close()  # leaves the group; on_revoke runs with nothing in flight
+            except (KafkaException, RuntimeError) as exc:
+                log.warning("consumer close failed: %s", _describe(exc))
+        if p is not None and clean:
+            p.flush(5.0)
+        self.observer.ready(False, "stopped")
+
+    # -- the loop -------------------------------------------------------------------------
+    def _step(self) -> None:
+        assert self.consumer is not None
+        msgs = self.consumer.consume(
+            self.config.batch_max_records, self.config.batch_max_wait_ms / 1000.0
+        )
+        records = [m for m in msgs if self._check_message(m)]
+        if records:
+            self._broker_ok()
+            self._handle(_Batch(records))
+        self._report_lag()
+
+    def _check_message(self, m: Message) -> bool:
+        err = m.error()
+        if err is None:
+            return True
+        if err.code() == KafkaError._PARTITION_EOF:
+            return False
+        if err.fatal():
+            raise FatalWorkerError(f"consumer: {err.name()}")
+        log.warning(
+            "consumer error: %s", err.name(), extra={"topic": m.topic(), "partition": m.partition()}
+        )
+        return False
+
+    def _handle(self, batch: _Batch) -> None:
+        self._revoked_in_flight = set()
+        for tp, n in _counts(batch.messages).items():
+            self.observer.records_consumed(tp[0], tp[1], n)
+        result = self._process(batch)
+        if result is None:  # stopped while waiting out an outage: abandon (nothing produced)
+            return
+        try:
+            if self.exactly_once:
+                self._commit_transactional(batch, result)
+            else:
+                self._commit_at_least_once(batch, result)
+        except _Abort:
+            self.aborts += 1
+            self._consecutive_aborts += 1
+            self._rewind(batch)
+            self._wait_plain(self.backoff.delay(self._consecutive_aborts))
+            return
+        self._consecutive_aborts = 0
+        self._after_commit(batch, result)
+
+    # -- step 2: process, retrying transient outages ------------------------------------------
+    def _process(self, batch: _Batch) -> BatchResult | None:
+        attempt = 0
+        while True:
+            batch.keep_only(self._owned - self._revoked_in_flight)
+            if not batch.messages:
+                self._end_backoff(batch)
+                return None
+            inputs = [_to_input(m) for m in batch.messages]
+            t0 = time.perf_counter()
+            try:
+                result = self.pipeline.process(inputs)
+            except TransientError as exc:
+                attempt += 1
+                dep = _dependency(exc)
+                log.warning(
+                    "transient outage (%s); pausing and retrying the batch",
+                    type(exc).__name__,
+                    extra={"dependency": dep, "attempt": attempt, "records": len(inputs)},
+                )
+                self.observer.retrying(dep, attempt)
+                self.observer.ready(False, dep)
+                self._begin_backoff()
+                if not self._wait(self.backoff.delay(attempt)):
+                    self._end_backoff(batch)
+                    log.info("stopping during an outage; batch abandoned (offsets not committed)")
+                    return None
+                continue
+            self.observer.batch_processed(result.stats, len(inputs), time.perf_counter() - t0)
+            if attempt:
+                self._end_backoff(batch)
+                self.observer.ready(True)
+                log.info("dependency recovered", extra={"attempt": attempt})
+            return result
+
+    def _begin_backoff(self) -> None:
+        if self._in_backoff:
+            return
+        assert self.consumer is not None
+        self._in_backoff = True
+        self._dropped_during_backoff = {}
+        parts = [TopicPartition(t, p) for t, p in sorted(self._owned)]
+        if parts:
+            self.consumer.pause(parts)
+
+    def _wait(self, seconds: float) -> bool:
+        """Wait while serving rebalances and group heartbeats; False if stop was requested.
+
+        Partitions are paused, but ``consume()`` must still be called: it runs the
+        rebalance callbacks and keeps ``max.poll.interval.ms`` from expiring during a long
+        outage.  Anything it returns anyway (a newly assigned partition) is dropped and
+        its partition rewound on resume.
+        """
+        assert self.consumer is not None
+        deadline = time.monotonic() + seconds
+        while not self._stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return True
+            for m in self.consumer.consume(100, min(left, 0.2)):
+                if m.error() is None:
+                    tp, moff = _tp(m), _off(m)
+                    off = self._dropped_during_backoff.get(tp)
+                    if off is None or moff < off:
+                        self._dropped_during_backoff[tp] = moff
+        return False
+
+    def _end_backoff(self, batch: _Batch) -> None:
+        if not self._in_backoff:
+            return
+        assert self.consumer is not None
+        self._in_backoff = False
+        parts = [TopicPartition(t, p) for t, p in sorted(self._owned)]
+        if parts:
+            self.consumer.resume(parts)
+        # Anything consume() returned while we waited is after the batch in its partition
+        # (or from a newly assigned partition): seek back to the first such record.
+        for tp, off in self._dropped_during_backoff.items():
+            if tp in self._owned:
+                self._seek(tp, off)
+        self._dropped_during_backoff = {}
+
+    # -- steps 3-7: exactly once ----------------------------------------------------------------
+    def _commit_transactional(self, batch: _Batch, result: BatchResult) -> None:
+        p = self.producer
+        assert p is not None and self.consumer is not None
+        # 3. begin
+        if self._txn_open:
+            raise InvariantViolation("begin_transaction with a transaction already open")
+        try:
+            p.begin_transaction()
+        except KafkaException as exc:
+            self._classify(exc, "begin_transaction")
+            raise _Abort from None
+        self._txn_open = True
+        try:
+            # 4. produce outputs and dead letters
+            produced = self._produce_all(result)
+            expected = len(result.outputs) + len(result.quarantined)
+            if produced != expected:
+                raise InvariantViolation(f"produced {produced} records, expected {expected}")
+            # 5. offsets
+            offsets = self._offsets(batch)
+            # 6. offsets into the transaction, fenced by the group generation
+            meta = self.consumer.consumer_group_metadata()
+            self._txn_call(
+                "send_offsets_to_transaction",
+                lambda: p.send_offsets_to_transaction(offsets, meta, self.kafka_timeout),
+            )
+            # 7. commit
+            self._txn_call("commit_transaction", lambda: p.commit_transaction(self.kafka_timeout))
+        except _Abort:
+            self._abort()
+            raise
+        except InvariantViolation:
+            self._abort()
+            raise
+        self._txn_open = False
+        self.observer.transaction("committed")
+
+    def _txn_call(self, what: str, call: Callable[[], None]) -> None:
+        """Retry retriable errors; abortable -> _Abort; fatal -> FatalWorkerError."""
+        attempt = 0
+        while True:
+            try:
+                call()
+                if attempt:
+                    self._broker_ok()
+                return
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+                if (
+                    err is not None
+                    and err.retriable()
+                    and not err.txn_requires_abort()
+                    and not err.fatal()
+                ):
+                    attempt += 1
+                    log.warning("%s: retriable %s (attempt %d)", what, err.name(), attempt)
+                    self._broker_down(attempt)
+                    if attempt > 20:
+                        raise _Abort from None
+                    time.sleep(self.backoff.delay(attempt))
+                    continue
+                self._classify(exc, what)
+                raise _Abort from None
+
+    def _classify(self, exc: KafkaException, what: str) -> None:
+        """Raise FatalWorkerError for fatal errors; log abortable ones."""
+        err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+        if err is None or err.fatal() or not (err.txn_requires_abort() or err.retriable()):
+            raise FatalWorkerError(f"{what}: {_describe(exc)}")
+        log.warning("%s failed (%s); aborting the transaction and rewinding", what, err.name())
+
+    def _abort(self) -> None:
+        assert self.producer is not None
+        if not self._txn_open:
+            return
+        try:
+            self.producer.abort_transaction(self.kafka_timeout)
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            if err is not None and err.retriable() and not err.fatal():
+                producer = self.producer
+                self._retry_kafka(
+                    "abort_transaction", lambda: producer.abort_transaction(self.kafka_timeout)
+                )
+            else:
+                self._txn_open = False
+                raise FatalWorkerError(f"abort_transaction: {_describe(exc)}") from None
+        self._txn_open = False
+        self.observer.transaction("aborted")
+
+    # -- at least once ---------------------------------------------------------------------------
+    def _commit_at_least_once(self, batch: _Batch, result: BatchResult) -> None:
+        p, c = self.producer, self.consumer
+        assert p is not None and c is not None
+        self._delivery_errors = []
+        produced = self._produce_all(result, on_delivery=self._on_delivery)
+        expected = len(result.outputs) + len(result.quarantined)
+        if produced != expected:
+            raise InvariantViolation(f"produced {produced} records, expected {expected}")
+        attempt = 0
+        while p.flush(self.kafka_timeout) > 0:
+            attempt += 1
+            self._broker_down(attempt)
+            if self._stop.is_set() and attempt > 3:
+                raise FatalWorkerError("could not deliver the batch before shutdown")
+        if self._delivery_errors:
+            log.warning("delivery failed (%s); re-processing the batch", self._delivery_errors[0])
+            raise _Abort
+        offsets = self._offsets(batch)
+        try:
+            c.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            if err is not None and err.fatal():
+                raise FatalWorkerError(f"commit: {_describe(exc)}") from None
+            # Outputs are written; re-processing duplicates them, which at-least-once allows.
+            log.warning(
+                "offset commit failed (%s); re-processing the batch", err.name() if err else exc
+            )
+            raise _Abort from None
+
+    def _on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
+        if err is not None:
+            self._delivery_errors.append(err.name())
+
+    # -- shared helpers ------------------------------------------------------------------------
+    def _produce_all(
+        self, result: BatchResult, on_delivery: Callable[..., None] | None = None
+    ) -> int:
+        p = self.producer
+        assert p is not None
+        n = 0
+        for o in result.outputs:
+            self._produce(o.topic, o.key, o.value, o.headers, on_delivery)
+            n += 1
+        for q in result.quarantined:
+            dlq = self._dlq_for.get(q.record.topic)
+            if dlq is None:
+                raise InvariantViolation(
+                    f"quarantined record of {q.record.topic!r} has no dead-letter topic"
+                )
+            self._produce(dlq, q.record.key, q.record.value, dead_letter_headers(q), on_delivery)
+            n += 1
+        return n
+
+    def _produce(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Sequence[tuple[str, bytes | None]],
+        on_delivery: Callable[..., None] | None,
+    ) -> None:
+        p = self.producer
+        assert p is not None
+        kwargs: dict[str, Any] = {"key": key, "value": value, "headers": list(headers)}
+        if on_delivery is not None:
+            kwargs["on_delivery"] = on_delivery
+        while True:
+            try:
+                p.produce(topic, **kwargs)
+                return
+            except BufferError:
+                p.poll(0.1)  # local queue full: let deliveries drain
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+                if err is not None and err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+                    raise FatalWorkerError(
+                        f"record for {topic!r} exceeds the producer's message.max.bytes; raise it "
+                        "(and the topic's max.message.bytes) to at least the largest source record"
+                    ) from None
+                raise
+
+    def _offsets(self, batch: _Batch) -> list[TopicPartition]:
+        out = []
+        for tp, last in sorted(batch.last.items()):
+            if tp not in self._owned:
+                raise _Abort  # revoked between consume and commit: let the new owner redo it
+            nxt = last + 1
+            prev = self._committed.get(tp)
+            if prev is not None and nxt <= prev:
+                raise InvariantViolation(
+                    f"offset for {tp[0]}[{tp[1]}] would go back from {prev} to {nxt}"
+                )
+            out.append(TopicPartition(tp[0], tp[1], nxt))
+        if not out:
+            raise InvariantViolation("a non-empty batch produced no offsets")
+        return out
+
+    def _after_commit(self, batch: _Batch, result: BatchResult) -> None:
+        for tp, last in batch.last.items():
+            self._committed[tp] = last + 1
+        self.batches_committed += 1
+        self.records_committed += len(batch.messages)
+        now = time.time()
+        lat = [
+            now - ts / 1000.0 for ts in (_timestamp(m) for m in batch.messages) if ts is not None
+        ]
+        if lat:
+            self.observer.end_to_end_latency(lat)
+        dl: dict[tuple[str, str], int] = defaultdict(int)
+        for q in result.quarantined:
+            dl[(q.reason.value, q.record.topic)] += 1
+            log.warning(
+                "record dead-lettered (%s)",
+                q.detail,
+                extra={
+                    "reason": q.reason.value,
+                    "dlq_topic": self._dlq_for.get(q.record.topic),
+                    "topic": q.record.topic,
+                    "partition": q.record.partition,
+                    "offset": q.record.offset,
+                },
+            )
+        for (reason, topic), n in dl.items():
+            self.observer.dead_lettered(reason, topic, n)
+        cache = self.pipeline.opener.cache
+        self.observer.dek_cache(cache.hits, cache.misses)
+        log.debug(
+            "batch committed: %d outputs, %d dead letters",
+            len(result.outputs),
+            len(result.quarantined),
+            extra={"records": len(batch.messages)},
+        )
+
+    def _rewind(self, batch: _Batch) -> None:
+        """Seek every batch partition back to the batch start.
+
+        Batches commit in order, so the batch's first offset in a partition is the last
+        committed offset (or past it only by offsets that hold no data records, such as
+        transaction markers): re-consuming from there redoes exactly this batch.
+        """
+        for tp, first in batch.first.items():
+            if tp not in self._owned:
+                continue  # the new owner starts from the committed offset
+            committed = self._committed.get(tp)
+            if committed is not None and committed > first:
+                raise InvariantViolation(
+                    f"{tp[0]}[{tp[1]}]: batch starts at {first}, before the committed {committed}"
+                )
+            self._seek(tp, first)
+
+    def _seek(self, tp: TP, offset: int) -> None:
+        assert self.consumer is not None
+        try:
+            self.consumer.seek(TopicPartition(tp[0], tp[1], offset))
+        except KafkaException as exc:
+            # Seeking right after an assignment can race the fetcher start; a revoke-and-
+            # reassign re-reads from the committed offsets anyway, so fail loudly instead
+            # of skipping records.
+            raise FatalWorkerError(f"seek {tp[0]}[{tp[1]}] to {offset}: {_describe(exc)}") from None
+
+    def _retry_kafka(self, what: str, call: Callable[[], None]) -> None:
+        attempt = 0
+        while True:
+            try:
+                call()
+                if attempt:
+                    self._broker_ok()
+                return
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+                if err is None or err.fatal() or not err.retriable():
+                    raise FatalWorkerError(f"{what}: {_describe(exc)}") from None
+                attempt += 1
+                log.warning("%s: retriable %s (attempt %d)", what, err.name(), attempt)
+                self._broker_down(attempt)
+                if not self._wait_plain(self.backoff.delay(attempt)):
+                    raise FatalWorkerError(f"{what}: stopped while retrying") from None
+
+    def _wait_plain(self, seconds: float) -> bool:
+        return not self._stop.wait(seconds)
+
+    # -- broker health -----------------------------------------------------------------------
+    def _on_client_error(self, err: KafkaError) -> None:
+        """librdkafka's error callback: transport-level trouble (it reconnects by itself)."""
+        if err.fatal():
+            log.error("fatal client error: %s", err.name())
+            self.stop()
+            return
+        if err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._RESOLVE):
+            self._broker_attempt += 1
+            self._broker_down(self._broker_attempt)
+        else:
+            log.warning("client error: %s", err.name())
+
+    def _broker_down(self, attempt: int) -> None:
+        if self._broker_down_since is None:
+            self._broker_down_since = time.monotonic()
+            log.warning("broker unavailable; retrying")
+        self.observer.retrying("broker", attempt)
+        self.observer.ready(False, "broker")
+
+    def _broker_ok(self) -> None:
+        if self._broker_down_since is not None:
+            log.info(
+                "broker reachable again",
+                extra={"seconds": round(time.monotonic() - self._broker_down_since, 3)},
+            )
+            self._broker_down_since = None
+            self._broker_attempt = 0
+            self.observer.ready(bool(self._owned), "" if self._owned else "no partitions")
+
+    def _report_lag(self) -> None:
+        now = time.monotonic()
+        if now - self._last_lag < self.lag_interval or self.consumer is None:
+            return
+        self._last_lag = now
+        tick = getattr(self.observer, "tick", None)  # optional: liveness/anomaly intervals
+        if tick is not None:
+            tick()
+        if not self._owned:
+            return
+        parts = [TopicPartition(t, p) for t, p in sorted(self._owned)]
+        try:
+            positions = self.consumer.position(parts)
+        except KafkaException:
+            return
+        lags: dict[TP, int] = {}
+        for tp in positions:
+            try:
+                low, high = self.consumer.get_watermark_offsets(tp, cached=True)
+            except KafkaException:
+                continue
+            if high is None or high < 0:
+                continue
+            pos = (
+                tp.offset if tp.offset >= 0 else self._committed.get((tp.topic, tp.partition), low)
+            )
+            lags[(tp.topic, tp.partition)] = (
+                max(0, high - pos) if pos is not None and pos >= 0 else high
+            )
+        if lags:
+            self.observer.consumer_lag(lags)
+
+    # -- rebalance callbacks (run inside consume()) ---------------------------------------------
+    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        added = {(tp.topic, tp.partition) for tp in partitions}
+        self._owned |= added
+        for tp in added:
+            self._committed.pop(tp, None)  # someone else may have committed meanwhile
+        log.info(
+            "partitions assigned", extra={"partitions": _fmt(added), "count": len(self._owned)}
+        )
+        self.observer.assignment(sorted(self._owned))
+        self.observer.ready(
+            bool(self._owned) and not self._in_backoff, "" if self._owned else "no partitions"
+        )
+
+    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._release(partitions, lost=False)
+
+    def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._release(partitions, lost=True)
+
+    def _release(self, partitions: list[TopicPartition], *, lost: bool) -> None:
+        gone = {(tp.topic, tp.partition) for tp in partitions}
+        if self._txn_open:
+            # Not reachable with this loop (no consume() inside a transaction), but if it
+            # ever is: the offsets in it may be for partitions we no longer own.  Abort.
+            log.warning("rebalance with an open transaction; aborting it")
+            self._abort()
+        self._owned -= gone
+        # A partition revoked while its records wait in hand must not be processed even
+        # if it comes back: another worker may have committed past them meanwhile.
+        self._revoked_in_flight |= gone
+        for tp in gone:
+            self._committed.pop(tp, None)
+            self._dropped_during_backoff.pop(tp, None)
+        log.info(
+            "partitions lost" if lost else "partitions revoked",
+            extra={"partitions": _fmt(gone), "count": len(self._owned)},
+        )
+        self.observer.assignment(sorted(self._owned))
+        if not self._owned:
+            self.observer.ready(False, "no partitions")
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def _tp(m: Message) -> TP:
+    return cast(str, m.topic()), cast(int, m.partition())
+
+
+def _off(m: Message) -> int:
+    return cast(int, m.offset())
+
+
+def _to_input(m: Message) -> InputRecord:
+    topic, partition = _tp(m)
+    headers = cast("list[tuple[str, bytes | None]] | None", m.headers())
+    return InputRecord(
+        topic=topic,
+        partition=partition,
+        offset=_off(m),
+        key=cast("bytes | None", m.key()),
+        value=cast("bytes | None", m.value()),
+        timestamp_ms=_timestamp(m),
+        headers=tuple(headers or ()),
+    )
+
+
+def _timestamp(m: Message) -> int | None:
+    kind, ts = m.timestamp()
+    return ts if kind != 0 and ts >= 0 else None  # 0 = TIMESTAMP_NOT_AVAILABLE
+
+
+def _counts(messages: list[Message]) -> dict[TP, int]:
+    out: dict[TP, int] = defaultdict(int)
+    for m in messages:
+        out[_tp(m)] += 1
+    return out
+
+
+def _fmt(tps: set[TP]) -> list[str]:
+    return [f"{t}[{p}]" for t, p in sorted(tps)]
+
+
+def _describe(exc: BaseException) -> str:
+    err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+    if err is None:
+        return f"{type(exc).__name__}: {exc}"
+    return f"{err.name()} ({err.str()})"
+
+
+def run_worker(
+    config: Config,
+    *,
+    index: int = 0,
+    observer: Observer | None = None,
+    install_signals: bool = True,
+) -> int:
+    """Build the pipeline (retrying transient KMS/registry outages) and run one worker."""
+    from streamproc.runtime.factory import build_kms, build_pipeline, build_schemas
+
+    observer = observer or Observer()
+    stop = threading.Event()
+    if install_signals:
+        import signal
+
+        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        for s in previous:
+            signal.signal(s, lambda *_: stop.set())
+    kms = build_kms(config)
+    schemas = build_schemas(config)
+    backoff = Backoff(base=0.5, cap=10.0)
+    attempt = 0
+    while True:
+        try:
+            pipeline = build_pipeline(config, kms=kms, schemas=schemas, observer=observer)
+            break
+        except TransientError as exc:
+            attempt += 1
+            dep = _dependency(exc)
+            log.warning("start-up: %s unavailable; retrying", dep, extra={"attempt": attempt})
+            observer.retrying(dep, attempt)
+            observer.ready(False, dep)
+            if stop.wait(backoff.delay(attempt)):
+                return EXIT_OK
+    worker = Worker(config, pipeline, index=index, observer=observer)
+    if install_signals:
+        worker.install_signal_handlers()
+        if stop.is_set():
+            return EXIT_OK
+    return worker.run()
+
+
+__all__ = [
+    "EXIT_CONFIG",
+    "EXIT_FATAL",
+    "EXIT_OK",
+    "FatalWorkerError",
+    "InvariantViolation",
+    "Worker",
+    "run_worker",
+]

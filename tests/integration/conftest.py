@@ -1,0 +1,557 @@
+"""Fixtures for integration tests against a real Kafka-protocol broker.
+
+Which broker (session-scoped ``kafka_bootstrap``), first match wins:
+
+1. ``STREAMPROC_TEST_BOOTSTRAP=host:port`` -- an external cluster you started.  Set
+   ``STREAMPROC_TEST_BROKER=tansu`` if it is a Tansu broker (default: real Kafka).
+2. testcontainers' ``KafkaContainer`` when a Docker engine answers ``docker info`` within
+   a few seconds (the ``docker`` CLI alone is not enough: no engine, no container).
+3. Tansu via :class:`streamproc.devbroker.DevBroker` on a free 127.0.0.1 port, stopped at
+   session end.
+
+``broker_is_tansu`` tells tests which guarantees the broker can prove: Tansu shows records
+of aborted transactions to read_committed consumers, so exactly-once tests assert zero
+*loss* there and only *report* duplicates (docs/testing.md).
+
+Helpers (plain functions and classes, importable from this module) build a temporary
+workspace -- keyring (0600), schemas, policy, config with uuid-suffixed topic names --
+produce sealed events, run the worker as a subprocess, and read topics back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+SOURCE_KEKS = {"orders": "orders-kek", "logins": "logins-kek"}
+SCHEMA_FILES = {"orders": "order.avsc", "logins": "login.avsc"}
+GEN_KIND = {"orders": "order", "logins": "login"}
+AUDIENCES = ("analytics", "fraud", "support")
+#: Consumer settings that keep group joins fast (Tansu waits ~half the session timeout).
+CLIENT_DEFAULTS = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000}
+
+
+# --------------------------------------------------------------------------------------
+# Broker selection
+# --------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Broker:
+    bootstrap: str
+    kind: str  # "tansu" | "kafka"
+    origin: str  # "external" | "testcontainers" | "devbroker"
+
+
+def docker_engine_available(timeout: float = 5.0) -> tuple[bool, str]:
+    """(available, reason): a Docker engine that answers, not just a docker CLI."""
+    docker = shutil.which("docker")
+    if docker is None:
+        return False, "no docker CLI on PATH"
+    host = os.environ.get("DOCKER_HOST", "")
+    if not host and not Path("/var/run/docker.sock").exists():
+        return False, "no Docker engine (no DOCKER_HOST and no /var/run/docker.sock)"
+    try:
+        r = subprocess.run(
+            [docker, "info", "--format", "{{.ServerVersion}}"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False, f"`docker info` did not answer within {timeout:.0f}s"
+    if r.returncode != 0 or not r.stdout.strip():
+        return False, "`docker info` found no running Docker engine"
+    try:
+        import testcontainers.kafka  # noqa: F401
+    except ImportError:
+        return False, "testcontainers[kafka] is not installed"
+    return True, ""
+
+
+@contextlib.contextmanager
+def _kafka_container() -> Iterator[str]:
+    from testcontainers.kafka import KafkaContainer
+
+    with KafkaContainer() as kafka:
+        yield kafka.get_bootstrap_server()
+
+
+@pytest.fixture(scope="session")
+def kafka_broker() -> Iterator[Broker]:
+    external = os.environ.get("STREAMPROC_TEST_BOOTSTRAP")
+    if external:
+        kind = os.environ.get("STREAMPROC_TEST_BROKER", "kafka").lower()
+        yield Broker(external, "tansu" if kind == "tansu" else "kafka", "external")
+        return
+    ok, _ = docker_engine_available()
+    if ok:
+        with _kafka_container() as bootstrap:
+            yield Broker(bootstrap, "kafka", "testcontainers")
+        return
+    from streamproc.devbroker import DevBroker
+
+    try:
+        broker = DevBroker().start()
+    except (OSError, RuntimeError, TimeoutError, ImportError) as exc:
+        pytest.skip(f"no broker: no STREAMPROC_TEST_BOOTSTRAP, no Docker engine, and Tansu failed ({exc})")
+    try:
+        yield Broker(broker.bootstrap, "tansu", "devbroker")
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(kafka_broker: Broker) -> str:
+    return kafka_broker.bootstrap
+
+
+@pytest.fixture(scope="session")
+def broker_is_tansu(kafka_broker: Broker) -> bool:
+    return kafka_broker.kind == "tansu"
+
+
+@pytest.fixture
+def unique() -> str:
+    """A short uuid suffix so every test has its own topics and group."""
+    return uuid.uuid4().hex[:8]
+
+
+# --------------------------------------------------------------------------------------
+# Workspace
+# --------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Workspace:
+    root: Path
+    bootstrap: str
+    suffix: str
+    keyring_path: Path
+    schemas: Path
+    policy: Path
+    config_path: Path
+    sources: tuple[str, ...]
+
+    def topic(self, source: str) -> str:
+        return f"{source}-{self.suffix}"
+
+    def dest(self, source: str, audience: str) -> str:
+        return f"{source}.{audience}-{self.suffix}"
+
+    def dlq(self, source: str) -> str:
+        return f"{source}.dlq-{self.suffix}"
+
+    @property
+    def group_id(self) -> str:
+        return f"streamproc-test-{self.suffix}"
+
+    def destinations(self) -> list[str]:
+        return [self.dest(s, a) for s in self.sources for a in AUDIENCES]
+
+    def kms(self) -> Any:
+        from streamproc.crypto.kms.local import LocalKeyring
+
+        return LocalKeyring(self.keyring_path)
+
+    def schema_source(self) -> Any:
+        from streamproc.schema.registry import build_schema_source
+
+        return build_schema_source({"directory": str(self.schemas)})
+
+    def schema_json(self, source: str) -> Any:
+        return json.loads((self.schemas / SCHEMA_FILES[source]).read_text())
+
+    def sealer(self, source: str, kms: Any = None, schemas: Any = None) -> Any:
+        from streamproc.client import RecordSealer
+
+        return RecordSealer(
+            kms or self.kms(), SOURCE_KEKS[source], self.topic(source), self.schema_json(source), schemas or self.schema_source()
+        )
+
+    def opener(self) -> Any:
+        from streamproc.client import RecordOpener
+
+        return RecordOpener(self.kms(), self.schema_source())
+
+    def load_config(self) -> Any:
+        from streamproc.config import load_config
+
+        return load_config(self.config_path)
+
+
+def make_workspace(
+    root: Path,
+    bootstrap: str,
+    suffix: str,
+    *,
+    sources: Sequence[str] = ("orders", "logins"),
+    partitions: int = 3,
+    batch: dict[str, int] | None = None,
+    max_record_bytes: int = 1 << 20,
+    extra: dict[str, Any] | None = None,
+) -> Workspace:
+    """Keyring (0600) with every KEK and the pseudonym secret, schemas, policy, config."""
+    from streamproc.crypto.kms.local import LocalKeyring
+
+    root.mkdir(parents=True, exist_ok=True)
+    sdir = root / "schemas"
+    sdir.mkdir(exist_ok=True)
+    for src in sources:
+        shutil.copy(REPO / "schemas" / SCHEMA_FILES[src], sdir / SCHEMA_FILES[src])
+    policy = root / "policy.yaml"
+    shutil.copy(REPO / "policy.yaml", policy)
+    ring_path = root / "keys" / "keyring.json"
+    ring = LocalKeyring.create(ring_path)
+    for src in sources:
+        ring.create_key(SOURCE_KEKS[src])
+    for a in AUDIENCES:
+        ring.create_key(f"{a}-kek")
+    ring.create_key("pseudonym-master", "secret")
+    assert (ring_path.stat().st_mode & 0o777) == 0o600
+    ws = Workspace(root, bootstrap, suffix, ring_path, sdir, policy, root / "streamproc.yaml", tuple(sources))
+    cfg: dict[str, Any] = {
+        "kafka": {"bootstrap.servers": bootstrap},
+        "consumer": dict(CLIENT_DEFAULTS),
+        "producer": {"linger.ms": 5},
+        "group_id": ws.group_id,
+        "processing_guarantee": "exactly_once",
+        "batch": batch or {"max_records": 200, "max_wait_ms": 100},
+        "max_record_bytes": max_record_bytes,
+        "schemas": {"directory": "./schemas"},  # relative: resolved against the config file
+        "kms": {"provider": "local", "path": "./keys/keyring.json"},
+        "policy": "./policy.yaml",
+        "pipelines": [
+            {
+                "sources": [ws.topic(src)],
+                "dead_letter_topic": ws.dlq(src),
+                "destinations": [{"topic": ws.dest(src, a), "audience": a, "kek": f"{a}-kek"} for a in AUDIENCES],
+            }
+            for src in sources
+        ],
+        "topics": {"defaults": {"partitions": partitions, "replication_factor": 1}},
+        "metrics": {"enabled": False},
+        "logging": {"level": "INFO", "format": "json"},
+    }
+    for k, v in (extra or {}).items():
+        cfg[k] = v
+    ws.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return ws
+
+
+@pytest.fixture
+def workspace_factory(tmp_path: Path, kafka_bootstrap: str, unique: str) -> Callable[..., Workspace]:
+    """``make(**options)`` -> a workspace whose topics exist on the broker."""
+    from streamproc.runtime.topics import apply_topics
+
+    count = 0
+
+    def make(**options: Any) -> Workspace:
+        nonlocal count
+        count += 1
+        ws = make_workspace(tmp_path / f"ws{count}", kafka_bootstrap, f"{unique}{count}", **options)
+        apply_topics(ws.load_config())
+        return ws
+
+    return make
+
+
+# --------------------------------------------------------------------------------------
+# Producing
+# --------------------------------------------------------------------------------------
+def producer(bootstrap: str) -> Any:
+    from confluent_kafka import Producer
+
+    return Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5})
+
+
+@dataclasses.dataclass
+class Produced:
+    """What was produced, by (partition, offset): the record dict (or raw bytes) and key."""
+
+    topic: str
+    records: dict[tuple[int, int], Any]
+    keys: dict[tuple[int, int], bytes | None]
+    values: dict[tuple[int, int], bytes | None]
+
+
+def produce_raw(
+    bootstrap: str, topic: str, items: Sequence[tuple[bytes | None, bytes | None, Any]], headers: list[tuple[str, bytes]] | None = None
+) -> Produced:
+    """Produce (key, value, payload-for-bookkeeping) triples; returns where each landed."""
+    p = producer(bootstrap)
+    out = Produced(topic, {}, {}, {})
+    errors: list[str] = []
+
+    def cb(item: tuple[bytes | None, bytes | None, Any]) -> Callable[[Any, Any], None]:
+        def done(err: Any, msg: Any) -> None:
+            if err is not None:
+                errors.append(err.name())
+                return
+            k = (msg.partition(), msg.offset())
+            out.records[k] = item[2]
+            out.keys[k] = item[0]
+            out.values[k] = item[1]
+
+        return done
+
+    for item in items:
+        p.produce(topic, key=item[0], value=item[1], headers=headers, on_delivery=cb(item))
+        p.poll(0)
+    assert p.flush(30) == 0
+    assert not errors, errors
+    return out
+
+
+def produce_events(ws: Workspace, source: str, n: int, *, seed: int = 7, canary: bool = False) -> Produced:
+    """``n`` generated events of ``source``'s schema, sealed, keyed by customer_id."""
+    from streamproc.client.generator import EventGenerator
+
+    sealer = ws.sealer(source)
+    gen = EventGenerator(seed)
+    recs = list(gen.events(GEN_KIND[source], n, canary))
+    values = sealer.seal_many(recs)
+    return produce_raw(ws.bootstrap, ws.topic(source), [(r["customer_id"].encode(), v, r) for r, v in zip(recs, values, strict=True)])
+
+
+class Ticker:
+    """Produces events of one source in a background thread at a steady rate."""
+
+    def __init__(self, ws: Workspace, source: str, total: int, rate: float, seed: int = 11) -> None:
+        import threading
+
+        self.ws, self.source, self.total, self.rate = ws, source, total, rate
+        self.produced = Produced(ws.topic(source), {}, {}, {})
+        self.sent = 0
+        self._seed = seed
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.error: BaseException | None = None
+
+    def start(self) -> Ticker:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        from streamproc.client.generator import EventGenerator
+
+        try:
+            sealer = self.ws.sealer(self.source)
+            gen = EventGenerator(self._seed)
+            p = producer(self.ws.bootstrap)
+            t0 = time.monotonic()
+            chunk = max(1, int(self.rate / 20))
+            while self.sent < self.total:
+                recs = list(gen.events(GEN_KIND[self.source], min(chunk, self.total - self.sent)))
+                for r, v in zip(recs, sealer.seal_many(recs), strict=True):
+
+                    def done(err: Any, msg: Any, r: Any = r, v: Any = v) -> None:
+                        if err is None:
+                            k = (msg.partition(), msg.offset())
+                            self.produced.records[k] = r
+                            self.produced.keys[k] = r["customer_id"].encode()
+                            self.produced.values[k] = v
+
+                    p.produce(self.produced.topic, key=r["customer_id"].encode(), value=v, on_delivery=done)
+                self.sent += len(recs)
+                p.poll(0)
+                wait = t0 + self.sent / self.rate - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+            assert p.flush(30) == 0
+        except BaseException as exc:  # surfaced by join()
+            self.error = exc
+
+    def join(self, timeout: float = 60) -> Produced:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "producer thread did not finish"
+        if self.error is not None:
+            raise self.error
+        assert len(self.produced.records) == self.total
+        return self.produced
+
+
+# --------------------------------------------------------------------------------------
+# Reading back
+# --------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Rec:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes | None], ...]
+
+    def header(self, name: str) -> str | None:
+        for k, v in self.headers:
+            if k == name:
+                return None if v is None else v.decode()
+        return None
+
+    @property
+    def source(self) -> tuple[str, int, int]:
+        from streamproc.pipeline.core import H_SOURCE_OFFSET, H_SOURCE_PARTITION, H_SOURCE_TOPIC
+
+        t, p, o = self.header(H_SOURCE_TOPIC), self.header(H_SOURCE_PARTITION), self.header(H_SOURCE_OFFSET)
+        assert t is not None and p is not None and o is not None, f"missing provenance on {self.topic}[{self.partition}]@{self.offset}"
+        return t, int(p), int(o)
+
+
+def read_topics(
+    bootstrap: str,
+    topics: Sequence[str],
+    *,
+    until: Callable[[dict[str, list[Rec]]], bool] | None = None,
+    timeout: float = 30.0,
+    idle: float = 1.5,
+) -> dict[str, list[Rec]]:
+    """Read every partition of ``topics`` from the beginning (read_committed, no group).
+
+    Stops when ``until(records)`` holds and nothing new arrived for ``idle`` seconds (so
+    late duplicates are seen), or at ``timeout``.  Without ``until`` it stops when idle.
+    """
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"reader-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
+    )
+    out: dict[str, list[Rec]] = {t: [] for t in topics}
+    try:
+        parts = []
+        for t in topics:
+            md = c.list_topics(t, timeout=10).topics[t]
+            parts += [TopicPartition(t, p, OFFSET_BEGINNING) for p in md.partitions]
+        c.assign(parts)
+        deadline = time.monotonic() + timeout
+        last_new = time.monotonic()
+        while time.monotonic() < deadline:
+            msgs = c.consume(1000, 0.2)
+            now = time.monotonic()
+            for m in msgs:
+                if m.error() is None:
+                    out[m.topic()].append(Rec(m.topic(), m.partition(), m.offset(), m.key(), m.value(), tuple(m.headers() or ())))
+                    last_new = now
+            if now - last_new >= idle and (until is None or until(out)):
+                break
+    finally:
+        c.close()
+    return out
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, interval: float = 0.2, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def committed_offsets(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
+    from confluent_kafka import Consumer, TopicPartition
+
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        got = c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+        return {tp.partition: tp.offset for tp in got}
+    finally:
+        c.close()
+
+
+# --------------------------------------------------------------------------------------
+# Worker subprocess
+# --------------------------------------------------------------------------------------
+class WorkerProcess:
+    """``python -m streamproc.cli.run --config ...`` with its stderr in a log file."""
+
+    def __init__(self, ws: Workspace, *args: str, name: str = "worker") -> None:
+        self.log_path = ws.root / f"{name}-{uuid.uuid4().hex[:6]}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in wait()/kill()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "streamproc.cli.run", "--config", str(ws.config_path), *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=str(REPO),
+            env=env,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log().splitlines():
+            with contextlib.suppress(ValueError):
+                obj = json.loads(line)
+                if isinstance(obj, dict):
+                    out.append(obj)
+        return out
+
+    def wait_assigned(self, timeout: float = 30.0) -> None:
+        wait_for(
+            lambda: any(e.get("message") == "partitions assigned" for e in self.log_events()) or not self.alive(),
+            timeout,
+            what="partition assignment",
+        )
+        assert self.alive(), f"worker exited early:\n{self.log()[-3000:]}"
+
+    def terminate(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+        self._log.close()
+
+    def wait(self, timeout: float = 30.0) -> int:
+        try:
+            rc = self.proc.wait(timeout)
+        finally:
+            self._log.close()
+        return rc
+
+    def stop(self) -> None:
+        """Best-effort cleanup for finalizers: SIGTERM, then SIGKILL."""
+        if self.alive():
+            self.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+
+
+@pytest.fixture
+def workers() -> Iterator[list[WorkerProcess]]:
+    """Collects WorkerProcess objects and stops any still running at teardown."""
+    started: list[WorkerProcess] = []
+    yield started
+    for w in started:
+        w.stop()
