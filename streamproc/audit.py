@@ -1,0 +1,1279 @@
+"""A tamper-evident, append-only audit trail of security-relevant events.
+
+Why a hash chain
+----------------
+An audit log is only useful if a reader can tell whether it was edited.  Every event
+carries its position (``seq``) and ``prev``, the hash of the event before it, and
+``hash`` = SHA-256 over the canonical JSON of the event without ``hash``.  Changing, deleting, inserting or reordering an event therefore breaks either
+the event's own hash or the next event's ``prev`` link, and :func:`verify` says where.
+
+Threat model (also in ``docs/keys.md``):
+
+* **Plain hash chain** detects modification, deletion, insertion and reordering by anyone
+  who does *not* rewrite the whole tail after the change: the chain has no secret, so an
+  attacker with write access who recomputes every hash from the edit onward produces a
+  valid-looking chain.  Deleting events *at the end* of the log is likewise invisible from
+  the log alone.  Both are caught by comparing the head hash with a copy kept elsewhere
+  ("anchoring": ship :attr:`VerifyResult.head` to a ticket, a WORM bucket, a second
+  Kafka cluster, periodically) -- :func:`verify` takes ``expected_head``.
+* **HMAC variant**: with an audit key, each event also carries ``mac`` = HMAC-SHA256
+  over the canonical JSON of the event without ``hash`` and ``mac`` (``hash`` then
+  covers ``mac``).  An attacker who can rewrite the whole file but does not
+  hold the key cannot produce valid MACs, so even a fully recomputed chain is detected.
+  Tail truncation still needs anchoring (a MAC cannot vouch for events that are absent).
+* Neither variant *prevents* writing; they make changes evident.  Keep audit files on an
+  append-only medium (``chattr +a``, object lock) and ship them off-host.
+
+What may go into an event
+-------------------------
+Events describe *who did what to which key or field, when, under which policy*.  They
+must never carry record data, because the audit log is read by more people, and kept
+longer, than the data it describes.  :func:`check_attrs` therefore rejects attribute
+keys outside a per-type allow-list and values that do not look like identifiers (an
+e-mail address, a long run of digits, free text with spaces outside ``reason``).  The
+guard is a seat belt against programming mistakes, not a DLP engine: callers pass
+identifiers (topic names, key ids, versions, field paths, tokens) and nothing else.
+
+Sinks
+-----
+:class:`FileSink` (JSON lines, ``O_APPEND``, configurable fsync, resumes and verifies the
+chain on restart, one writer at a time through ``flock``) and :class:`KafkaSink`
+(a producer-like object, key = stream id) can be used together; :class:`AuditLog` builds
+each event once and writes the identical line to every sink, so the chain read back
+from the topic verifies exactly like the file (:func:`verify_records`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import dataclasses
+import enum
+import errno
+import fcntl
+import hashlib
+import hmac as _hmac
+import json
+import os
+import re
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from streamproc.errors import ConfigError, StreamprocError
+
+FORMAT_VERSION = 1
+GENESIS = "0" * 64
+"""``prev`` of the first event of a chain."""
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_EVENT_KEYS = frozenset(
+    {"v", "stream", "seq", "ts", "type", "actor", "attrs", "prev", "hash", "mac"}
+)
+
+
+class AuditError(StreamprocError):
+    """Base class for audit failures."""
+
+
+class AuditAttributeError(AuditError, ValueError):
+    """An event attribute is not allowed.  Names the key, never echoes the value."""
+
+
+class AuditChainError(AuditError):
+    """An existing audit file does not verify; appending to it would hide the break."""
+
+
+class AuditSinkError(AuditError):
+    """A sink could not durably accept an event."""
+
+
+class EventType(enum.StrEnum):
+    """The closed set of audit event types."""
+
+    POLICY_LOADED = "policy_loaded"
+    KEY_ROTATED = "key_rotated"
+    KEY_REVOKED = "key_revoked"
+    KEY_REVOCATION_SEEN = "key_revocation_seen"
+    AUDIENCE_KEY_EXPORTED = "audience_key_exported"
+    REIDENTIFICATION = "reidentification"
+    DEAD_LETTER_BURST = "dead_letter_burst"
+    ANOMALY = "anomaly"
+    PROCESSOR_STARTED = "processor_started"
+    PROCESSOR_STOPPED = "processor_stopped"
+
+
+# -- attribute guard ----------------------------------------------------------------------
+
+_IDENT_RE = re.compile(r"[A-Za-z0-9_.:/+=#\-\[\]{}]{1,200}")
+_ACTOR_RE = re.compile(r"[A-Za-z0-9_.:/@+=\-]{1,200}")
+_CARD_RE = re.compile(r"\d{13,}")
+_HASH_RE = re.compile(r"(sha256:)?[0-9a-f]{8,64}")
+_FIELD_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\[\]|\{\}|\.[A-Za-z_][A-Za-z0-9_]*)*")
+_SUBJECT_RE = re.compile(
+    r"(?:tk|de)\d{1,9}_[A-Za-z0-9_-]{16,}"  # a token or deterministic ciphertext
+    r"|[A-Za-z0-9._-]{1,249}[:/]\d{1,10}[:/@]\d{1,20}"  # topic:partition:offset
+)
+_TEXT_RE = re.compile(r"[\x20-\x7e]{1,200}")
+_EMAIL_RE = re.compile(r"[^\s@]+@[^\s@]+\.[A-Za-z]{2,}")
+_DIGITS_RE = re.compile(r"\d(?:[ .\-/]?\d){8,}")  # 9+ digits, maybe separated: phone, SSN, card
+
+
+def _ident(v: Any) -> bool:
+    return isinstance(v, str) and bool(_IDENT_RE.fullmatch(v)) and not _CARD_RE.search(v)
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63
+
+
+def _hash(v: Any) -> bool:
+    return isinstance(v, str) and bool(_HASH_RE.fullmatch(v))
+
+
+def _field(v: Any) -> bool:
+    return isinstance(v, str) and len(v) <= 200 and bool(_FIELD_RE.fullmatch(v))
+
+
+def _subject(v: Any) -> bool:
+    return isinstance(v, str) and bool(_SUBJECT_RE.fullmatch(v))
+
+
+def _text(v: Any) -> bool:
+    """Short operator-written justification (``reason``): printable, no PII shapes."""
+    return (
+        isinstance(v, str)
+        and bool(_TEXT_RE.fullmatch(v))
+        and not _EMAIL_RE.search(v)
+        and not _DIGITS_RE.search(v)
+    )
+
+
+def _ident_list(v: Any) -> bool:
+    return isinstance(v, list) and len(v) <= 100 and all(_ident(x) for x in v)
+
+
+def _outcome(v: Any) -> bool:
+    return v in ("success", "denied", "failed")
+
+
+#: Every attribute key an event may carry, and the shape its value must have.
+ATTRIBUTE_RULES: Mapping[str, Callable[[Any], bool]] = {
+    "audience": _ident,
+    "audiences": _ident_list,
+    "count": _count,
+    "domain": _ident,
+    "error": _ident,
+    "field": _field,
+    "instance": _ident,
+    "key_id": _ident,
+    "key_version": _count,
+    "kind": _ident,
+    "kms": _ident,
+    "outcome": _outcome,
+    "partition": _count,
+    "policy_name": _ident,
+    "policy_version": _hash,
+    "previous_version": _count,
+    "processor_version": _ident,
+    "reason": _text,
+    "source": _ident,
+    "subject": _subject,
+    "topic": _ident,
+    "value_digest": _hash,
+    "version": _count,
+    "window_seconds": _count,
+}
+
+_COMMON = frozenset({"policy_version"})
+#: Which keys each event type may carry (in addition to ``policy_version``).
+ALLOWED_ATTRIBUTES: Mapping[EventType, frozenset[str]] = {
+    EventType.POLICY_LOADED: frozenset({"policy_name", "source", "audiences"}),
+    EventType.KEY_ROTATED: frozenset({"kms", "key_id", "version", "previous_version"}),
+    EventType.KEY_REVOKED: frozenset({"kms", "key_id", "version"}),
+    EventType.KEY_REVOCATION_SEEN: frozenset({"kms", "key_id", "version", "topic", "partition"}),
+    EventType.AUDIENCE_KEY_EXPORTED: frozenset({"kms", "key_id", "audience", "key_version"}),
+    EventType.REIDENTIFICATION: frozenset(
+        {
+            "audience",
+            "domain",
+            "field",
+            "subject",
+            "key_version",
+            "reason",
+            "outcome",
+            "error",
+            "value_digest",
+            "count",
+        }
+    ),
+    EventType.DEAD_LETTER_BURST: frozenset(
+        {"reason", "topic", "partition", "count", "window_seconds"}
+    ),
+    EventType.ANOMALY: frozenset(
+        {"kind", "reason", "topic", "partition", "count", "key_id", "kms", "audience"}
+    ),
+    EventType.PROCESSOR_STARTED: frozenset({"processor_version", "instance", "policy_name"}),
+    EventType.PROCESSOR_STOPPED: frozenset({"processor_version", "instance", "reason", "count"}),
+}
+
+
+def check_actor(actor: Any) -> str:
+    """Actors are principals (``alice@corp``, ``processor:worker-1``), never free text."""
+    if not isinstance(actor, str) or not _ACTOR_RE.fullmatch(actor):
+        raise AuditAttributeError(
+            "actor must be an identifier (letters, digits and _.:/@+=-, at most 200)"
+        )
+    return actor
+
+
+def check_attrs(event_type: EventType | str, attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """Return ``attrs`` without ``None`` values, or raise :class:`AuditAttributeError`.
+
+    Keys must be allowed for the event type; each value must match the key's shape
+    (identifier, count, hash, field path, token or record reference, short justification).
+    The error names the key but never repeats the value, which is exactly what must not
+    leak.
+    """
+    try:
+        et = EventType(event_type)
+    except ValueError:
+        raise AuditAttributeError(f"unknown audit event type {event_type!r}") from None
+    allowed = ALLOWED_ATTRIBUTES[et] | _COMMON
+    out: dict[str, Any] = {}
+    for k, v in attrs.items():
+        if v is None:
+            continue
+        if k not in allowed:
+            raise AuditAttributeError(
+                f"attribute {k!r} is not allowed on {et.value} events (allowed: {sorted(allowed)})"
+            )
+        if not ATTRIBUTE_RULES[k](v):
+            raise AuditAttributeError(
+                f"attribute {k!r} of a {et.value} event does not look like an identifier; "
+                "audit events carry identifiers only, never record data"
+            )
+        out[k] = v
+    return out
+
+
+# -- events -------------------------------------------------------------------------------
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Sorted keys, no whitespace, ASCII only: one byte string per event, in any language."""
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    ).encode()
+
+
+def event_hash(event: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) over the canonical JSON of the event without ``hash``.
+
+    ``mac``, when present, is covered, so an edited MAC is caught even without the key.
+    """
+    return hashlib.sha256(
+        canonical_json({k: v for k, v in event.items() if k != "hash"})
+    ).hexdigest()
+
+
+def event_mac(key: bytes, event: Mapping[str, Any]) -> str:
+    """HMAC-SHA256 (hex) over the canonical JSON of the event without ``hash`` and ``mac``."""
+    body = canonical_json({k: v for k, v in event.items() if k not in ("hash", "mac")})
+    return _hmac.new(key, body, hashlib.sha256).hexdigest()
+
+
+def format_ts(t: float) -> str:
+    """RFC 3339 UTC with microseconds: a string, so every language hashes the same bytes."""
+    return (
+        datetime.fromtimestamp(t, tz=UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Anchor:
+    """A verified point in a chain: the next event must have ``seq + 1`` and ``prev == hash``."""
+
+    stream: str
+    seq: int
+    hash: str
+
+    def __str__(self) -> str:
+        return f"{self.seq}:{self.hash}"
+
+    @classmethod
+    def parse(cls, text: str, stream: str = "") -> Anchor:
+        """``SEQ:HASH`` as printed by ``streamproc audit verify``."""
+        seq, _, h = text.partition(":")
+        if not seq.isdigit() or not _HEX64.fullmatch(h):
+            raise ValueError("an anchor is SEQ:HASH (a sequence number and a 64-hex-digit hash)")
+        return cls(stream, int(seq), h)
+
+
+# -- verification -------------------------------------------------------------------------
+
+
+class BreakKind(enum.StrEnum):
+    TRUNCATED_JSON = "truncated_json"
+    """The line is not valid JSON (a torn write, or edited bytes)."""
+    MALFORMED = "malformed_event"
+    """Valid JSON but not an audit event (missing or mistyped fields)."""
+    NOT_CANONICAL = "not_canonical"
+    """Parses, but its bytes are not the canonical encoding: the line was edited."""
+    HASH_MISMATCH = "hash_mismatch"
+    """The stored hash does not match the event's content: the event was modified."""
+    HMAC_MISMATCH = "hmac_mismatch"
+    """The MAC is missing or wrong: written by someone without the audit key."""
+    PREV_MISMATCH = "prev_mismatch"
+    """``prev`` is not the hash of the preceding event: a link was cut."""
+    SEQUENCE_GAP = "sequence_gap"
+    """``seq`` jumps forward: events are missing (deleted) or reordered."""
+    SEQUENCE_REGRESSION = "sequence_regression"
+    """``seq`` repeats or goes back: events were inserted, duplicated or reordered."""
+    STREAM_MISMATCH = "stream_mismatch"
+    """The event belongs to another stream (or another Kafka key)."""
+    HEAD_MISMATCH = "head_mismatch"
+    """The chain ends somewhere other than the anchored head: the tail was truncated or extended."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Break:
+    """One integrity failure, located by position (``index``, ``line``) and claimed ``seq``."""
+
+    index: int
+    """0-based position in the verified sequence."""
+    kind: BreakKind
+    detail: str
+    seq: int | None = None
+    line: int | None = None
+    """1-based line number (files) or the caller's position label."""
+    where: str = ""
+    """Optional location label (a file name, a Kafka record key)."""
+    unit: str = "line"
+    """What ``line`` counts: ``line`` in a file, ``record`` under a Kafka key."""
+
+    def __str__(self) -> str:
+        loc = f"{self.unit} {self.line}" if self.line is not None else f"event #{self.index}"
+        if self.where:
+            loc = f"{self.where} {loc}"
+        s = f" (seq {self.seq})" if self.seq is not None else ""
+        return f"{loc}{s}: {self.kind.value}: {self.detail}"
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyResult:
+    """What :func:`verify` found.  Truthy when the chain is intact."""
+
+    count: int
+    head: str | None
+    head_seq: int | None
+    stream: str | None
+    breaks: tuple[Break, ...]
+    hmac_checked: bool
+    macs_present: bool
+
+    @property
+    def ok(self) -> bool:
+        return not self.breaks
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    @property
+    def anchor(self) -> Anchor | None:
+        if self.head is None or self.head_seq is None:
+            return None
+        return Anchor(self.stream or "", self.head_seq, self.head)
+
+    def report(self) -> str:
+        if self.ok:
+            return f"OK: {self.count} events, head {self.head or GENESIS}"
+        lines = [f"BROKEN: {len(self.breaks)} problem(s) in {self.count} events"]
+        lines += [f"  {b}" for b in self.breaks]
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Item:
+    """One input to :func:`verify`: a raw line or a parsed event, with its location."""
+
+    data: bytes | str | Mapping[str, Any]
+    line: int | None = None
+    where: str = ""
+    unit: str = "line"
+
+
+def _malformed(ev: Any) -> str | None:
+    if not isinstance(ev, dict):
+        return "not a JSON object"
+    extra = set(ev) - _EVENT_KEYS
+    if extra:
+        return f"unknown field(s) {sorted(extra)}"
+    checks = (
+        ("v", lambda x: x == FORMAT_VERSION),
+        ("stream", lambda x: isinstance(x, str)),
+        ("seq", _count),
+        ("ts", lambda x: isinstance(x, str)),
+        ("type", lambda x: x in EventType.__members__.values()),
+        ("actor", lambda x: isinstance(x, str)),
+        ("attrs", lambda x: isinstance(x, dict)),
+        ("prev", lambda x: isinstance(x, str) and bool(_HEX64.fullmatch(x))),
+        ("hash", lambda x: isinstance(x, str) and bool(_HEX64.fullmatch(x))),
+    )
+    for name, ok in checks:
+        if name not in ev:
+            return f"missing field {name!r}"
+        if not ok(ev[name]):
+            return f"field {name!r} has the wrong type or value"
+    if "mac" in ev and not (isinstance(ev["mac"], str) and _HEX64.fullmatch(ev["mac"])):
+        return "field 'mac' is not 64 hex digits"
+    return None
+
+
+class _Locator:
+    """Appends breaks for one position (avoids closures over loop variables)."""
+
+    __slots__ = ("breaks", "index", "item", "line")
+
+    def __init__(self, breaks: list[Break], index: int, line: int | None, item: Item) -> None:
+        self.breaks, self.index, self.line, self.item = breaks, index, line, item
+
+    def __call__(self, kind: BreakKind, detail: str, seq: int | None = None) -> None:
+        self.breaks.append(
+            Break(self.index, kind, detail, seq, self.line, self.item.where, self.item.unit)
+        )
+
+
+def verify(
+    events: Iterable[Item | bytes | str | Mapping[str, Any]],
+    *,
+    hmac_key: bytes | None = None,
+    anchor: Anchor | None = None,
+    from_genesis: bool = True,
+    expected_head: str | None = None,
+    stream: str | None = None,
+) -> VerifyResult:
+    """Check a chain and locate every break.
+
+    ``events`` are raw lines (``bytes``/``str``, as in the file or a Kafka value), parsed
+    events, or :class:`Item` objects carrying a location.  Raw lines must also be the
+    canonical encoding, so any edited byte is detected even if it leaves the meaning
+    intact.
+
+    The chain must start at the genesis (``seq`` 0, ``prev`` = :data:`GENESIS`), or right
+    after ``anchor``; with ``from_genesis=False`` and no anchor, the first event is trusted
+    as the start (a topic whose oldest events were removed by retention).  With
+    ``hmac_key``, every event must carry a valid ``mac``.  ``expected_head`` (from an
+    external anchor) detects a truncated tail.  ``stream`` requires every event to belong
+    to that stream.
+
+    After a break the verifier resynchronizes on the event's stored ``seq`` and ``hash``,
+    so one tampered event yields one located break rather than a cascade.
+    """
+    breaks: list[Break] = []
+    if anchor is not None:
+        exp_seq: int | None = anchor.seq + 1
+        exp_prev: str | None = anchor.hash
+        stream = stream or anchor.stream or None
+    elif from_genesis:
+        exp_seq, exp_prev = 0, GENESIS
+    else:
+        exp_seq, exp_prev = None, None
+    count = 0
+    head: str | None = anchor.hash if anchor is not None else None
+    head_seq: int | None = anchor.seq if anchor is not None else None
+    macs_present = False
+    seen_stream: str | None = None
+
+    for index, raw in enumerate(events):
+        item = raw if isinstance(raw, Item) else Item(raw)
+        line = (
+            item.line
+            if item.line is not None
+            else (index + 1 if not isinstance(item.data, Mapping) else None)
+        )
+        brk = _Locator(breaks, index, line, item)
+        count += 1
+        data = item.data
+        if isinstance(data, Mapping):
+            ev: Any = dict(data)
+            raw_bytes: bytes | None = None
+        else:
+            raw_bytes = (
+                data.encode("utf-8", "surrogateescape") if isinstance(data, str) else bytes(data)
+            )
+            raw_bytes = raw_bytes.rstrip(b"\n")
+            try:
+                ev = json.loads(raw_bytes.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                brk(
+                    BreakKind.TRUNCATED_JSON,
+                    "line is not valid JSON (a torn write or edited bytes)",
+                )
+                exp_seq = None if exp_seq is None else exp_seq + 1
+                exp_prev = None
+                continue
+        problem = _malformed(ev)
+        if problem is not None:
+            seq_guess = ev.get("seq") if isinstance(ev, dict) and _count(ev.get("seq")) else None
+            brk(BreakKind.MALFORMED, problem, seq_guess)
+            exp_seq = (
+                (seq_guess + 1)
+                if seq_guess is not None
+                else (None if exp_seq is None else exp_seq + 1)
+            )
+            exp_prev = (
+                ev["hash"] if isinstance(ev, dict) and isinstance(ev.get("hash"), str) else None
+            )
+            continue
+        seq: int = ev["seq"]
+        if raw_bytes is not None and raw_bytes != canonical_json(ev):
+            brk(
+                BreakKind.NOT_CANONICAL,
+                "bytes differ from the canonical encoding of the event (line edited)",
+                seq,
+            )
+        if event_hash(ev) != ev["hash"]:
+            brk(
+                BreakKind.HASH_MISMATCH,
+                "stored hash does not match the event's content (event modified)",
+                seq,
+            )
+        if "mac" in ev:
+            macs_present = True
+        if hmac_key is not None:
+            if "mac" not in ev:
+                brk(BreakKind.HMAC_MISMATCH, "event has no MAC but an audit key was given", seq)
+            elif not _hmac.compare_digest(ev["mac"], event_mac(hmac_key, ev)):
+                brk(
+                    BreakKind.HMAC_MISMATCH,
+                    "MAC does not verify under the audit key (forged or modified)",
+                    seq,
+                )
+        want_stream = stream or seen_stream
+        if want_stream is not None and ev["stream"] != want_stream:
+            brk(
+                BreakKind.STREAM_MISMATCH,
+                f"event belongs to stream {ev['stream']!r}, expected {want_stream!r}",
+                seq,
+            )
+        seen_stream = seen_stream or ev["stream"]
+        if exp_seq is not None:
+            if seq > exp_seq:
+                brk(
+                    BreakKind.SEQUENCE_GAP,
+                    f"expected seq {exp_seq}, found {seq}: {seq - exp_seq} event(s) missing or moved before this one",
+                    seq,
+                )
+            elif seq < exp_seq:
+                brk(
+                    BreakKind.SEQUENCE_REGRESSION,
+                    f"expected seq {exp_seq}, found {seq}: an event was inserted, duplicated or moved here",
+                    seq,
+                )
+        if exp_prev is not None and ev["prev"] != exp_prev:
+            what = (
+                "the genesis"
+                if exp_prev == GENESIS
+                else f"the hash of the preceding event ({exp_prev[:12]}...)"
+            )
+            brk(
+                BreakKind.PREV_MISMATCH,
+                f"prev is not {what}: the link to the preceding event is cut",
+                seq,
+            )
+        exp_seq, exp_prev = seq + 1, ev["hash"]
+        head, head_seq = ev["hash"], seq
+
+    if expected_head is not None and head != expected_head:
+        breaks.append(
+            Break(
+                count,
+                BreakKind.HEAD_MISMATCH,
+                f"chain ends at {head or GENESIS}, not at the anchored head {expected_head} "
+                "(events removed from, or added to, the end)",
+                head_seq,
+            )
+        )
+    return VerifyResult(
+        count,
+        head,
+        head_seq,
+        seen_stream or stream,
+        tuple(breaks),
+        hmac_key is not None,
+        macs_present,
+    )
+
+
+def read_lines(path: str | os.PathLike[str]) -> list[Item]:
+    """The lines of an audit file as :class:`Item` objects with 1-based line numbers.
+
+    A final line without a newline is kept (it is what a torn write leaves behind).
+    """
+    data = Path(path).read_bytes()
+    parts = data.split(b"\n")
+    if parts and parts[-1] == b"":
+        parts.pop()
+    return [Item(p, i + 1, str(path)) for i, p in enumerate(parts)]
+
+
+def verify_file(path: str | os.PathLike[str], **kwargs: Any) -> VerifyResult:
+    """:func:`verify` over a JSON-lines audit file; breaks carry line numbers."""
+    return verify(read_lines(path), **kwargs)
+
+
+def verify_files(paths: Sequence[str | os.PathLike[str]], **kwargs: Any) -> VerifyResult:
+    """Verify rotated files as one chain, in the given order."""
+    items: list[Item] = []
+    for p in paths:
+        items.extend(read_lines(p))
+    return verify(items, **kwargs)
+
+
+def verify_records(
+    records: Iterable[tuple[bytes | str | None, bytes | str]],
+    **kwargs: Any,
+) -> dict[str, VerifyResult]:
+    """Verify chains read back from a Kafka audit topic, one per stream (record key).
+
+    ``records`` are ``(key, value)`` pairs in partition order (a consumer's
+    ``msg.key(), msg.value()``; all events of a stream share a key, hence a partition, so
+    per-key order is the write order).  An event whose ``stream`` field differs from its
+    key is reported as a ``stream_mismatch``.  Pass ``from_genesis=False`` when retention
+    may have removed the oldest events.
+    """
+    groups: dict[str, list[Item]] = {}
+    for key, value in records:
+        k = key.decode("utf-8", "replace") if isinstance(key, bytes) else (key or "")
+        g = groups.setdefault(k, [])
+        g.append(Item(value, len(g) + 1, f"key {k}", "record"))
+    return {k: verify(items, stream=k or None, **kwargs) for k, items in groups.items()}
+
+
+# -- sinks --------------------------------------------------------------------------------
+
+
+class AuditSink(Protocol):
+    """Where events go.  ``write`` receives the exact canonical line, newline included."""
+
+    def head(self, stream: str, hmac_key: bytes | None) -> Anchor | None:
+        """The last verified event, if the sink can read back; raise if it does not verify."""
+        ...
+
+    def write(self, line: bytes) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Fsync(enum.StrEnum):
+    ALWAYS = "always"
+    """fsync after every event (default: audit events are rare and must survive a crash)."""
+    INTERVAL = "interval"
+    """fsync at most every ``fsync_interval`` seconds, and on flush/close."""
+    NEVER = "never"
+    """Leave it to the OS (tests, or a file on a filesystem that is itself replicated)."""
+
+
+class FileSink:
+    """JSON lines in a file opened ``O_APPEND`` with mode 0600, one writer at a time.
+
+    On open, the existing content is verified from the genesis (or from ``start``, for a
+    file that continues a rotated one); a file that does not verify is refused with
+    :class:`AuditChainError`, because appending to it would bury the break under valid
+    events.  An exclusive ``flock`` keeps two processes from interleaving two chains.
+    Each event is written with a single ``write(2)``, which ``O_APPEND`` makes atomic with
+    respect to other appenders.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        fsync: Fsync | str = Fsync.ALWAYS,
+        fsync_interval: float = 1.0,
+        start: Anchor | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.path = Path(path)
+        try:
+            self.fsync = Fsync(fsync)
+        except ValueError:
+            raise ConfigError(
+                f"audit fsync must be one of {[f.value for f in Fsync]}, not {fsync!r}"
+            ) from None
+        self.fsync_interval = fsync_interval
+        self.start = start
+        self._clock = clock
+        self._last_sync = clock()
+        self._dirty = False
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(
+            self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600
+        )
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(self._fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise AuditSinkError(
+                    f"audit file {self.path} is in use by another writer"
+                ) from None
+            raise
+
+    def head(self, stream: str, hmac_key: bytes | None) -> Anchor | None:
+        """Verify the file and return its last event.
+
+        Without ``start``, a file whose first event is not ``seq`` 0 (a sink added to a
+        running chain, or a rotated file) is verified from its first event on: this check
+        only guards against appending to a broken chain; ``streamproc audit verify``
+        checks the start against the genesis or an ``--anchor``.
+        """
+        items = read_lines(self.path)
+        if not items:
+            return self.start
+        from_genesis = True
+        if self.start is None:
+            with contextlib.suppress(ValueError, TypeError, KeyError):
+                from_genesis = json.loads(items[0].data)["seq"] == 0  # type: ignore[arg-type]
+        result = verify(
+            items, hmac_key=hmac_key, anchor=self.start, stream=stream, from_genesis=from_genesis
+        )
+        if not result.ok:
+            raise AuditChainError(
+                f"audit file {self.path} does not verify; refusing to append "
+                f"(run: streamproc audit verify {self.path})\n{result.report()}"
+            )
+        return result.anchor
+
+    def write(self, line: bytes) -> None:
+        try:
+            n = os.write(self._fd, line)
+        except OSError as exc:
+            raise AuditSinkError(
+                f"cannot append to audit file {self.path}: {exc.strerror}"
+            ) from None
+        if n != len(line):
+            raise AuditSinkError(
+                f"short write to audit file {self.path} ({n} of {len(line)} bytes)"
+            )
+        self._dirty = True
+        now = self._clock()
+        if self.fsync is Fsync.ALWAYS or (
+            self.fsync is Fsync.INTERVAL and now - self._last_sync >= self.fsync_interval
+        ):
+            self._sync(now)
+
+    def _sync(self, now: float | None = None) -> None:
+        if self._dirty and self.fsync is not Fsync.NEVER:
+            os.fsync(self._fd)
+        self._dirty = False
+        self._last_sync = self._clock() if now is None else now
+
+    def flush(self) -> None:
+        self._sync()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            try:
+                self._sync()
+            finally:
+                os.close(self._fd)  # releases the flock
+                self._fd = -1
+
+
+class ProducerLike(Protocol):
+    def produce(self, topic: str, key: bytes | None = ..., value: bytes | None = ...) -> Any: ...
+
+    def flush(self) -> Any: ...
+
+
+class KafkaSink:
+    """Events to a Kafka audit topic, record key = stream id.
+
+    Give it its own idempotent, *non-transactional* producer (``acks=all``,
+    ``enable.idempotence=true``): an aborted processing transaction must not take audit
+    events with it.  With ``flush_each`` (default) every event is flushed before
+    :meth:`AuditLog.emit` returns, so "audited before returned" holds for Kafka too.
+    The sink cannot read back, so on restart the chain is resumed from another sink
+    (a :class:`FileSink`) or an explicit ``anchor`` given to :class:`AuditLog`.
+    """
+
+    def __init__(self, producer: ProducerLike, topic: str, *, flush_each: bool = True) -> None:
+        self.producer = producer
+        self.topic = topic
+        self.flush_each = flush_each
+        self._key: bytes | None = None
+
+    def head(self, stream: str, hmac_key: bytes | None) -> Anchor | None:
+        self._key = stream.encode()
+        return None
+
+    def write(self, line: bytes) -> None:
+        try:
+            self.producer.produce(self.topic, key=self._key, value=line.rstrip(b"\n"))
+        except Exception as exc:  # confluent_kafka raises BufferError/KafkaException
+            raise AuditSinkError(
+                f"cannot produce to audit topic {self.topic!r}: {type(exc).__name__}"
+            ) from None
+        if self.flush_each:
+            self.flush()
+
+    def flush(self) -> None:
+        left = self.producer.flush()
+        if isinstance(left, int) and left > 0:
+            raise AuditSinkError(f"{left} audit event(s) not delivered to topic {self.topic!r}")
+
+    def close(self) -> None:
+        self.flush()
+
+
+class MemorySink:
+    """Keeps lines in memory (tests, and a ring buffer for a status endpoint)."""
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+
+    def head(self, stream: str, hmac_key: bytes | None) -> Anchor | None:
+        if not self.lines:
+            return None
+        r = verify(self.lines, hmac_key=hmac_key, stream=stream)
+        if not r.ok:
+            raise AuditChainError(r.report())
+        return r.anchor
+
+    def write(self, line: bytes) -> None:
+        self.lines.append(line)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(x) for x in self.lines]
+
+
+# -- the log ------------------------------------------------------------------------------
+
+
+class AuditLog:
+    """Builds chained events and writes each to every sink; thread-safe.
+
+    ``stream`` names the chain (one per writer: ``processor:<instance>``,
+    ``reidentify``).  The chain resumes from the sinks that can read back (they must
+    agree), else from ``anchor``, else from the genesis.  Every write happens under one
+    lock, so concurrent callers get consecutive sequence numbers.
+
+    The log owns its sinks (:meth:`close` closes them, and so does a failed start).
+    A sink failure raises :class:`AuditSinkError`: callers that must not proceed without
+    an audit trail (re-identification) therefore fail closed.  The chain advances if at
+    least one sink accepted the event, so the sinks that missed it show a gap instead of
+    a silently different history.
+    """
+
+    def __init__(
+        self,
+        sinks: Sequence[AuditSink],
+        *,
+        stream: str,
+        actor: str = "processor",
+        clock: Callable[[], float] = time.time,
+        hmac_key: bytes | None = None,
+        anchor: Anchor | None = None,
+    ) -> None:
+        if not sinks:
+            raise ConfigError("an audit log needs at least one sink")
+        if not isinstance(stream, str) or not _ACTOR_RE.fullmatch(stream):
+            raise ConfigError(
+                "audit stream id must be an identifier (letters, digits and _.:/@+=-)"
+            )
+        if hmac_key is not None and len(hmac_key) < 32:
+            raise ConfigError("audit HMAC key must be at least 32 bytes")
+        self.stream = stream
+        self.actor = check_actor(actor)
+        self.sinks = list(sinks)
+        self._clock = clock
+        self._hmac_key = hmac_key
+        self._lock = threading.Lock()
+        self._seen_revocations: set[tuple[str, str, int]] = set()
+        try:
+            heads = {s.head(stream, hmac_key) for s in self.sinks} - {None}
+            if len(heads) > 1:
+                raise AuditChainError(
+                    f"audit sinks disagree on the chain head: {sorted(map(str, heads))}"
+                )
+        except BaseException:
+            for s in self.sinks:  # the log owns its sinks: release file locks on failure
+                s.close()
+            raise
+        start = next(iter(heads)) if heads else anchor
+        self._seq = 0 if start is None else start.seq + 1
+        self._prev = GENESIS if start is None else start.hash
+
+    @property
+    def head(self) -> Anchor | None:
+        """The last event written (anchor this externally to detect truncation)."""
+        with self._lock:
+            return (
+                None
+                if self._seq == 0 and self._prev == GENESIS
+                else Anchor(self.stream, self._seq - 1, self._prev)
+            )
+
+    def emit(
+        self,
+        event_type: EventType | str,
+        attrs: Mapping[str, Any] | None = None,
+        *,
+        actor: str | None = None,
+    ) -> dict[str, Any]:
+        """Check, chain, and write one event to every sink; return it."""
+        et = EventType(event_type)
+        clean = check_attrs(et, attrs or {})
+        who = check_actor(actor) if actor is not None else self.actor
+        with self._lock:
+            ev: dict[str, Any] = {
+                "v": FORMAT_VERSION,
+                "stream": self.stream,
+                "seq": self._seq,
+                "ts": format_ts(self._clock()),
+                "type": et.value,
+                "actor": who,
+                "attrs": clean,
+                "prev": self._prev,
+            }
+            if self._hmac_key is not None:
+                ev["mac"] = event_mac(self._hmac_key, ev)
+            ev["hash"] = event_hash(ev)
+            line = canonical_json(ev) + b"\n"
+            failed: list[str] = []
+            for s in self.sinks:
+                try:
+                    s.write(line)
+                except AuditSinkError as exc:
+                    failed.append(str(exc))
+            if len(failed) < len(self.sinks):
+                self._seq += 1
+                self._prev = ev["hash"]
+            if failed:
+                raise AuditSinkError("; ".join(failed))
+        return ev
+
+    # -- one method per event type (the moments the worker and tools must report) -----------
+    def policy_loaded(
+        self,
+        policy_version: str,
+        *,
+        policy_name: str | None = None,
+        source: str | None = None,
+        audiences: Sequence[str] | None = None,
+        actor: str | None = None,
+    ) -> dict[str, Any]:
+        return self.emit(
+            EventType.POLICY_LOADED,
+            {
+                "policy_version": policy_version,
+                "policy_name": policy_name,
+                "source": source,
+                "audiences": list(audiences) if audiences is not None else None,
+            },
+            actor=actor,
+        )
+
+    def key_rotated(
+        self,
+        kms: str,
+        key_id: str,
+        version: int,
+        *,
+        previous_version: int | None = None,
+        actor: str | None = None,
+    ) -> dict[str, Any]:
+        return self.emit(
+            EventType.KEY_ROTATED,
+            {
+                "kms": kms,
+                "key_id": key_id,
+                "version": version,
+                "previous_version": previous_version,
+            },
+            actor=actor,
+        )
+
+    def key_revoked(
+        self, kms: str, key_id: str, version: int, *, actor: str | None = None
+    ) -> dict[str, Any]:
+        return self.emit(
+            EventType.KEY_REVOKED, {"kms": kms, "key_id": key_id, "version": version}, actor=actor
+        )
+
+    def key_revocation_seen(
+        self,
+        kms: str,
+        key_id: str,
+        version: int,
+        *,
+        topic: str | None = None,
+        partition: int | None = None,
+        actor: str | None = None,
+    ) -> dict[str, Any] | None:
+        """The processor met a revoked key version.  Reported once per (kms, key, version)."""
+        k = (kms, key_id, version)
+        with self._lock:
+            if k in self._seen_revocations:
+                return None
+            self._seen_revocations.add(k)
+        return self.emit(
+            EventType.KEY_REVOCATION_SEEN,
+            {
+                "kms": kms,
+                "key_id": key_id,
+                "version": version,
+                "topic": topic,
+                "partition": partition,
+            },
+            actor=actor,
+        )
+
+    def audience_key_exported(
+        self, kms: str, key_id: str, audience: str, key_version: int, *, actor: str | None = None
+    ) -> dict[str, Any]:
+        return self.emit(
+            EventType.AUDIENCE_KEY_EXPORTED,
+            {"kms": kms, "key_id": key_id, "audience": audience, "key_version": key_version},
+            actor=actor,
+        )
+
+    def reidentification(
+        self,
+        *,
+        actor: str,
+        audience: str,
+        outcome: str,
+        domain: str | None = None,
+        field: str | None = None,
+        subject: str | None = None,
+        reason: str | None = None,
+        policy_version: str | None = None,
+        key_version: int | None = None,
+        error: str | None = None,
+        value_digest: str | None = None,
+    ) -> dict[str, Any]:
+        return self.emit(
+            EventType.REIDENTIFICATION,
+            {
+                "audience": audience,
+                "domain": domain,
+                "field": field,
+                "subject": subject,
+                "reason": reason,
+                "policy_version": policy_version,
+                "key_version": key_version,
+                "outcome": outcome,
+                "error": error,
+                "value_digest": value_digest,
+            },
+            actor=actor,
+        )
+
+    def dead_letter_burst(
+        self,
+        reason: str,
+        topic: str,
+        count: int,
+        window_seconds: int,
+        *,
+        partition: int | None = None,
+        actor: str | None = None,
+    ) -> dict[str, Any]:
+        return self.emit(
+            EventType.DEAD_LETTER_BURST,
+            {
+                "reason": reason,
+                "topic": topic,
+                "count": count,
+                "window_seconds": window_seconds,
+                "partition": partition,
+            },
+            actor=actor,
+        )
+
+    def anomaly(
+        self,
+        kind: str,
+        *,
+        reason: str | None = None,
+        topic: str | None = None,
+        partition: int | None = None,
+        count: int | None = None,
+        key_id: str | None = None,
+        kms: str | None = None,
+        audience: str | None = None,
+        actor: str | None = None,
+    ) -> dict[str, Any]:
+        return self.emit(
+            EventType.ANOMALY,
+            {
+                "kind": kind,
+                "reason": reason,
+                "topic": topic,
+                "partition": partition,
+                "count": count,
+                "key_id": key_id,
+                "kms": kms,
+                "audience": audience,
+            },
+            actor=actor,
+        )
+
+    def processor_started(
+        self,
+        *,
+        processor_version: str,
+        policy_version: str | None = None,
+        instance: str | None = None,
+        policy_name: str | None = None,
+        actor: str | None = None,
+    ) -> dict[str, Any]:
+        return self.emit(
+            EventType.PROCESSOR_STARTED,
+            {
+                "processor_version": processor_version,
+                "policy_version": policy_version,
+                "instance": instance,
+                "policy_name": policy_name,
+            },
+            actor=actor,
+        )
+
+    def processor_stopped(
+        self,
+        *,
+        reason: str | None = None,
+        processor_version: str | None = None,
+        instance: str | None = None,
+        count: int | None = None,
+        actor: str | None = None,
+    ) -> dict[str, Any]:
+        return self.emit(
+            EventType.PROCESSOR_STOPPED,
+            {
+                "reason": reason,
+                "processor_version": processor_version,
+                "instance": instance,
+                "count": count,
+            },
+            actor=actor,
+        )
+
+    def flush(self) -> None:
+        with self._lock:
+            for s in self.sinks:
+                s.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            errors = []
+            for s in self.sinks:
+                try:
+                    s.close()
+                except AuditSinkError as exc:
+                    errors.append(str(exc))
+            if errors:
+                raise AuditSinkError("; ".join(errors))
+
+    def __enter__(self) -> AuditLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class DeadLetterBurstDetector:
+    """Turns per-batch dead-letter counts into ``dead_letter_burst`` events.
+
+    The worker calls :meth:`observe` after each batch; when a (reason, topic) pair
+    reaches ``threshold`` records within a tumbling window of ``window_seconds``, one
+    event is emitted for that window.  Bursts are what an auditor needs (a revoked key,
+    a producer sending garbage); single bad records are metrics, not audit events.
+    """
+
+    def __init__(
+        self,
+        audit: AuditLog,
+        *,
+        threshold: int = 100,
+        window_seconds: int = 60,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.audit = audit
+        self.threshold = threshold
+        self.window_seconds = window_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._window: dict[tuple[str, str], tuple[float, int, bool]] = {}
+
+    def observe(self, reason: str, topic: str, count: int) -> dict[str, Any] | None:
+        now = self._clock()
+        with self._lock:
+            start, n, fired = self._window.get((reason, topic), (now, 0, False))
+            if now - start >= self.window_seconds:
+                start, n, fired = now, 0, False
+            n += count
+            fire = n >= self.threshold and not fired
+            self._window[(reason, topic)] = (start, n, fired or fire)
+        if fire:
+            return self.audit.dead_letter_burst(reason, topic, n, self.window_seconds)
+        return None
+
+
+# -- keys and reading ----------------------------------------------------------------------
+
+
+def load_hmac_key(path: str | os.PathLike[str]) -> bytes:
+    """Read an audit HMAC key file: base64 of at least 32 random bytes, mode 0600 or stricter."""
+    p = Path(path)
+    try:
+        st = p.stat()
+        text = p.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read audit key file {p} ({exc.strerror})") from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(
+            f"audit key file {p} has mode {stat.S_IMODE(st.st_mode):04o}; it must be 0600 or stricter"
+        )
+    try:
+        key = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError(f"audit key file {p} is not base64") from None
+    if len(key) < 32:
+        raise ConfigError(f"audit key in {p} is shorter than 32 bytes")
+    return key
+
+
+def write_hmac_key(path: str | os.PathLike[str]) -> None:
+    """Create a new random audit HMAC key file (mode 0600; refuses to overwrite)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(base64.b64encode(os.urandom(32)).decode() + "\n")
+
+
+def iter_events(path: str | os.PathLike[str]) -> Iterator[dict[str, Any] | None]:
+    """Parsed events of a file (``None`` for an unparsable line); for display, not trust."""
+    for item in read_lines(path):
+        assert isinstance(item.data, bytes)
+        try:
+            ev = json.loads(item.data)
+        except (UnicodeDecodeError, ValueError):
+            yield None
+            continue
+        yield ev if isinstance(ev, dict) else None

@@ -1,0 +1,331 @@
+"""Re-identification: reversing ``encrypt_deterministic`` fields, for one audience, audited.
+
+Why an exported *audience key* and not the master
+-------------------------------------------------
+``encrypt_deterministic`` encrypts with AES-SIV under ``HKDF(master, audience)``.  The
+pseudonym master derives every token, date-shift and deterministic key of every
+audience, so it never leaves the processor's KMS.  An operator who may read the master
+exports the one derived key an audience is entitled to (:func:`export_audience_key`)
+into a small self-describing file; whoever holds that file can reverse that audience's
+values, for that master version, and nothing else -- not tokens (one-way), not another
+audience's ciphertexts (different key), not values of another domain (the domain is the
+SIV associated data).
+
+Why every call is audited first
+-------------------------------
+:meth:`Reidentifier.reidentify` writes an audit event (actor, audience, domain, field,
+subject reference, reason, policy version, outcome) and only then returns the value.  If
+the audit log cannot be written the value is not returned: re-identification fails
+closed.  Failed attempts are audited too (``outcome`` = ``denied`` for requests refused
+before any decryption, ``failed`` when decryption fails), and raise
+:class:`~streamproc.crypto.pseudonym.ReidentificationError` without echoing the input.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import stat
+from pathlib import Path
+from typing import Any
+
+from streamproc.audit import (
+    ATTRIBUTE_RULES,
+    AuditAttributeError,
+    AuditError,
+    AuditLog,
+    check_actor,
+)
+from streamproc.crypto.pseudonym import PseudonymKeys, ReidentificationError, siv_decrypt
+from streamproc.errors import ConfigError
+from streamproc.policy.model import Policy
+
+AUDIENCE_KEY_FORMAT = "streamproc-audience-key/1"
+_AUDIENCE_RE = re.compile(r"[A-Za-z0-9_-]{1,100}")
+_CIPHERTEXT_RE = re.compile(r"de(\d{1,9})_[A-Za-z0-9_-]+")
+SIV_KEY_BYTES = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class AudienceKey:
+    """The AES-SIV key of one audience under one pseudonym-master version."""
+
+    audience: str
+    master_version: int
+    key: bytes = dataclasses.field(repr=False)
+    secret_id: str | None = None
+    """Name of the master secret it was derived from (informational)."""
+
+    def __post_init__(self) -> None:
+        if not _AUDIENCE_RE.fullmatch(self.audience):
+            raise ConfigError("audience key: audience names are letters, digits, '-' and '_'")
+        if (
+            isinstance(self.master_version, bool)
+            or not isinstance(self.master_version, int)
+            or self.master_version < 1
+        ):
+            raise ConfigError("audience key: master_version must be a positive integer")
+        if len(self.key) != SIV_KEY_BYTES:
+            raise ConfigError(f"audience key: key must be {SIV_KEY_BYTES} bytes (AES-SIV-256)")
+
+    def to_bytes(self) -> bytes:
+        doc: dict[str, Any] = {
+            "format": AUDIENCE_KEY_FORMAT,
+            "audience": self.audience,
+            "master_version": self.master_version,
+            "key": base64.b64encode(self.key).decode(),
+        }
+        if self.secret_id is not None:
+            doc["secret_id"] = self.secret_id
+        return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "<audience key>") -> AudienceKey:
+        try:
+            doc = json.loads(data)
+        except (UnicodeDecodeError, ValueError):
+            raise ConfigError(f"{source}: not a JSON audience key file") from None
+        if not isinstance(doc, dict) or doc.get("format") != AUDIENCE_KEY_FORMAT:
+            raise ConfigError(f"{source}: not a {AUDIENCE_KEY_FORMAT} file")
+        try:
+            key = base64.b64decode(str(doc["key"]), validate=True)
+            return cls(str(doc["audience"]), doc["master_version"], key, doc.get("secret_id"))
+        except KeyError as exc:
+            raise ConfigError(f"{source}: missing field {exc.args[0]!r}") from None
+        except (binascii.Error, ValueError):
+            raise ConfigError(f"{source}: field 'key' is not base64") from None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> AudienceKey:
+        """Read a key file, refusing one that group or others can read (like the keyring)."""
+        p = Path(path)
+        try:
+            st = p.stat()
+            data = p.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read audience key file {p} ({exc.strerror})") from None
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(
+                f"audience key file {p} has mode {stat.S_IMODE(st.st_mode):04o}; it must be 0600 or stricter"
+            )
+        return cls.from_bytes(data, str(p))
+
+
+def export_audience_key(keys: PseudonymKeys, audience: str, version: int | None = None) -> bytes:
+    """Serialize the re-identification key of ``audience`` (primary master version by default).
+
+    The caller needs read access to the pseudonym master; the result grants exactly the
+    power to reverse this audience's ``encrypt_deterministic`` values of that version.
+    Write it with :func:`write_audience_key` (mode 0600).
+    """
+    v, key = keys.siv_key(audience, version)
+    return AudienceKey(audience, v, key, keys.secret_id).to_bytes()
+
+
+def write_audience_key(path: str | os.PathLike[str], blob: bytes) -> None:
+    """Create the key file with mode 0600; refuses to overwrite an existing file."""
+    AudienceKey.from_bytes(blob)  # never write something we could not read back
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise ConfigError(f"{path} already exists; refusing to overwrite a key file") from None
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(blob)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _digest(value: str) -> str:
+    """A short digest of the ciphertext, so an auditor holding a value can tell whether it
+    was revealed, without the audit log containing the value itself."""
+    return hashlib.sha256(value.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+class Reidentifier:
+    """Reverses one audience's deterministic ciphertexts, auditing every call.
+
+    ``policy`` (a :class:`~streamproc.policy.model.Policy` or its version string) names
+    the policy under which the data was produced; with a full policy the audience must
+    exist in it and have an ``encrypt_deterministic`` rule, otherwise the request is
+    denied.
+    """
+
+    def __init__(
+        self,
+        audience_key: AudienceKey | str | os.PathLike[str] | bytes,
+        audit: AuditLog,
+        policy_version: str | Policy | None = None,
+    ) -> None:
+        if isinstance(audience_key, AudienceKey):
+            self.key = audience_key
+        elif isinstance(audience_key, bytes):
+            self.key = AudienceKey.from_bytes(audience_key)
+        else:
+            self.key = AudienceKey.load(audience_key)
+        self.audit = audit
+        self.policy: Policy | None = policy_version if isinstance(policy_version, Policy) else None
+        self.policy_version = (
+            policy_version.version if isinstance(policy_version, Policy) else policy_version
+        )
+        if self.policy_version is not None and not ATTRIBUTE_RULES["policy_version"](
+            self.policy_version
+        ):
+            raise ConfigError("policy_version must be a policy hash such as 'sha256:0123abcd...'")
+
+    @property
+    def audience(self) -> str:
+        return self.key.audience
+
+    def _refusal(
+        self, value: str, domain: str, field: str, subject: str | None, reason: str
+    ) -> str | None:
+        """Why the request is refused before any decryption, or ``None``."""
+        if not isinstance(value, str) or not _CIPHERTEXT_RE.fullmatch(value):
+            if isinstance(value, str) and value.startswith("tk"):
+                return "token_not_reversible"
+            return "not_ciphertext"
+        if not ATTRIBUTE_RULES["domain"](domain):
+            return "invalid_domain"
+        if not ATTRIBUTE_RULES["field"](field):
+            return "invalid_field"
+        if subject is not None and not ATTRIBUTE_RULES["subject"](subject):
+            return "invalid_subject"
+        if not reason or not reason.strip():
+            return "missing_reason"
+        if not ATTRIBUTE_RULES["reason"](reason):
+            return "invalid_reason"
+        if self.policy is not None:
+            aud = self.policy.audiences.get(self.audience)
+            if aud is None:
+                return "audience_not_in_policy"
+            if not any(r.op == "encrypt_deterministic" for r in aud.rules):
+                return "audience_has_no_encrypt_deterministic"
+        return None
+
+    _MESSAGES = {
+        "token_not_reversible": "value is a token; tokens are one-way and cannot be re-identified",
+        "not_ciphertext": "value is not a deterministic ciphertext (de<version>_...)",
+        "invalid_domain": "domain must be an identifier",
+        "invalid_field": "field must be a field path such as customer.email",
+        "invalid_subject": "subject must be a token (tk<v>_...), a ciphertext (de<v>_...) or a record "
+        "reference (topic:partition:offset), never a plaintext",
+        "missing_reason": "a reason (ticket or justification) is required",
+        "invalid_reason": "reason must be short printable text without personal data (no e-mail "
+        "addresses or long digit runs); cite a ticket",
+        "audience_not_in_policy": "the key's audience is not in the policy",
+        "audience_has_no_encrypt_deterministic": "the key's audience has no encrypt_deterministic rule in the policy",
+    }
+
+    def reidentify_bytes(
+        self,
+        value: str,
+        domain: str,
+        *,
+        actor: str,
+        field: str,
+        subject: str | None = None,
+        reason: str,
+    ) -> bytes:
+        """Like :meth:`reidentify` but returns the raw canonical bytes (for ``bytes`` fields)."""
+        return self._run(
+            value, domain, actor=actor, field=field, subject=subject, reason=reason, text=False
+        )
+
+    def reidentify(
+        self,
+        value: str,
+        domain: str,
+        *,
+        actor: str,
+        field: str,
+        subject: str | None = None,
+        reason: str,
+    ) -> str:
+        """Return the plaintext of ``value`` after auditing the request.
+
+        ``subject`` is a token or record reference naming whose data this is -- never a
+        plaintext.  Exactly one audit event is written per call, whatever the outcome.
+        Numbers, booleans, dates and timestamps come back as their canonical text (``42``,
+        ``true``, days or epoch units), enums as their symbol.
+        """
+        out = self._run(
+            value, domain, actor=actor, field=field, subject=subject, reason=reason, text=True
+        )
+        assert isinstance(out, str)
+        return out
+
+    def _run(
+        self,
+        value: str,
+        domain: str,
+        *,
+        actor: str,
+        field: str,
+        subject: str | None,
+        reason: str,
+        text: bool,
+    ) -> Any:
+        try:
+            who = check_actor(actor)
+        except AuditAttributeError:
+            who, actor_bad = "unknown", True
+        else:
+            actor_bad = False
+        digest = _digest(value) if isinstance(value, str) else None
+        refusal = (
+            "invalid_actor" if actor_bad else self._refusal(value, domain, field, subject, reason)
+        )
+        safe = {
+            "audience": self.audience,
+            "policy_version": self.policy_version,
+            "key_version": self.key.master_version,
+            "domain": domain if ATTRIBUTE_RULES["domain"](domain) else None,
+            "field": field if ATTRIBUTE_RULES["field"](field) else None,
+            "subject": subject
+            if subject is not None and ATTRIBUTE_RULES["subject"](subject)
+            else None,
+            "reason": reason if ATTRIBUTE_RULES["reason"](reason) else None,
+            "value_digest": digest,
+        }
+        if refusal is not None:
+            self._audit(who, safe, "denied", refusal)
+            msg = self._MESSAGES.get(refusal, "actor must be an identifier")
+            raise ReidentificationError(f"re-identification denied: {msg}")
+        value_version = int(_CIPHERTEXT_RE.fullmatch(value).group(1))  # type: ignore[union-attr]
+        if value_version != self.key.master_version:
+            self._audit(who, safe, "denied", "version_mismatch")
+            raise ReidentificationError(
+                f"re-identification denied: the value was encrypted under pseudonym master version "
+                f"{value_version}, but this key is for version {self.key.master_version} of audience "
+                f"{self.audience!r}; export the key for that version "
+                f"(streamproc keys export-audience --audience {self.audience} --version {value_version})"
+            )
+        try:
+            plain = siv_decrypt(self.key.key, domain, value)
+            result: Any = plain.decode("utf-8") if text else plain
+        except ReidentificationError:
+            self._audit(who, safe, "failed", "decrypt_failed")
+            raise ReidentificationError(
+                f"re-identification failed: the value is not a ciphertext of audience {self.audience!r} "
+                f"in domain {domain!r} (wrong audience, domain or a modified value)"
+            ) from None
+        except UnicodeDecodeError:
+            self._audit(who, safe, "failed", "not_text")
+            raise ReidentificationError(
+                "re-identification failed: the plaintext is binary; use reidentify_bytes"
+            ) from None
+        self._audit(who, safe, "success", None)
+        return result
+
+    def _audit(self, actor: str, attrs: dict[str, Any], outcome: str, error: str | None) -> None:
+        try:
+            self.audit.reidentification(actor=actor, outcome=outcome, error=error, **attrs)
+        except AuditError as exc:
+            raise ReidentificationError(
+                f"re-identification refused: the audit log could not be written ({type(exc).__name__})"
+            ) from None

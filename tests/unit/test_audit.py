@@ -1,0 +1,713 @@
+"""Audit log: chain integrity, tamper location, restart, HMAC, attribute guard, sinks, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from streamproc.audit import (
+    GENESIS,
+    Anchor,
+    AuditAttributeError,
+    AuditChainError,
+    AuditLog,
+    AuditSinkError,
+    BreakKind,
+    DeadLetterBurstDetector,
+    EventType,
+    FileSink,
+    Fsync,
+    KafkaSink,
+    MemorySink,
+    canonical_json,
+    check_attrs,
+    event_hash,
+    event_mac,
+    load_hmac_key,
+    verify,
+    verify_file,
+    verify_files,
+    verify_records,
+    write_hmac_key,
+)
+from streamproc.cli.audit import audit as audit_cli
+
+KEY = b"k" * 32
+SETTINGS = settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+class Clock:
+    def __init__(self, t: float = 1_700_000_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        self.t += 0.25
+        return self.t
+
+
+# -- event generation -----------------------------------------------------------------------
+
+ident = st.from_regex(r"[a-z][a-z0-9-]{0,12}", fullmatch=True)
+small = st.integers(min_value=0, max_value=10_000)
+
+calls = st.one_of(
+    st.builds(
+        lambda v: ("policy_loaded", {"policy_version": f"sha256:{v:016x}", "policy_name": "acme"}),
+        st.integers(0, 2**63),
+    ),
+    st.builds(
+        lambda k, v: (
+            "key_rotated",
+            {"kms": "local", "key_id": k, "version": v + 1, "previous_version": v},
+        ),
+        ident,
+        small,
+    ),
+    st.builds(
+        lambda k, v: ("key_revoked", {"kms": "vault", "key_id": k, "version": v}), ident, small
+    ),
+    st.builds(
+        lambda k, t: ("key_revocation_seen", {"kms": "aws", "key_id": k, "version": 1, "topic": t}),
+        ident,
+        ident,
+    ),
+    st.builds(
+        lambda t, n: (
+            "dead_letter_burst",
+            {"reason": "key_revoked", "topic": t, "count": n, "window_seconds": 60},
+        ),
+        ident,
+        small,
+    ),
+    st.builds(lambda k: ("anomaly", {"kind": k, "count": 1}), ident),
+    st.just(("processor_started", {"processor_version": "0.1.0", "instance": "worker-1"})),
+    st.just(("processor_stopped", {"reason": "shutdown"})),
+    st.builds(
+        lambda a, f: (
+            "reidentification",
+            {
+                "audience": a,
+                "field": f,
+                "outcome": "success",
+                "reason": "ticket SEC-42",
+                "subject": "orders:3:1234",
+            },
+        ),
+        ident,
+        st.sampled_from(["email", "customer.email", "items[].sku"]),
+    ),
+)
+
+
+def build(
+    specs: list[tuple[str, dict[str, Any]]],
+    *,
+    hmac_key: bytes | None = None,
+    stream: str = "processor:w1",
+) -> tuple[AuditLog, MemorySink]:
+    sink = MemorySink()
+    log = AuditLog([sink], stream=stream, clock=Clock(), hmac_key=hmac_key)
+    for t, attrs in specs:
+        log.emit(t, attrs)
+    return log, sink
+
+
+def rechain(events: list[dict[str, Any]], start: int, *, key: bytes | None = None) -> None:
+    """What an attacker without the audit key does: recompute every link from ``start``."""
+    for i in range(start, len(events)):
+        ev = events[i]
+        ev.pop("mac", None)
+        ev["seq"] = i
+        ev["prev"] = events[i - 1]["hash"] if i else GENESIS
+        if key is not None:
+            ev["mac"] = event_mac(key, ev)
+        ev["hash"] = event_hash(ev)
+
+
+def first(result: Any) -> Any:
+    assert not result.ok, "tampering went undetected"
+    return result.breaks[0]
+
+
+# -- intact chains ---------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(st.lists(calls, min_size=0, max_size=25))
+def test_random_chains_verify(specs: list[tuple[str, dict[str, Any]]]) -> None:
+    log, sink = build(specs)
+    r = verify(sink.lines)
+    assert r.ok, r.report()
+    assert r.count == len(specs)
+    assert r.head == (log.head.hash if log.head else None)
+    assert r.report().startswith(f"OK: {len(specs)} events, head ")
+    events = sink.events()
+    assert [e["seq"] for e in events] == list(range(len(specs)))
+    assert all(e["hash"] == event_hash(e) for e in events)
+    # parsed events verify the same way as raw lines
+    assert verify(events).ok
+
+
+def test_event_shape() -> None:
+    _, sink = build(
+        [("policy_loaded", {"policy_version": "sha256:0123456789abcdef", "policy_name": "acme"})]
+    )
+    (ev,) = sink.events()
+    assert set(ev) == {"v", "stream", "seq", "ts", "type", "actor", "attrs", "prev", "hash"}
+    assert ev["seq"] == 0 and ev["prev"] == GENESIS and ev["type"] == "policy_loaded"
+    assert ev["ts"] == "2023-11-14T22:13:20.250000Z"
+    assert ev["actor"] == "processor" and ev["stream"] == "processor:w1"
+    assert sink.lines[0] == canonical_json(ev) + b"\n"
+
+
+# -- tampering ---------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(st.lists(calls, min_size=1, max_size=15), st.data())
+def test_modification_is_located(
+    specs: list[tuple[str, dict[str, Any]]], data: st.DataObject
+) -> None:
+    _, sink = build(specs)
+    events = sink.events()
+    i = data.draw(st.integers(0, len(events) - 1))
+    events[i]["actor"] = events[i]["actor"] + "x"
+    b = first(verify(events))
+    assert (b.index, b.kind, b.seq) == (i, BreakKind.HASH_MISMATCH, i)
+    # recomputing this event's hash moves the break to the next link
+    events[i]["hash"] = event_hash(events[i])
+    r = verify(events)
+    if i + 1 < len(events):
+        assert (first(r).index, first(r).kind) == (i + 1, BreakKind.PREV_MISMATCH)
+    else:
+        assert r.ok  # the last event can only be caught by anchoring the head
+        assert (
+            verify(events, expected_head=sink.events()[-1]["hash"]).breaks[0].kind
+            is BreakKind.HEAD_MISMATCH
+        )
+
+
+@SETTINGS
+@given(st.lists(calls, min_size=1, max_size=15), st.data())
+def test_deletion_is_located(specs: list[tuple[str, dict[str, Any]]], data: st.DataObject) -> None:
+    _, sink = build(specs)
+    lines = list(sink.lines)
+    head = json.loads(lines[-1])["hash"]
+    i = data.draw(st.integers(0, len(lines) - 1))
+    del lines[i]
+    r = verify(lines, expected_head=head)
+    b = first(r)
+    if i < len(lines):
+        assert b.index == i and b.kind is BreakKind.SEQUENCE_GAP and b.line == i + 1
+        assert {x.kind for x in r.breaks if x.index == i} == {
+            BreakKind.SEQUENCE_GAP,
+            BreakKind.PREV_MISMATCH,
+        }
+    else:  # tail truncation: only the anchored head reveals it
+        assert verify(lines).ok
+        assert b.kind is BreakKind.HEAD_MISMATCH
+
+
+@SETTINGS
+@given(st.lists(calls, min_size=2, max_size=15), st.data())
+def test_swap_is_located(specs: list[tuple[str, dict[str, Any]]], data: st.DataObject) -> None:
+    _, sink = build(specs)
+    lines = list(sink.lines)
+    i = data.draw(st.integers(0, len(lines) - 2))
+    j = data.draw(st.integers(i + 1, len(lines) - 1))
+    lines[i], lines[j] = lines[j], lines[i]
+    b = first(verify(lines))
+    assert b.index == i and b.kind is BreakKind.SEQUENCE_GAP
+
+
+@SETTINGS
+@given(st.lists(calls, min_size=1, max_size=15), calls, st.data())
+def test_insertion_is_located(
+    specs: list[tuple[str, dict[str, Any]]], extra: tuple[str, dict[str, Any]], data: st.DataObject
+) -> None:
+    _, sink = build(specs, hmac_key=KEY)
+    events = sink.events()
+    i = data.draw(st.integers(0, len(events)))
+    # a well-formed forgery: right seq, right prev, a hash that matches its own content
+    forged = {
+        "v": 1,
+        "stream": "processor:w1",
+        "seq": i,
+        "ts": "2030-01-01T00:00:00.000000Z",
+        "type": extra[0],
+        "actor": "mallory",
+        "attrs": extra[1],
+        "prev": events[i - 1]["hash"] if i else GENESIS,
+    }
+    forged["hash"] = event_hash(forged)
+    tampered = [*events[:i], forged, *events[i:]]
+    b = first(verify(tampered, expected_head=events[-1]["hash"]))
+    # without the key the forgery itself is consistent; the chain breaks where it resumes
+    assert b.index == i + 1
+    assert b.kind in (BreakKind.SEQUENCE_REGRESSION, BreakKind.HEAD_MISMATCH)
+    # with the key the forged event itself is pointed at
+    b = first(verify(tampered, hmac_key=KEY))
+    assert (b.index, b.kind) == (i, BreakKind.HMAC_MISMATCH)
+    # a duplicated (replayed) genuine event is a regression right after the original
+    dup = (
+        [*events[: i + 1], events[min(i, len(events) - 1)], *events[i + 1 :]]
+        if i < len(events)
+        else None
+    )
+    if dup is not None:
+        b = first(verify(dup))
+        assert (b.index, b.kind) == (i + 1, BreakKind.SEQUENCE_REGRESSION)
+
+
+@SETTINGS
+@given(st.lists(calls, min_size=1, max_size=8), st.data())
+def test_any_edited_byte_in_the_file_is_located(
+    tmp_path_factory: pytest.TempPathFactory,
+    specs: list[tuple[str, dict[str, Any]]],
+    data: st.DataObject,
+) -> None:
+    path = tmp_path_factory.mktemp("edit") / "audit.jsonl"
+    key = data.draw(st.sampled_from([None, KEY]))
+    log = AuditLog([FileSink(path, fsync="never")], stream="s", clock=Clock(), hmac_key=key)
+    for t, attrs in specs:
+        log.emit(t, attrs)
+    log.close()
+    raw = bytearray(path.read_bytes())
+    pos = data.draw(st.integers(0, len(raw) - 1))
+    new = data.draw(st.integers(0, 255).filter(lambda b: b != raw[pos]))
+    line = raw[:pos].count(b"\n") + 1
+    raw[pos] = new
+    path.write_bytes(bytes(raw))
+    for r in (verify_file(path), verify_file(path, hmac_key=key)):
+        assert not r.ok, f"edit at byte {pos} ({new:#x}) undetected"
+        assert r.breaks[0].line == line, r.report()
+
+
+def test_full_rewrite_needs_the_hmac_key() -> None:
+    _, sink = build(
+        [("key_rotated", {"kms": "local", "key_id": "k", "version": v + 1}) for v in range(6)],
+        hmac_key=KEY,
+    )
+    events = sink.events()
+    events[2]["attrs"]["version"] = 99
+    del events[4]
+    rechain(events, 2)  # an attacker who rewrites the tail, without the key
+    assert verify(events).ok  # the plain chain cannot tell
+    r = verify(events, hmac_key=KEY)
+    assert [(b.index, b.kind) for b in r.breaks] == [
+        (i, BreakKind.HMAC_MISMATCH) for i in range(2, 5)
+    ]
+    assert "without the audit key" not in r.report()  # report uses the kinds' own words
+    rechain(events, 2, key=b"z" * 32)  # ...or with a guessed key
+    assert first(verify(events, hmac_key=KEY)).index == 2
+    assert verify(sink.lines, hmac_key=KEY).ok
+    assert verify(sink.lines, hmac_key=KEY).macs_present
+
+
+def test_anchor_and_stream_checks() -> None:
+    _, sink = build([("anomaly", {"kind": "a"})] * 5)
+    tail = sink.lines[2:]
+    anchor = Anchor("processor:w1", 1, json.loads(sink.lines[1])["hash"])
+    assert verify(tail, anchor=anchor).ok
+    assert not verify(tail).ok  # not from the genesis
+    assert verify(tail, from_genesis=False).ok  # retention cut the start: trust the first
+    assert Anchor.parse(str(anchor)).hash == anchor.hash
+    with pytest.raises(ValueError):
+        Anchor.parse("x:y")
+    r = verify(sink.lines, stream="other")
+    assert r.breaks[0].kind is BreakKind.STREAM_MISMATCH
+
+
+def test_malformed_and_truncated_lines() -> None:
+    _, sink = build([("anomaly", {"kind": "a"})] * 4)
+    lines = list(sink.lines)
+    lines[1] = lines[1][:40]  # torn write
+    lines[2] = b'{"hello":"world"}'
+    r = verify(lines)
+    kinds = [(b.index, b.kind) for b in r.breaks]
+    assert kinds == [(1, BreakKind.TRUNCATED_JSON), (2, BreakKind.MALFORMED)]
+
+
+# -- file sink: restart, locking, fsync ------------------------------------------------------------
+
+
+def test_file_sink_resumes_the_chain(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "audit.jsonl"
+    with AuditLog([FileSink(path)], stream="w1", clock=Clock()) as log:
+        log.processor_started(processor_version="0.1.0", instance="w1")
+        log.policy_loaded(
+            "sha256:0123456789abcdef", policy_name="acme", audiences=["fraud", "support"]
+        )
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    with AuditLog([FileSink(path)], stream="w1", clock=Clock()) as log:
+        assert log.head is not None and log.head.seq == 1
+        log.processor_stopped(reason="shutdown")
+    r = verify_file(path)
+    assert r.ok and r.count == 3
+    assert [e["seq"] for e in map(json.loads, path.read_bytes().splitlines())] == [0, 1, 2]
+
+
+def test_file_sink_refuses_a_broken_file(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    with AuditLog([FileSink(path)], stream="w1", clock=Clock()) as log:
+        for v in range(3):
+            log.key_revoked("local", "kek", v)
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(lines[0] + lines[2])
+    with pytest.raises(AuditChainError, match="line 2"):
+        AuditLog([FileSink(path)], stream="w1")
+    path.write_bytes(b"".join(lines) + b'{"v":1,"str')  # a torn final write
+    with pytest.raises(AuditChainError, match="truncated_json"):
+        AuditLog([FileSink(path)], stream="w1")
+    path.write_bytes(b"".join(lines))
+    with pytest.raises(AuditChainError, match="stream_mismatch"):
+        AuditLog([FileSink(path)], stream="w2")
+
+
+def test_file_sink_continues_a_rotated_file(tmp_path: Path) -> None:
+    old, new = tmp_path / "audit.1.jsonl", tmp_path / "audit.2.jsonl"
+    with AuditLog([FileSink(old)], stream="w1", clock=Clock()) as log:
+        log.anomaly("x")
+        log.anomaly("y")
+        head = log.head
+    assert head is not None
+    with AuditLog([FileSink(new, start=head)], stream="w1", clock=Clock()) as log:
+        log.anomaly("z")
+    with AuditLog([FileSink(new, start=head)], stream="w1", clock=Clock()) as log:
+        log.anomaly("w")
+    assert verify_files([old, new]).ok
+    assert verify_file(new, anchor=head).ok
+    assert not verify_file(new).ok
+
+
+def test_one_writer_per_file(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    sink = FileSink(path)
+    with pytest.raises(AuditSinkError, match="in use"):
+        FileSink(path)
+    sink.close()
+    FileSink(path).close()
+
+
+@pytest.mark.parametrize(("policy", "expected"), [("always", 3), ("interval", 1), ("never", 0)])
+def test_fsync_policy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, policy: str, expected: int
+) -> None:
+    calls: list[int] = []
+    real = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        calls.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    mono = iter([0.0, 0.1, 1.5, 1.6, 5.0, 5.1, 5.2])
+    sink = FileSink(
+        tmp_path / "a.jsonl", fsync=policy, fsync_interval=1.0, clock=lambda: next(mono)
+    )
+    log = AuditLog([sink], stream="s")
+    for _ in range(3):
+        log.anomaly("x")
+    assert len(calls) == expected
+    log.close()
+    assert len(calls) == (expected if policy != "interval" else 2)
+    assert Fsync("always") is Fsync.ALWAYS
+
+
+# -- kafka sink and multiple sinks ---------------------------------------------------------------------
+
+
+class FakeProducer:
+    def __init__(self) -> None:
+        self.records: list[tuple[str, bytes | None, bytes]] = []
+        self.flushes = 0
+
+    def produce(self, topic: str, key: bytes | None = None, value: bytes | None = None) -> None:
+        assert value is not None
+        self.records.append((topic, key, value))
+
+    def flush(self) -> int:
+        self.flushes += 1
+        return 0
+
+
+def test_kafka_sink_chain_verifies_when_read_back(tmp_path: Path) -> None:
+    prod = FakeProducer()
+    file_path = tmp_path / "audit.jsonl"
+    a = AuditLog(
+        [FileSink(file_path), KafkaSink(prod, "streamproc.audit")],
+        stream="w1",
+        clock=Clock(),
+        hmac_key=KEY,
+    )
+    b = AuditLog([KafkaSink(prod, "streamproc.audit")], stream="w2", clock=Clock())
+    for i in range(5):
+        a.key_rotated("local", "kek", i + 2)
+        b.anomaly("unknown_schema", count=i)
+    a.close()
+    assert prod.flushes >= 10
+    assert {t for t, _, _ in prod.records} == {"streamproc.audit"}
+    # the topic holds exactly the file's lines (without newline) for that key
+    assert [v for _, k, v in prod.records if k == b"w1"] == file_path.read_bytes().splitlines()
+    results = verify_records([(k, v) for _, k, v in prod.records], hmac_key=None)
+    assert set(results) == {"w1", "w2"} and all(r.ok for r in results.values())
+    assert verify_records([(k, v) for _, k, v in prod.records if k == b"w1"], hmac_key=KEY)["w1"].ok
+    # tamper with one value of w2 and move one w1 event under the w2 key
+    recs = [(k, v) for _, k, v in prod.records]
+    w2 = [n for n, (k, _) in enumerate(recs) if k == b"w2"]
+    recs[w2[2]] = (b"w2", recs[w2[2]][1].replace(b"unknown_schema", b"unknown_schemb"))
+    recs.append((b"w2", recs[0][1]))
+    r = verify_records(recs)
+    assert r["w1"].ok
+    kinds = [(x.line, x.kind) for x in r["w2"].breaks]
+    assert (3, BreakKind.HASH_MISMATCH) in kinds and (6, BreakKind.STREAM_MISMATCH) in kinds
+    assert r["w2"].breaks[0].where == "key w2"
+
+
+def test_sink_failure_fails_loudly_but_keeps_the_chain() -> None:
+    class Broken(FakeProducer):
+        def flush(self) -> int:
+            return 1
+
+    good = MemorySink()
+    log = AuditLog([good, KafkaSink(Broken(), "t")], stream="s")
+    with pytest.raises(AuditSinkError, match="not delivered"):
+        log.anomaly("x")
+    log2 = AuditLog([KafkaSink(Broken(), "t")], stream="s")
+    with pytest.raises(AuditSinkError):
+        log2.anomaly("x")
+    assert log2.head is None  # nothing accepted it: the chain did not advance
+    log.sinks = [good]
+    log.anomaly("y")
+    assert verify(good.lines).ok and len(good.lines) == 2
+
+
+def test_sinks_must_agree_on_the_head(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    with AuditLog([FileSink(a)], stream="s") as log:
+        log.anomaly("x")
+    with AuditLog([FileSink(b)], stream="s") as log:
+        log.anomaly("y")
+    with pytest.raises(AuditChainError, match="disagree"):
+        AuditLog([FileSink(a), FileSink(b)], stream="s")
+    # the failed start released both files; a fresh sink joins the resumed chain
+    c = tmp_path / "c"
+    with AuditLog([FileSink(a), FileSink(c)], stream="s") as log:
+        assert log.head is not None and log.head.seq == 0
+        log.anomaly("z")
+    with AuditLog(
+        [FileSink(a), FileSink(c)], stream="s"
+    ) as log:  # c starts at seq 1: still resumes
+        assert log.head is not None and log.head.seq == 1
+    assert verify_file(a).ok
+    assert first(verify_file(c)).kind is BreakKind.SEQUENCE_GAP  # the auditor sees c's late start
+    assert verify_file(
+        c, anchor=Anchor("s", 0, json.loads(a.read_bytes().splitlines()[0])["hash"])
+    ).ok
+
+
+def test_thread_safe_sequence(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog([FileSink(path, fsync="never")], stream="s")
+
+    def work(n: int) -> None:
+        for i in range(50):
+            log.anomaly(f"t{n}", count=i)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    log.close()
+    r = verify_file(path)
+    assert r.ok and r.count == 400 and r.head_seq == 399
+
+
+# -- attribute guard ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("event_type", "attrs", "match"),
+    [
+        ("anomaly", {"kind": "x", "email": "a"}, "'email' is not allowed"),
+        ("key_rotated", {"kms": "local", "key_id": "k", "version": 1, "topic": "t"}, "not allowed"),
+        ("anomaly", {"kind": "alice@example.com"}, "'kind'"),
+        ("anomaly", {"kind": "4111111111111111"}, "'kind'"),
+        ("anomaly", {"kind": "John Smith"}, "'kind'"),
+        ("anomaly", {"kind": "x", "count": -1}, "'count'"),
+        ("anomaly", {"kind": "x", "count": True}, "'count'"),
+        ("anomaly", {"kind": "x", "count": "3"}, "'count'"),
+        ("reidentification", {"subject": "alice@example.com"}, "'subject'"),
+        ("reidentification", {"subject": "Alice Smith"}, "'subject'"),
+        ("reidentification", {"reason": "customer alice@example.com called"}, "'reason'"),
+        ("reidentification", {"reason": "call back +1 555 123 4567"}, "'reason'"),
+        ("reidentification", {"reason": "ssn 123-45-6789"}, "'reason'"),
+        ("reidentification", {"reason": "multi\nline"}, "'reason'"),
+        ("reidentification", {"field": "email; drop table"}, "'field'"),
+        ("policy_loaded", {"policy_version": "v1"}, "'policy_version'"),
+        ("policy_loaded", {"audiences": ["ok", "not ok"]}, "'audiences'"),
+        ("nonsense", {}, "unknown audit event type"),
+    ],
+)
+def test_guard_rejects_non_identifiers(event_type: str, attrs: dict[str, Any], match: str) -> None:
+    with pytest.raises(AuditAttributeError, match=match) as info:
+        check_attrs(event_type, attrs)
+    for v in attrs.values():
+        if isinstance(v, str) and len(v) > 3:
+            assert v not in str(info.value)  # the error never echoes the value
+
+
+def test_guard_accepts_identifiers_and_drops_nones() -> None:
+    assert check_attrs(
+        "reidentification",
+        {
+            "audience": "fraud",
+            "domain": "EMAIL",
+            "field": "items[].sku",
+            "subject": "tk1_" + "A" * 22,
+            "reason": "INC0012345 chargeback review",
+            "outcome": "denied",
+            "error": "version_mismatch",
+            "policy_version": "sha256:0123456789abcdef",
+            "key_version": 2,
+            "value_digest": "0123456789abcdef",
+            "count": None,
+        },
+    )["subject"].startswith("tk1_")
+    assert check_attrs("reidentification", {"subject": "orders:3:12345"})
+    assert check_attrs(
+        "key_revoked",
+        {
+            "kms": "aws",
+            "key_id": "arn:aws:kms:us-east-1:111122223333:key/1111aaaa-0000-4000-8000-000000000001",
+            "version": 0,
+        },
+    )
+    log, sink = build([])
+    with pytest.raises(AuditAttributeError):
+        log.anomaly("x", actor="bob smith")
+    with pytest.raises(AuditAttributeError):
+        log.emit(EventType.ANOMALY, {"kind": "x", "value": "secret"})
+    assert sink.lines == []  # rejected events are not written and do not consume a seq
+    log.anomaly("x", actor="alice@corp.example")
+    assert verify(sink.lines).ok
+
+
+# -- convenience -----------------------------------------------------------------------------------------------
+
+
+def test_helpers_cover_every_event_type() -> None:
+    log, sink = build([])
+    log.policy_loaded("sha256:0123456789abcdef", policy_name="acme", source="policy.yaml")
+    log.key_rotated("local", "orders-kek", 2, previous_version=1, actor="alice")
+    log.key_revoked("local", "orders-kek", 1, actor="alice")
+    assert (
+        log.key_revocation_seen("local", "orders-kek", 1, topic="orders", partition=0) is not None
+    )
+    assert log.key_revocation_seen("local", "orders-kek", 1, topic="orders", partition=1) is None
+    log.audience_key_exported("local", "pseudonym-master", "fraud", 1, actor="alice")
+    log.reidentification(
+        actor="bob", audience="fraud", outcome="success", field="email", reason="INC-1"
+    )
+    log.dead_letter_burst("key_revoked", "orders", 120, 60)
+    log.anomaly("tampered", count=3, topic="orders")
+    log.processor_started(processor_version="0.1.0", policy_version="sha256:0123456789abcdef")
+    log.processor_stopped(reason="sigterm", count=10)
+    assert {e["type"] for e in sink.events()} == {t.value for t in EventType}
+    assert verify(sink.lines).ok
+
+
+def test_dead_letter_burst_detector() -> None:
+    log, sink = build([])
+    t = [0.0]
+    det = DeadLetterBurstDetector(log, threshold=10, window_seconds=60, clock=lambda: t[0])
+    assert det.observe("key_revoked", "orders", 4) is None
+    ev = det.observe("key_revoked", "orders", 7)
+    assert ev is not None and ev["attrs"]["count"] == 11
+    assert det.observe("key_revoked", "orders", 50) is None  # once per window
+    assert det.observe("tampered", "orders", 3) is None
+    t[0] = 61.0
+    assert det.observe("key_revoked", "orders", 10) is not None
+    assert len(sink.lines) == 2
+
+
+def test_hmac_key_file(tmp_path: Path) -> None:
+    p = tmp_path / "audit.key"
+    write_hmac_key(p)
+    assert stat.S_IMODE(p.stat().st_mode) == 0o600
+    assert len(load_hmac_key(p)) == 32
+    with pytest.raises(FileExistsError):
+        write_hmac_key(p)
+    p.chmod(0o644)
+    with pytest.raises(Exception, match="0600"):
+        load_hmac_key(p)
+
+
+# -- CLI -------------------------------------------------------------------------------------------------------------
+
+
+def test_cli_verify_and_tail(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    keyfile = tmp_path / "audit.key"
+    write_hmac_key(keyfile)
+    with AuditLog(
+        [FileSink(path)], stream="w1", clock=Clock(), hmac_key=load_hmac_key(keyfile)
+    ) as log:
+        for v in range(30):
+            log.key_rotated("local", "kek", v + 2, previous_version=v + 1)
+        head = log.head
+    assert head is not None
+    runner = CliRunner()
+    res = runner.invoke(audit_cli, ["verify", str(path)])
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith(f"OK: 30 events, head {head.hash}")
+    assert "not checked" in res.output
+    res = runner.invoke(
+        audit_cli,
+        ["verify", str(path), "--hmac-key-file", str(keyfile), "--expected-head", head.hash],
+    )
+    assert res.exit_code == 0 and "not checked" not in res.output
+
+    res = runner.invoke(audit_cli, ["tail", str(path), "-n", "3"])
+    assert res.exit_code == 0
+    out = res.output.splitlines()
+    assert (
+        len(out) == 3
+        and out[-1].split()[0] == "29"
+        and "key_rotated" in out[-1]
+        and "version=31" in out[-1]
+    )
+    assert len(runner.invoke(audit_cli, ["tail", str(path)]).output.splitlines()) == 20
+    assert (
+        json.loads(runner.invoke(audit_cli, ["tail", str(path), "-n", "1", "--json"]).output)["seq"]
+        == 29
+    )
+
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[6] = lines[6].replace(b'"version":8', b'"version":9')
+    del lines[20]
+    path.write_bytes(b"".join(lines))
+    res = runner.invoke(audit_cli, ["verify", str(path)])
+    assert res.exit_code == 1
+    assert "line 7 (seq 6): hash_mismatch" in res.output
+    assert "line 21 (seq 21): sequence_gap: expected seq 20, found 21" in res.output
+    res = runner.invoke(
+        audit_cli, ["verify", str(path), "--hmac-key-file", str(tmp_path / "missing")]
+    )
+    assert res.exit_code == 2
+
+    new = tmp_path / "new.key"
+    assert runner.invoke(audit_cli, ["keygen", "--out", str(new)]).exit_code == 0
+    assert runner.invoke(audit_cli, ["keygen", "--out", str(new)]).exit_code == 1

@@ -1,0 +1,472 @@
+"""Re-identification: audience-bound keys, version checks, one audit event per call, CLI."""
+
+from __future__ import annotations
+
+import json
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from streamproc.audit import AuditLog, AuditSinkError, FileSink, MemorySink, verify, verify_file
+from streamproc.cli.reidentify import export_audience, reidentify
+from streamproc.crypto.kms.local import LocalKeyring
+from streamproc.crypto.pseudonym import PseudonymKeys, ReidentificationError
+from streamproc.errors import ConfigError
+from streamproc.operators import REGISTRY, OpContext
+from streamproc.policy.model import parse_policy
+from streamproc.reid import (
+    AUDIENCE_KEY_FORMAT,
+    AudienceKey,
+    Reidentifier,
+    export_audience_key,
+    write_audience_key,
+)
+from streamproc.schema.avro import Primitive
+
+SECRET = "pseudonym-master"
+POLICY_VERSION = "sha256:00112233aabbccdd"
+NORMALIZE = {"normalize": ["lower", "strip"]}
+EMAIL = "Alice.Smith@Example.com "
+
+
+@pytest.fixture
+def ring(tmp_path: Path) -> LocalKeyring:
+    r = LocalKeyring.create(tmp_path / "keys" / "keyring.json")
+    r.create_key(SECRET, "secret")
+    return r
+
+
+@pytest.fixture
+def pkeys(ring: LocalKeyring) -> PseudonymKeys:
+    return PseudonymKeys(ring, SECRET)
+
+
+def encryptor(
+    keys: PseudonymKeys,
+    audience: str,
+    domain: str,
+    params: dict[str, Any] | None = None,
+    kind: str = "string",
+) -> Callable[[Any], str]:
+    """Exactly what a compiled plan runs for an ``encrypt_deterministic`` field."""
+    op = REGISTRY["encrypt_deterministic"]
+    p = NORMALIZE if params is None else params
+    op.validate(p)
+    fn: Callable[[Any], str] = op.bind(
+        p, Primitive(kind), OpContext(audience, domain, "customer.email", keys)
+    )
+    return fn
+
+
+def reidentifier(
+    keys: PseudonymKeys, audience: str, version: int | None = None, policy: Any = POLICY_VERSION
+) -> tuple[Reidentifier, MemorySink]:
+    sink = MemorySink()
+    log = AuditLog([sink], stream="reidentify", clock=lambda: 1_700_000_000.0)
+    return Reidentifier(export_audience_key(keys, audience, version), log, policy), sink
+
+
+CALL = {
+    "actor": "bob@corp.example",
+    "field": "customer.email",
+    "subject": "orders:3:1234",
+    "reason": "INC0012345 chargeback review",
+}
+
+
+def test_round_trip_and_audit_event(pkeys: PseudonymKeys) -> None:
+    ct = encryptor(pkeys, "fraud", "EMAIL")(EMAIL)
+    assert ct.startswith("de1_")
+    reid, sink = reidentifier(pkeys, "fraud")
+    assert reid.reidentify(ct, "EMAIL", **CALL) == "alice.smith@example.com"
+    (ev,) = sink.events()
+    assert ev["type"] == "reidentification" and ev["actor"] == "bob@corp.example"
+    assert ev["ts"] == "2023-11-14T22:13:20.000000Z"
+    assert ev["attrs"] == {
+        "audience": "fraud",
+        "domain": "EMAIL",
+        "field": "customer.email",
+        "subject": "orders:3:1234",
+        "reason": "INC0012345 chargeback review",
+        "policy_version": POLICY_VERSION,
+        "key_version": 1,
+        "outcome": "success",
+        "value_digest": ev["attrs"]["value_digest"],
+    }
+    line = sink.lines[0].lower()
+    assert b"alice" not in line and b"example.com" not in line  # no plaintext
+    assert ct.encode().lower() not in line  # nor the ciphertext itself (only a digest)
+    assert verify(sink.lines).ok
+
+
+@pytest.mark.parametrize(
+    ("kind", "value", "text"), [("long", 42, "42"), ("boolean", True, "true"), ("int", -7, "-7")]
+)
+def test_non_string_values_come_back_as_canonical_text(
+    pkeys: PseudonymKeys, kind: str, value: Any, text: str
+) -> None:
+    ct = encryptor(pkeys, "fraud", "acct", {}, kind)(value)
+    reid, _ = reidentifier(pkeys, "fraud")
+    assert reid.reidentify(ct, "acct", **CALL) == text
+
+
+def test_binary_plaintext_needs_reidentify_bytes(pkeys: PseudonymKeys) -> None:
+    ct = encryptor(pkeys, "fraud", "blob", {}, "bytes")(b"\xff\x00\x01")
+    reid, sink = reidentifier(pkeys, "fraud")
+    with pytest.raises(ReidentificationError, match="binary"):
+        reid.reidentify(ct, "blob", **CALL)
+    assert reid.reidentify_bytes(ct, "blob", **CALL) == b"\xff\x00\x01"
+    assert [e["attrs"]["outcome"] for e in sink.events()] == ["failed", "success"]
+    assert sink.events()[0]["attrs"]["error"] == "not_text"
+
+
+def test_audience_a_cannot_reverse_audience_b(pkeys: PseudonymKeys) -> None:
+    ct_b = encryptor(pkeys, "support", "EMAIL")(EMAIL)
+    reid_a, sink = reidentifier(pkeys, "fraud")
+    with pytest.raises(ReidentificationError) as info:
+        reid_a.reidentify(ct_b, "EMAIL", **CALL)
+    assert ct_b not in str(info.value) and "alice" not in str(info.value).lower()
+    (ev,) = sink.events()
+    assert ev["attrs"]["outcome"] == "failed" and ev["attrs"]["error"] == "decrypt_failed"
+    assert ev["attrs"]["audience"] == "fraud"
+    # and the right audience can
+    reid_b, _ = reidentifier(pkeys, "support")
+    assert reid_b.reidentify(ct_b, "EMAIL", **CALL) == "alice.smith@example.com"
+
+
+def test_wrong_domain_fails(pkeys: PseudonymKeys) -> None:
+    ct = encryptor(pkeys, "fraud", "EMAIL")(EMAIL)
+    reid, sink = reidentifier(pkeys, "fraud")
+    with pytest.raises(ReidentificationError, match="domain 'customer'"):
+        reid.reidentify(ct, "customer", **CALL)
+    assert sink.events()[0]["attrs"]["error"] == "decrypt_failed"
+
+
+def test_modified_ciphertext_fails(pkeys: PseudonymKeys) -> None:
+    ct = encryptor(pkeys, "fraud", "EMAIL")(EMAIL)
+    reid, sink = reidentifier(pkeys, "fraud")
+    bad = ct[:-2] + ("A" if ct[-2] != "A" else "B") + ct[-1]
+    with pytest.raises(ReidentificationError):
+        reid.reidentify(bad, "EMAIL", **CALL)
+    assert sink.events()[0]["attrs"]["outcome"] == "failed"
+
+
+def test_version_mismatch_after_master_rotation(ring: LocalKeyring, pkeys: PseudonymKeys) -> None:
+    old_ct = encryptor(pkeys, "fraud", "EMAIL")(EMAIL)
+    old_reid, _ = reidentifier(pkeys, "fraud")
+    ring.rotate(SECRET)
+    keys2 = PseudonymKeys(ring, SECRET)
+    new_ct = encryptor(keys2, "fraud", "EMAIL")(EMAIL)
+    assert new_ct.startswith("de2_") and new_ct != old_ct
+    with pytest.raises(ReidentificationError) as info:
+        old_reid.reidentify(new_ct, "EMAIL", **CALL)
+    msg = str(info.value)
+    assert "version 2" in msg and "version 1" in msg and "--version 2" in msg
+    ev = old_reid.audit.sinks[0].events()[-1]  # type: ignore[attr-defined]
+    assert (ev["attrs"]["outcome"], ev["attrs"]["error"], ev["attrs"]["key_version"]) == (
+        "denied",
+        "version_mismatch",
+        1,
+    )
+    # each version's key reverses its own values; old values stay reversible with an old key
+    new_reid, _ = reidentifier(keys2, "fraud")
+    assert new_reid.reidentify(new_ct, "EMAIL", **CALL) == "alice.smith@example.com"
+    v1_reid, _ = reidentifier(keys2, "fraud", version=1)
+    assert v1_reid.reidentify(old_ct, "EMAIL", **CALL) == "alice.smith@example.com"
+    with pytest.raises(ReidentificationError, match="version 1"):
+        new_reid.reidentify(old_ct, "EMAIL", **CALL)
+
+
+@pytest.mark.parametrize(
+    ("change", "outcome", "error"),
+    [
+        ({}, "success", None),
+        ({"value": "tk1_AAAAAAAAAAAAAAAAAAAAAA"}, "denied", "token_not_reversible"),
+        ({"value": "alice@example.com"}, "denied", "not_ciphertext"),
+        ({"domain": "customer"}, "failed", "decrypt_failed"),
+        ({"subject": "alice@example.com"}, "denied", "invalid_subject"),
+        ({"subject": None}, "success", None),
+        ({"reason": ""}, "denied", "missing_reason"),
+        ({"reason": "customer alice@example.com asked"}, "denied", "invalid_reason"),
+        ({"field": "not a field"}, "denied", "invalid_field"),
+        ({"domain": "two words"}, "denied", "invalid_domain"),
+        ({"actor": "Alice Smith"}, "denied", "invalid_actor"),
+    ],
+)
+def test_every_call_writes_exactly_one_event(
+    pkeys: PseudonymKeys, change: dict[str, Any], outcome: str, error: str | None
+) -> None:
+    ct = encryptor(pkeys, "fraud", "EMAIL")(EMAIL)
+    reid, sink = reidentifier(pkeys, "fraud")
+    args = {"value": ct, "domain": "EMAIL", **CALL, **change}
+    value, domain = args.pop("value"), args.pop("domain")
+    if outcome == "success":
+        assert reid.reidentify(value, domain, **args) == "alice.smith@example.com"
+    else:
+        with pytest.raises(ReidentificationError) as info:
+            reid.reidentify(value, domain, **args)
+        assert "alice" not in str(info.value).lower() and ct not in str(info.value)
+    assert len(sink.lines) == 1
+    ev = sink.events()[0]
+    assert ev["attrs"]["outcome"] == outcome and ev["attrs"].get("error") == error
+    assert ev["attrs"]["audience"] == "fraud" and ev["attrs"]["policy_version"] == POLICY_VERSION
+    assert ev["actor"] == ("unknown" if error == "invalid_actor" else CALL["actor"])
+    line = sink.lines[0].lower()
+    assert b"alice" not in line and b"smith" not in line  # plaintexts never reach the log
+    assert verify(sink.lines).ok
+
+
+def test_no_value_without_an_audit_trail(pkeys: PseudonymKeys) -> None:
+    class Down(MemorySink):
+        def write(self, line: bytes) -> None:
+            raise AuditSinkError("disk full")
+
+    ct = encryptor(pkeys, "fraud", "EMAIL")(EMAIL)
+    reid = Reidentifier(
+        export_audience_key(pkeys, "fraud"), AuditLog([Down()], stream="r"), POLICY_VERSION
+    )
+    with pytest.raises(ReidentificationError, match="audit log could not be written"):
+        reid.reidentify(ct, "EMAIL", **CALL)
+
+
+def test_policy_gates_the_audience(pkeys: PseudonymKeys) -> None:
+    policy = parse_policy(
+        {
+            "keys": {"pseudonym": SECRET},
+            "audiences": {
+                "fraud": {"tags": {"EMAIL": {"op": "encrypt_deterministic"}}},
+                "analytics": {"tags": {"EMAIL": "token"}},
+            },
+        }
+    )
+    ct = encryptor(pkeys, "fraud", "EMAIL", {})(EMAIL)
+    reid, sink = reidentifier(pkeys, "fraud", policy=policy)
+    assert reid.reidentify(ct, "EMAIL", **CALL) == EMAIL
+    assert sink.events()[0]["attrs"]["policy_version"] == policy.version
+    an, sink = reidentifier(pkeys, "analytics", policy=policy)
+    with pytest.raises(ReidentificationError, match="no encrypt_deterministic"):
+        an.reidentify(ct, "EMAIL", **CALL)
+    other, sink = reidentifier(pkeys, "support", policy=policy)
+    with pytest.raises(ReidentificationError, match="not in the policy"):
+        other.reidentify(ct, "EMAIL", **CALL)
+    assert sink.events()[0]["attrs"]["error"] == "audience_not_in_policy"
+    with pytest.raises(ConfigError):
+        reidentifier(pkeys, "fraud", policy="v1")
+
+
+def test_audience_key_file(tmp_path: Path, pkeys: PseudonymKeys) -> None:
+    blob = export_audience_key(pkeys, "fraud")
+    doc = json.loads(blob)
+    assert (
+        doc["format"] == AUDIENCE_KEY_FORMAT
+        and doc["audience"] == "fraud"
+        and doc["master_version"] == 1
+    )
+    assert set(doc) == {"format", "audience", "master_version", "key", "secret_id"}
+    key = AudienceKey.from_bytes(blob)
+    assert "key=" not in repr(key)  # material never in reprs
+    assert key.key == pkeys.siv_key("fraud")[1]
+    path = tmp_path / "fraud.key"
+    write_audience_key(path, blob)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert AudienceKey.load(path) == key
+    with pytest.raises(ConfigError, match="already exists"):
+        write_audience_key(path, blob)
+    path.chmod(0o640)
+    with pytest.raises(ConfigError, match="0600"):
+        AudienceKey.load(path)
+    for broken in (
+        b"nope",
+        b"{}",
+        json.dumps({**doc, "key": "!!"}).encode(),
+        json.dumps({**doc, "master_version": 0}).encode(),
+        json.dumps({k: v for k, v in doc.items() if k != "audience"}).encode(),
+    ):
+        with pytest.raises(ConfigError):
+            AudienceKey.from_bytes(broken)
+
+
+# -- CLI -----------------------------------------------------------------------------------------------------
+
+
+def test_cli_export_and_reidentify(
+    tmp_path: Path, ring: LocalKeyring, pkeys: PseudonymKeys
+) -> None:
+    runner = CliRunner()
+    key_file, audit_file = tmp_path / "fraud.key", tmp_path / "audit.jsonl"
+    res = runner.invoke(
+        export_audience,
+        [
+            "--keyring",
+            str(ring.path),
+            "--secret",
+            SECRET,
+            "--audience",
+            "fraud",
+            "--out",
+            str(key_file),
+            "--actor",
+            "custodian",
+            "--audit-file",
+            str(tmp_path / "keys-audit.jsonl"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "master version 1" in res.output
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    exp = [json.loads(x) for x in (tmp_path / "keys-audit.jsonl").read_text().splitlines()]
+    assert exp[0]["type"] == "audience_key_exported" and exp[0]["actor"] == "custodian"
+    assert exp[0]["attrs"] == {
+        "kms": "local",
+        "key_id": SECRET,
+        "audience": "fraud",
+        "key_version": 1,
+    }
+    res = runner.invoke(
+        export_audience,
+        ["--keyring", str(ring.path), "--audience", "fraud", "--out", str(key_file)],
+    )
+    assert res.exit_code == 1 and "already exists" in res.output
+
+    enc = encryptor(pkeys, "fraud", "EMAIL")
+    cts = [enc("a@x.org"), enc("B@Y.org")]
+    base = [
+        "--key-file",
+        str(key_file),
+        "--domain",
+        "EMAIL",
+        "--field",
+        "customer.email",
+        "--actor",
+        "bob",
+        "--reason",
+        "INC-77 fraud review",
+        "--audit-file",
+        str(audit_file),
+    ]
+    res = runner.invoke(reidentify, [*base, *cts])
+    assert res.exit_code == 0, res.output
+    assert res.output.splitlines() == ["a@x.org", "b@y.org"]
+    res = runner.invoke(reidentify, base, input=f"{cts[1]}\n\n{cts[0]}\n")
+    assert res.exit_code == 0 and res.output.splitlines() == ["b@y.org", "a@x.org"]
+    # a foreign value stops the run with exit 1 and no echo of the input
+    foreign = encryptor(pkeys, "support", "EMAIL")("c@z.org")
+    res = runner.invoke(reidentify, [*base, cts[0], foreign, cts[1]])
+    assert res.exit_code == 1
+    assert res.stdout.splitlines() == ["a@x.org"]
+    assert "value #2" in res.stderr and foreign not in res.stderr
+    r = verify_file(audit_file)
+    assert r.ok and r.count == 6
+    events = [json.loads(x) for x in audit_file.read_text().splitlines()]
+    assert [e["attrs"]["outcome"] for e in events] == ["success"] * 5 + ["failed"]
+    assert {e["actor"] for e in events} == {"bob"} and all(
+        e["stream"] == "reidentify" for e in events
+    )
+    assert "@" not in audit_file.read_text().replace('"actor":"bob"', "")
+
+
+def test_cli_policy_and_errors(tmp_path: Path, ring: LocalKeyring, pkeys: PseudonymKeys) -> None:
+    runner = CliRunner()
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(
+        f"keys: {{pseudonym: {SECRET}}}\naudiences:\n  fraud:\n    tags:\n"
+        "      EMAIL: {op: encrypt_deterministic}\n"
+    )
+    key_file = tmp_path / "k.key"
+    res = runner.invoke(
+        export_audience,
+        [
+            "--keyring",
+            str(ring.path),
+            "--audience",
+            "nobody",
+            "--out",
+            str(key_file),
+            "--policy",
+            str(policy_file),
+        ],
+    )
+    assert res.exit_code == 1 and "no audience 'nobody'" in res.output and not key_file.exists()
+    res = runner.invoke(export_audience, ["--audience", "fraud", "--out", str(key_file)])
+    assert res.exit_code == 2 and "--keyring or --kms-config" in res.output
+    kms_cfg = tmp_path / "kms.yaml"
+    kms_cfg.write_text(f"kms:\n  provider: local\n  path: {ring.path}\n")
+    res = runner.invoke(
+        export_audience,
+        [
+            "--kms-config",
+            str(kms_cfg),
+            "--audience",
+            "fraud",
+            "--out",
+            str(key_file),
+            "--policy",
+            str(policy_file),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    audit_file = tmp_path / "a.jsonl"
+    ct = encryptor(pkeys, "fraud", "EMAIL", {})("dana@example.org")
+    base = [
+        "--key-file",
+        str(key_file),
+        "--domain",
+        "EMAIL",
+        "--field",
+        "email",
+        "--actor",
+        "bob",
+        "--audit-file",
+        str(audit_file),
+        "--policy",
+        str(policy_file),
+        "--subject",
+        "orders:0:17",
+    ]
+    res = runner.invoke(reidentify, [*base, "--reason", "INC-1", ct])
+    assert res.exit_code == 0 and res.output.strip() == "dana@example.org"
+    ev = json.loads(audit_file.read_text().splitlines()[-1])
+    assert ev["attrs"]["subject"] == "orders:0:17"
+    assert ev["attrs"]["policy_version"].startswith("sha256:")
+    res = runner.invoke(reidentify, [*base, "--reason", "call 555 123 4567", ct])
+    assert res.exit_code == 1 and "personal data" in res.stderr
+    # a tampered audit file blocks re-identification altogether
+    audit_file.write_text(audit_file.read_text().replace('"bob"', '"eve"', 1))
+    res = runner.invoke(reidentify, [*base, "--reason", "INC-1", ct])
+    assert res.exit_code == 1 and "audit log unavailable" in res.output and "dana" not in res.output
+    # and so does a key file others can read
+    key_file.chmod(0o644)
+    res = runner.invoke(reidentify, [*base, "--reason", "INC-1", ct])
+    assert res.exit_code == 1 and "0600" in res.output
+
+
+def test_wired_into_the_main_cli(tmp_path: Path, ring: LocalKeyring) -> None:
+    main = pytest.importorskip("streamproc.cli.main")
+    if (
+        "keys" not in main.cli.commands
+        or "export-audience" not in main.cli.commands["keys"].commands
+    ):
+        pytest.skip("main CLI does not attach export-audience yet")
+    res = CliRunner().invoke(
+        main.cli,
+        [
+            "keys",
+            "export-audience",
+            "--keyring",
+            str(ring.path),
+            "--audience",
+            "fraud",
+            "--out",
+            str(tmp_path / "f.key"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "reidentify" in main.cli.commands and "audit" in main.cli.commands
+    with AuditLog([FileSink(tmp_path / "x.jsonl")], stream="s") as log:
+        log.anomaly("x")
+    res = CliRunner().invoke(main.cli, ["audit", "verify", str(tmp_path / "x.jsonl")])
+    assert res.exit_code == 0 and res.output.startswith("OK: 1 events")
