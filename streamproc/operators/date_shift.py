@@ -9,11 +9,10 @@ recomputed without the key.  The subject is the value of the field marked
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Mapping
-from hashlib import sha256
 from typing import Any
 
+from streamproc.crypto.pseudonym import hmac_sha256_fn
 from streamproc.operators.base import (
     TEMPORAL,
     OpContext,
@@ -45,14 +44,12 @@ class DateShift(Operator):
         if ctx.keys is None:
             raise OperatorError("date_shift needs pseudonym keys (policy 'keys.pseudonym')")
         _, key = ctx.keys.shift_key(ctx.audience, ctx.domain)
-        base = hmac.new(key, digestmod=sha256)
+        mac = hmac_sha256_fn(key)  # HMAC-SHA256 with the key schedule precomputed
         max_days = params.get("max_days", 30)
         unit = _PER_DAY[value_kind(t)]
 
         def shift(v: int, subject: bytes) -> int:
-            h = base.copy()
-            h.update(subject)
-            x = int.from_bytes(h.digest()[:8], "big")
+            x = int.from_bytes(mac(subject)[:8], "big")
             days = (x >> 1) % max_days + 1
             return v + (days if x & 1 else -days) * unit
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from streamproc import __version__
-from streamproc.crypto.envelope import Opener, Sealer
+from streamproc.crypto.envelope import Opener, Sealer, fast_dataclass_constructor
 from streamproc.crypto.kms import KmsProvider
 from streamproc.crypto.pseudonym import PseudonymKeys, make_tokenizer
 from streamproc.errors import (
@@ -138,6 +138,10 @@ class _DestState:
         self.key_fn = key_fn
         self.kek_id_b = dest.kek_id.encode()
         self.versions: dict[bytes, bytes] = {}
+        #: raw u32 KEK version -> the (name, value) header tuple shared by all its records.
+        self.version_hdrs: dict[bytes, tuple[str, bytes]] = {}
+        #: The record-key rule's op ("keep", "drop" or "token"): keep/drop need no call.
+        self.key_mode = audience.record_key.op
 
     def kek_version_header(self, sealed: bytes) -> bytes:
         n = sealed[1]
@@ -194,6 +198,9 @@ class Pipeline:
         self._lock = threading.Lock()
         self._version_b = __version__.encode()
         self._policy_b = policy.version.encode()
+        # Shared, immutable header tuples (source topic and partition), built on first use.
+        self._topic_hdrs: dict[str, tuple[str, bytes]] = {}
+        self._part_hdrs: dict[int, tuple[str, bytes]] = {}
 
     @property
     def source_topics(self) -> list[str]:
@@ -265,20 +272,56 @@ class Pipeline:
             self._plans.clear()
 
     # -- processing ---------------------------------------------------------------------------
+    def _targets(self, schema_id: int, dests: list[_DestState]) -> list[tuple[_DestState, _Compiled]] | None:
+        """The compiled plan of every destination, or None if any is missing or failed.
+
+        None sends the record down the general path, which compiles (or raises) in
+        destination order exactly as before, so reason classes do not change.
+        """
+        plans = self._plans
+        out = []
+        for st in dests:
+            c = plans.get((schema_id, st.dest.topic))
+            if c is None or isinstance(c, PolicyError):
+                return None
+            out.append((st, c))
+        return out
+
     def process(self, batch: Iterable[InputRecord]) -> BatchResult:
+        # Hot path; the per-record work is kept to: one envelope open, one plan call and one
+        # join per destination, a few list appends.  Everything that is the same for many
+        # records (compiled plans, header tuples, counters) is looked up once and reused:
+        # * the plans of the last (source topic, schema id) are memoized for the batch;
+        # * per destination, plaintexts, inputs and plans go to three parallel lists (no
+        #   per-record tuple), sealed with one ``seal_many`` call, in input order;
+        # * output headers share immutable (name, value) tuples: source topic, partition,
+        #   the plan's constant headers and the KEK version are cached; only the offset is
+        #   formatted per record;
+        # * statistics are counted per run or per batch, not per record.
         outputs: list[OutputRecord] = []
         quarantined: list[Quarantined] = []
         stats = BatchStats()
-        # Per destination: plaintexts to seal, with the info needed to build the output.
-        pending: dict[str, list[tuple[bytes, InputRecord, _Compiled, bytes | None]]] = {}
+        # destination topic -> (state, plaintexts to seal, input records, compiled plans)
+        pending: dict[str, tuple[_DestState, list[bytes], list[InputRecord], list[_Compiled]]] = {}
         routes = self._routes
         max_bytes = self.max_record_bytes
-        opener_open = self.opener.open
+        opener = self.opener
+        # The built-in Opener has a tuple-returning variant of open() (no result object).
+        open_parts = getattr(opener, "open_parts", None)
+        join = b"".join
+        unpack_u32 = _U32.unpack_from
         decryptions = stats.decryptions
+        run_topic = run_kek = ""  # run-length count of decryptions per (topic, KEK id)
+        run_n = 0
+        memo_topic: str | None = None
+        memo_sid = -1
+        memo_targets: list[tuple[_DestState, _Compiled, list[bytes], list[InputRecord], list[_Compiled]]] = []
+        schema_id = -1
         for rec in batch:
-            dests = routes.get(rec.topic)
+            topic = rec.topic
+            dests = routes.get(topic)
             if dests is None:
-                quarantined.append(Quarantined(rec, Reason.NO_ROUTE, f"topic {rec.topic!r} has no route"))
+                quarantined.append(Quarantined(rec, Reason.NO_ROUTE, f"topic {topic!r} has no route"))
                 continue
             value = rec.value
             if value is None:
@@ -290,56 +333,110 @@ class Pipeline:
             try:
                 if len(value) > max_bytes:
                     raise RecordError(Reason.OVERSIZED, f"{len(value)} bytes > limit {max_bytes}")
-                opened = opener_open(rec.topic, value)
-                plain = opened.plaintext
+                if open_parts is not None:
+                    plain, kek_id, _ = open_parts(topic, value)
+                else:
+                    opened = opener.open(topic, value)
+                    plain, kek_id = opened.plaintext, opened.kek_id
                 if len(plain) < HEADER_LEN or plain[0] != MAGIC:
                     raise RecordError(Reason.BAD_PAYLOAD, "plaintext is not Confluent-framed")
-                schema_id = _U32.unpack_from(plain, 1)[0]
-                results = []
-                for st in dests:
-                    compiled = self._plans.get((schema_id, st.dest.topic))
-                    if compiled is None or isinstance(compiled, PolicyError):
-                        compiled = self._compile(schema_id, st)
-                    try:
-                        results.append((st, compiled, b"".join(compiled.fn(plain))))
-                    except TransformFailed as exc:
-                        raise RecordError(Reason.TRANSFORM_FAILED, f"field {exc.args[0]}") from None
-                    except (BadPayload, IndexError, UnicodeDecodeError, struct.error, ValueError, OverflowError):
-                        raise RecordError(Reason.BAD_PAYLOAD, f"Avro does not match schema id {schema_id}") from None
+                schema_id = unpack_u32(plain, 1)[0]
+                if schema_id != memo_sid or topic != memo_topic:
+                    targets = self._targets(schema_id, dests)
+                    if targets is None:
+                        # First record of this schema for some destination: compile (or
+                        # raise) in destination order, then memoize.
+                        for st in dests:
+                            self._compile(schema_id, st)
+                        targets = self._targets(schema_id, dests)
+                        assert targets is not None
+                    memo_targets = []
+                    for st, c in targets:
+                        pend = pending.get(st.dest.topic)
+                        if pend is None:
+                            pend = pending[st.dest.topic] = (st, [], [], [])
+                        memo_targets.append((st, c, pend[1], pend[2], pend[3]))
+                    memo_topic, memo_sid = topic, schema_id
+                try:
+                    if len(memo_targets) == 1:
+                        st, compiled, plains, recs, comps = memo_targets[0]
+                        out_plain = join(compiled.fn(plain))
+                    else:
+                        outs = [join(t[1].fn(plain)) for t in memo_targets]
+                except TransformFailed as exc:
+                    raise RecordError(Reason.TRANSFORM_FAILED, f"field {exc.args[0]}") from None
+                except (BadPayload, IndexError, UnicodeDecodeError, struct.error, ValueError, OverflowError):
+                    raise RecordError(Reason.BAD_PAYLOAD, f"Avro does not match schema id {schema_id}") from None
             except SchemaNotFound:
                 quarantined.append(Quarantined(rec, Reason.UNKNOWN_SCHEMA, f"schema id {schema_id}"))
+                memo_sid = -1
                 continue
             except RecordError as exc:  # includes EnvelopeError
                 quarantined.append(Quarantined(rec, exc.reason, exc.detail))
                 continue
-            dk = (rec.topic, opened.kek_id)
-            decryptions[dk] = decryptions.get(dk, 0) + 1
-            key_in = rec.key
-            for st, compiled, out_plain in results:
-                pending.setdefault(st.dest.topic, []).append((out_plain, rec, compiled, key_in))
+            if kek_id != run_kek or topic != run_topic:
+                if run_n:
+                    dk = (run_topic, run_kek)
+                    decryptions[dk] = decryptions.get(dk, 0) + run_n
+                run_topic, run_kek, run_n = topic, kek_id, 0
+            run_n += 1
+            if len(memo_targets) == 1:
+                plains.append(out_plain)
+                recs.append(rec)
+                comps.append(compiled)
+            else:
+                for (_, compiled, plains, recs, comps), out_plain in zip(memo_targets, outs, strict=True):
+                    plains.append(out_plain)
+                    recs.append(rec)
+                    comps.append(compiled)
+        if run_n:
+            dk = (run_topic, run_kek)
+            decryptions[dk] = decryptions.get(dk, 0) + run_n
         # Seal per destination in one go (one lock round trip per data key).
-        for topic, items in pending.items():
-            st = self._dest_by_topic[topic]
-            sealed_all = st.sealer.seal_many([i[0] for i in items])
-            aud = st.dest.audience
-            n_bytes = 0
-            transforms = stats.transforms
-            key_fn = st.key_fn
-            for sealed, (_, rec, compiled, key_in) in zip(sealed_all, items, strict=True):
-                headers = [
-                    (H_SOURCE_TOPIC, rec.topic.encode()),
-                    (H_SOURCE_PARTITION, str(rec.partition).encode()),
-                    (H_SOURCE_OFFSET, str(rec.offset).encode()),
-                    *compiled.const_headers,
-                    (H_KEK_VERSION, st.kek_version_header(sealed)),
-                ]
-                outputs.append(OutputRecord(topic, key_fn(key_in), sealed, headers, rec))
-                n_bytes += len(sealed)
-                for op, n in compiled.transforms:
-                    transforms[op] = transforms.get(op, 0) + n
-            ek = (topic, aud)
-            stats.egress_records[ek] = stats.egress_records.get(ek, 0) + len(items)
-            stats.egress_bytes[ek] = stats.egress_bytes.get(ek, 0) + n_bytes
+        transforms = stats.transforms
+        topic_hdrs = self._topic_hdrs
+        part_hdrs = self._part_hdrs
+        for topic, (st, plains, recs, comps) in pending.items():
+            if not plains:
+                continue
+            sealed_all = st.sealer.seal_many(plains)
+            key_mode, key_fn = st.key_mode, st.key_fn
+            versions = st.version_hdrs
+            last_comp: _Compiled | None = None
+            n_comp = 0
+            for sealed, rec, compiled in zip(sealed_all, recs, comps, strict=True):
+                if compiled is not last_comp:
+                    if n_comp:
+                        _count_transforms(transforms, last_comp, n_comp)  # type: ignore[arg-type]
+                    last_comp, n_comp, const = compiled, 0, compiled.const_headers
+                n_comp += 1
+                # KEK version: bytes 2+n..6+n of the envelope (n = KEK id length).
+                n = sealed[1]
+                raw = sealed[2 + n : 6 + n]
+                kver = versions.get(raw)
+                if kver is None:
+                    kver = versions[raw] = (H_KEK_VERSION, st.kek_version_header(sealed))
+                src = rec.topic
+                th = topic_hdrs.get(src)
+                if th is None:
+                    th = topic_hdrs[src] = (H_SOURCE_TOPIC, src.encode())
+                part = rec.partition
+                ph = part_hdrs.get(part)
+                if ph is None:
+                    ph = part_hdrs[part] = (H_SOURCE_PARTITION, str(part).encode())
+                headers = [th, ph, (H_SOURCE_OFFSET, str(rec.offset).encode()), *const, kver]
+                if key_mode == "keep":
+                    key = rec.key
+                elif key_mode == "drop":
+                    key = None
+                else:
+                    key = key_fn(rec.key)
+                outputs.append(_new_output(topic, key, sealed, headers, rec))
+            if n_comp:
+                _count_transforms(transforms, last_comp, n_comp)  # type: ignore[arg-type]
+            ek = (topic, st.dest.audience)
+            stats.egress_records[ek] = stats.egress_records.get(ek, 0) + len(sealed_all)
+            stats.egress_bytes[ek] = stats.egress_bytes.get(ek, 0) + sum(map(len, sealed_all))
         for q in quarantined:
             stats.quarantined[q.reason] = stats.quarantined.get(q.reason, 0) + 1
         return BatchResult(outputs, quarantined, stats)
@@ -352,6 +449,16 @@ class Pipeline:
             (H_POLICY, self._policy_b),
             (H_PROCESSOR, self._version_b),
         ]
+
+
+def _count_transforms(transforms: dict[str, int], compiled: _Compiled, records: int) -> None:
+    for op, n in compiled.transforms:
+        transforms[op] = transforms.get(op, 0) + n * records
+
+
+#: OutputRecord(topic, key, value, headers, source) without the frozen-dataclass __init__
+#: (which sets each field through object.__setattr__): same object, about half the cost.
+_new_output = fast_dataclass_constructor(OutputRecord, ("topic", "key", "value", "headers", "source"))
 
 
 def build_routes(spec: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[Route]:

@@ -1,0 +1,400 @@
+"""In-process throughput of the pipeline core on the reference record (docs/benchmarks.md).
+
+Usage::
+
+    python benchmarks/bench_core.py [--records N] [--repeat R] [--batch B] [--cpu C] [--json out.json]
+
+What is measured, single core (the process pins itself to one CPU), over the same
+``--distinct`` realistic records (Faker, seeded) cycled up to ``--records`` per repetition,
+in batches of ``--batch`` records like the runtime:
+
+(a) baseline   -- plain fastavro ``schemaless_reader`` + ``schemaless_writer`` over the
+                  plaintext Avro of the same records (no crypto, no policy);
+(b) plan fn    -- the generated plan function alone (audience a1), plaintext in and out;
+(c) pipeline 1 -- ``Pipeline.process`` with one destination (a1): open, decode,
+                  transform, encode, seal, output headers;
+(d) pipeline 2 -- ``Pipeline.process`` with two destinations (a1, a2).
+
+plus two components for the cost breakdown: ``Opener.open`` alone and ``Sealer.seal_many``
+alone.  Each figure is the median of ``--repeat`` timed repetitions after one warm-up
+repetition; rates are *input* records per second, and every row also gets its ratio to (a)
+measured in the same run.  Nothing here touches a broker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import io
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fastavro
+
+from streamproc.client import RecordSealer
+from streamproc.crypto.envelope import Opener, Sealer
+from streamproc.crypto.kms.local import LocalKeyring
+from streamproc.crypto.pseudonym import PseudonymKeys
+from streamproc.pipeline.core import InputRecord, Pipeline, build_routes
+from streamproc.policy import load_policy
+from streamproc.schema.avro import strip_logical
+from streamproc.schema.framing import HEADER_LEN
+from streamproc.schema.registry import build_schema_source
+
+HERE = Path(__file__).resolve().parent
+SCHEMA_FILE = HERE / "reference.avsc"
+POLICY_FILE = HERE / "reference_policy.yaml"
+SOURCE_TOPIC = "purchases"
+SOURCE_KEK = "purchases-kek"
+PSEUDONYM_SECRET = "pseudonym-master"
+AUDIENCES = ("a1", "a2")
+PARTITIONS = 6
+
+
+# -- the reference data ------------------------------------------------------------------------
+
+
+def make_records(n: int, seed: int = 7) -> list[dict[str, Any]]:
+    """``n`` distinct, realistic reference records (Faker, seeded: reproducible)."""
+    import datetime as dt
+    import random
+
+    from faker import Faker
+
+    fake = Faker("en_GB")
+    fake.seed_instance(seed)
+    rng = random.Random(seed)
+    customers = [f"cust-{rng.randrange(10**8):08d}" for _ in range(max(1, n // 4))]
+    out = []
+    for _ in range(n):
+        items: list[dict[str, Any]] = [
+            {
+                "sku": f"SKU-{rng.randrange(10**5):05d}",
+                "quantity": rng.randint(1, 4),
+                "unit_price_cents": rng.randint(199, 19999),
+            }
+            for _ in range(rng.randint(1, 3))
+        ]
+        out.append(
+            {
+                "order_id": f"ord-{rng.randrange(10**10):010d}",
+                "customer_id": rng.choice(customers),
+                "email": fake.email(),
+                "card_number": fake.credit_card_number(card_type="visa16"),
+                "ip_address": fake.ipv4_public(),
+                "amount_cents": sum(i["quantity"] * i["unit_price_cents"] for i in items),
+                "currency": rng.choice(["GBP", "EUR", "USD"]),
+                "placed_at": int(
+                    fake.date_time_between("-30d", "now", tzinfo=dt.UTC).timestamp() * 1000
+                ),
+                "channel": rng.choice(["WEB", "APP", "STORE"]),
+                "shipping": {
+                    "city": fake.city(),
+                    "region": fake.county(),
+                    "country": "GB",
+                    "express": rng.random() < 0.2,
+                },
+                "items": items,
+                "coupon_code": rng.choice([None, None, f"SAVE{rng.randint(5, 30)}"]),
+            }
+        )
+    return out
+
+
+@dataclass
+class Setup:
+    """Everything the measurements share; built once by :func:`setup`."""
+
+    root: Path
+    records: list[dict[str, Any]]
+    plaintexts: list[bytes]
+    """Framed Avro (what producers seal), one per distinct record."""
+    sealed: list[bytes]
+    inputs: list[InputRecord]
+    """``n_records`` input records cycling over the distinct sealed values."""
+    pipelines: dict[int, Pipeline]
+    """Number of audiences -> pipeline."""
+    schema_id: int
+    kms: LocalKeyring
+    fastavro_schema: Any
+    plan_fn: Callable[[bytes], list[bytes]] = field(repr=False, default=None)  # type: ignore[assignment]
+
+    def close(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def setup(n_records: int, n_distinct: int = 2000, seed: int = 7, root: Path | None = None) -> Setup:
+    """Build a demo-like workspace (keyring, schema dir, policy) and the input records."""
+    root = Path(tempfile.mkdtemp(prefix="streamproc-bench-")) if root is None else root
+    sdir = root / "schemas"
+    sdir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(SCHEMA_FILE, sdir / SCHEMA_FILE.name)
+    ring_path = root / "keys" / "keyring.json"
+    ring = LocalKeyring.open_or_create(ring_path)
+    ring.ensure_key(SOURCE_KEK)
+    for a in AUDIENCES:
+        ring.ensure_key(f"{a}-kek")
+    ring.ensure_key(PSEUDONYM_SECRET, "secret")
+    kms = LocalKeyring(ring_path)
+    schemas = build_schema_source(str(sdir))
+    policy = load_policy(POLICY_FILE)
+    keys = PseudonymKeys(kms, PSEUDONYM_SECRET)
+
+    schema = json.loads(SCHEMA_FILE.read_text())
+    sealer = RecordSealer(kms, SOURCE_KEK, SOURCE_TOPIC, schema, schemas)
+    records = make_records(n_distinct, seed)
+    plaintexts = [sealer.encode(r) for r in records]
+    sealed = sealer.sealer.seal_many(plaintexts)
+    inputs = [
+        InputRecord(
+            SOURCE_TOPIC,
+            i % PARTITIONS,
+            i // PARTITIONS,
+            records[i % n_distinct]["order_id"].encode(),
+            sealed[i % n_distinct],
+            1_700_000_000_000 + i,
+        )
+        for i in range(n_records)
+    ]
+
+    pipelines = {}
+    for n_aud in (1, 2):
+        spec = [
+            {
+                "sources": [SOURCE_TOPIC],
+                "destinations": [
+                    {"topic": f"{SOURCE_TOPIC}.{a}", "audience": a, "kek": f"{a}-kek"}
+                    for a in AUDIENCES[:n_aud]
+                ],
+            }
+        ]
+        pipelines[n_aud] = Pipeline(
+            routes=build_routes(spec),
+            policy=policy,
+            opener=Opener.for_kms(kms),
+            kms=kms,
+            schemas=schemas,
+            keys=keys,
+        )
+    # Baseline schema: logical types stripped (raw ints, like the plan fn sees them) and
+    # parsed *with* fastavro's parsed-schema hint; without the hint fastavro re-parses the
+    # schema on every call and the baseline would look twice as slow as it is.
+    fa_schema = fastavro.parse_schema(strip_logical(schema))
+    s = Setup(
+        root, records, plaintexts, sealed, inputs, pipelines, sealer.schema_id, kms, fa_schema
+    )
+    p1 = pipelines[1]
+    p1.explain(sealer.schema_id, f"{SOURCE_TOPIC}.a1")  # compiles the plan
+    s.plan_fn = p1._plans[(sealer.schema_id, f"{SOURCE_TOPIC}.a1")].fn  # type: ignore[union-attr]
+    return s
+
+
+# -- the measured loops (each returns the number of input records it handled) ----------------
+
+
+def _cycle(items: Sequence[Any], n: int) -> list[Any]:
+    return [items[i % len(items)] for i in range(n)]
+
+
+def run_baseline(s: Setup, n: int, batch: int) -> int:
+    """(a) fastavro decode + encode of the same records' plaintext Avro (frame stripped)."""
+    bodies = _cycle([p[HEADER_LEN:] for p in s.plaintexts], n)
+    parsed = s.fastavro_schema
+    reader, writer = fastavro.schemaless_reader, fastavro.schemaless_writer
+    done = 0
+    for i in range(0, n, batch):
+        outs = []
+        for body in bodies[i : i + batch]:
+            rec = reader(io.BytesIO(body), parsed, None)
+            buf = io.BytesIO()
+            writer(buf, parsed, rec)
+            outs.append(buf.getvalue())
+        done += len(outs)
+    return done
+
+
+def run_plan(s: Setup, n: int, batch: int) -> int:
+    """(b) the generated plan function alone (audience a1), plaintext to plaintext."""
+    plains = _cycle(s.plaintexts, n)
+    fn, join = s.plan_fn, b"".join
+    done = 0
+    for i in range(0, n, batch):
+        outs = [join(fn(p)) for p in plains[i : i + batch]]
+        done += len(outs)
+    return done
+
+
+def run_pipeline(s: Setup, n_audiences: int, n: int, batch: int) -> int:
+    """(c)/(d) ``Pipeline.process`` over batches of input records."""
+    p = s.pipelines[n_audiences]
+    inputs = s.inputs[:n]
+    done = 0
+    for i in range(0, n, batch):
+        res = p.process(inputs[i : i + batch])
+        if res.quarantined:
+            raise RuntimeError(
+                f"benchmark records were quarantined: {res.quarantined[0].reason} {res.quarantined[0].detail}"
+            )
+        done += len(res.outputs) // n_audiences
+    return done
+
+
+def run_open(s: Setup, n: int, batch: int) -> int:
+    """Component: ``Opener.open`` alone (DEK cache hit + AES-GCM decrypt)."""
+    opener = s.pipelines[1].opener
+    values = [r.value or b"" for r in s.inputs[:n]]
+    done = 0
+    for i in range(0, n, batch):
+        outs = [opener.open(SOURCE_TOPIC, v) for v in values[i : i + batch]]
+        done += len(outs)
+    return done
+
+
+def run_seal(s: Setup, n: int, batch: int) -> int:
+    """Component: ``Sealer.seal_many`` alone, on plaintexts of the a1 output's size."""
+    sealer = Sealer(s.kms, "a1-kek", f"{SOURCE_TOPIC}.a1")
+    outs_a1 = [b"".join(s.plan_fn(p)) for p in s.plaintexts]
+    plains = _cycle(outs_a1, n)
+    done = 0
+    for i in range(0, n, batch):
+        done += len(sealer.seal_many(plains[i : i + batch]))
+    return done
+
+
+#: name -> (label, function(setup, n, batch) -> records handled)
+CASES: dict[str, tuple[str, Callable[[Setup, int, int], int]]] = {
+    "baseline": ("(a) fastavro decode+encode (no crypto)", run_baseline),
+    "plan": ("(b) plan fn alone (a1)", run_plan),
+    "pipeline_1": ("(c) Pipeline.process, 1 audience", lambda s, n, b: run_pipeline(s, 1, n, b)),
+    "pipeline_2": ("(d) Pipeline.process, 2 audiences", lambda s, n, b: run_pipeline(s, 2, n, b)),
+    "open": ("    component: Opener.open", run_open),
+    "seal": ("    component: Sealer.seal_many", run_seal),
+}
+
+
+def measure(
+    s: Setup, cases: Sequence[str], n: int, batch: int, repeat: int
+) -> dict[str, dict[str, Any]]:
+    """Warm up each case once, then time ``repeat`` rounds; the rounds interleave the cases
+    so that a burst of load from other processes hits all of them alike."""
+    for name in cases:
+        CASES[name][1](s, min(n, 2 * batch), batch)  # warm-up: compile plans, fill caches
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeat):
+        for name in cases:
+            gc.collect()
+            t0 = time.perf_counter()
+            done = CASES[name][1](s, n, batch)
+            secs = time.perf_counter() - t0
+            if done != n:
+                raise RuntimeError(f"{name}: handled {done} of {n} records")
+            times[name].append(secs)
+    out: dict[str, dict[str, Any]] = {}
+    for name in cases:
+        med = statistics.median(times[name])
+        out[name] = {
+            "label": CASES[name][0],
+            "records": n,
+            "seconds": times[name],
+            "median_s": med,
+            "records_per_s": n / med,
+            "us_per_record": med / n * 1e6,
+        }
+    if "baseline" in out:
+        base = out["baseline"]["records_per_s"]
+        for r in out.values():
+            r["ratio_to_baseline"] = r["records_per_s"] / base
+    return out
+
+
+def pin(cpu: int | None) -> int | None:
+    """Pin this process to one CPU (the last one by default); returns it."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    chosen = cpus[-1] if cpu is None else cpu
+    os.sched_setaffinity(0, {chosen})
+    return chosen
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    lines = [f"{'case':<42} {'records/s':>11} {'us/rec':>8} {'x baseline':>11}", "-" * 75]
+    for r in results.values():
+        ratio = r.get("ratio_to_baseline")
+        lines.append(
+            f"{r['label']:<42} {r['records_per_s']:>11,.0f} {r['us_per_record']:>8.2f} "
+            f"{'' if ratio is None else f'{ratio:.2f}x':>11}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--records", type=int, default=50_000, help="input records per timed repetition"
+    )
+    ap.add_argument("--distinct", type=int, default=2000, help="distinct records, cycled (>= 1000)")
+    ap.add_argument(
+        "--repeat", type=int, default=7, help="timed repetitions; the median is reported"
+    )
+    ap.add_argument("--batch", type=int, default=1000, help="records per Pipeline.process call")
+    ap.add_argument("--cpu", type=int, default=None, help="CPU to pin to (default: the last one)")
+    ap.add_argument(
+        "--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}"
+    )
+    ap.add_argument("--json", dest="json_out", help="also write the results as JSON here")
+    args = ap.parse_args(argv)
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    bad = [c for c in cases if c not in CASES]
+    if bad:
+        ap.error(f"unknown case(s) {bad}")
+    cpu = pin(args.cpu)
+    load_before = os.getloadavg()
+    s = setup(args.records, args.distinct)
+    try:
+        results = measure(s, cases, args.records, args.batch, args.repeat)
+    finally:
+        s.close()
+    load_after = os.getloadavg()
+    print(
+        f"streamproc bench_core · python {platform.python_version()} · pinned to cpu {cpu} of {os.cpu_count()} · "
+        f"{args.records} records/rep ({args.distinct} distinct) · batch {args.batch} · median of {args.repeat} after warm-up"
+    )
+    print(f"load average before {load_before[0]:.2f} / after {load_after[0]:.2f} (1 min)")
+    print(table(results))
+    if args.json_out:
+        Path(args.json_out).write_text(
+            json.dumps(
+                {
+                    "python": platform.python_version(),
+                    "machine": platform.machine(),
+                    "cpu_count": os.cpu_count(),
+                    "pinned_cpu": cpu,
+                    "records": args.records,
+                    "distinct": args.distinct,
+                    "batch": args.batch,
+                    "repeat": args.repeat,
+                    "loadavg_before": load_before,
+                    "loadavg_after": load_after,
+                    "results": results,
+                },
+                indent=2,
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
