@@ -90,7 +90,13 @@ class AuditChainError(AuditError):
 
 
 class AuditSinkError(AuditError):
-    """A sink could not durably accept an event."""
+    """A sink could not durably accept an event.
+
+    ``accepted`` (set by :meth:`AuditLog.emit`) is how many sinks did take it: when it is
+    non-zero the event is part of the chain and must not be emitted again.
+    """
+
+    accepted: int = 0
 
 
 class EventType(enum.StrEnum):
@@ -507,7 +513,7 @@ def verify(
             raw_bytes = (
                 data.encode("utf-8", "surrogateescape") if isinstance(data, str) else bytes(data)
             )
-            raw_bytes = raw_bytes.rstrip(b"\n")
+            raw_bytes = raw_bytes.removesuffix(b"\n")
             try:
                 ev = json.loads(raw_bytes.decode("utf-8"))
             except (UnicodeDecodeError, ValueError):
@@ -773,7 +779,12 @@ class FileSink:
 
     def _sync(self, now: float | None = None) -> None:
         if self._dirty and self.fsync is not Fsync.NEVER:
-            os.fsync(self._fd)
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                raise AuditSinkError(
+                    f"cannot fsync audit file {self.path}: {exc.strerror}"
+                ) from None
         self._dirty = False
         self._last_sync = self._clock() if now is None else now
 
@@ -961,11 +972,15 @@ class AuditLog:
                     s.write(line)
                 except AuditSinkError as exc:
                     failed.append(str(exc))
+                except Exception as exc:  # a sink bug or OS error must not fork the chain
+                    failed.append(f"{type(s).__name__}: {type(exc).__name__}: {exc}")
             if len(failed) < len(self.sinks):
                 self._seq += 1
                 self._prev = ev["hash"]
             if failed:
-                raise AuditSinkError("; ".join(failed))
+                err = AuditSinkError("; ".join(failed))
+                err.accepted = len(self.sinks) - len(failed)
+                raise err
         return ev
 
     # -- one method per event type (the moments the worker and tools must report) -----------
@@ -1032,17 +1047,27 @@ class AuditLog:
             if k in self._seen_revocations:
                 return None
             self._seen_revocations.add(k)
-        return self.emit(
-            EventType.KEY_REVOCATION_SEEN,
-            {
-                "kms": kms,
-                "key_id": key_id,
-                "version": version,
-                "topic": topic,
-                "partition": partition,
-            },
-            actor=actor,
-        )
+        try:
+            return self.emit(
+                EventType.KEY_REVOCATION_SEEN,
+                {
+                    "kms": kms,
+                    "key_id": key_id,
+                    "version": version,
+                    "topic": topic,
+                    "partition": partition,
+                },
+                actor=actor,
+            )
+        except AuditSinkError as exc:
+            if not exc.accepted:
+                with self._lock:  # recorded nowhere: report it again next time
+                    self._seen_revocations.discard(k)
+            raise
+        except BaseException:
+            with self._lock:
+                self._seen_revocations.discard(k)
+            raise
 
     def audience_key_exported(
         self, kms: str, key_id: str, audience: str, key_version: int, *, actor: str | None = None

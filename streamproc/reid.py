@@ -195,7 +195,7 @@ class Reidentifier:
             return "invalid_field"
         if subject is not None and not ATTRIBUTE_RULES["subject"](subject):
             return "invalid_subject"
-        if not reason or not reason.strip():
+        if not isinstance(reason, str) or not reason.strip():
             return "missing_reason"
         if not ATTRIBUTE_RULES["reason"](reason):
             return "invalid_reason"

@@ -711,3 +711,32 @@ def test_cli_verify_and_tail(tmp_path: Path) -> None:
     new = tmp_path / "new.key"
     assert runner.invoke(audit_cli, ["keygen", "--out", str(new)]).exit_code == 0
     assert runner.invoke(audit_cli, ["keygen", "--out", str(new)]).exit_code == 1
+
+
+def test_unexpected_sink_errors_do_not_fork_the_chain() -> None:
+    class Flaky(MemorySink):
+        fail = True
+
+        def write(self, line: bytes) -> None:
+            if self.fail:
+                raise OSError(5, "I/O error")
+            super().write(line)
+
+    flaky, good = Flaky(), MemorySink()
+    log = AuditLog([good, flaky], stream="s")
+    with pytest.raises(AuditSinkError, match="OSError"):
+        log.key_revocation_seen("local", "kek", 1)
+    # written to one sink: the chain advanced; the flaky sink shows a gap, not a fork
+    flaky.fail = False
+    assert log.key_revocation_seen("local", "kek", 1) is None  # recorded once (in `good`)
+    log.anomaly("y")
+    assert verify(good.lines).ok
+    assert first(verify(flaky.lines)).kind is BreakKind.SEQUENCE_GAP
+    # when no sink accepted it, the revocation is reported again later
+    only = Flaky()
+    log2 = AuditLog([only], stream="s")
+    with pytest.raises(AuditSinkError):
+        log2.key_revocation_seen("local", "kek", 1)
+    only.fail = False
+    assert log2.key_revocation_seen("local", "kek", 1) is not None
+    assert verify(only.lines).ok
