@@ -1,0 +1,300 @@
+"""Metrics: the registry of names, what each Observer call records, label hygiene."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import generate_latest
+
+from streamproc import __version__
+from streamproc.errors import Reason
+from streamproc.observability import Observer
+from streamproc.observability.anomaly import AnomalyConfig
+from streamproc.observability.metrics import (
+    METRICS,
+    METRICS_BY_NAME,
+    OTHER,
+    Metrics,
+    exported_series,
+)
+from streamproc.pipeline.core import BatchStats
+
+ROOT = Path(__file__).resolve().parents[2]
+BOUNDED_LABELS = {
+    "topic", "partition", "audience", "kek_id", "reason", "operator", "provider",
+    "operation", "outcome", "kind", "dependency", "version",
+}
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def value(m: Metrics, name: str, **labels: str) -> float:
+    v = m.registry.get_sample_value(name, labels)
+    return 0.0 if v is None else v
+
+
+def stats(n: int = 10, **over: Any) -> BatchStats:
+    s = BatchStats(
+        decryptions={("orders", "orders-kek"): n},
+        egress_records={("orders.analytics", "analytics"): n},
+        egress_bytes={("orders.analytics", "analytics"): n * 250},
+        transforms={"token": 2 * n, "generalize": 3 * n},
+        quarantined={Reason.TAMPERED: 1, Reason.BAD_PAYLOAD: 2},
+        tombstones=1,
+    )
+    for k, v in over.items():
+        setattr(s, k, v)
+    return s
+
+
+# -- the registry ---------------------------------------------------------------------------
+def test_metric_registry_is_well_formed() -> None:
+    names = [m.name for m in METRICS]
+    assert len(names) == len(set(names))
+    for m in METRICS:
+        assert re.fullmatch(r"streamproc_[a-z0-9_]+", m.name), m.name
+        assert set(m.labels) <= BOUNDED_LABELS, m.name
+        assert (m.type == "counter") == m.name.endswith("_total"), m.name
+        assert m.help
+        if m.type == "gauge":
+            assert m.multiprocess_mode, f"{m.name}: gauges must say how workers combine"
+    assert "streamproc_decryptions_total" in exported_series()
+    assert "streamproc_end_to_end_latency_seconds_bucket" in exported_series()
+
+
+def test_exposition_matches_registry() -> None:
+    m = Metrics()
+    m.batch_processed(stats(), 13, 0.01)
+    m.records_consumed("orders", 0, 13)
+    m.dead_lettered("tampered", "orders", 1)
+    m.kms_call("local", "unwrap", "ok", 0.001)
+    m.consumer_lag({("orders", 0): 5})
+    m.retrying("kms", 1)
+    m.end_to_end_latency([0.1])
+    m.dek_cache(3, 1)
+    text = generate_latest(m.registry).decode()
+    families = set(re.findall(r"^# TYPE (streamproc_\S+) (\S+)", text, re.M))
+    for spec in METRICS:
+        assert (spec.name, spec.type) in families, spec.name
+    samples = set(re.findall(r"^(streamproc_[a-z0-9_]+)", text, re.M))
+    assert samples <= exported_series()
+
+
+def test_docs_list_every_metric() -> None:
+    doc = (ROOT / "docs" / "metrics.md").read_text()
+    for spec in METRICS:
+        row = next((line for line in doc.splitlines() if line.startswith(f"| `{spec.name}`")), None)
+        assert row is not None, f"{spec.name} missing from docs/metrics.md"
+        assert spec.type in row, spec.name
+        for label in spec.labels:
+            assert label in row, f"{spec.name}: label {label} undocumented"
+
+
+# -- what the observer calls record -------------------------------------------------------------
+def test_batch_processed_counts() -> None:
+    m = Metrics(anomaly=False)
+    m.batch_processed(stats(10), 13, 0.02)
+    m.batch_processed(stats(5), 8, 0.01)
+    assert value(m, "streamproc_decryptions_total", topic="orders", kek_id="orders-kek") == 15
+    assert value(m, "streamproc_egress_records_total", topic="orders.analytics", audience="analytics") == 15
+    assert value(m, "streamproc_egress_bytes_total", topic="orders.analytics", audience="analytics") == 15 * 250
+    assert value(m, "streamproc_transformed_fields_total", operator="generalize") == 45
+    assert value(m, "streamproc_records_quarantined_total", reason="bad_payload") == 4
+    assert value(m, "streamproc_decryption_failures_total", reason="tampered") == 2
+    # bad_payload is not a decryption failure: the envelope opened fine.
+    assert m.registry.get_sample_value("streamproc_decryption_failures_total", {"reason": "bad_payload"}) is None
+    assert value(m, "streamproc_tombstones_total") == 2
+    assert value(m, "streamproc_batch_size_count") == 2
+    assert value(m, "streamproc_batch_size_sum") == 21
+    assert value(m, "streamproc_batch_duration_seconds_sum") == pytest.approx(0.03)
+
+
+def test_simple_observer_calls() -> None:
+    m = Metrics(anomaly=False)
+    m.records_consumed("orders", 3, 7)
+    m.dead_lettered(Reason.UNKNOWN_KEY, "orders", 2)  # type: ignore[arg-type]
+    m.dead_lettered("tampered", "orders", 1)
+    m.transaction("committed")
+    m.transaction("committed")
+    m.transaction("aborted")
+    m.transaction("weird")
+    m.end_to_end_latency([0.02, 0.3, -1.0])
+    m.retrying("kms", 1)
+    m.retrying("mystery", 1)
+    assert value(m, "streamproc_records_consumed_total", topic="orders", partition="3") == 7
+    assert value(m, "streamproc_dead_letters_total", topic="orders", reason="unknown_key") == 2
+    assert value(m, "streamproc_transactions_total", outcome="committed") == 2
+    assert value(m, "streamproc_transactions_total", outcome="aborted") == 1
+    assert value(m, "streamproc_transactions_total", outcome=OTHER) == 1
+    assert value(m, "streamproc_end_to_end_latency_seconds_count") == 3
+    assert value(m, "streamproc_end_to_end_latency_seconds_bucket", le="0.005") == 1  # negative clamps to 0
+    assert value(m, "streamproc_retries_total", dependency="kms") == 1
+    assert value(m, "streamproc_retries_total", dependency=OTHER) == 1
+    assert value(m, "streamproc_build_info", version=__version__) == 1
+    # Closed label sets exist from the start so increase() sees the first event.
+    assert m.registry.get_sample_value("streamproc_anomalies_total", {"kind": "decryption_spike"}) == 0
+
+
+def test_kms_calls_normalise_outcome_and_operation() -> None:
+    m = Metrics(anomaly=False)
+    hook = m.kms_hook("vault")
+    hook("unwrap", "ok", 0.002)
+    hook("unwrap", "KeyNotFound", 0.001)
+    hook("unwrap", "KeyRevoked", 0.001)
+    hook("unwrap", "UnwrapFailed", 0.001)
+    hook("unwrap", "unavailable", 0.5)
+    hook("unwrap", "SomethingNew", 0.5)
+    m.kms_call("vault", "frobnicate", "ok", 0.1)
+    for outcome in ("ok", "not_found", "revoked", "unwrap_failed", "unavailable", "error"):
+        assert value(m, "streamproc_kms_calls_total", provider="vault", operation="unwrap", outcome=outcome) == 1
+    assert value(m, "streamproc_kms_calls_total", provider="vault", operation=OTHER, outcome="ok") == 1
+    assert value(m, "streamproc_kms_call_duration_seconds_count", provider="vault", operation="unwrap") == 6
+
+
+def test_kms_hook_with_a_real_dek_cache(tmp_path: Path) -> None:
+    from streamproc.crypto.envelope import Opener, Sealer
+    from streamproc.crypto.kms.local import LocalKeyring
+
+    k = LocalKeyring.create(tmp_path / "k.json")
+    k.create_key("orders-kek")
+    opener = Opener.for_kms(k)
+    m = Metrics(anomaly=False)
+    opener.cache.on_kms_call = m.kms_hook("local")
+    sealed = Sealer(k, "orders-kek", "orders").seal_many([b"a", b"b", b"c"])
+    for s in sealed:
+        opener.open("orders", s)
+    m.dek_cache(opener.cache.hits, opener.cache.misses)
+    assert value(m, "streamproc_kms_calls_total", provider="local", operation="unwrap", outcome="ok") == 1
+    assert value(m, "streamproc_dek_cache_hits_total") == 2
+    assert value(m, "streamproc_dek_cache_misses_total") == 1
+
+
+def test_dek_cache_counters_are_deltas_and_survive_a_new_cache() -> None:
+    m = Metrics(anomaly=False)
+    m.dek_cache(10, 2)
+    m.dek_cache(15, 2)
+    m.dek_cache(3, 1)  # a fresh cache instance started from zero
+    assert value(m, "streamproc_dek_cache_hits_total") == 18
+    assert value(m, "streamproc_dek_cache_misses_total") == 3
+
+
+def test_consumer_lag_follows_assignment() -> None:
+    m = Metrics(anomaly=False)
+    m.assignment([("orders", 0), ("orders", 1)])
+    m.consumer_lag({("orders", 0): 10, ("orders", 1): 20})
+    assert value(m, "streamproc_consumer_lag", topic="orders", partition="1") == 20
+    assert value(m, "streamproc_assigned_partitions") == 2
+    m.assignment([("orders", 0)])  # partition 1 moved to another worker
+    assert m.registry.get_sample_value("streamproc_consumer_lag", {"topic": "orders", "partition": "1"}) is None
+    assert value(m, "streamproc_consumer_lag", topic="orders", partition="0") == 10
+    assert value(m, "streamproc_assigned_partitions") == 1
+
+
+def test_readiness_and_liveness() -> None:
+    m = Metrics(anomaly=False)
+    assert m.readiness() == (False, "starting")
+    m.ready(True)
+    assert m.readiness() == (True, "")  # partitions not reported yet: trust ready()
+    m.assignment([])
+    assert m.readiness() == (False, "no partitions assigned")
+    m.assignment([("orders", 0)])
+    assert m.readiness() == (True, "")
+    assert value(m, "streamproc_ready") == 1
+    m.ready(False, "kms unreachable")
+    assert m.readiness() == (False, "kms unreachable")
+    assert value(m, "streamproc_ready") == 0
+    assert m.liveness()[0] and m.liveness(timeout=60)[0]
+    m._last_beat -= 120
+    assert m.liveness(timeout=60)[0] is False
+    m.heartbeat()
+    assert m.liveness(timeout=60)[0]
+    m.close()
+    assert m.liveness() == (False, "shutting down")
+
+
+def test_label_guard_caps_cardinality_and_rejects_odd_values() -> None:
+    m = Metrics(anomaly=False, max_label_values=3)
+    for i in range(5):
+        m.records_consumed(f"t{i}", 0, 1)
+    m.records_consumed("has space and ✓", 0, 1)
+    m.records_consumed("x" * 300, 0, 1)
+    assert value(m, "streamproc_records_consumed_total", topic="t2", partition="0") == 1
+    assert value(m, "streamproc_records_consumed_total", topic=OTHER, partition="0") == 4
+
+
+def test_anomalies_are_counted() -> None:
+    clock = FakeClock()
+    m = Metrics(anomaly=AnomalyConfig(interval=1.0, warmup_intervals=5), clock=clock,
+                allowed_destinations={"orders.analytics"})
+    for i in range(12):
+        n = 1000 if i == 10 else 100
+        m.batch_processed(stats(n, quarantined={}), n, 0.01)
+        clock.t += 1.0
+    m.tick()
+    m.batch_processed(stats(1, egress_records={("orders.leak", "analytics"): 1}, quarantined={Reason.UNKNOWN_KEY: 1}), 1, 0.0)
+    assert value(m, "streamproc_anomalies_total", kind="decryption_spike") == 1
+    assert value(m, "streamproc_anomalies_total", kind="egress_spike") == 1
+    assert value(m, "streamproc_anomalies_total", kind="unexpected_destination") == 1
+    assert value(m, "streamproc_anomalies_total", kind="unknown_key") == 1
+
+
+def test_is_an_observer() -> None:
+    assert isinstance(Metrics(anomaly=False), Observer)
+
+
+def test_no_record_value_reaches_a_metric(tmp_path: Path) -> None:
+    """Run canary records (including failures) through a pipeline; scan the exposition."""
+    from streamproc.client import RecordSealer
+    from streamproc.client.generator import EventGenerator
+    from streamproc.crypto.envelope import Opener
+    from streamproc.crypto.kms.local import LocalKeyring
+    from streamproc.crypto.pseudonym import PseudonymKeys
+    from streamproc.pipeline.core import InputRecord, Pipeline, build_routes
+    from streamproc.policy import load_policy
+    from streamproc.schema.registry import build_schema_source
+
+    shutil.copytree(ROOT / "schemas", tmp_path / "schemas")
+    k = LocalKeyring.create(tmp_path / "k.json")
+    for kid in ("orders-kek", "analytics-kek"):
+        k.create_key(kid)
+    k.create_key("pseudonym-master", "secret")
+    schemas = build_schema_source(str(tmp_path / "schemas"))
+    p = Pipeline(
+        routes=build_routes([{"sources": ["orders"], "destinations": [{"topic": "orders.analytics", "audience": "analytics", "kek": "analytics-kek"}]}]),
+        policy=load_policy(str(ROOT / "policy.yaml")), opener=Opener.for_kms(k), kms=k, schemas=schemas,
+        keys=PseudonymKeys(k, "pseudonym-master"),
+    )
+    sealer = RecordSealer(k, "orders-kek", "orders", json.loads((ROOT / "schemas" / "order.avsc").read_text()), schemas)
+    gen = EventGenerator(seed=3)
+    recs = [gen.order(canary=True) for _ in range(20)]
+    recs[0] = {**recs[0], "ip_address": "CANARY-not-an-ip"}
+    vals = sealer.seal_many(recs)
+    vals[1] = vals[1][:-3] + b"CANARY"
+    m = Metrics(allowed_destinations={"orders.analytics"})
+    p.opener.cache.on_kms_call = m.kms_hook("local")
+    res = p.process([InputRecord("orders", 0, i, b"CANARY-key", v) for i, v in enumerate(vals)])
+    m.batch_processed(res.stats, len(vals), 0.01)
+    for q in res.quarantined:
+        m.dead_lettered(q.reason.value, q.record.topic, 1)
+    text = generate_latest(m.registry).decode()
+    assert value(m, "streamproc_decryptions_total", topic="orders", kek_id="orders-kek") == 18  # counted only when fully processed
+    assert value(m, "streamproc_records_quarantined_total", reason="transform_failed") == 1
+    assert value(m, "streamproc_decryption_failures_total", reason="tampered") == 1
+    assert "canary" not in text.lower()
+    for r in recs:
+        assert r["card_number"] not in text and r["ip_address"] not in text
+
+
+def test_metrics_by_name_lookup() -> None:
+    assert METRICS_BY_NAME["streamproc_consumer_lag"].multiprocess_mode == "livemostrecent"
