@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from streamproc.crypto.pseudonym import PseudonymKeys
-from streamproc.errors import PolicyError
+from streamproc.errors import PolicyError, SchemaError
 from streamproc.operators import OpContext, Operator, OperatorError
 from streamproc.policy.model import Audience, Rule
 from streamproc.schema import avro
@@ -151,18 +151,9 @@ class _Builder:
     def union(self, t: Union, branches: list[Node]) -> Node:
         if all(is_keep(b) for b in branches):
             return Keep(t)
-        outs = [node_out_type(b) for b in branches]
-        uniq: list[AvroType] = []
-        keys: list[str] = []
-        index_map = []
-        for o in outs:
-            assert o is not None
-            k = avro.canonical_json(avro.to_json(o))
-            if k not in keys:
-                keys.append(k)
-                uniq.append(o)
-            index_map.append(keys.index(k))
-        return UnionNode(t, branches, Union("union", branches=uniq), index_map)
+        # The output union and index map are derived later, by node_out_type: a branch may
+        # be a record that is still being built (recursive schema), whose output is not known.
+        return UnionNode(t, branches)
 
     # -- rules --------------------------------------------------------------------------
     def rule(self, rule: Rule, t: AvroType, path: str, domain: str) -> Node:
@@ -226,7 +217,11 @@ def build_plan(schema: AvroType, audience: Audience, keys: PseudonymKeys | None)
             st = st.nullable_of
         if st.kind not in ("string", "bytes", "int", "long", "fixed"):
             raise PolicyError(f"schema {schema.fullname}: subject field {subject.name!r} must be a scalar")
-    return Plan(audience.name, root, output_schema(schema, root), subject, b.transforms)
+    try:
+        out_schema = output_schema(schema, root)
+    except SchemaError as exc:
+        raise PolicyError(f"audience {audience.name!r}, schema {schema.fullname}: {exc}") from None
+    return Plan(audience.name, root, out_schema, subject, b.transforms)
 
 
 # -- output schema --------------------------------------------------------------------------
@@ -265,7 +260,20 @@ def node_out_type(n: Node) -> AvroType | None:
         assert vt is not None
         return Map("map", dict(n.t.props), vt)
     if isinstance(n, UnionNode):
-        assert n.out is not None
+        if n.out is None:
+            uniq: list[AvroType] = []
+            keys: list[str] = []
+            index_map = []
+            for b in n.branches:
+                o = node_out_type(b)
+                assert o is not None
+                k = avro.canonical_json(avro.to_json(o))
+                if k not in keys:
+                    keys.append(k)
+                    uniq.append(o)
+                index_map.append(keys.index(k))
+            n.index_map = index_map
+            n.out = Union("union", branches=uniq)
         return n.out
     raise TypeError(n)
 

@@ -182,8 +182,9 @@ def to_json(node: AvroType) -> Any:
 
 
 class _Writer:
-    def __init__(self) -> None:
-        self.defined: set[str] = set()
+    def __init__(self, check: bool = True) -> None:
+        self.defined: dict[str, AvroType] = {}
+        self.check = check
 
     def json(self, n: AvroType) -> Any:
         if isinstance(n, Primitive):
@@ -196,9 +197,15 @@ class _Writer:
             return {"type": "map", "values": self.json(n.values), **n.props}
         if isinstance(n, (Record, Enum, Fixed)):
             full = f"{n.namespace}.{n.name}" if n.namespace else n.name
-            if full in self.defined:
+            prev = self.defined.get(full)
+            if prev is not None:
+                # A later use becomes a reference to the first definition, which is only
+                # right if both nodes define the same type (derived schemas can hold an
+                # original and a transformed record under one name).
+                if self.check and prev is not n and _standalone(prev) != _standalone(n):
+                    raise SchemaError(f"two different definitions of named type {full!r}")
                 return full
-            self.defined.add(full)
+            self.defined[full] = n
             out: dict[str, Any] = {"type": n.kind, "name": n.name}
             if n.namespace:
                 out["namespace"] = n.namespace
@@ -211,6 +218,10 @@ class _Writer:
             out.update(n.props)
             return out
         raise SchemaError(f"cannot serialize node kind {n.kind}")
+
+
+def _standalone(n: AvroType) -> str:
+    return canonical_json(_Writer(check=False).json(n))
 
 
 def canonical_json(schema: Any) -> str:
