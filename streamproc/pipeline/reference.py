@@ -26,27 +26,47 @@ from streamproc.pipeline.plan import (
     UnionNode,
 )
 from streamproc.schema import avro
-from streamproc.schema.avro import Enum, Record, Union
+from streamproc.schema.avro import AvroType, Enum, Fixed, Record, Union
+
+_PY_KINDS: dict[type, tuple[str, ...]] = {
+    str: ("string",), bytes: ("bytes",), bool: ("boolean",), int: ("int", "long"),
+    float: ("float", "double"), list: ("array",), dict: ("map",),
+}
+_INT32 = (-(2**31), 2**31 - 1)
+_NAMED = (Record, Enum, Fixed)
+
+
+def _type_name(t: AvroType) -> str:
+    """The name fastavro's tuple notation uses for a union branch."""
+    if isinstance(t, _NAMED):
+        return f"{t.namespace}.{t.name}" if t.namespace else t.name
+    return t.kind
 
 
 def _branch_index(t: Union, value: Any) -> int:
-    """Which union branch fastavro chose for ``value`` (decoded with return_record_name)."""
+    """Which union branch ``value`` came from.
+
+    Named types arrive as ``(full name, value)`` (``return_named_type``), so they resolve
+    exactly.  Other branches are resolved the way fastavro's writer picks them (first
+    branch that fits; ``int`` only within 32 bits; ``double`` preferred over ``float``),
+    which is the branch the bytes hold whenever fastavro or a canonical writer made them.
+    """
     if value is None:
         return next(i for i, b in enumerate(t.branches) if b.kind == "null")
-    if isinstance(value, tuple):  # (record name, dict) from return_record_name
+    if isinstance(value, tuple):
         name = value[0]
         for i, b in enumerate(t.branches):
-            if isinstance(b, Record) and name in (b.fullname, b.name):
+            if isinstance(b, _NAMED) and name in (_type_name(b), b.name):
                 return i
-    candidates = [i for i, b in enumerate(t.branches) if b.kind != "null"]
-    if len(candidates) == 1:
-        return candidates[0]
-    py = {str: ("string", "enum"), bytes: ("bytes", "fixed"), bool: ("boolean",), int: ("int", "long"),
-          float: ("float", "double"), list: ("array",), dict: ("map", "record")}
-    kinds = py.get(type(value), ())
-    for i in candidates:
-        if t.branches[i].kind in kinds:
-            return i
+        raise TypeError("cannot resolve union branch")
+    kinds = _PY_KINDS.get(type(value), ())
+    matches = [i for i, b in enumerate(t.branches) if not isinstance(b, _NAMED) and b.kind in kinds]
+    if type(value) is int:
+        matches = [i for i in matches if t.branches[i].kind != "int" or _INT32[0] <= value <= _INT32[1]]
+    elif type(value) is float:
+        matches = [i for i in matches if t.branches[i].kind == "double"] or matches
+    if matches:
+        return matches[0]
     raise TypeError("cannot resolve union branch")
 
 
@@ -80,14 +100,17 @@ def _apply(n: Node, value: Any, subject: bytes | None) -> Any:
         return {k: _apply(n.values, v, subject) for k, v in value.items()}
     if isinstance(n, UnionNode):
         assert isinstance(n.t, Union)
+        assert n.out is not None
         i = _branch_index(n.t, value)
-        return _apply(n.branches[i], _unwrap(value), subject)
+        result = _apply(n.branches[i], _unwrap(value), subject)
+        # tuple notation: fastavro writes exactly the output branch the plan maps to
+        return (_type_name(n.out.branches[n.index_map[i]]), result)
     raise TypeError(n)
 
 
 def run_reference(plan: Plan, schema_json: Any, avro_bytes: bytes) -> bytes:
     reader = fastavro.parse_schema(avro.strip_logical(schema_json))
-    record: Any = fastavro.schemaless_reader(io.BytesIO(avro_bytes), reader, None, return_record_name=True)
+    record: Any = fastavro.schemaless_reader(io.BytesIO(avro_bytes), reader, None, return_named_type=True)
     subject = None
     if plan.subject is not None:
         sv = _unwrap(record[plan.subject.name])
@@ -97,15 +120,7 @@ def run_reference(plan: Plan, schema_json: Any, avro_bytes: bytes) -> bytes:
     result = _apply(plan.root, record, subject)
     writer = fastavro.parse_schema(avro.strip_logical(plan.out_schema))
     buf = io.BytesIO()
-    fastavro.schemaless_writer(buf, writer, _strip_names(result))
+    # Union values stay in tuple notation (named types as read, transformed unions as
+    # mapped above), so the writer does not re-guess branches from Python values.
+    fastavro.schemaless_writer(buf, writer, result)
     return buf.getvalue()
-
-
-def _strip_names(v: Any) -> Any:
-    if isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str):
-        return _strip_names(v[1])
-    if isinstance(v, dict):
-        return {k: _strip_names(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_strip_names(x) for x in v]
-    return v
