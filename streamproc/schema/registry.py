@@ -148,7 +148,10 @@ class ConfluentSchemaSource:
         if client is None:
             from confluent_kafka.schema_registry import SchemaRegistryClient
 
-            client = SchemaRegistryClient({"url": conf} if isinstance(conf, str) else dict(conf))
+            cfg = {"url": conf} if isinstance(conf, str) else dict(conf)
+            # new_client() honours mock:// URLs (an in-memory registry); the constructor does not.
+            make = getattr(SchemaRegistryClient, "new_client", SchemaRegistryClient)
+            client = make(cfg)
         self.client = client
 
     def get(self, schema_id: int) -> RegisteredSchema:
