@@ -128,19 +128,22 @@ class Generalize(Operator):
                 pass  # anything else: the exact same checks as before
             else:
                 return _ntop(_AF_INET, ((int.from_bytes(packed, "big") & mask4).to_bytes(4, "big"))) + suffix4
-            # Dotted-quad fast path (ipaddress costs ~6 us per call); IPv6 takes the slow path.
+            # Dotted-quad fast path (ipaddress costs ~6 us per call) for canonical ASCII
+            # quads only; anything else (IPv6, whitespace, leading zeros, non-ASCII digits)
+            # takes the ipaddress path, so every path accepts and rejects the same strings.
             parts = v.split(".")
             if len(parts) == 4:
                 a = 0
                 for p in parts:
-                    if not (0 < len(p) <= 3 and p.isdigit()):
-                        raise ValueError("not an IPv4 address")
+                    if not (0 < len(p) <= 3 and p.isascii() and p.isdigit()) or (p[0] == "0" and len(p) > 1):
+                        break
                     x = int(p)
                     if x > 255:
-                        raise ValueError("not an IPv4 address")
+                        break
                     a = (a << 8) | x
-                a &= mask4
-                return f"{a >> 24}.{(a >> 16) & 255}.{(a >> 8) & 255}.{a & 255}/{c4}"
+                else:
+                    a &= mask4
+                    return f"{a >> 24}.{(a >> 16) & 255}.{(a >> 8) & 255}.{a & 255}/{c4}"
             ip = ipaddress.ip_address(v.strip())
             return str(ipaddress.ip_network(f"{ip}/{c4 if ip.version == 4 else c6}", strict=False))
 
