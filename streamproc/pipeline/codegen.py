@@ -108,6 +108,11 @@ def enc_bytes(b: bytes) -> bytes:
 
 _F = struct.Struct("<f")
 _D = struct.Struct("<d")
+_SCALAR_KINDS = frozenset({"string", "bytes", "int", "long", "float", "double", "boolean", "null", "fixed", "enum"})
+
+
+def _only_null(v: Any) -> bytes:
+    raise TypeError("this operator output can only be null")
 
 
 def encoder(t: AvroType) -> Callable[[Any], bytes]:
@@ -134,11 +139,15 @@ def encoder(t: AvroType) -> Callable[[Any], bytes]:
     if isinstance(t, Union):
         null_idx = next((i for i, b in enumerate(t.branches) if b.kind == "null"), None)
         others = [(i, b) for i, b in enumerate(t.branches) if b.kind != "null"]
-        if null_idx is None or len(others) != 1:
-            raise TypeError("operators may only output a nullable union")
-        idx, inner = others[0]
-        null_b, pre, enc = enc_long(null_idx), enc_long(idx), encoder(inner)
-        return lambda v: null_b if v is None else pre + enc(v)
+        if null_idx is None:
+            raise TypeError("operators may only output a union with a null branch")
+        null_b = enc_long(null_idx)
+        if len(others) == 1 and others[0][1].kind in _SCALAR_KINDS:
+            idx, inner = others[0]
+            pre, enc = enc_long(idx), encoder(inner)
+            return lambda v: null_b if v is None else pre + enc(v)
+        # ``redact`` to null of a record, array, map or general union: only null is written.
+        return lambda v: null_b if v is None else _only_null(v)
     raise TypeError(f"no encoder for {k}")
 
 
@@ -179,8 +188,19 @@ class _Gen:
         if k == "null":
             return
         if k == "boolean":
+            # Kept values are copied verbatim, so they are checked here or never.
+            out.append(f"{ind}if buf[pos] > 1: raise _Bad('boolean')")
             out.append(f"{ind}pos += 1")
-        elif k in ("int", "long", "enum"):
+        elif isinstance(t, Enum):
+            n = len(t.symbols)
+            if n <= 64:  # every valid index is one byte 2*i (zigzag), i < n
+                out.append(f"{ind}if buf[pos] >= {2 * n} or buf[pos] & 1: raise _Bad('enum index')")
+                out.append(f"{ind}pos += 1")
+            else:
+                e = self.var("e")
+                out.append(f"{ind}{e}, pos = _rlong(buf, pos)")
+                out.append(f"{ind}if not 0 <= {e} < {n}: raise _Bad('enum index')")
+        elif k in ("int", "long"):
             out.append(f"{ind}while buf[pos] & 128: pos += 1")
             out.append(f"{ind}pos += 1")
         elif k == "float":
