@@ -1,0 +1,97 @@
+# syntax=docker/dockerfile:1
+#
+# streamproc container image.
+#
+#   docker build -t streamproc:local .
+#   docker run --rm --read-only --tmpfs /tmp \
+#     -v "$PWD/streamproc.yaml:/etc/streamproc/streamproc.yaml:ro" ... streamproc:local
+#
+# Two stages: the builder turns the checkout into a wheel and installs it, with its
+# dependencies and the vault/aws/registry extras, into a virtualenv at /opt/venv; the
+# runtime stage is a clean python:3.11-slim with only that virtualenv copied in (no
+# compiler, no pip cache, no source tree).
+#
+# The runtime runs as the numeric, non-root user 10001 and writes nothing outside the
+# mounts the deployment gives it, so it works with a read-only root filesystem:
+#   /tmp                      tmpfs (compose) / emptyDir (Kubernetes).  With --workers N
+#                             the supervisor creates its Prometheus multiprocess directory
+#                             here (server.setup_multiprocess -> tempfile.mkdtemp), so
+#                             PROMETHEUS_MULTIPROC_DIR is deliberately not set: setting it
+#                             would also switch a single worker to multiprocess values.
+#   /var/run/streamproc/keys  the local keyring (a volume), only with kms.provider local
+#   /etc/streamproc           configuration and policy, mounted read-only
+# No secret is baked in: KMS tokens come from the environment (VAULT_TOKEN, AWS_*) and
+# key material from a mounted volume (docs/deploy.md).
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# ---------------------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS builder
+
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore \
+    PYTHONDONTWRITEBYTECODE=1
+
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+WORKDIR /src
+# Only what the wheel is built from (.dockerignore keeps everything else out of the
+# context). README.md* is a glob so a checkout without a README still builds.
+COPY pyproject.toml README.md* ./
+COPY streamproc/ ./streamproc/
+
+# The wheel first, then the wheel and its dependencies into the venv; compile bytecode
+# now, because the runtime's root filesystem is read-only.
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip wheel --no-deps --wheel-dir /dist . \
+ && pip install --compile "$(ls /dist/streamproc-*.whl)[vault,aws,registry]" \
+ && streamproc --version
+
+# ---------------------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS runtime
+
+ARG VERSION=0.1.0
+ARG VCS_REF=unknown
+ARG BUILD_DATE=unknown
+
+LABEL org.opencontainers.image.title="streamproc" \
+      org.opencontainers.image.description="Streaming privacy processor for Kafka: envelope decryption, policy-driven pseudonymization, per-audience re-encryption." \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${VCS_REF}" \
+      org.opencontainers.image.created="${BUILD_DATE}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.source="https://github.com/streamproc/streamproc" \
+      org.opencontainers.image.documentation="https://github.com/streamproc/streamproc/blob/main/docs/deploy.md" \
+      org.opencontainers.image.base.name="python:3.11-slim-bookworm"
+
+# A system user with a fixed numeric id (Kubernetes runAsUser, compose user:), no home and
+# no shell; the directories the deployment mounts over, owned by it (a named volume mounted
+# on the keys directory starts with this ownership).
+RUN groupadd --system --gid 10001 streamproc \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin streamproc \
+ && install -d -o 10001 -g 10001 -m 0700 /var/run/streamproc/keys \
+ && install -d -o root -g root -m 0755 /etc/streamproc
+
+COPY --from=builder /opt/venv /opt/venv
+
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HOME=/tmp \
+    STREAMPROC_KEYRING=/var/run/streamproc/keys/keyring.json
+
+USER 10001:10001
+WORKDIR /etc/streamproc
+
+# /metrics, /healthz and /readyz (metrics.port in the config; STREAMPROC_METRICS_PORT).
+EXPOSE 9464
+
+# No curl in slim: the health check uses the interpreter already in the image.  urlopen
+# raises on any non-2xx answer or connection error, so the exit status is the verdict.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('STREAMPROC_METRICS_PORT', '9464'), timeout=4)"]
+
+ENTRYPOINT ["streamproc"]
+CMD ["run", "--config", "/etc/streamproc/streamproc.yaml"]
