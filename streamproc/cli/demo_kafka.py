@@ -141,21 +141,23 @@ def run_kafka_demo(console: Console, ws: d.Workspace, events: int, show_n: int, 
                 if worker.poll() is not None:
                     raise RuntimeError(f"the processor exited with {worker.returncode}; see {ws.root / 'worker.log'}")
                 for msg in consumer.consume(500, 0.5):
-                    topic, value = msg.topic(), msg.value()
-                    if msg.error() or topic is None or value is None:
+                    mtopic, value = msg.topic(), msg.value()
+                    if msg.error() or mtopic is None or value is None:
                         continue
-                    h = {k: bytes(v or b"") for k, v in (msg.headers() or [])}
-                    if topic in dlqs:
+                    h: dict[str, bytes] = {}
+                    for hk, hv in msg.headers() or []:
+                        h[hk] = hv if isinstance(hv, bytes) else b""
+                    if mtopic in dlqs:
                         reason = h.get("streamproc.dlq.reason", b"?").decode()
                         dead[reason] = dead.get(reason, 0) + 1
                         continue
-                    src, audience = topic.rsplit(".", 1)
+                    src, audience = mtopic.rsplit(".", 1)
                     ref = (src, int(h[H_SOURCE_PARTITION]), int(h[H_SOURCE_OFFSET]))
-                    out_ref = (topic, ref[1], ref[2])
+                    out_ref = (mtopic, ref[1], ref[2])
                     if out_ref in seen:
                         continue  # a duplicate would be visible here; none is expected
                     seen.add(out_ref)
-                    received.setdefault(ref, {})[audience] = opener.decode(topic, value)
+                    received.setdefault(ref, {})[audience] = opener.decode(mtopic, value)
                     prog.advance(task)
             consumer.close()
         if len(seen) < expected:
