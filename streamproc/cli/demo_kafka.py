@@ -145,8 +145,8 @@ def run_kafka_demo(console: Console, ws: d.Workspace, events: int, show_n: int, 
                     if msg.error() or mtopic is None or value is None:
                         continue
                     h: dict[str, bytes] = {}
-                    for hk, hv in msg.headers() or []:
-                        h[hk] = hv if isinstance(hv, bytes) else b""
+                    for pair in msg.headers() or []:
+                        h[str(pair[0])] = pair[1] if isinstance(pair[1], bytes) else b""
                     if mtopic in dlqs:
                         reason = h.get("streamproc.dlq.reason", b"?").decode()
                         dead[reason] = dead.get(reason, 0) + 1
