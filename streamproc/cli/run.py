@@ -36,7 +36,11 @@ def _configure_logging(level: str, fmt: str) -> None:
 
 
 def run_single(
-    config_path: str | os.PathLike[str], *, index: int = 0, serve_metrics: bool = True
+    config_path: str | os.PathLike[str],
+    *,
+    index: int = 0,
+    instance: str = "",
+    serve_metrics: bool = True,
 ) -> int:
     """Run one worker in this process; returns its exit code.
 
@@ -54,7 +58,7 @@ def run_single(
     _configure_logging(config.logging.level, config.logging.format)
     observer, server = _observer(config, index, serve_metrics)
     try:
-        return run_worker(config, index=index, observer=observer)
+        return run_worker(config, index=index, instance=instance, observer=observer)
     except (ConfigError, PolicyError, SchemaError) as exc:
         log.error("configuration error: %s", exc)
         return EXIT_CONFIG
@@ -82,7 +86,7 @@ def _observer(config: Config, index: int, serve: bool) -> tuple[Observer, Any]:
     return metrics, server
 
 
-def run_supervised(config_path: str | os.PathLike[str], workers: int) -> int:
+def run_supervised(config_path: str | os.PathLike[str], workers: int, *, instance: str = "") -> int:
     from streamproc.config import load_config
     from streamproc.runtime.supervisor import Supervisor
     from streamproc.runtime.worker import EXIT_CONFIG
@@ -113,7 +117,7 @@ def run_supervised(config_path: str | os.PathLike[str], workers: int) -> int:
             extra={"port": server.port, "workers": workers},
         )
     try:
-        return Supervisor(config_path, workers, on_child_exit=on_exit).run()
+        return Supervisor(config_path, workers, instance=instance, on_child_exit=on_exit).run()
     finally:
         if server is not None:
             server.stop()
@@ -134,9 +138,20 @@ def run_supervised(config_path: str | os.PathLike[str], workers: int) -> int:
     show_default=True,
     help="Worker processes in the group.",
 )
-def run(config_path: str, workers: int) -> None:
+@click.option(
+    "--instance",
+    envvar="STREAMPROC_INSTANCE",
+    default="",
+    help="Names this process in transactional.id (<group_id>-<instance>-<index>). "
+    "Default: the host name. Must be unique among live processes of the group and "
+    "stable across restarts (a StatefulSet pod name is ideal).",
+)
+def run(config_path: str, workers: int, instance: str) -> None:
     """Run the processor: consume, sanitize per audience, produce (exactly once by default)."""
-    code = run_single(config_path) if workers == 1 else run_supervised(config_path, workers)
+    if workers == 1:
+        code = run_single(config_path, instance=instance)
+    else:
+        code = run_supervised(config_path, workers, instance=instance)
     sys.exit(code)
 
 

@@ -42,13 +42,13 @@ from streamproc.runtime.worker import EXIT_CONFIG, EXIT_FATAL, EXIT_OK
 log = logging.getLogger("streamproc.runtime.supervisor")
 
 
-def _child_main(config_path: str, index: int) -> None:
+def _child_main(config_path: str, index: int, instance: str) -> None:
     """Entry point of a worker process (module level so ``spawn`` can import it)."""
     import sys
 
     from streamproc.cli.run import run_single
 
-    sys.exit(run_single(config_path, index=index))
+    sys.exit(run_single(config_path, index=index, instance=instance, serve_metrics=False))
 
 
 class Supervisor:
@@ -57,6 +57,7 @@ class Supervisor:
         config_path: str | os.PathLike[str],
         workers: int,
         *,
+        instance: str = "",
         max_restarts: int = 5,
         restart_window: float = 60.0,
         stop_timeout: float = 60.0,
@@ -66,6 +67,7 @@ class Supervisor:
             raise ValueError("workers must be >= 1")
         self.config_path = str(Path(config_path))
         self.workers = workers
+        self.instance = instance
         self.max_restarts = max_restarts
         self.restart_window = restart_window
         self.stop_timeout = stop_timeout
@@ -78,7 +80,7 @@ class Supervisor:
 
     def _spawn(self, index: int) -> None:
         p = self._ctx.Process(
-            target=_child_main, args=(self.config_path, index), name=f"streamproc-worker-{index}"
+            target=_child_main, args=(self.config_path, index, self.instance), name=f"streamproc-worker-{index}"
         )
         p.start()
         self._children[index] = p

@@ -160,6 +160,7 @@ class Worker:
         pipeline: Pipeline,
         *,
         index: int = 0,
+        instance: str = "",
         observer: Observer | None = None,
         consumer_factory: Callable[[dict[str, Any]], Consumer] = Consumer,
         producer_factory: Callable[[dict[str, Any]], Producer] = Producer,
@@ -177,8 +178,10 @@ class Worker:
         self.kafka_timeout = kafka_timeout
         self.lag_interval = lag_interval
         self.exactly_once = config.exactly_once
-        self.transactional_id = f"{config.group_id}-worker-{index}"
+        self.instance = instance or default_instance()
+        self.transactional_id = f"{config.group_id}-{self.instance}-{index}"
         self._stop = threading.Event()
+        self._fatal_error: str | None = None
         self._owned: set[TP] = set()
         self._committed: dict[TP, int] = {}
         self._txn_open = False
@@ -224,6 +227,8 @@ class Worker:
             self._start()
             while not self._stop.is_set():
                 self._step()
+            if self._fatal_error is not None:
+                raise FatalWorkerError(self._fatal_error)
         except FatalWorkerError as exc:
             log.error("fatal %s: %s", type(exc).__name__, exc)
             self._close(clean=False)
@@ -299,13 +304,15 @@ class Worker:
     def _close(self, *, clean: bool) -> None:
         c, self.consumer = self.consumer, None
         p, self.producer = self.producer, None
-        if p is not None and self._txn_open:
+        if p is not None and self._txn_open and clean:
             try:
-                p.abort_transaction(self.kafka_timeout)
+                p.abort_transaction(min(5.0, self.kafka_timeout))
                 self.observer.transaction("aborted")
             except KafkaException as exc:
                 log.warning("abort on close failed: %s", _describe(exc))
-            self._txn_open = False
+        # After a fatal error an open transaction is left as SIGKILL would leave it: the
+        # next instance's init_transactions (or the transaction timeout) aborts it.
+        self._txn_open = False
         if c is not None:
             try:
                 c.close()  # leaves the group; on_revoke runs with nothing in flight
@@ -491,13 +498,8 @@ class Worker:
                     self._broker_ok()
                 return
             except KafkaException as exc:
-                err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
-                if (
-                    err is not None
-                    and err.retriable()
-                    and not err.txn_requires_abort()
-                    and not err.fatal()
-                ):
+                err = _err(exc)
+                if err is not None and err.retriable() and not err.txn_requires_abort() and not _is_fatal(err):
                     attempt += 1
                     log.warning("%s: retriable %s (attempt %d)", what, err.name(), attempt)
                     self._broker_down(attempt)
@@ -510,27 +512,33 @@ class Worker:
 
     def _classify(self, exc: KafkaException, what: str) -> None:
         """Raise FatalWorkerError for fatal errors; log abortable ones."""
-        err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
-        if err is None or err.fatal() or not (err.txn_requires_abort() or err.retriable()):
-            raise FatalWorkerError(f"{what}: {_describe(exc)}")
+        err = _err(exc)
+        if err is None or _is_fatal(err) or not (err.txn_requires_abort() or err.retriable()):
+            hint = ""
+            if err is not None and err.code() in _FENCED_CODES:
+                hint = (
+                    f"; another live producer uses transactional.id {self.transactional_id!r} -- "
+                    "give every process its own --instance (or use --workers N)"
+                )
+            raise FatalWorkerError(f"{what}: {_describe(exc)}{hint}")
         log.warning("%s failed (%s); aborting the transaction and rewinding", what, err.name())
 
     def _abort(self) -> None:
+        """Abort the open transaction: a few quick retries, then give up (fatal)."""
         assert self.producer is not None
         if not self._txn_open:
             return
-        try:
-            self.producer.abort_transaction(self.kafka_timeout)
-        except KafkaException as exc:
-            err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
-            if err is not None and err.retriable() and not err.fatal():
-                producer = self.producer
-                self._retry_kafka(
-                    "abort_transaction", lambda: producer.abort_transaction(self.kafka_timeout)
-                )
-            else:
-                self._txn_open = False
-                raise FatalWorkerError(f"abort_transaction: {_describe(exc)}") from None
+        for attempt in range(1, 4):
+            try:
+                self.producer.abort_transaction(self.kafka_timeout)
+                break
+            except KafkaException as exc:
+                err = _err(exc)
+                if err is None or _is_fatal(err) or not err.retriable() or attempt == 3:
+                    self._txn_open = False
+                    raise FatalWorkerError(f"abort_transaction: {_describe(exc)}") from None
+                log.warning("abort_transaction: retriable %s (attempt %d)", err.name(), attempt)
+                self._wait_plain(self.backoff.delay(attempt))
         self._txn_open = False
         self.observer.transaction("aborted")
 
@@ -556,8 +564,8 @@ class Worker:
         try:
             c.commit(offsets=offsets, asynchronous=False)
         except KafkaException as exc:
-            err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
-            if err is not None and err.fatal():
+            err = _err(exc)
+            if err is not None and _is_fatal(err):
                 raise FatalWorkerError(f"commit: {_describe(exc)}") from None
             # Outputs are written; re-processing duplicates them, which at-least-once allows.
             log.warning(
@@ -609,7 +617,7 @@ class Worker:
             except BufferError:
                 p.poll(0.1)  # local queue full: let deliveries drain
             except KafkaException as exc:
-                err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+                err = _err(exc)
                 if err is not None and err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
                     raise FatalWorkerError(
                         f"record for {topic!r} exceeds the producer's message.max.bytes; raise it "
@@ -705,8 +713,8 @@ class Worker:
                     self._broker_ok()
                 return
             except KafkaException as exc:
-                err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
-                if err is None or err.fatal() or not err.retriable():
+                err = _err(exc)
+                if err is None or _is_fatal(err) or not err.retriable():
                     raise FatalWorkerError(f"{what}: {_describe(exc)}") from None
                 attempt += 1
                 log.warning("%s: retriable %s (attempt %d)", what, err.name(), attempt)
@@ -720,8 +728,9 @@ class Worker:
     # -- broker health -----------------------------------------------------------------------
     def _on_client_error(self, err: KafkaError) -> None:
         """librdkafka's error callback: transport-level trouble (it reconnects by itself)."""
-        if err.fatal():
+        if _is_fatal(err):
             log.error("fatal client error: %s", err.name())
+            self._fatal_error = f"client: {err.name()} ({err.str()})"
             self.stop()
             return
         if err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._RESOLVE):
@@ -861,17 +870,47 @@ def _fmt(tps: set[TP]) -> list[str]:
     return [f"{t}[{p}]" for t, p in sorted(tps)]
 
 
+#: Errors that mean another producer owns our transactional.id: never retry, never abort.
+_FENCED_CODES = frozenset(
+    {
+        KafkaError._FENCED,
+        KafkaError.PRODUCER_FENCED,
+        KafkaError.INVALID_PRODUCER_EPOCH,
+        KafkaError.INVALID_PRODUCER_ID_MAPPING,
+        KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+    }
+)
+
+
+def _err(exc: BaseException) -> KafkaError | None:
+    return exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+
+
+def _is_fatal(err: KafkaError) -> bool:
+    """librdkafka's fatal flag, plus fencing (some brokers report it as abortable)."""
+    return bool(err.fatal()) or err.code() in _FENCED_CODES
+
+
 def _describe(exc: BaseException) -> str:
-    err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+    err = _err(exc)
     if err is None:
         return f"{type(exc).__name__}: {exc}"
     return f"{err.name()} ({err.str()})"
+
+
+def default_instance() -> str:
+    """``STREAMPROC_INSTANCE`` or the host name: stable per pod in a StatefulSet."""
+    import os
+    import socket
+
+    return os.environ.get("STREAMPROC_INSTANCE") or socket.gethostname() or "streamproc"
 
 
 def run_worker(
     config: Config,
     *,
     index: int = 0,
+    instance: str = "",
     observer: Observer | None = None,
     install_signals: bool = True,
 ) -> int:
@@ -902,7 +941,7 @@ def run_worker(
             observer.ready(False, dep)
             if stop.wait(backoff.delay(attempt)):
                 return EXIT_OK
-    worker = Worker(config, pipeline, index=index, observer=observer)
+    worker = Worker(config, pipeline, index=index, instance=instance, observer=observer)
     if install_signals:
         worker.install_signal_handlers()
         if stop.is_set():
