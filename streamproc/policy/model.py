@@ -125,7 +125,8 @@ def parse_policy(raw: Any, source: str = "<policy>") -> Policy:
     if not isinstance(auds, Mapping) or not auds:
         raise PolicyError(f"{source}: 'audiences' must be a non-empty mapping")
     audiences: dict[str, Audience] = {}
-    needs_keys = False
+    needs_keys: Rule | None = None
+    needs_keys_where = ""
     for name, spec in auds.items():
         where = f"{source}: audience {name!r}"
         if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
@@ -144,14 +145,33 @@ def parse_policy(raw: Any, source: str = "<policy>") -> Policy:
             raise PolicyError(f"{where}: 'tags' must map tag names to rules")
         rules = tuple(_rule(source, name, str(t), r) for t, r in tags.items())
         rk = _record_key(source, name, spec.get("record_key", defaults.get("record_key", "token")))
-        needs_keys |= any(r.operator.needs_keys for r in (*rules, rk))
+        keyed = next((r for r in (*rules, rk) if r.operator.needs_keys), None)
+        if keyed is not None and needs_keys is None:
+            needs_keys, needs_keys_where = keyed, f"{where}, tag {keyed.tag!r}"
         audiences[name] = Audience(name, untagged, rk, rules, str(spec.get("description", "")))
     pseudonym = keys.get("pseudonym")
-    if needs_keys and not pseudonym:
-        raise PolicyError(f"{source}: token, encrypt_deterministic and date_shift need 'keys.pseudonym'")
-    canonical = json.dumps(raw, sort_keys=True, separators=(",", ":"), default=str)
+    if needs_keys is not None and not pseudonym:
+        raise PolicyError(
+            f"{needs_keys_where}: {needs_keys.op} needs 'keys.pseudonym' "
+            "(token, encrypt_deterministic and date_shift derive their keys from it)"
+        )
+    canonical = json.dumps(_ordered_tags(raw), sort_keys=True, separators=(",", ":"), default=str)
     version = "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()[:16]
     return Policy(str(raw.get("name", "policy")), version, pseudonym, audiences, source)
+
+
+def _ordered_tags(raw: Mapping[str, Any]) -> Any:
+    """The policy with each audience's ``tags`` as a list of pairs: rule order is meaning
+    (the first matching rule wins), so it must survive the key sorting of the version hash."""
+    auds = raw.get("audiences")
+    if not isinstance(auds, Mapping):
+        return raw
+    out = {}
+    for name, spec in auds.items():
+        if isinstance(spec, Mapping) and isinstance(spec.get("tags"), Mapping):
+            spec = {**spec, "tags": [[str(t), r] for t, r in spec["tags"].items()]}
+        out[name] = spec
+    return {**raw, "audiences": out}
 
 
 def load_policy(path: str | Path) -> Policy:
