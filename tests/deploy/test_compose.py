@@ -156,6 +156,8 @@ def test_processor_health_check_hits_healthz_without_curl() -> None:
     config = load_yaml(config_of(svc)[1])
     assert f":{config['metrics']['port']}/healthz" in " ".join(test)
     assert svc["init"] is True, "python as PID 1 needs an init to reap and forward signals"
+    # A stable instance name for transactional.id across container re-creation.
+    assert svc["hostname"] == "streamproc"
     assert command(svc)[:1] == ["run"]
 
 
