@@ -247,8 +247,8 @@ class Metrics(Observer):
             elif spec.type == "histogram":
                 self._m[spec.name] = Histogram(spec.name, spec.help, spec.labels, buckets=spec.buckets, **kwargs)
             else:
-                self._m[spec.name] = Gauge(spec.name, spec.help, spec.labels,
-                                           multiprocess_mode=spec.multiprocess_mode or "all", **kwargs)
+                mode: Any = spec.multiprocess_mode or "all"  # validated by prometheus_client
+                self._m[spec.name] = Gauge(spec.name, spec.help, spec.labels, multiprocess_mode=mode, **kwargs)
         self._children: dict[tuple[str, tuple[str, ...]], Any] = {}
         self._lock = threading.Lock()
         self._child("streamproc_build_info", version).set(1)

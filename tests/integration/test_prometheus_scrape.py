@@ -183,7 +183,8 @@ def burst_and_check(prom: Prometheus, port: int, metrics: Metrics, clock: FakeCl
     for n in [10] * (ANOMALY.warmup_intervals + 2) + [200]:
         before = decrypted()
         push(n)
-        wait_for(lambda b=before, n=n: decrypted() >= b + n, 30, f"{n} decryptions")
+        target = before + n
+        wait_for(lambda: decrypted() >= target, 30, f"{n} decryptions")  # noqa: B023 - called at once
         clock.t += ANOMALY.interval
         metrics.tick()
     assert registry_value(metrics, "streamproc_anomalies_total", kind="decryption_spike") == 1
@@ -233,7 +234,8 @@ def test_real_worker_counters_and_anomaly_seen_by_prometheus(
         for dest in config.destination_topics:
             prometheus.wait_value(f"sum(streamproc_egress_records_total{sel(port, topic=dest)})", lambda v: v == n_good)
         for reason, n in truth_dlq.items():
-            prometheus.wait_value(f"sum(streamproc_dead_letters_total{sel(port, topic=topic, reason=reason)})", lambda v, n=n: v == n)
+            want = float(n)
+            prometheus.wait_value(f"sum(streamproc_dead_letters_total{sel(port, topic=topic, reason=reason)})", lambda v: v == want)  # noqa: B023
         prometheus.wait_value(f"sum(streamproc_records_consumed_total{sel(port, topic=topic)})", lambda v: v == n_good + 7)
         prometheus.wait_value(f"sum(streamproc_transactions_total{sel(port, outcome='committed')})", lambda v: v is not None and v >= 1)
         prometheus.wait_value(f"sum(streamproc_ready{sel(port)})", lambda v: v == 1.0)

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from streamproc.errors import Reason
 from streamproc.observability.anomaly import (
+    Anomaly,
     AnomalyConfig,
     AnomalyDetector,
     AnomalyKind,
@@ -174,7 +175,7 @@ def test_silent_series_starts_over_when_it_resumes() -> None:
 
 
 def test_on_anomaly_callback_and_warning_log(caplog: pytest.LogCaptureFixture) -> None:
-    seen = []
+    seen: list[Anomaly] = []
     det, _clock = make(on_anomaly=seen.append)
     with caplog.at_level("WARNING", logger="streamproc.anomaly"):
         det.observe_failures({Reason.UNKNOWN_KEY: 1})

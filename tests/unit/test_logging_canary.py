@@ -195,7 +195,8 @@ def test_no_canary_value_in_any_log_line(fmt: str, tmp_path: Path, restore_loggi
 
 def test_guard_keeps_allowed_fields_and_drops_others() -> None:
     rec = logging.LogRecord("x", logging.INFO, __file__, 1, "hello %s", ("world",), None)
-    rec.topic, rec.kek_id, rec.email, rec.partitions = "orders", "orders-kek", "a@b", ["orders[0]"]  # type: ignore[attr-defined]
+    for k, v in {"topic": "orders", "kek_id": "orders-kek", "email": "a@b", "partitions": ["orders[0]"]}.items():
+        setattr(rec, k, v)
     assert RedactionGuard().filter(rec)
     out = json.loads(JsonFormatter().format(rec))
     assert out["message"] == "hello world" and out["topic"] == "orders" and out["kek_id"] == "orders-kek"

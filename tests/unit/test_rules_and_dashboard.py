@@ -100,7 +100,7 @@ def test_extraction_regexes() -> None:
 def test_rule_expressions_name_exported_metrics() -> None:
     problems = []
     for r in all_rules():
-        problems += check_expr(r["expr"], r.get("record") or r.get("alert"))
+        problems += check_expr(r["expr"], str(r.get("record") or r.get("alert")))
     assert problems == []
 
 
