@@ -256,7 +256,10 @@ class Opener:
                 hit = memo.get(data[:hl]) if memo is not None else None
                 if hit is not None:
                     kek_id, kver, wrapped, aad = hit
-                    aead = self._aead(kek_id, kver, wrapped, topic)
+                    try:
+                        aead = self.cache.get(kek_id, kver, wrapped, topic)
+                    except (KeyRevoked, KeyNotFound, UnwrapFailed) as exc:
+                        raise _key_error(exc, kek_id, kver) from None
                     try:
                         pt = aead.decrypt(data[hl : hl + NONCE_LEN], data[hl + NONCE_LEN :], aad)
                     except InvalidTag:
@@ -286,12 +289,17 @@ class Opener:
     def _aead(self, kek_id: str, kek_version: int, wrapped: bytes, topic: str) -> AESGCM:
         try:
             return self.cache.get(kek_id, kek_version, wrapped, topic)
-        except KeyRevoked:
-            raise EnvelopeError(Reason.KEY_REVOKED, f"key {kek_id!r} v{kek_version}") from None
-        except KeyNotFound:
-            raise EnvelopeError(Reason.UNKNOWN_KEY, f"key {kek_id!r} v{kek_version}") from None
-        except UnwrapFailed:
-            raise EnvelopeError(Reason.TAMPERED, f"wrapped key under {kek_id!r} v{kek_version}") from None
+        except (KeyRevoked, KeyNotFound, UnwrapFailed) as exc:
+            raise _key_error(exc, kek_id, kek_version) from None
+
+
+def _key_error(exc: Exception, kek_id: str, kek_version: int) -> EnvelopeError:
+    """The reason class for a data-key failure reported by the cache / KMS."""
+    if isinstance(exc, KeyRevoked):
+        return EnvelopeError(Reason.KEY_REVOKED, f"key {kek_id!r} v{kek_version}")
+    if isinstance(exc, KeyNotFound):
+        return EnvelopeError(Reason.UNKNOWN_KEY, f"key {kek_id!r} v{kek_version}")
+    return EnvelopeError(Reason.TAMPERED, f"wrapped key under {kek_id!r} v{kek_version}")
 
 
 #: Bounds of the per-Opener header memo (topics, and headers -- i.e. data keys -- per topic).

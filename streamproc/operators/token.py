@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from streamproc.crypto.pseudonym import make_tokenizer
+from streamproc.crypto.pseudonym import make_text_tokenizer, make_tokenizer
 from streamproc.operators.base import (
     SCALARS,
     STRING,
@@ -49,9 +49,8 @@ class Token(Operator):
             symbols = t.symbols
             return lambda v: tok(symbols[v].encode())
         if t.kind == "string":
-            if norm is not None:
-                return lambda v: tok(norm(v).encode())
-            return lambda v: tok(v.encode())
+            # Same tokens as tok(norm(v).encode()), in one call instead of two or three.
+            return make_text_tokenizer(version, key, norm)
         if t.kind in ("bytes", "fixed"):
             return tok
         return lambda v: tok(canonical_bytes(v))
