@@ -227,16 +227,22 @@ class _Gen:
             out.append(f"{ind}while True:")
             out.append(f"{ind}    {n}, pos = _rlong(buf, pos)")
             out.append(f"{ind}    if {n} == 0: break")
+            # A block with a byte size (negative count) is walked item by item too, and must
+            # end exactly where its size says: kept bytes are copied verbatim, and readers
+            # that skip by size and readers that read by count must see the same structure.
             out.append(f"{ind}    if {n} < 0:")
+            out.append(f"{ind}        {n} = -{n}")
             out.append(f"{ind}        {sz}, pos = _rlen(buf, pos)")
-            out.append(f"{ind}        pos += {sz}")
-            out.append(f"{ind}        continue")
-            out.append(f"{ind}    for _ in range({n}):")
+            out.append(f"{ind}        {sz} += pos")
+            out.append(f"{ind}    else: {sz} = -1")
             body: list[str] = []
             if isinstance(t, Map):
                 self.skip(_STRING, ind + "        ", body, stack)
             self.skip(inner, ind + "        ", body, stack)
-            out.extend(body or [f"{ind}        pass"])
+            if body:  # zero-width items (null): no loop, so a huge count cannot spin
+                out.append(f"{ind}    for _ in range({n}):")
+                out.extend(body)
+            out.append(f"{ind}    if {sz} >= 0 and pos != {sz}: raise _Bad('block size')")
         elif isinstance(t, Union):
             i = self.var("u")
             out.append(f"{ind}{i} = buf[pos]")
