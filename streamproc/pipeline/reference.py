@@ -26,7 +26,7 @@ from streamproc.pipeline.plan import (
     UnionNode,
 )
 from streamproc.schema import avro
-from streamproc.schema.avro import AvroType, Enum, Fixed, Record, Union
+from streamproc.schema.avro import Array, AvroType, Enum, Fixed, Map, Record, Union
 
 _PY_KINDS: dict[type, tuple[str, ...]] = {
     str: ("string",), bytes: ("bytes",), bool: ("boolean",), int: ("int", "long"),
@@ -74,9 +74,24 @@ def _unwrap(value: Any) -> Any:
     return value[1] if isinstance(value, tuple) else value
 
 
+def _tagged(t: AvroType, value: Any) -> Any:
+    """A kept value with every union value in tuple notation (branch named explicitly)."""
+    if isinstance(t, Union):
+        i = _branch_index(t, value)
+        b = t.branches[i]
+        return (_type_name(b), _tagged(b, _unwrap(value)))
+    if isinstance(t, Record):
+        return {f.name: _tagged(f.type, value[f.name]) for f in t.fields}
+    if isinstance(t, Array):
+        return [_tagged(t.items, v) for v in value]
+    if isinstance(t, Map):
+        return {k: _tagged(t.values, v) for k, v in value.items()}
+    return value
+
+
 def _apply(n: Node, value: Any, subject: bytes | None) -> Any:
     if isinstance(n, Keep):
-        return value
+        return _tagged(n.t, value)
     if isinstance(n, Apply):
         if isinstance(n.t, Enum) and n.decode:
             value = n.t.symbols.index(value)  # operators see the index, as the binary has
@@ -120,7 +135,7 @@ def run_reference(plan: Plan, schema_json: Any, avro_bytes: bytes) -> bytes:
     result = _apply(plan.root, record, subject)
     writer = fastavro.parse_schema(avro.strip_logical(plan.out_schema))
     buf = io.BytesIO()
-    # Union values stay in tuple notation (named types as read, transformed unions as
-    # mapped above), so the writer does not re-guess branches from Python values.
+    # Every union value is in tuple notation (kept ones by _tagged, transformed ones as
+    # mapped above), so the writer never re-guesses a branch from a Python value.
     fastavro.schemaless_writer(buf, writer, result)
     return buf.getvalue()
