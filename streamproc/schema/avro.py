@@ -138,7 +138,7 @@ class _Parser:
             raise SchemaError("schema node must be a name, a list or an object with 'type'")
         t = s["type"]
         props = {k: v for k, v in s.items() if k not in ("type", "name", "namespace", "fields", "symbols", "items", "values", "size")}
-        if t in PRIMITIVES:
+        if isinstance(t, str) and t in PRIMITIVES:  # t may be a dict or list (a wrapped type)
             return Primitive(t, props)
         if t == "record" or t == "error":
             name, rns = _split(str(s["name"]), s.get("namespace", ns))
