@@ -37,10 +37,12 @@ def account(ws: Any, produced: set[tuple[int, int]], out: dict[str, list[Any]], 
     return missing, dups
 
 
-def test_sigkill_three_times_loses_nothing(
-    workspace_factory: Any, workers: list[WorkerProcess], broker_is_tansu: bool, request: Any
-) -> None:
-    ws = workspace_factory(sources=("orders",), batch={"max_records": 50, "max_wait_ms": 50})
+def run_crash_scenario(ws: Any, workers: list[WorkerProcess], request: Any) -> tuple[int, int, dict[str, list[Any]]]:
+    """Produce at a steady rate, SIGKILL the worker KILLS times mid-stream, restart it.
+
+    Returns (missing, duplicates, records read) once every source offset is accounted
+    for (or the wait times out).  The final worker is left running for the caller.
+    """
     rng = random.Random(1234)
     ticker = Ticker(ws, "orders", total=TOTAL, rate=RATE).start()
     progress = Watermarks(ws.bootstrap, [ws.dest("orders", "analytics")])
@@ -50,14 +52,14 @@ def test_sigkill_three_times_loses_nothing(
         w = WorkerProcess(ws, name=f"run{kills}")
         workers.append(w)
         start = progress.total()
-        # Kill only once this instance has committed (or at least written) some batches,
-        # at a random point after that: mid-stream, with transactions coming and going.
+        # Kill only once this instance has written some batches, at a random point after
+        # that: mid-stream, with transactions coming and going.
         wait_for(lambda s=start, w=w: progress.total() >= s + 100 or not w.alive(), 60, interval=0.05, what="progress")
         time.sleep(rng.uniform(0.0, 0.3))
         assert w.alive(), w.log()[-3000:]
         w.kill()
         kills += 1
-        print(f"[crash] kill {kills}: outputs {start} -> {progress.total()}")
+        print(f"[crash] kill {kills}: destination end offsets {start} -> {progress.total()}")
     final = WorkerProcess(ws, name="final")
     workers.append(final)
     produced = set(ticker.join(timeout=60).records)
@@ -71,12 +73,22 @@ def test_sigkill_three_times_loses_nothing(
     )
     missing, dups = account(ws, produced, out, "orders")
     print(
-        f"\n[crash] broker={'tansu' if broker_is_tansu else 'kafka'} kills={KILLS} produced={len(produced)} "
+        f"\n[crash] kills={KILLS} produced={len(produced)} "
         f"outputs/destination={[len(out[t]) for t in dests]} missing={missing} duplicates={dups}"
     )
     assert missing == 0, final.log()[-3000:]
     assert not out[ws.dlq("orders")]
+    return missing, dups, out
+
+
+def test_sigkill_three_times_loses_nothing(
+    workspace_factory: Any, workers: list[WorkerProcess], broker_is_tansu: bool, request: Any
+) -> None:
+    ws = workspace_factory(sources=("orders",), batch={"max_records": 50, "max_wait_ms": 50})
+    _, dups, _ = run_crash_scenario(ws, workers, request)
+    print(f"[crash] broker={'tansu' if broker_is_tansu else 'kafka'} duplicates={dups}")
     if not broker_is_tansu:
         assert dups == 0, "read_committed must hide the killed instances' aborted transactions"
+    final = workers[-1]
     final.terminate()
     assert final.wait(30) == 0

@@ -221,14 +221,18 @@ def test_sigterm_mid_stream_drains_commits_and_exits_zero(
     workspace_factory: Any, workers: list[WorkerProcess], kafka_bootstrap: str
 ) -> None:
     """SIGTERM while records flow: exit 0, and the committed offsets cover exactly the outputs."""
-    from tests.integration.conftest import Ticker, committed_offsets, wait_for
+    from tests.integration.conftest import Ticker, Watermarks, committed_offsets, wait_for
 
     ws = workspace_factory(sources=("orders",), batch={"max_records": 20, "max_wait_ms": 50})
-    ticker = Ticker(ws, "orders", total=1500, rate=300).start()
+    ticker = Ticker(ws, "orders", total=3000, rate=300).start()
     w = WorkerProcess(ws)
     workers.append(w)
     dest = ws.dest("orders", "analytics")
-    wait_for(lambda: len(read_topics(kafka_bootstrap, [dest], idle=0.1, timeout=2)[dest]) >= 100, 40, what="first outputs")
+    progress = Watermarks(kafka_bootstrap, [dest])
+    try:
+        wait_for(lambda: progress.total() >= 100 or not w.alive(), 40, interval=0.05, what="first outputs")
+    finally:
+        progress.close()
     w.terminate()
     assert w.wait(30) == 0, w.log()[-3000:]
     ticker.join()
