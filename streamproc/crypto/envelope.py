@@ -222,8 +222,10 @@ class Opener:
 
     def __init__(self, cache: DekCache) -> None:
         self.cache = cache
-        #: topic -> {header bytes -> (kek id, kek version, wrapped key, AAD)}; see open_parts.
-        self._memo: dict[str, dict[bytes, tuple[str, int, bytes, bytes]]] = {}
+        #: topic -> {header -> (topic, header, kek id, kek version, wrapped key, AAD, header
+        #: length)}, and the entry of the last record opened; see open_parts.
+        self._memo: dict[str, dict[bytes, _MemoEntry]] = {}
+        self._last: _MemoEntry | None = None
 
     @classmethod
     def for_kms(cls, kms: KmsProvider, **cache_options: float) -> Opener:
@@ -238,33 +240,38 @@ class Opener:
 
         Hot path.  Every record sealed under one data key carries the same header (all the
         bytes before the nonce), so a successfully opened header is memoized per topic as
-        ``header -> (kek id, version, wrapped key, header length, AAD)``: the next record of
-        that data key costs one dict lookup instead of a parse, a UTF-8 decode and an AAD
-        concatenation.  The data key itself is still fetched through :class:`DekCache` on
-        every record, so TTL, revocation sweeps, ``evict_kek``, LRU order and the hit
-        counters behave exactly as without the memo.  Only headers that opened
-        successfully are memoized (forgeries never enter), a memo hit implies the header
-        is byte-identical to one that parsed and matched this topic's fingerprint, and any
-        failure takes the same exception path with the same reason class.
+        ``header -> (topic, header, kek id, version, wrapped key, AAD, header length)``: the
+        next record of that data key costs a ``startswith`` against the last header seen
+        (or one dict lookup) instead of a parse, a UTF-8 decode and an AAD concatenation.
+        The data key itself is still fetched through :class:`DekCache` on every record, so
+        TTL, revocation sweeps, ``evict_kek``, LRU order and the hit counters behave exactly
+        as without the memo.  Only headers that opened successfully are memoized (forgeries
+        never enter), a memo hit means the header is byte-identical to one that parsed and
+        matched this topic's fingerprint, and every failure raises the same reason class.
         """
-        n = len(data)
-        if n > 8:
-            klen = data[1]
-            hl = klen + 12 + ((data[6 + klen] << 8) | data[7 + klen]) if n > klen + 8 else n
-            if n >= hl + NONCE_LEN + TAG_LEN:
-                memo = self._memo.get(topic)
-                hit = memo.get(data[:hl]) if memo is not None else None
-                if hit is not None:
-                    kek_id, kver, wrapped, aad = hit
-                    try:
-                        aead = self.cache.get(kek_id, kver, wrapped, topic)
-                    except (KeyRevoked, KeyNotFound, UnwrapFailed) as exc:
-                        raise _key_error(exc, kek_id, kver) from None
-                    try:
-                        pt = aead.decrypt(data[hl : hl + NONCE_LEN], data[hl + NONCE_LEN :], aad)
-                    except InvalidTag:
-                        raise EnvelopeError(Reason.TAMPERED, f"ciphertext under {kek_id!r} v{kver}") from None
-                    return pt, kek_id, kver
+        hit = self._last
+        if hit is None or hit[0] != topic or not data.startswith(hit[1]):
+            hit = None
+            n = len(data)
+            if n > 8:
+                klen = data[1]
+                if n > klen + 8:
+                    memo = self._memo.get(topic)
+                    if memo is not None:
+                        hit = memo.get(data[: klen + 12 + ((data[6 + klen] << 8) | data[7 + klen])])
+        if hit is not None:
+            _, _, kek_id, kver, wrapped, aad, hl = hit
+            if len(data) >= hl + _MIN_BODY:
+                try:
+                    aead = self.cache.get(kek_id, kver, wrapped, topic)
+                except (KeyRevoked, KeyNotFound, UnwrapFailed) as exc:
+                    raise _key_error(exc, kek_id, kver) from None
+                try:
+                    pt = aead.decrypt(data[hl : hl + NONCE_LEN], data[hl + NONCE_LEN :], aad)
+                except InvalidTag:
+                    raise EnvelopeError(Reason.TAMPERED, f"ciphertext under {kek_id!r} v{kver}") from None
+                self._last = hit
+                return pt, kek_id, kver
         h = parse_header(data)
         if h.fingerprint != topic_fingerprint(topic):
             raise EnvelopeError(Reason.WRONG_TOPIC, f"key {h.kek_id!r} v{h.kek_version}; sealed for another topic")
@@ -283,7 +290,7 @@ class Opener:
             memo = self._memo[topic] = {}
         elif len(memo) >= _MEMO_HEADERS:
             memo.clear()  # bounded: one entry per live data key, so this is rare
-        memo[header] = (h.kek_id, h.kek_version, h.wrapped, aad)
+        memo[header] = self._last = (topic, header, h.kek_id, h.kek_version, h.wrapped, aad, hl)
         return pt, h.kek_id, h.kek_version
 
     def _aead(self, kek_id: str, kek_version: int, wrapped: bytes, topic: str) -> AESGCM:
@@ -301,6 +308,9 @@ def _key_error(exc: Exception, kek_id: str, kek_version: int) -> EnvelopeError:
         return EnvelopeError(Reason.UNKNOWN_KEY, f"key {kek_id!r} v{kek_version}")
     return EnvelopeError(Reason.TAMPERED, f"wrapped key under {kek_id!r} v{kek_version}")
 
+
+_MemoEntry = tuple[str, bytes, str, int, bytes, bytes, int]
+_MIN_BODY = NONCE_LEN + TAG_LEN
 
 #: Bounds of the per-Opener header memo (topics, and headers -- i.e. data keys -- per topic).
 _MEMO_TOPICS = 1024

@@ -166,6 +166,7 @@ class _Gen:
             "_F": _F.unpack_from,
             "_D": _D.unpack_from,
             "enc_long": enc_long,
+            "_LEN": _LEN,
         }
         self.counter = 0
         self.skip_funcs: dict[str, str] = {}
@@ -225,7 +226,7 @@ class _Gen:
             inner = t.items if isinstance(t, Array) else t.values
             n, sz = self.var("n"), self.var("sz")
             out.append(f"{ind}while True:")
-            out.append(f"{ind}    {n}, pos = _rlong(buf, pos)")
+            self.block_count(n, ind + "    ", out)
             out.append(f"{ind}    if {n} == 0: break")
             # A block with a byte size (negative count) is walked item by item too, and must
             # end exactly where its size says: kept bytes are copied verbatim, and readers
@@ -258,6 +259,16 @@ class _Gen:
             out.append(f"{ind}else: raise _Bad('union branch')")
         else:
             raise TypeError(f"cannot skip {k}")
+
+    def block_count(self, n: str, ind: str, out: list[str]) -> None:
+        """Read an array/map block count into ``n``: inline when it is one byte (a count
+        below 64, the usual case), through ``_rlong`` otherwise -- same value, same errors."""
+        b = self.var("b")
+        out.append(f"{ind}{b} = buf[pos]")
+        out.append(f"{ind}if {b} & 128: {n}, pos = _rlong(buf, pos)")
+        out.append(f"{ind}else:")
+        out.append(f"{ind}    {n} = ({b} >> 1) ^ -({b} & 1)")
+        out.append(f"{ind}    pos += 1")
 
     def skip_func(self, r: Record) -> str:
         name = self.skip_funcs.get(r.fullname)
@@ -344,9 +355,20 @@ class _Gen:
                 self.skip(n.t, ind, out)
                 out.append(f"{ind}{v} = None")
             args = f"{v}, subj" if n.needs_subject else v
-            out.append(f"{ind}try: {w} = {enc}({fn}({args}))")
-            out.append(f"{ind}except Exception: raise _TF({path}) from None")
-            out.append(f"{ind}out.append({w})")
+            if self.env[enc] is enc_str:
+                # String output (token, mask, generalize, ...): enc_str inlined, one call
+                # fewer per field.  Same bytes (length prefix, then UTF-8) and the same
+                # failures inside the try (a non-str result or a lone surrogate).
+                k = self.var("k")
+                out.append(f"{ind}try: {w} = {fn}({args}).encode()")
+                out.append(f"{ind}except Exception: raise _TF({path}) from None")
+                out.append(f"{ind}{k} = len({w})")
+                out.append(f"{ind}out.append(_LEN[{k}] if {k} < 64 else enc_long({k}))")
+                out.append(f"{ind}out.append({w})")
+            else:
+                out.append(f"{ind}try: {w} = {enc}({fn}({args}))")
+                out.append(f"{ind}except Exception: raise _TF({path}) from None")
+                out.append(f"{ind}out.append({w})")
             out.append(f"{ind}start = pos")
             self.run_empty = True
         elif isinstance(n, RecordNode):
@@ -358,12 +380,13 @@ class _Gen:
             c, sz = self.var("n"), self.var("sz")
             self.flush(ind, out)
             out.append(f"{ind}while True:")
-            out.append(f"{ind}    {c}, pos = _rlong(buf, pos)")
+            self.block_count(c, ind + "    ", out)
             out.append(f"{ind}    if {c} == 0: break")
             out.append(f"{ind}    if {c} < 0:")
             out.append(f"{ind}        {c} = -{c}")
             out.append(f"{ind}        {sz}, pos = _rlen(buf, pos)")
-            out.append(f"{ind}    out.append(enc_long({c}))")
+            # enc_long(c) for 0 < c < 64 is the single byte _LEN[c]; no call for small blocks.
+            out.append(f"{ind}    out.append(_LEN[{c}] if {c} < 64 else enc_long({c}))")
             out.append(f"{ind}    start = pos")
             out.append(f"{ind}    for _ in range({c}):")
             body: list[str] = []
@@ -467,7 +490,14 @@ def compile_plan(
     body.append(f"    pos = {offset}")
     body.append(f"    start = {offset}")
     body.append(f"    out = [{g.const(prefix, '_prefix')}]" if prefix else "    out = []")
-    g.node(plan.root, "    ", body)
+    if isinstance(plan.root, RecordNode):
+        # The root record's fields go straight into _plan (no call and no (pos, start)
+        # tuple per record); a recursive reference to the root still gets its function.
+        g.run_empty = True  # start == pos here
+        for _, child in plan.root.fields:
+            g.node(child, "    ", body)
+    else:
+        g.node(plan.root, "    ", body)
     body.append("    if pos != len(buf): raise _Bad('trailing or missing bytes')")
     if not g.run_empty:
         body.append("    out.append(buf[start:pos])")
