@@ -98,17 +98,42 @@ def _jsonl(source: str) -> Iterator[dict[str, Any]]:
 
 
 @click.command("produce")
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="Config (kafka, kms, schemas).")
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Config (kafka, kms, schemas).",
+)
 @click.option("--topic", required=True, help="Source topic to produce to.")
-@click.option("--schema", "schema_path", required=True, type=click.Path(exists=True, dir_okay=False), help="Avro schema (.avsc).")
+@click.option(
+    "--schema",
+    "schema_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Avro schema (.avsc).",
+)
 @click.option("--kek", required=True, help="KEK id to seal under.")
 @click.option("--from-jsonl", "jsonl", help="JSON-lines file, or - for stdin.")
-@click.option("--generate", type=click.Choice(["order", "login"]), help="Synthetic events instead of input.")
-@click.option("--count", type=click.IntRange(0), default=100, show_default=True, help="Events to generate.")
-@click.option("--rate", type=click.FloatRange(0, min_open=True), help="Records per second (default: as fast as possible).")
+@click.option(
+    "--generate", type=click.Choice(["order", "login"]), help="Synthetic events instead of input."
+)
+@click.option(
+    "--count", type=click.IntRange(0), default=100, show_default=True, help="Events to generate."
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(0, min_open=True),
+    help="Records per second (default: as fast as possible).",
+)
 @click.option("--canary", is_flag=True, help="Plant canary markers in sensitive generated fields.")
 @click.option("--seed", type=int, default=7, show_default=True, help="Generator seed.")
-@click.option("--key-field", default="customer_id", show_default=True, help="Record field used as the Kafka key ('' for none).")
+@click.option(
+    "--key-field",
+    default="customer_id",
+    show_default=True,
+    help="Record field used as the Kafka key ('' for none).",
+)
 def produce(
     config_path: str,
     topic: str,
@@ -189,4 +214,6 @@ def produce(
     if remaining or failed:
         click.echo(f"streamproc: {remaining + len(failed)} of {n} records not delivered", err=True)
         sys.exit(1)
-    click.echo(f"produced {n} records to {topic} (schema id {sealer.schema_id}, kek {kek})", err=True)
+    click.echo(
+        f"produced {n} records to {topic} (schema id {sealer.schema_id}, kek {kek})", err=True
+    )

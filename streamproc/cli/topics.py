@@ -15,8 +15,20 @@ def topics() -> None:
 
 
 @topics.command("apply")
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="Processor config (YAML).")
-@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds to wait for the cluster.")
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Processor config (YAML).",
+)
+@click.option(
+    "--timeout",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait for the cluster.",
+)
 def apply(config_path: str, timeout: float) -> None:
     """Create source, destination and dead-letter topics; report those that exist."""
     from confluent_kafka import KafkaException
@@ -35,4 +47,6 @@ def apply(config_path: str, timeout: float) -> None:
         sys.exit(1)
     for r in results:
         note = f"  ({r.note})" if r.note else ""
-        click.echo(f"{r.status:8} {r.topic}  partitions={r.partitions} replication={r.replication_factor}{note}")
+        click.echo(
+            f"{r.status:8} {r.topic}  partitions={r.partitions} replication={r.replication_factor}{note}"
+        )

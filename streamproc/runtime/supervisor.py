@@ -80,7 +80,9 @@ class Supervisor:
 
     def _spawn(self, index: int) -> None:
         p = self._ctx.Process(
-            target=_child_main, args=(self.config_path, index, self.instance), name=f"streamproc-worker-{index}"
+            target=_child_main,
+            args=(self.config_path, index, self.instance),
+            name=f"streamproc-worker-{index}",
         )
         p.start()
         self._children[index] = p

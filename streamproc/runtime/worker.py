@@ -499,7 +499,12 @@ class Worker:
                 return
             except KafkaException as exc:
                 err = _err(exc)
-                if err is not None and err.retriable() and not err.txn_requires_abort() and not _is_fatal(err):
+                if (
+                    err is not None
+                    and err.retriable()
+                    and not err.txn_requires_abort()
+                    and not _is_fatal(err)
+                ):
                     attempt += 1
                     log.warning("%s: retriable %s (attempt %d)", what, err.name(), attempt)
                     self._broker_down(attempt)

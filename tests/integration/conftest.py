@@ -108,7 +108,9 @@ def kafka_broker() -> Iterator[Broker]:
     try:
         broker = DevBroker().start()
     except (OSError, RuntimeError, TimeoutError, ImportError) as exc:
-        pytest.skip(f"no broker: no STREAMPROC_TEST_BOOTSTRAP, no Docker engine, and Tansu failed ({exc})")
+        pytest.skip(
+            f"no broker: no STREAMPROC_TEST_BOOTSTRAP, no Docker engine, and Tansu failed ({exc})"
+        )
     try:
         yield Broker(broker.bootstrap, "tansu", "devbroker")
     finally:
@@ -178,7 +180,11 @@ class Workspace:
         from streamproc.client import RecordSealer
 
         return RecordSealer(
-            kms or self.kms(), SOURCE_KEKS[source], self.topic(source), self.schema_json(source), schemas or self.schema_source()
+            kms or self.kms(),
+            SOURCE_KEKS[source],
+            self.topic(source),
+            self.schema_json(source),
+            schemas or self.schema_source(),
         )
 
     def opener(self) -> Any:
@@ -221,7 +227,9 @@ def make_workspace(
         ring.create_key(f"{a}-kek")
     ring.create_key("pseudonym-master", "secret")
     assert (ring_path.stat().st_mode & 0o777) == 0o600
-    ws = Workspace(root, bootstrap, suffix, ring_path, sdir, policy, root / "streamproc.yaml", tuple(sources))
+    ws = Workspace(
+        root, bootstrap, suffix, ring_path, sdir, policy, root / "streamproc.yaml", tuple(sources)
+    )
     cfg: dict[str, Any] = {
         "kafka": {"bootstrap.servers": bootstrap},
         "consumer": dict(CLIENT_DEFAULTS),
@@ -237,7 +245,9 @@ def make_workspace(
             {
                 "sources": [ws.topic(src)],
                 "dead_letter_topic": ws.dlq(src),
-                "destinations": [{"topic": ws.dest(src, a), "audience": a, "kek": f"{a}-kek"} for a in AUDIENCES],
+                "destinations": [
+                    {"topic": ws.dest(src, a), "audience": a, "kek": f"{a}-kek"} for a in AUDIENCES
+                ],
             }
             for src in sources
         ],
@@ -252,7 +262,9 @@ def make_workspace(
 
 
 @pytest.fixture
-def workspace_factory(tmp_path: Path, kafka_bootstrap: str, unique: str) -> Callable[..., Workspace]:
+def workspace_factory(
+    tmp_path: Path, kafka_bootstrap: str, unique: str
+) -> Callable[..., Workspace]:
     """``make(**options)`` -> a workspace whose topics exist on the broker."""
     from streamproc.runtime.topics import apply_topics
 
@@ -288,7 +300,10 @@ class Produced:
 
 
 def produce_raw(
-    bootstrap: str, topic: str, items: Sequence[tuple[bytes | None, bytes | None, Any]], headers: list[tuple[str, bytes]] | None = None
+    bootstrap: str,
+    topic: str,
+    items: Sequence[tuple[bytes | None, bytes | None, Any]],
+    headers: list[tuple[str, bytes]] | None = None,
 ) -> Produced:
     """Produce (key, value, payload-for-bookkeeping) triples; returns where each landed."""
     p = producer(bootstrap)
@@ -315,7 +330,9 @@ def produce_raw(
     return out
 
 
-def produce_events(ws: Workspace, source: str, n: int, *, seed: int = 7, canary: bool = False) -> Produced:
+def produce_events(
+    ws: Workspace, source: str, n: int, *, seed: int = 7, canary: bool = False
+) -> Produced:
     """``n`` generated events of ``source``'s schema, sealed, keyed by customer_id."""
     from streamproc.client.generator import EventGenerator
 
@@ -323,7 +340,11 @@ def produce_events(ws: Workspace, source: str, n: int, *, seed: int = 7, canary:
     gen = EventGenerator(seed)
     recs = list(gen.events(GEN_KIND[source], n, canary))
     values = sealer.seal_many(recs)
-    return produce_raw(ws.bootstrap, ws.topic(source), [(r["customer_id"].encode(), v, r) for r, v in zip(recs, values, strict=True)])
+    return produce_raw(
+        ws.bootstrap,
+        ws.topic(source),
+        [(r["customer_id"].encode(), v, r) for r, v in zip(recs, values, strict=True)],
+    )
 
 
 class Ticker:
@@ -363,7 +384,12 @@ class Ticker:
                             self.produced.keys[k] = r["customer_id"].encode()
                             self.produced.values[k] = v
 
-                    p.produce(self.produced.topic, key=r["customer_id"].encode(), value=v, on_delivery=done)
+                    p.produce(
+                        self.produced.topic,
+                        key=r["customer_id"].encode(),
+                        value=v,
+                        on_delivery=done,
+                    )
                 self.sent += len(recs)
                 p.poll(0)
                 wait = t0 + self.sent / self.rate - time.monotonic()
@@ -404,8 +430,14 @@ class Rec:
     def source(self) -> tuple[str, int, int]:
         from streamproc.pipeline.core import H_SOURCE_OFFSET, H_SOURCE_PARTITION, H_SOURCE_TOPIC
 
-        t, p, o = self.header(H_SOURCE_TOPIC), self.header(H_SOURCE_PARTITION), self.header(H_SOURCE_OFFSET)
-        assert t is not None and p is not None and o is not None, f"missing provenance on {self.topic}[{self.partition}]@{self.offset}"
+        t, p, o = (
+            self.header(H_SOURCE_TOPIC),
+            self.header(H_SOURCE_PARTITION),
+            self.header(H_SOURCE_OFFSET),
+        )
+        assert t is not None and p is not None and o is not None, (
+            f"missing provenance on {self.topic}[{self.partition}]@{self.offset}"
+        )
         return t, int(p), int(o)
 
 
@@ -446,7 +478,16 @@ def read_topics(
             now = time.monotonic()
             for m in msgs:
                 if m.error() is None:
-                    out[m.topic()].append(Rec(m.topic(), m.partition(), m.offset(), m.key(), m.value(), tuple(m.headers() or ())))
+                    out[m.topic()].append(
+                        Rec(
+                            m.topic(),
+                            m.partition(),
+                            m.offset(),
+                            m.key(),
+                            m.value(),
+                            tuple(m.headers() or ()),
+                        )
+                    )
                     last_new = now
             if now - last_new >= idle and (until is None or until(out)):
                 break
@@ -461,7 +502,9 @@ class Watermarks:
     def __init__(self, bootstrap: str, topics: Sequence[str]) -> None:
         from confluent_kafka import Consumer, TopicPartition
 
-        self._c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"wm-{uuid.uuid4().hex[:8]}"})
+        self._c = Consumer(
+            {"bootstrap.servers": bootstrap, "group.id": f"wm-{uuid.uuid4().hex[:8]}"}
+        )
         self._parts = []
         for t in topics:
             md = self._c.list_topics(t, timeout=10).topics[t]
@@ -474,7 +517,9 @@ class Watermarks:
         self._c.close()
 
 
-def wait_for(cond: Callable[[], bool], timeout: float, interval: float = 0.2, what: str = "condition") -> None:
+def wait_for(
+    cond: Callable[[], bool], timeout: float, interval: float = 0.2, what: str = "condition"
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cond():
@@ -534,7 +579,10 @@ class WorkerProcess:
 
     def wait_assigned(self, timeout: float = 30.0) -> None:
         wait_for(
-            lambda: any(e.get("message") == "partitions assigned" for e in self.log_events()) or not self.alive(),
+            lambda: (
+                any(e.get("message") == "partitions assigned" for e in self.log_events())
+                or not self.alive()
+            ),
             timeout,
             what="partition assignment",
         )

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.integration.conftest import WorkerProcess, docker_engine_available, make_workspace
-from tests.integration.test_worker_crash import run_crash_scenario
+from tests.integration.test_worker_crash import BATCH, run_crash_scenario
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
 
@@ -47,7 +47,11 @@ def test_exactly_once_zero_duplicates_on_real_kafka(
     from streamproc.runtime.topics import apply_topics
 
     ws = make_workspace(
-        tmp_path / "ws", real_kafka, unique, sources=("orders",), batch={"max_records": 50, "max_wait_ms": 50}
+        tmp_path / "ws",
+        real_kafka,
+        unique,
+        sources=("orders",),
+        batch={"max_records": BATCH, "max_wait_ms": 50},
     )
     apply_topics(ws.load_config())
     missing, dups, _ = run_crash_scenario(ws, workers, request)

@@ -43,9 +43,13 @@ def _bad_records(ws: Any, tmp_path: Any) -> list[tuple[bytes, bytes, Reason]]:
     unknown_kek = Sealer(ghost_ring, "ghost-kek", topic).seal(frame(sealer.schema_id, b"\x00"))
     raw_sealer = Sealer(kms, "orders-kek", topic)
     unknown_schema = raw_sealer.seal(frame(0x0BAD_C0DE, b"\x02\x04ab"))
-    garbage_avro = raw_sealer.seal(frame(sealer.schema_id, b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff"))
+    garbage_avro = raw_sealer.seal(
+        frame(sealer.schema_id, b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff")
+    )
     not_framed = raw_sealer.seal(b"plain text, no framing")
-    wrong_topic = Sealer(kms, "orders-kek", ws.topic("logins")).seal(frame(sealer.schema_id, b"\x00"))
+    wrong_topic = Sealer(kms, "orders-kek", ws.topic("logins")).seal(
+        frame(sealer.schema_id, b"\x00")
+    )
     oversized = raw_sealer.seal(frame(sealer.schema_id, os.urandom(LIMIT + 1000)))
     return [
         (b"k-random", b"\x07" + os.urandom(200), Reason.UNSUPPORTED_VERSION),
@@ -68,7 +72,9 @@ def test_bad_records_go_to_the_dlq_and_the_worker_carries_on(
     bad = _bad_records(ws, tmp_path)
     before = produce_events(ws, "orders", GOOD, seed=5)
     trace = [("trace-id", b"t-123"), ("origin", b"integration-test")]
-    dl = produce_raw(ws.bootstrap, ws.topic("orders"), [(k, v, r) for k, v, r in bad], headers=trace)
+    dl = produce_raw(
+        ws.bootstrap, ws.topic("orders"), [(k, v, r) for k, v, r in bad], headers=trace
+    )
     w = WorkerProcess(ws)
     workers.append(w)
     w.wait_assigned()
@@ -98,10 +104,16 @@ def test_bad_records_go_to_the_dlq_and_the_worker_carries_on(
         assert detail is not None and len(detail) < 200
     # No bad record produced an output anywhere.
     for t in ws.destinations():
-        assert not any(r.source[1:] in dl.records for r in read_topics(ws.bootstrap, [t], idle=0.3)[t] if r.source[0] == ws.topic("orders"))
+        assert not any(
+            r.source[1:] in dl.records
+            for r in read_topics(ws.bootstrap, [t], idle=0.3)[t]
+            if r.source[0] == ws.topic("orders")
+        )
     assert not read_topics(ws.bootstrap, [ws.dlq("logins")], idle=0.3)[ws.dlq("logins")]
     events = w.log_events()
-    reasons = {e.get("reason") for e in events if e.get("message", "").startswith("record dead-lettered")}
+    reasons = {
+        e.get("reason") for e in events if e.get("message", "").startswith("record dead-lettered")
+    }
     assert reasons == {r.value for _, _, r in bad}
     # Logs name reason classes and offsets, never the bytes.
     log = w.log()

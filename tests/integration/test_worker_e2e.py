@@ -138,13 +138,17 @@ def check_login(aud: str, inp: dict[str, Any], out: dict[str, Any], toks: Tokens
             assert "device_id" not in dev_out and "geo" not in dev_out
 
 
-def _source_inputs(ws: Any, source: str) -> dict[tuple[int, int], tuple[bytes | None, dict[str, Any]]]:
+def _source_inputs(
+    ws: Any, source: str
+) -> dict[tuple[int, int], tuple[bytes | None, dict[str, Any]]]:
     """Read a source topic back and open it: (partition, offset) -> (key, record).
 
     Decoded with logical types, like the outputs, so dates compare as dates.
     """
     opener = ws.opener()
-    recs = read_topics(ws.bootstrap, [ws.topic(source)], until=lambda r: len(r[ws.topic(source)]) >= N)[ws.topic(source)]
+    recs = read_topics(
+        ws.bootstrap, [ws.topic(source)], until=lambda r: len(r[ws.topic(source)]) >= N
+    )[ws.topic(source)]
     return {(r.partition, r.offset): (r.key, opener.decode(r.topic, r.value)) for r in recs}
 
 
@@ -167,7 +171,9 @@ def test_orders_and_logins_end_to_end(workspace_factory: Any, workers: list[Work
     w = WorkerProcess(ws)
     workers.append(w)
     dests = ws.destinations()
-    out = read_topics(ws.bootstrap, dests, until=lambda r: all(len(r[t]) >= N for t in dests), timeout=60)
+    out = read_topics(
+        ws.bootstrap, dests, until=lambda r: all(len(r[t]) >= N for t in dests), timeout=60
+    )
     assert {t: len(v) for t, v in out.items()} == {t: N for t in dests}, w.log()[-3000:]
 
     opener = ws.opener()
@@ -230,7 +236,12 @@ def test_sigterm_mid_stream_drains_commits_and_exits_zero(
     dest = ws.dest("orders", "analytics")
     progress = Watermarks(kafka_bootstrap, [dest])
     try:
-        wait_for(lambda: progress.total() >= 100 or not w.alive(), 40, interval=0.05, what="first outputs")
+        wait_for(
+            lambda: progress.total() >= 100 or not w.alive(),
+            40,
+            interval=0.05,
+            what="first outputs",
+        )
     finally:
         progress.close()
     w.terminate()
@@ -247,6 +258,12 @@ def test_sigterm_mid_stream_drains_commits_and_exits_zero(
         by_part[p].add(o)
     produced = ticker.produced.records
     for p in range(3):
-        expected = {o for (pp, o) in produced if pp == p and o < committed.get(p, -1)} if committed.get(p, -1001) >= 0 else set()
+        expected = (
+            {o for (pp, o) in produced if pp == p and o < committed.get(p, -1)}
+            if committed.get(p, -1001) >= 0
+            else set()
+        )
         assert by_part[p] == expected, f"partition {p}: outputs and committed offsets disagree"
-    assert sum(len(v) for v in by_part.values()) < len(produced), "the stop should have come mid-stream"
+    assert sum(len(v) for v in by_part.values()) < len(produced), (
+        "the stop should have come mid-stream"
+    )

@@ -17,7 +17,9 @@ pytestmark = pytest.mark.integration
 
 
 def _assignments(w: WorkerProcess) -> list[list[str]]:
-    return [e.get("partitions", []) for e in w.log_events() if e.get("message") == "partitions assigned"]
+    return [
+        e.get("partitions", []) for e in w.log_events() if e.get("message") == "partitions assigned"
+    ]
 
 
 def test_second_worker_joins_then_first_leaves(
@@ -33,14 +35,22 @@ def test_second_worker_joins_then_first_leaves(
     w2 = WorkerProcess(ws, "--instance", "w2", name="w2")
     workers.append(w2)
     # Both members must end up sharing the partitions (a second assignment for w1).
-    wait_for(lambda: len(_assignments(w1)) >= 2 and len(_assignments(w2)) >= 1, 60, what="rebalance to two workers")
+    wait_for(
+        lambda: len(_assignments(w1)) >= 2 and len(_assignments(w2)) >= 1,
+        60,
+        what="rebalance to two workers",
+    )
     shared = (_assignments(w1)[-1], _assignments(w2)[-1])
     assert shared[0] and shared[1] and not set(shared[0]) & set(shared[1]), shared
     before = progress.total()
     wait_for(lambda: progress.total() >= before + 100, 40, what="progress with two workers")
     w1.terminate()
     assert w1.wait(30) == 0, w1.log()[-3000:]
-    wait_for(lambda: len(_assignments(w2)) >= 2 and len(_assignments(w2)[-1]) == 3, 60, what="w2 takes over")
+    wait_for(
+        lambda: len(_assignments(w2)) >= 2 and len(_assignments(w2)[-1]) == 3,
+        60,
+        what="w2 takes over",
+    )
     produced = set(ticker.join(timeout=60).records)
     dests = ws.destinations()
     out = read_topics(
@@ -55,7 +65,9 @@ def test_second_worker_joins_then_first_leaves(
         seen = Counter(r.source[1:] for r in out[t])
         assert set(seen) == produced, f"{t}: {len(produced - set(seen))} source offsets missing"
         dups += sum(n - 1 for n in seen.values())
-    print(f"\n[rebalance] broker={'tansu' if broker_is_tansu else 'kafka'} produced={len(produced)} duplicates={dups}")
+    print(
+        f"\n[rebalance] broker={'tansu' if broker_is_tansu else 'kafka'} produced={len(produced)} duplicates={dups}"
+    )
     if not broker_is_tansu:
         assert dups == 0
     assert not out[ws.dlq("orders")]
@@ -63,7 +75,9 @@ def test_second_worker_joins_then_first_leaves(
     assert w2.wait(30) == 0
 
 
-def test_supervisor_runs_n_workers_and_drains_on_sigterm(workspace_factory: Any, workers: list[WorkerProcess]) -> None:
+def test_supervisor_runs_n_workers_and_drains_on_sigterm(
+    workspace_factory: Any, workers: list[WorkerProcess]
+) -> None:
     from tests.integration.conftest import produce_events
 
     ws = workspace_factory(sources=("orders",))
@@ -71,8 +85,12 @@ def test_supervisor_runs_n_workers_and_drains_on_sigterm(workspace_factory: Any,
     sup = WorkerProcess(ws, "--workers", "2", name="supervisor")
     workers.append(sup)
     dests = ws.destinations()
-    out = read_topics(ws.bootstrap, dests, until=lambda r: all(len(r[t]) >= 300 for t in dests), timeout=60)
-    assert all({x.source[1:] for x in out[t]} == set(produced.records) for t in dests), sup.log()[-3000:]
+    out = read_topics(
+        ws.bootstrap, dests, until=lambda r: all(len(r[t]) >= 300 for t in dests), timeout=60
+    )
+    assert all({x.source[1:] for x in out[t]} == set(produced.records) for t in dests), sup.log()[
+        -3000:
+    ]
     started = [e for e in sup.log_events() if e.get("message", "").startswith("worker started (")]
     assert {e.get("worker") for e in started} == {0, 1}
     sup.terminate()

@@ -42,7 +42,9 @@ class FlakyKms:
         self._check()
         return self.inner.generate_data_key(kek_id, context)  # type: ignore[no-any-return]
 
-    def unwrap(self, kek_id: str, kek_version: int, wrapped: bytes, context: Mapping[str, str]) -> bytes:
+    def unwrap(
+        self, kek_id: str, kek_version: int, wrapped: bytes, context: Mapping[str, str]
+    ) -> bytes:
         self._check()
         return self.inner.unwrap(kek_id, kek_version, wrapped, context)  # type: ignore[no-any-return]
 
@@ -108,7 +110,9 @@ def test_kms_outage_pauses_retries_and_dead_letters_nothing(workspace_factory: A
     obs = RecordingObserver()
     pipeline = build_pipeline(config, kms=kms, observer=obs)  # pseudonym secret fetched while up
     kms.down.set()
-    worker = Worker(config, pipeline, instance="transient", observer=obs, backoff=Backoff(base=0.1, cap=0.5))
+    worker = Worker(
+        config, pipeline, instance="transient", observer=obs, backoff=Backoff(base=0.1, cap=0.5)
+    )
     rc: list[int] = []
     t = threading.Thread(target=lambda: rc.append(worker.run()), daemon=True)
     t.start()

@@ -57,7 +57,9 @@ def error(ws: Path, cfg: Any, env: dict[str, str] | None = None) -> str:
     return msg
 
 
-def test_minimal_config_defaults_and_relative_paths(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_minimal_config_defaults_and_relative_paths(
+    ws: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     p = write(ws, base())
     monkeypatch.chdir("/")  # relative paths are anchored at the file, not the cwd
     c = load_config(p, env={})
@@ -123,7 +125,9 @@ def test_env_overrides_win(ws: Path) -> None:
 def test_bootstrap_may_come_from_env_only(ws: Path) -> None:
     cfg = base()
     del cfg["kafka"]
-    assert load_config(write(ws, cfg), env={"STREAMPROC_BOOTSTRAP_SERVERS": "x:1"}).kafka == {"bootstrap.servers": "x:1"}
+    assert load_config(write(ws, cfg), env={"STREAMPROC_BOOTSTRAP_SERVERS": "x:1"}).kafka == {
+        "bootstrap.servers": "x:1"
+    }
     assert "kafka.bootstrap.servers" in error(ws, cfg)
 
 
@@ -139,29 +143,61 @@ def test_ssl_locations_resolve_against_the_file(ws: Path) -> None:
     ("mutate", "where", "what"),
     [
         (lambda c: c.update(pipelinez=[]), "pipelinez", "did you mean 'pipelines'"),
-        (lambda c: c.update(processing_guarantee="twice"), "processing_guarantee", "exactly_once, at_least_once"),
+        (
+            lambda c: c.update(processing_guarantee="twice"),
+            "processing_guarantee",
+            "exactly_once, at_least_once",
+        ),
         (lambda c: c.update(batch={"max_records": 0}), "batch.max_records", "between 1 and"),
-        (lambda c: c.update(batch={"max_record": 5}), "batch.max_record", "did you mean 'max_records'"),
+        (
+            lambda c: c.update(batch={"max_record": 5}),
+            "batch.max_record",
+            "did you mean 'max_records'",
+        ),
         (lambda c: c.update(max_record_bytes="big"), "max_record_bytes", "integer"),
         (lambda c: c["kafka"].update({"group.id": "x"}), "kafka.group.id", "group_id"),
-        (lambda c: c.update(consumer={"isolation.level": "read_uncommitted"}), "consumer.isolation.level", "read_committed"),
-        (lambda c: c.update(producer={"transactional.id": "t"}), "producer.transactional.id", "worker index"),
+        (
+            lambda c: c.update(consumer={"isolation.level": "read_uncommitted"}),
+            "consumer.isolation.level",
+            "read_committed",
+        ),
+        (
+            lambda c: c.update(producer={"transactional.id": "t"}),
+            "producer.transactional.id",
+            "worker index",
+        ),
         (lambda c: c["kafka"].update({"sasl": {"x": 1}}), "kafka.sasl", "scalars"),
-        (lambda c: c.update(schemas={"directory": "./nope"}), "schemas.directory", "not a directory"),
-        (lambda c: c.update(schemas={"directory": "./schemas", "url": "http://x"}), "schemas", "exactly one"),
+        (
+            lambda c: c.update(schemas={"directory": "./nope"}),
+            "schemas.directory",
+            "not a directory",
+        ),
+        (
+            lambda c: c.update(schemas={"directory": "./schemas", "url": "http://x"}),
+            "schemas",
+            "exactly one",
+        ),
         (lambda c: c.update(schemas={"url": "registry:8081"}), "schemas.url", "http://"),
         (lambda c: c.update(kms={"provider": "hsm"}), "kms.provider", "unknown provider"),
         (lambda c: c.update(kms={"provider": "local", "pth": "x"}), "kms.pth", "unknown setting"),
         (lambda c: c.update(policy="./missing.yaml"), "policy", "does not exist"),
         (lambda c: c.pop("pipelines"), "pipelines", "is required"),
-        (lambda c: c["pipelines"][0].pop("dead_letter_topic"), "pipelines[0].dead_letter_topic", "is required"),
+        (
+            lambda c: c["pipelines"][0].pop("dead_letter_topic"),
+            "pipelines[0].dead_letter_topic",
+            "is required",
+        ),
         (lambda c: c["pipelines"][0].update(sources=[]), "pipelines[0].sources", "non-empty"),
         (
             lambda c: c["pipelines"][0]["destinations"][1].update(audience="fraud2"),
             "pipelines[0].destinations[1].audience",
             "'fraud2' is not an audience of policy.yaml (have: analytics, fraud, support)",
         ),
-        (lambda c: c["pipelines"][0]["destinations"][0].pop("kek"), "pipelines[0].destinations[0].kek", "is required"),
+        (
+            lambda c: c["pipelines"][0]["destinations"][0].pop("kek"),
+            "pipelines[0].destinations[0].kek",
+            "is required",
+        ),
         (
             lambda c: c["pipelines"][0]["destinations"][0].update(topic="orders"),
             "pipelines[0].destinations[0].topic",
@@ -172,9 +208,21 @@ def test_ssl_locations_resolve_against_the_file(ws: Path) -> None:
             "pipelines[1].sources[0]",
             "already a source of pipelines[0]",
         ),
-        (lambda c: c["pipelines"][0].update(dead_letter_topic="orders"), "pipelines[0].dead_letter_topic", "also a source"),
-        (lambda c: c.update(topics={"defaults": {"partitions": 0}}), "topics.defaults.partitions", ">= 1"),
-        (lambda c: c.update(topics={"overrides": {"t": {"config": {"a": [1]}}}}), "topics.overrides.t.config.a", "scalars"),
+        (
+            lambda c: c["pipelines"][0].update(dead_letter_topic="orders"),
+            "pipelines[0].dead_letter_topic",
+            "also a source",
+        ),
+        (
+            lambda c: c.update(topics={"defaults": {"partitions": 0}}),
+            "topics.defaults.partitions",
+            ">= 1",
+        ),
+        (
+            lambda c: c.update(topics={"overrides": {"t": {"config": {"a": [1]}}}}),
+            "topics.overrides.t.config.a",
+            "scalars",
+        ),
         (lambda c: c.update(metrics={"port": 70000}), "metrics.port", "between 0 and 65535"),
         (lambda c: c.update(logging={"level": "LOUD"}), "logging.level", "DEBUG"),
         (lambda c: c.update(logging={"format": "xml"}), "logging.format", "json"),
@@ -184,7 +232,9 @@ def test_precise_errors(ws: Path, mutate: Any, where: str, what: str) -> None:
     cfg = base()
     mutate(cfg)
     msg = error(ws, cfg)
-    assert f": {where}: " in msg or f": {where} " in msg or msg.split(": ")[1].startswith(where), msg
+    assert f": {where}: " in msg or f": {where} " in msg or msg.split(": ")[1].startswith(where), (
+        msg
+    )
     assert what in msg, msg
 
 
@@ -215,7 +265,11 @@ def test_producer_and_consumer_sections_merge(ws: Path) -> None:
 def test_topic_overrides_merge_with_defaults(ws: Path) -> None:
     cfg = base()
     cfg["topics"] = {
-        "defaults": {"partitions": 3, "replication_factor": 3, "config": {"retention.ms": "1", "min.insync.replicas": 2}},
+        "defaults": {
+            "partitions": 3,
+            "replication_factor": 3,
+            "config": {"retention.ms": "1", "min.insync.replicas": 2},
+        },
         "overrides": {"orders.dlq": {"partitions": 1, "config": {"retention.ms": "2"}}},
     }
     c = load_config(write(ws, cfg), env={})
