@@ -464,6 +464,45 @@ class _Gen:
             self.skip(f.type, ind, out)
 
 
+_DEPTH_GUARD = """def _plan(buf):
+    try:
+        return _plan_body(buf)
+    except RecursionError:
+        raise _Bad('nesting too deep') from None
+"""
+
+
+def _is_recursive(schema: AvroType) -> bool:
+    """Whether a record can contain itself (directly or through other records)."""
+
+    def children(t: AvroType) -> list[AvroType]:
+        if isinstance(t, Record):
+            return [f.type for f in t.fields]
+        if isinstance(t, Union):
+            return list(t.branches)
+        if isinstance(t, Array):
+            return [t.items]
+        if isinstance(t, Map):
+            return [t.values]
+        return []
+
+    state: dict[int, int] = {}  # id -> 1 on the current path, 2 done
+
+    def visit(t: AvroType) -> bool:
+        s = state.get(id(t))
+        if s == 1:
+            return True
+        if s == 2:
+            return False
+        state[id(t)] = 1
+        if any(visit(c) for c in children(t)):
+            return True
+        state[id(t)] = 2
+        return False
+
+    return visit(schema)
+
+
 def _canonical(v: Any) -> bytes | None:
     return None if v is None else canonical_bytes(v)
 
@@ -503,6 +542,10 @@ def compile_plan(
         body.append("    out.append(buf[start:pos])")
     body.append("    return out")
     src = "\n".join([*g.lines, "def _plan(buf):", *body]) + "\n"
+    if _is_recursive(schema):
+        # Valid but deeply nested values of a recursive schema exhaust Python's stack: that
+        # is a record this processor cannot handle (quarantined), not a crash of the batch.
+        src = src.replace("def _plan(buf):", "def _plan_body(buf):", 1) + _DEPTH_GUARD
     env = dict(g.env)
     exec(compile(src, f"<streamproc plan {schema.fullname}/{plan.audience}>", "exec"), env)
     return env["_plan"], src
