@@ -64,6 +64,8 @@ def _rlong(buf: bytes, pos: int) -> tuple[int, int]:
         shift += 7
         if shift > 70:
             raise BadPayload("varint too long")
+    if n >> 64:  # beyond Avro's 64-bit long: fastavro would wrap it, Java refuses it
+        raise BadPayload("varint out of range")
     return (n >> 1) ^ -(n & 1), pos
 
 
