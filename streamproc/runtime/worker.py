@@ -237,6 +237,13 @@ class Worker:
             log.error("fatal Kafka error: %s", _describe(exc))
             self._close(clean=False)
             return EXIT_FATAL
+        except Exception:
+            # A bug (the pipeline is supposed to turn every record problem into a
+            # quarantine).  Commit nothing more; the stack goes to the log, and the
+            # formatter keeps third-party exception messages out of it.
+            log.exception("unexpected error; stopping without committing the batch")
+            self._close(clean=False)
+            return EXIT_FATAL
         self._close(clean=True)
         log.info(
             "stopped after %d batches (%d aborted transactions)",
@@ -340,7 +347,7 @@ class Worker:
             return True
         if err.code() == KafkaError._PARTITION_EOF:
             return False
-        if err.fatal():
+        if _is_fatal(err):
             raise FatalWorkerError(f"consumer: {err.name()}")
         log.warning(
             "consumer error: %s", err.name(), extra={"topic": m.topic(), "partition": m.partition()}

@@ -157,3 +157,41 @@ def test_kms_outage_pauses_retries_and_dead_letters_nothing(workspace_factory: A
     assert sum(a[2] for a in obs.of("records_consumed")) >= len(expected)
     assert obs.of("batch_processed") and obs.of("dek_cache") and obs.of("end_to_end_latency")
     assert obs.of("assignment")[0] and obs.of("consumer_lag")
+
+
+def test_at_least_once_mode_delivers_everything(workspace_factory: Any) -> None:
+    """processing_guarantee: at_least_once -- idempotent producer, flush, then commit."""
+    from tests.integration.conftest import committed_offsets
+
+    ws = workspace_factory(sources=("orders",), extra={"processing_guarantee": "at_least_once"})
+    produced = produce_events(ws, "orders", 200, seed=31)
+    config = ws.load_config()
+    assert not config.exactly_once
+    obs = RecordingObserver()
+    worker = Worker(config, build_pipeline(config, observer=obs), instance="alo", observer=obs)
+    rc: list[int] = []
+    t = threading.Thread(target=lambda: rc.append(worker.run()), daemon=True)
+    t.start()
+    try:
+        dests = ws.destinations()
+        out = read_topics(
+            ws.bootstrap,
+            dests,
+            until=lambda r: all(
+                {x.source[1:] for x in r[d]} >= set(produced.records) for d in dests
+            ),
+            timeout=60,
+        )
+        wait_for(lambda: worker.records_committed >= 200, 20, what="offset commits")
+    finally:
+        worker.stop()
+        t.join(30)
+    assert rc == [0]
+    for d in dests:
+        assert {x.source[1:] for x in out[d]} == set(produced.records)
+    assert not obs.of("transaction"), "no transactions under at_least_once"
+    committed = committed_offsets(ws.bootstrap, ws.group_id, ws.topic("orders"), 3)
+    ends: dict[int, int] = {}
+    for p, o in produced.records:
+        ends[p] = max(ends.get(p, -1), o + 1)
+    assert all(committed[p] == end for p, end in ends.items())
