@@ -30,9 +30,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_core  # noqa: E402
+import bench_core
 
-from streamproc.crypto.envelope import Sealer, parse_header  # noqa: E402
+from streamproc.crypto.envelope import Sealer, parse_header
 
 
 def _time(fn: Callable[[], Any], n: int, repeat: int) -> float:
@@ -68,8 +68,7 @@ def breakdown(s: bench_core.Setup, n: int, repeat: int) -> list[tuple[str, float
     outs = [b"".join(fn(p)) for p in s.plaintexts]
     out_plains = bench_core._cycle(outs, n)
     sealer = Sealer(s.kms, "a1-kek", f"{topic}.a1")
-    seal_aead, seal_aad = sealer._aead, sealer._aad
-    sealer.seal(b"x")
+    sealer.seal(b"x")  # generates the data key
     seal_aead, seal_aad = sealer._aead, sealer._aad
     nonce = os.urandom(12)
     batch = 1000
@@ -80,7 +79,11 @@ def breakdown(s: bench_core.Setup, n: int, repeat: int) -> list[tuple[str, float
     rows.append(
         (
             "  of which DEK-cache hit (DekCache.get)",
-            _time(lambda: [cache.get(h.kek_id, h.kek_version, h.wrapped, topic) for _ in values], n, repeat),
+            _time(
+                lambda: [cache.get(h.kek_id, h.kek_version, h.wrapped, topic) for _ in values],
+                n,
+                repeat,
+            ),
         )
     )
     rows.append(
@@ -93,18 +96,30 @@ def breakdown(s: bench_core.Setup, n: int, repeat: int) -> list[tuple[str, float
     rows.append(("plan fn a1 + join", t_plan))
     for k, op in sorted(ops.items(), key=lambda kv: paths[kv[0]]):
         vs = bench_core._cycle(field_values[paths[k]], n)
-        rows.append((f"  operator on {paths[k]}", _time(lambda op=op, vs=vs: [op(v) for v in vs], n, repeat)))
+        rows.append(
+            (
+                f"  operator on {paths[k]}",
+                _time(lambda op=op, vs=vs: [op(v) for v in vs], n, repeat),
+            )
+        )
     for k in ops:
         g[k] = str
     try:
-        rows.append(("  walk/copy only (operators = str)", _time(lambda: [b"".join(fn(p)) for p in plains], n, repeat)))
+        rows.append(
+            (
+                "  walk/copy only (operators = str)",
+                _time(lambda: [b"".join(fn(p)) for p in plains], n, repeat),
+            )
+        )
     finally:
         g.update(ops)
     t_seal = _time(
         lambda: [sealer.seal_many(out_plains[i : i + batch]) for i in range(0, n, batch)], n, repeat
     )
     rows.append(("seal (Sealer.seal_many)", t_seal))
-    rows.append(("  of which os.urandom(12)", _time(lambda: [os.urandom(12) for _ in values], n, repeat)))
+    rows.append(
+        ("  of which os.urandom(12)", _time(lambda: [os.urandom(12) for _ in values], n, repeat))
+    )
     rows.append(
         (
             "  of which AES-GCM encrypt",
@@ -113,7 +128,9 @@ def breakdown(s: bench_core.Setup, n: int, repeat: int) -> list[tuple[str, float
     )
     t_total = _time(lambda: bench_core.run_pipeline(s, 1, n, batch), n, repeat)
     rows.append(("Pipeline.process, 1 audience (total)", t_total))
-    rows.append(("  pipeline overhead = total - open - plan - seal", t_total - t_open - t_plan - t_seal))
+    rows.append(
+        ("  pipeline overhead = total - open - plan - seal", t_total - t_open - t_plan - t_seal)
+    )
     return rows
 
 
@@ -130,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = breakdown(s, args.records, args.repeat)
     finally:
         s.close()
-    print(f"per-record CPU time, pinned to cpu {cpu}, median of {args.repeat}, load {os.getloadavg()[0]:.2f}")
+    print(
+        f"per-record CPU time, pinned to cpu {cpu}, median of {args.repeat}, load {os.getloadavg()[0]:.2f}"
+    )
     for label, us in rows:
         print(f"{label:<50} {us:6.2f} us")
     return 0
