@@ -53,6 +53,24 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 N_ORDERS = 60
 
 
+class JsonOrder(faust.Record, serializer="json"):
+    """An order model that names its own serializer (the Faust idiom that bypasses codecs)."""
+
+    order_id: str
+    customer_id: str
+    email: str
+    card_number: str
+    ip_address: str
+    birth_date: int
+    amount_cents: int
+    currency: str
+    placed_at: int
+    shipping_address: dict[str, Any]
+    items: list[dict[str, Any]]
+    coupon_code: str | None = None
+    phone: str | None = None
+
+
 def load_example(name: str, monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> ModuleType:
     """Import ``examples/<name>.py`` fresh, with its environment (it builds an app at import)."""
     for k, v in env.items():
@@ -216,6 +234,18 @@ def test_codecs_and_producer_guards(workspace_factory: Any) -> None:
     with pytest.raises(RecordSealError) as info:
         sealed.as_future_message(key=None, value=bad)
     assert order["email"] not in str(info.value) and info.value.__cause__ is None
+    # A faust.Record that declares its own serializer: Faust lets the model's serializer win
+    # over a topic's codec (plaintext JSON!); the sealing schema ignores it and seals.
+    record = JsonOrder(**order)
+
+    async def serialized(topic: Any) -> bytes:  # a FutureMessage needs a running loop
+        return bytes(topic.as_future_message(key=None, value=record).message.value)
+
+    leaked = asyncio.run(serialized(out_topic))
+    assert order["email"].encode() in leaked  # the codec path: this is why schemas are preferred
+    sealed_value = asyncio.run(serialized(sealed))
+    assert order["email"].encode() not in sealed_value
+    assert RecordOpener(kms, schemas).decode(source, sealed_value)["email"] == order["email"]
     # A subscriber topic is read-only.
     ro = opened_topic(guard_app, ws.dest("orders", "analytics"), opener=RecordOpener(kms, schemas))
     with pytest.raises(TypeError, match="read-only"):
