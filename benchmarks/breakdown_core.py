@@ -96,12 +96,11 @@ def breakdown(s: bench_core.Setup, n: int, repeat: int) -> list[tuple[str, float
     rows.append(("plan fn a1 + join", t_plan))
     for k, op in sorted(ops.items(), key=lambda kv: paths[kv[0]]):
         vs = bench_core._cycle(field_values[paths[k]], n)
-        rows.append(
-            (
-                f"  operator on {paths[k]}",
-                _time(lambda op=op, vs=vs: [op(v) for v in vs], n, repeat),
-            )
-        )
+
+        def run_op(op: Callable[[Any], Any] = op, vs: list[Any] = vs) -> list[Any]:
+            return [op(v) for v in vs]
+
+        rows.append((f"  operator on {paths[k]}", _time(run_op, n, repeat)))
     for k in ops:
         g[k] = str
     try:

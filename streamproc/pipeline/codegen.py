@@ -195,14 +195,14 @@ class _Gen:
             out.append(f"{ind}if buf[pos] > 1: raise _Bad('boolean')")
             out.append(f"{ind}pos += 1")
         elif isinstance(t, Enum):
-            n = len(t.symbols)
-            if n <= 64:  # every valid index is one byte 2*i (zigzag), i < n
-                out.append(f"{ind}if buf[pos] >= {2 * n} or buf[pos] & 1: raise _Bad('enum index')")
+            n_sym = len(t.symbols)
+            if n_sym <= 64:  # every valid index is one byte 2*i (zigzag), i < n_sym
+                out.append(f"{ind}if buf[pos] >= {2 * n_sym} or buf[pos] & 1: raise _Bad('enum index')")
                 out.append(f"{ind}pos += 1")
             else:
                 e = self.var("e")
                 out.append(f"{ind}{e}, pos = _rlong(buf, pos)")
-                out.append(f"{ind}if not 0 <= {e} < {n}: raise _Bad('enum index')")
+                out.append(f"{ind}if not 0 <= {e} < {n_sym}: raise _Bad('enum index')")
         elif k in ("int", "long"):
             out.append(f"{ind}while buf[pos] & 128: pos += 1")
             out.append(f"{ind}pos += 1")
