@@ -58,8 +58,12 @@ class RegisteredSchema:
 
     @cached_property
     def fastavro_raw(self) -> Any:
-        """fastavro-parsed schema with logical types stripped (raw primitive values)."""
-        return fastavro.parse_schema(avro.strip_logical(self.json), _write_hint=False)
+        """fastavro-parsed schema with logical types stripped (raw primitive values).
+
+        Parsed with fastavro's write hint so readers and writers reuse it as parsed
+        (without it fastavro re-parses the schema on every call).
+        """
+        return fastavro.parse_schema(avro.strip_logical(self.json))
 
 
 def content_id(schema: Any) -> int:
