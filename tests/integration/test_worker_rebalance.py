@@ -1,11 +1,13 @@
 """Rebalances lose nothing: a second worker joins mid-stream, then the first leaves.
 
-Also covers ``--workers N``: the supervisor runs N processes in one group and a SIGTERM to
-it drains them all and exits 0.
+Also covers ``--workers N``: the supervisor runs N processes in one group, restarts a
+child that dies, and a SIGTERM to it drains them all and exits 0.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 from collections import Counter
 from typing import Any
 
@@ -93,6 +95,29 @@ def test_supervisor_runs_n_workers_and_drains_on_sigterm(
     ]
     started = [e for e in sup.log_events() if e.get("message", "").startswith("worker started (")]
     assert {e.get("worker") for e in started} == {0, 1}
+
+    # A child that dies is restarted with the same index; nothing is lost meanwhile.
+    def children() -> list[dict[str, Any]]:
+        return [
+            e
+            for e in sup.log_events()
+            if e.get("logger") == "streamproc.runtime.supervisor"
+            and e.get("message") == "worker started"
+        ]
+
+    victim = next(e["pid"] for e in children() if e.get("worker") == 0)
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: len(children()) >= 3, 30, what="the supervisor restarting worker 0")
+    assert any(e.get("message") == "worker exited; restarting" for e in sup.log_events())
+    more = produce_events(ws, "orders", 100, seed=10)
+    expected = set(produced.records) | set(more.records)
+    out = read_topics(
+        ws.bootstrap,
+        dests,
+        until=lambda r: all({x.source[1:] for x in r[t]} >= expected for t in dests),
+        timeout=60,
+    )
+    assert all({x.source[1:] for x in out[t]} == expected for t in dests), sup.log()[-3000:]
     sup.terminate()
     assert sup.wait(60) == 0, sup.log()[-3000:]
     assert sum(1 for e in sup.log_events() if e.get("message", "").startswith("stopped after")) == 2
