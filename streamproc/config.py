@@ -100,7 +100,7 @@ RESERVED_KAFKA = {
     "enable.auto.commit": "the worker commits offsets itself (in the transaction or after a flush)",
     "enable.auto.offset.store": "the worker stores offsets itself",
     "isolation.level": "the worker always reads read_committed",
-    "transactional.id": "derived from group_id and the worker index so zombies are fenced",
+    "transactional.id": "derived from group_id, the instance and the worker index so zombies are fenced",
     "enable.idempotence": "set by processing_guarantee",
     "on_commit": "not configurable",
 }
@@ -511,7 +511,7 @@ def _validate(raw: dict[str, Any], path: Path, ctx: _Ctx, check_policy: bool) ->
         ctx, "batch.max_records", batch.get("max_records", 2000), minimum=1, maximum=1_000_000
     )
     max_wait = _int(
-        ctx, "batch.max_wait_ms", batch.get("max_wait_ms", 100), minimum=0, maximum=60_000
+        ctx, "batch.max_wait_ms", batch.get("max_wait_ms", 100), minimum=1, maximum=60_000
     )
     max_bytes = _int(ctx, "max_record_bytes", raw.get("max_record_bytes", 1 << 20), minimum=1)
 

@@ -6,7 +6,7 @@ that has threads (or might later) is unsafe; every child starts a fresh interpre
 loads the config itself.
 
 Each child is a full :class:`~streamproc.runtime.worker.Worker` with its own index, so
-its ``transactional.id`` (``<group_id>-worker-<index>``) is stable: a restarted child
+its ``transactional.id`` (``<group_id>-<instance>-<index>``) is stable: a restarted child
 fences the instance it replaces.
 
 Policy:

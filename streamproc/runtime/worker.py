@@ -34,9 +34,11 @@ same ``transactional.id``, unsupported broker...) stops the worker with a non-ze
 and commits nothing.  Invariant violations raise :class:`InvariantViolation` and are
 fatal too: they mean a bug, and committing past one could lose data.
 
-``transactional.id`` is ``<group_id>-worker-<index>``: stable across restarts, so a
-restarted worker fences its own zombie (``init_transactions`` bumps the epoch and aborts
-whatever the dead instance left open).
+``transactional.id`` is ``<group_id>-<instance>-<index>`` (instance: ``--instance`` /
+``STREAMPROC_INSTANCE`` / the host name).  It must be unique among live processes and
+stable across restarts: a restarted worker then fences its own zombie
+(``init_transactions`` bumps the epoch and aborts whatever the dead instance left open)
+instead of leaving read_committed consumers stalled until the transaction times out.
 
 Checkpoint, ``processing_guarantee: at_least_once``
 ---------------------------------------------------
