@@ -89,7 +89,12 @@ from confluent_kafka import (
 )
 
 from streamproc.config import Config
-from streamproc.errors import KmsUnavailable, SchemaRegistryUnavailable, TransientError
+from streamproc.errors import (
+    ConfigError,
+    KmsUnavailable,
+    SchemaRegistryUnavailable,
+    TransientError,
+)
 from streamproc.observability import Observer
 from streamproc.pipeline.core import BatchResult, InputRecord, Pipeline
 from streamproc.runtime.backoff import Backoff
@@ -202,6 +207,11 @@ class Worker:
         self.aborts = 0
         self._consecutive_aborts = 0
         self._revoked_in_flight: set[TP] = set()
+        cache = pipeline.opener.cache
+        if cache.on_kms_call is None:  # factory.build_pipeline hooks it already
+            provider = getattr(cache.kms, "name", "unknown")
+            obs = self.observer
+            cache.on_kms_call = lambda op, outcome, secs: obs.kms_call(provider, op, outcome, secs)
 
     # -- lifecycle ----------------------------------------------------------------------
     def stop(self) -> None:
@@ -224,13 +234,17 @@ class Worker:
         signal.signal(signal.SIGINT, handler)
 
     def run(self) -> int:
-        """Run until stopped; returns an exit code (0 clean, 1 fatal)."""
+        """Run until stopped; returns an exit code (0 clean, 1 fatal, 78 bad settings)."""
         try:
             self._start()
             while not self._stop.is_set():
                 self._step()
             if self._fatal_error is not None:
                 raise FatalWorkerError(self._fatal_error)
+        except ConfigError as exc:
+            log.error("configuration error: %s", exc)
+            self._close(clean=False)
+            return EXIT_CONFIG
         except FatalWorkerError as exc:
             log.error("fatal %s: %s", type(exc).__name__, exc)
             self._close(clean=False)
@@ -284,9 +298,21 @@ class Worker:
             conf.setdefault("acks", "all")
         return conf
 
+    def _client(
+        self, factory: Callable[[dict[str, Any]], Any], conf: dict[str, Any], what: str
+    ) -> Any:
+        """Build a client; a librdkafka settings error is a configuration error (exit 78)."""
+        try:
+            return factory(conf)
+        except KafkaException as exc:
+            err = _err(exc)
+            if err is not None and err.code() == KafkaError._INVALID_ARG:
+                raise ConfigError(f"{what} settings: {err.str()}") from None
+            raise
+
     def _start(self) -> None:
         self.observer.ready(False, "starting")
-        self.producer = self._producer_factory(self._producer_conf())
+        self.producer = self._client(self._producer_factory, self._producer_conf(), "producer")
         if self.exactly_once:
             # Fences any earlier instance with the same transactional.id and aborts what it
             # left open, so a restarted worker never races its own zombie.
@@ -294,7 +320,7 @@ class Worker:
             self._retry_kafka(
                 "init_transactions", lambda: producer.init_transactions(self.kafka_timeout)
             )
-        self.consumer = self._consumer_factory(self._consumer_conf())
+        self.consumer = self._client(self._consumer_factory, self._consumer_conf(), "consumer")
         sources = self.pipeline.source_topics
         self.consumer.subscribe(
             sources, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
