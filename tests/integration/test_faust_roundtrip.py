@@ -31,13 +31,17 @@ from typing import Any
 
 import pytest
 
-faust = pytest.importorskip("faust")
+pytest.importorskip("faust")
 
-from streamproc.client import RecordOpener, RecordSealer  # noqa: E402
-from streamproc.client.generator import EventGenerator  # noqa: E402
-from streamproc.integrations import ScopedKms  # noqa: E402
-from streamproc.integrations.faust import (  # noqa: E402
+import faust
+
+from streamproc.client import RecordOpener, RecordSealer
+from streamproc.client.generator import EventGenerator
+from streamproc.errors import KmsUnavailable
+from streamproc.integrations import ScopedKms
+from streamproc.integrations.faust import (
     TANSU_APP_SETTINGS,
+    RecordOpenError,
     RecordSealError,
     StreamprocTopic,
     TopicMismatch,
@@ -46,7 +50,7 @@ from streamproc.integrations.faust import (  # noqa: E402
     register_sealing_codec,
     sealed_topic,
 )
-from tests.integration.conftest import REPO, WorkerProcess, produce_raw  # noqa: E402
+from tests.integration.conftest import REPO, WorkerProcess, committed_offsets, produce_raw, producer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -250,6 +254,105 @@ def test_codecs_and_producer_guards(workspace_factory: Any) -> None:
     ro = opened_topic(guard_app, ws.dest("orders", "analytics"), opener=RecordOpener(kms, schemas))
     with pytest.raises(TypeError, match="read-only"):
         ro.as_future_message(key=None, value=order)
+
+
+class FlakyKms:
+    """A KMS whose unwrap is 'down' while ``down`` is set (a transient outage)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.name, self.down = inner, "flaky", True
+
+    def generate_data_key(self, kek_id: str, context: Any) -> Any:
+        return self.inner.generate_data_key(kek_id, context)
+
+    def unwrap(self, kek_id: str, kek_version: int, wrapped: bytes, context: Any) -> bytes:
+        if self.down:
+            raise KmsUnavailable("kms down (test)")
+        return bytes(self.inner.unwrap(kek_id, kek_version, wrapped, context))
+
+    def is_revoked(self, kek_id: str, kek_version: int) -> bool:
+        return bool(self.inner.is_revoked(kek_id, kek_version))
+
+
+def test_open_error_policies_raise_and_transient(workspace_factory: Any) -> None:
+    """What docs/integrations.md says Faust does with errors, on the real broker.
+
+    ``raise``: the error reaches the agent, which crashes and is restarted; the bad record
+    is acked and the next one is delivered.  A KMS outage: not a decode error -- the
+    consumer stops, nothing is committed, and a restarted app reads the record again.
+    """
+    ws = workspace_factory(sources=("orders",))
+    source = ws.topic("orders")
+    kms, schemas = ws.kms(), ws.schema_source()
+    gen = EventGenerator(8)
+    good = [gen.order() for _ in range(2)]
+    sealed = ws.sealer("orders", kms, schemas).seal_many(good)
+    p = producer(ws.bootstrap)
+    for value in (sealed[0], b"\x01garbage", sealed[1]):  # offsets 0, 1, 2 of partition 0
+        p.produce(source, value=value, partition=0)
+    assert p.flush(30) == 0
+
+    def make_app(app_id: str, opener_kms: Any, on_error: Any, sink: list[Any]) -> tuple[Any, Any]:
+        app = faust.App(app_id, broker=f"kafka://{ws.bootstrap}", store="memory://", web_enabled=False, **TANSU_APP_SETTINGS)
+        topic = opened_topic(app, source, opener=RecordOpener(opener_kms, schemas), on_error=on_error)
+
+        @app.agent(topic, name="collect")
+        async def collect(stream: Any) -> None:
+            try:
+                async for v in stream:
+                    sink.append(v["order_id"])
+            except RecordOpenError as exc:
+                sink.append(exc)
+                raise  # crash: Faust's supervisor restarts the agent
+
+        return app, topic
+
+    # -- raise ------------------------------------------------------------------------------
+    seen: list[Any] = []
+    app, _ = make_app(f"fr-{ws.suffix}", kms, "raise", seen)
+
+    async def run_raise() -> None:
+        await app.start()
+        try:
+            await wait_until(lambda: len(seen) >= 3, 45, "two orders and one error")
+        finally:
+            await app.stop()
+
+    asyncio.run(run_raise())
+    assert [x for x in seen if isinstance(x, str)] == [o["order_id"] for o in good]
+    errors = [x for x in seen if isinstance(x, RecordOpenError)]
+    assert len(errors) == 1 and (errors[0].reason, errors[0].partition, errors[0].offset) == ("malformed_envelope", 0, 1)
+
+    # -- transient: the consumer stops without committing ---------------------------------
+    flaky = FlakyKms(kms)
+    group = f"ft-{ws.suffix}"
+    got: list[Any] = []
+    down, down_topic = make_app(group, flaky, "skip", got)
+
+    async def run_down() -> None:
+        await down.start()
+        try:
+            await wait_until(lambda: down.should_stop, 45, "the Faust consumer to stop on a KMS outage")
+        finally:
+            await down.stop()
+
+    asyncio.run(run_down())
+    assert got == [] and not down_topic.schema.policy.skipped  # not skipped, not delivered
+    assert committed_offsets(ws.bootstrap, group, source, 1)[0] < 0  # nothing committed
+
+    flaky.down = False  # the KMS is back: the same group starts over from the first record
+    again: list[Any] = []
+    up, _ = make_app(group, flaky, "skip", again)
+
+    async def run_up() -> None:
+        await up.start()
+        try:
+            await wait_until(lambda: len(again) >= 2, 45, "the records after the outage")
+        finally:
+            await up.stop()
+
+    asyncio.run(run_up())
+    assert again == [o["order_id"] for o in good]
 
 
 def test_producer_example_commands_exist(tmp_path: Path) -> None:
