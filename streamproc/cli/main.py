@@ -22,10 +22,10 @@ _COMMANDS = [
     ("streamproc.cli.consume", "consume"),
     ("streamproc.cli.topics", "topics"),
     ("streamproc.cli.keys", "keys"),
+    ("streamproc.cli.secrets", "secrets"),
     ("streamproc.cli.policy", "policy"),
     ("streamproc.cli.reidentify", "reidentify"),
     ("streamproc.cli.audit", "audit"),
-    ("streamproc.cli.walkthrough", "walkthrough"),
 ]
 
 
