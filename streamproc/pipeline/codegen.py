@@ -238,6 +238,7 @@ class _Gen:
             out.append(f"{ind}        {sz}, pos = _rlen(buf, pos)")
             out.append(f"{ind}        {sz} += pos")
             out.append(f"{ind}    else: {sz} = -1")
+            _count_guard(n, _min_width(inner) + isinstance(t, Map), ind + "    ", out)
             body: list[str] = []
             if isinstance(t, Map):
                 self.skip(_STRING, ind + "        ", body, stack)
@@ -387,6 +388,7 @@ class _Gen:
             out.append(f"{ind}    if {c} < 0:")
             out.append(f"{ind}        {c} = -{c}")
             out.append(f"{ind}        {sz}, pos = _rlen(buf, pos)")
+            _count_guard(c, _min_width(inner.t) + isinstance(n, MapNode), ind + "    ", out)
             # enc_long(c) for 0 < c < 64 is the single byte _LEN[c]; no call for small blocks.
             out.append(f"{ind}    out.append(_LEN[{c}] if {c} < 64 else enc_long({c}))")
             out.append(f"{ind}    start = pos")
@@ -503,6 +505,36 @@ def _is_recursive(schema: AvroType) -> bool:
         return False
 
     return visit(schema)
+
+
+def _min_width(t: AvroType, seen: frozenset[int] = frozenset()) -> int:
+    """A lower bound on the encoded size of any value of ``t``, in bytes."""
+    if isinstance(t, Fixed):
+        return t.size
+    k = t.kind
+    if k == "null":
+        return 0
+    if k == "float":
+        return 4
+    if k == "double":
+        return 8
+    if isinstance(t, Record):
+        if id(t) in seen:
+            return 0
+        return sum(_min_width(f.type, seen | {id(t)}) for f in t.fields)
+    if isinstance(t, Union):
+        return 1 + min((_min_width(b, seen) for b in t.branches), default=0)
+    return 1  # boolean, int, long, enum, string, bytes, array, map: at least one byte
+
+
+def _count_guard(n: str, width: int, ind: str, out: list[str]) -> None:
+    """Refuse a block count that the remaining bytes cannot hold.  Without it, a corrupt
+    count over items that never index ``buf`` (float, double, fixed: ``pos += 4``) loops
+    billions of times before the final length check: one small record pins a core."""
+    if width == 1:
+        out.append(f"{ind}if {n} > len(buf) - pos: raise _Bad('block count')")
+    elif width > 1:
+        out.append(f"{ind}if {n} * {width} > len(buf) - pos: raise _Bad('block count')")
 
 
 def _canonical(v: Any) -> bytes | None:
