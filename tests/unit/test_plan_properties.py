@@ -887,3 +887,36 @@ def test_out_of_range_varint_in_a_transformed_long_is_bad_payload(shared_keys: P
     with pytest.raises(BadPayload):
         fn(b"\x80" * 10 + b"\x00")  # 11 bytes
 
+
+
+@pytest.mark.parametrize(
+    ("items", "rules"),
+    [
+        ("double", []),  # kept array: the skip path
+        ({"type": "fixed", "name": "F3", "size": 3}, []),
+        ({"type": "record", "name": "P", "fields": [  # transformed array: the node path
+            {"name": "x", "type": "float", "confluent:tags": ["NUM"]},
+            {"name": "y", "type": "double", "confluent:tags": ["PII"]}]}, [("NUM", "keep"), ("PII", "drop")]),
+    ],
+    ids=["skip-double", "skip-fixed", "node-record"],
+)
+def test_huge_block_count_fails_fast(shared_keys: PseudonymKeys, items: Any, rules: list[tuple[str, Any]]) -> None:
+    """A corrupt count over items that never index the buffer used to loop billions of times."""
+    import time
+
+    from streamproc.pipeline.codegen import enc_long
+
+    schema = {"type": "record", "name": "H", "fields": [{"name": "a", "type": {"type": "array", "items": items}}]}
+    node = avro.parse(schema)
+    assert isinstance(node, Record)
+    fn, _ = compile_plan(build_plan(node, _audience(rules, "keep"), shared_keys), node)
+    for count in (15_332_352_954, -(2**40)):
+        data = enc_long(count) + (enc_long(8) if count < 0 else b"") + b"\x00" * 12
+        t0 = time.perf_counter()
+        with pytest.raises(BadPayload):
+            fn(data)
+        assert time.perf_counter() - t0 < 0.5
+    # and a valid block still passes
+    good = encode(schema, {"a": [{"x": 1.0, "y": 2.0} if isinstance(items, dict) and items["type"] == "record"
+                                else (b"abc" if isinstance(items, dict) else 1.5)] * 3})
+    assert b"".join(fn(good))
