@@ -32,6 +32,12 @@ Format (every key; see ``docs/configuration.md`` for the prose)::
       overrides: {orders.dlq: {config: {retention.ms: "2592000000"}}}
     metrics: {host: 0.0.0.0, port: 9464}
     logging: {level: INFO, format: json}      # format: json or text (alias: human)
+    audit:                       # optional: the processor's hash-chained audit trail
+      file: ./audit/processor.jsonl          # and/or kafka_topic: streamproc.audit
+      fsync: always                          # always | interval | never
+      hmac_key_file: ./audit.key             # optional (streamproc audit keygen)
+      dead_letter_burst: {threshold: 100, window_seconds: 60}
+    pseudonym_secrets: {provider: kms}       # or {provider: wrapped_file, path: ..., kek: ...}
 
 Environment:
 
@@ -47,7 +53,8 @@ Environment:
   because deployments inject them per environment.
 
 Relative paths (``schemas.directory``, ``kms.path``, ``kms.ca_cert``/``client_cert``/
-``client_key``, ``policy``, and librdkafka ``*.location`` / ``*.keytab`` settings) are
+``client_key``, ``policy``, ``audit.file``, ``audit.hmac_key_file``,
+``pseudonym_secrets.path``, and librdkafka ``*.location`` / ``*.keytab`` settings) are
 resolved against the directory of the config file, so the file means the same thing
 whichever directory the processor is started from.
 
@@ -92,7 +99,12 @@ TOP_LEVEL = (
     "topics",
     "metrics",
     "logging",
+    "audit",
+    "pseudonym_secrets",
 )
+
+AUDIT_FSYNC = ("always", "interval", "never")
+SECRET_PROVIDERS = ("kms", "wrapped_file")
 
 #: librdkafka settings the runtime sets itself; the guarantee depends on them.
 RESERVED_KAFKA = {
@@ -165,6 +177,32 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """The processor's audit trail (``audit:``); at least one of ``file``/``kafka_topic``."""
+
+    file: Path | None = None
+    fsync: str = "always"
+    hmac_key_file: Path | None = None
+    kafka_topic: str | None = None
+    burst_threshold: int = 100
+    burst_window_seconds: int = 60
+
+
+@dataclass(frozen=True)
+class PseudonymSecretsConfig:
+    """Where the pseudonym master comes from (``pseudonym_secrets:``).
+
+    ``kms``: the ``kms:`` provider's own secret store (local keyring ``secret`` keys,
+    Vault/OpenBao KV v2).  ``wrapped_file``: a :mod:`streamproc.crypto.wrapped_secrets`
+    file at ``path``, unwrapped with the ``kms:`` provider under the pinned ``kek``.
+    """
+
+    provider: str = "kms"
+    path: Path | None = None
+    kek: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     """A validated configuration.  Build librdkafka dicts with the ``*_config`` methods."""
 
@@ -184,6 +222,8 @@ class Config:
     topics: TopicsConfig
     metrics: MetricsConfig
     logging: LoggingConfig
+    audit: AuditConfig | None = None
+    pseudonym_secrets: PseudonymSecretsConfig = field(default_factory=PseudonymSecretsConfig)
 
     @property
     def base_dir(self) -> Path:
@@ -210,9 +250,12 @@ class Config:
         return list(dict.fromkeys(p.dead_letter_topic for p in self.pipelines))
 
     def all_topics(self) -> list[str]:
-        """Sources, destinations and DLQs, in that order, without repeats."""
+        """Sources, destinations, DLQs and the audit topic, in that order, without repeats."""
+        audit = [self.audit.kafka_topic] if self.audit and self.audit.kafka_topic else []
         return list(
-            dict.fromkeys([*self.source_topics, *self.destination_topics, *self.dead_letter_topics])
+            dict.fromkeys(
+                [*self.source_topics, *self.destination_topics, *self.dead_letter_topics, *audit]
+            )
         )
 
     def dead_letter_topic_for(self, source_topic: str) -> str:
@@ -585,6 +628,10 @@ def _validate(raw: dict[str, Any], path: Path, ctx: _Ctx, check_policy: bool) ->
         ),
         format=_choice(ctx, "logging.format", lg.get("format", "json"), LOG_FORMATS),
     )
+    audit = _audit(ctx, raw.get("audit"), base, pipelines)
+    secrets = _pseudonym_secrets(ctx, raw.get("pseudonym_secrets"), base, pipelines)
+    if check_policy:
+        _check_secret_source(ctx, str(provider), secrets, policy)
     return Config(
         path=path,
         kafka=kafka,
@@ -602,7 +649,129 @@ def _validate(raw: dict[str, Any], path: Path, ctx: _Ctx, check_policy: bool) ->
         topics=TopicsConfig(defaults, overrides),
         metrics=metrics,
         logging=logging_cfg,
+        audit=audit,
+        pseudonym_secrets=secrets,
     )
+
+
+def _audit(
+    ctx: _Ctx, v: Any, base: Path, pipelines: Sequence[PipelineConfig]
+) -> AuditConfig | None:
+    if v is None:
+        return None
+    m = _mapping(
+        ctx,
+        "audit",
+        v,
+        allowed=("file", "fsync", "hmac_key_file", "kafka_topic", "dead_letter_burst"),
+    )
+    if "file" not in m and "kafka_topic" not in m:
+        raise ctx.error("audit", "needs 'file' and/or 'kafka_topic' (where the events go)")
+    file = Path(_resolve(base, _str(ctx, "audit.file", m["file"]))) if "file" in m else None
+    if file is not None and file.is_dir():
+        raise ctx.error("audit.file", f"{file} is a directory; name a file")
+    fsync = _choice(ctx, "audit.fsync", m.get("fsync", "always"), AUDIT_FSYNC)
+    if "fsync" in m and file is None:
+        raise ctx.error("audit.fsync", "only applies to 'file'")
+    key = None
+    if "hmac_key_file" in m:
+        key = Path(_resolve(base, _str(ctx, "audit.hmac_key_file", m["hmac_key_file"])))
+        if not key.is_file():
+            raise ctx.error(
+                "audit.hmac_key_file",
+                f"{key} does not exist (create one with: streamproc audit keygen --out {key})",
+            )
+    topic = _str(ctx, "audit.kafka_topic", m["kafka_topic"]) if "kafka_topic" in m else None
+    if topic is not None:
+        for i, p in enumerate(pipelines):
+            roles = [
+                (p.sources, "a source"),
+                ([d.topic for d in p.destinations], "a destination"),
+                ([p.dead_letter_topic], "a dead-letter topic"),
+            ]
+            for topics, role in roles:
+                if topic in topics:
+                    raise ctx.error(
+                        "audit.kafka_topic", f"{topic!r} is also {role} topic of pipelines[{i}]"
+                    )
+    burst = _mapping(
+        ctx,
+        "audit.dead_letter_burst",
+        m.get("dead_letter_burst"),
+        allowed=("threshold", "window_seconds"),
+    )
+    return AuditConfig(
+        file=file,
+        fsync=fsync,
+        hmac_key_file=key,
+        kafka_topic=topic,
+        burst_threshold=_int(
+            ctx, "audit.dead_letter_burst.threshold", burst.get("threshold", 100), minimum=1
+        ),
+        burst_window_seconds=_int(
+            ctx,
+            "audit.dead_letter_burst.window_seconds",
+            burst.get("window_seconds", 60),
+            minimum=1,
+            maximum=86_400,
+        ),
+    )
+
+
+def _pseudonym_secrets(
+    ctx: _Ctx, v: Any, base: Path, pipelines: Sequence[PipelineConfig]
+) -> PseudonymSecretsConfig:
+    if v is None:
+        return PseudonymSecretsConfig()
+    m = _mapping(ctx, "pseudonym_secrets", v, allowed=("provider", "path", "kek"))
+    provider = _choice(
+        ctx, "pseudonym_secrets.provider", m.get("provider", "kms"), SECRET_PROVIDERS
+    )
+    if provider == "kms":
+        for k in ("path", "kek"):
+            if k in m:
+                raise ctx.error(f"pseudonym_secrets.{k}", "only applies to provider 'wrapped_file'")
+        return PseudonymSecretsConfig()
+    for k in ("path", "kek"):
+        if k not in m:
+            what = (
+                "the wrapped secret file (create it with: streamproc secrets create)"
+                if k == "path"
+                else "the KEK that wraps the secret, pinned so that no other KEK's blob is accepted"
+            )
+            raise ctx.error(f"pseudonym_secrets.{k}", f"is required for 'wrapped_file': {what}")
+    path = Path(_resolve(base, _str(ctx, "pseudonym_secrets.path", m["path"])))
+    kek = _str(ctx, "pseudonym_secrets.kek", m["kek"])
+    for i, p in enumerate(pipelines):
+        for j, d in enumerate(p.destinations):
+            if d.kek == kek:
+                raise ctx.error(
+                    "pseudonym_secrets.kek",
+                    f"{kek!r} is also the KEK of pipelines[{i}].destinations[{j}]; use a "
+                    "dedicated KEK for the pseudonym master",
+                )
+    return PseudonymSecretsConfig("wrapped_file", path, kek)
+
+
+def _check_secret_source(
+    ctx: _Ctx, kms_provider: str, secrets: PseudonymSecretsConfig, policy_path: Path
+) -> None:
+    """AWS KMS holds no secrets: a policy that needs a pseudonym master needs a file."""
+    if secrets.provider != "kms" or kms_provider != "aws":
+        return
+    from streamproc.policy.model import load_policy
+
+    try:
+        policy = load_policy(policy_path)
+    except PolicyError as exc:
+        raise ctx.error("policy", str(exc)) from None
+    if policy.pseudonym_key:
+        raise ctx.error(
+            "pseudonym_secrets",
+            f"kms provider 'aws' cannot hold the pseudonym master {policy.pseudonym_key!r} "
+            f"(keys.pseudonym of {policy_path.name}); use "
+            "{provider: wrapped_file, path: ..., kek: ...} (docs/keys.md)",
+        )
 
 
 def _check_kms(ctx: _Ctx, provider: str, kms: Mapping[str, Any]) -> None:
@@ -720,11 +889,13 @@ def _check_audiences(ctx: _Ctx, pipelines: Sequence[PipelineConfig], policy_path
 
 
 __all__ = [
+    "AuditConfig",
     "Config",
     "DestinationConfig",
     "LoggingConfig",
     "MetricsConfig",
     "PipelineConfig",
+    "PseudonymSecretsConfig",
     "TopicSettings",
     "TopicsConfig",
     "load_config",

@@ -99,28 +99,42 @@ def run_supervised(config_path: str | os.PathLike[str], workers: int, *, instanc
     _configure_logging(config.logging.level, config.logging.format)
     server = None
     on_exit = None
-    if config.metrics.enabled:
-        from streamproc.observability.server import (
-            mark_worker_dead,
-            setup_multiprocess,
-            start_aggregate_server,
-        )
-
-        setup_multiprocess()
-        server = start_aggregate_server(
-            config.metrics.host, config.metrics.port, expected_workers=workers
-        )
-        on_exit = mark_worker_dead
-        log.info(
-            "aggregate metrics at %s/metrics",
-            server.url,
-            extra={"port": server.port, "workers": workers},
-        )
+    mp_dir: str | None = None
     try:
+        if config.metrics.enabled:
+            from streamproc.observability.server import (
+                ENV,
+                mark_worker_dead,
+                setup_multiprocess,
+                start_aggregate_server,
+            )
+
+            # A directory the deployment chose (PROMETHEUS_MULTIPROC_DIR) is only emptied
+            # at the next start; one we created is removed on the way out.
+            ours = not os.environ.get(ENV)
+            path = setup_multiprocess()
+            mp_dir = path if ours else None
+            server = start_aggregate_server(
+                config.metrics.host, config.metrics.port, expected_workers=workers
+            )
+            on_exit = mark_worker_dead
+            log.info(
+                "aggregate metrics at %s/metrics",
+                server.url,
+                extra={"port": server.port, "workers": workers},
+            )
         return Supervisor(config_path, workers, instance=instance, on_child_exit=on_exit).run()
     finally:
+        # Supervisor.run() returns only after every child was joined (or killed), so
+        # nothing writes to the directory any more.
         if server is not None:
             server.stop()
+        if mp_dir is not None:
+            from streamproc.observability.server import ENV, teardown_multiprocess
+
+            teardown_multiprocess(mp_dir)
+            if os.environ.get(ENV) == mp_dir:
+                del os.environ[ENV]
 
 
 @click.command("run")

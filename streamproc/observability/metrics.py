@@ -275,6 +275,9 @@ class Metrics(Observer):
         self._last_beat = time.monotonic()
         self._last_state_write = 0.0
         self.detector: AnomalyDetector | None = None
+        #: Optional ``f(anomaly)`` called after the counter is incremented (the worker
+        #: hooks its audit trail here: every finding becomes an ``anomaly`` audit event).
+        self.on_anomaly: Callable[[Anomaly], None] | None = None
         if anomaly is not False:
             self.detector = AnomalyDetector(
                 anomaly or AnomalyConfig(),
@@ -300,6 +303,8 @@ class Metrics(Observer):
 
     def _on_anomaly(self, a: Anomaly) -> None:
         self._child("streamproc_anomalies_total", a.kind.value).inc()
+        if self.on_anomaly is not None:
+            self.on_anomaly(a)
 
     # -- Observer -------------------------------------------------------------------------
     def records_consumed(self, topic: str, partition: int, count: int) -> None:

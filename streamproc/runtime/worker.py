@@ -118,6 +118,10 @@ class InvariantViolation(FatalWorkerError):
     """A commit-protocol invariant does not hold: a bug.  Nothing more is committed."""
 
 
+class AuditFailed(FatalWorkerError):
+    """An audit event could not be written (``audit:`` configured): stop, exit 1."""
+
+
 class _Abort(Exception):
     """Internal: the transaction was aborted; rewind and re-consume."""
 
@@ -174,6 +178,7 @@ class Worker:
         backoff: Backoff | None = None,
         kafka_timeout: float = 30.0,
         lag_interval: float = 1.0,
+        audit: Any = None,
     ) -> None:
         self.config = config
         self.pipeline = pipeline
@@ -212,6 +217,10 @@ class Worker:
             provider = getattr(cache.kms, "name", "unknown")
             obs = self.observer
             cache.on_kms_call = lambda op, outcome, secs: obs.kms_call(provider, op, outcome, secs)
+        #: The audit trail (a ``streamproc.runtime.factory.WorkerAudit``) or ``None``.
+        self.audit = audit
+        if audit is not None and hasattr(self.observer, "on_anomaly"):
+            self.observer.on_anomaly = audit.anomaly  # in-process detector -> anomaly events
 
     # -- lifecycle ----------------------------------------------------------------------
     def stop(self) -> None:
@@ -246,6 +255,8 @@ class Worker:
             self._close(clean=False)
             return EXIT_CONFIG
         except FatalWorkerError as exc:
+            # Value-free: every FatalWorkerError message is built here from names, ids and
+            # librdkafka error names (see _describe), never from a third-party message.
             log.error("fatal %s: %s", type(exc).__name__, exc)
             self._close(clean=False)
             return EXIT_FATAL
@@ -261,6 +272,12 @@ class Worker:
             self._close(clean=False)
             return EXIT_FATAL
         self._close(clean=True)
+        if self.audit is not None:
+            try:
+                self.audit.stopped(self.records_committed)
+            except FatalWorkerError as exc:
+                log.error("fatal %s: %s", type(exc).__name__, exc)
+                return EXIT_FATAL
         log.info(
             "stopped after %d batches (%d aborted transactions)",
             self.batches_committed,
@@ -312,6 +329,8 @@ class Worker:
 
     def _start(self) -> None:
         self.observer.ready(False, "starting")
+        if self.audit is not None:  # audited before anything is consumed
+            self.audit.started(self.pipeline.policy, self.config.policy)
         self.producer = self._client(self._producer_factory, self._producer_conf(), "producer")
         if self.exactly_once:
             # Fences any earlier instance with the same transactional.id and aborts what it
@@ -355,6 +374,8 @@ class Worker:
                 log.warning("consumer close failed: %s", _describe(exc))
         if p is not None and clean:
             p.flush(5.0)
+        if not clean and self.audit is not None:
+            self.audit.abandon()  # flush and release the file; no processor_stopped event
         self.observer.ready(False, "stopped")
 
     # -- the loop -------------------------------------------------------------------------
@@ -389,6 +410,9 @@ class Worker:
         result = self._process(batch)
         if result is None:  # stopped while waiting out an outage: abandon (nothing produced)
             return
+        if self.audit is not None and result.quarantined:
+            # Audited before committed: if the write fails (fatal), the batch is redone.
+            self.audit.after_batch(result.quarantined)
         try:
             if self.exactly_once:
                 self._commit_transactional(batch, result)
@@ -608,9 +632,7 @@ class Worker:
             if err is not None and _is_fatal(err):
                 raise FatalWorkerError(f"commit: {_describe(exc)}") from None
             # Outputs are written; re-processing duplicates them, which at-least-once allows.
-            log.warning(
-                "offset commit failed (%s); re-processing the batch", err.name() if err else exc
-            )
+            log.warning("offset commit failed (%s); re-processing the batch", _describe(exc))
             raise _Abort from None
 
     def _on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
@@ -770,7 +792,7 @@ class Worker:
         """librdkafka's error callback: transport-level trouble (it reconnects by itself)."""
         if _is_fatal(err):
             log.error("fatal client error: %s", err.name())
-            self._fatal_error = f"client: {err.name()} ({err.str()})"
+            self._fatal_error = f"client: {err.name()}"
             self.stop()
             return
         if err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._RESOLVE):
@@ -932,10 +954,16 @@ def _is_fatal(err: KafkaError) -> bool:
 
 
 def _describe(exc: BaseException) -> str:
+    """A value-free description: the librdkafka error name, or the exception type.
+
+    Never the message: librdkafka's error strings and other libraries' exception messages
+    may quote broker- or input-supplied text, and these descriptions end up in
+    FatalWorkerError messages and log lines.
+    """
     err = _err(exc)
     if err is None:
-        return f"{type(exc).__name__}: {exc}"
-    return f"{err.name()} ({err.str()})"
+        return type(exc).__name__
+    return str(err.name())
 
 
 def default_instance() -> str:
@@ -954,8 +982,15 @@ def run_worker(
     observer: Observer | None = None,
     install_signals: bool = True,
 ) -> int:
-    """Build the pipeline (retrying transient KMS/registry outages) and run one worker."""
-    from streamproc.runtime.factory import build_kms, build_pipeline, build_schemas
+    """Build the pipeline (retrying transient KMS/registry outages) and run one worker.
+
+    With ``audit:`` configured the audit trail is opened once the pipeline is built; a
+    trail that cannot be opened (file locked or not verifying, topic producer failing)
+    stops the worker with exit 1 before anything is consumed.
+    """
+    from streamproc.audit import AuditError
+    from streamproc.errors import KmsError
+    from streamproc.runtime.factory import build_audit, build_kms, build_pipeline, build_schemas
 
     observer = observer or Observer()
     stop = threading.Event()
@@ -981,10 +1016,31 @@ def run_worker(
             observer.ready(False, dep)
             if stop.wait(backoff.delay(attempt)):
                 return EXIT_OK
-    worker = Worker(config, pipeline, index=index, instance=instance, observer=observer)
+        except KmsError as exc:  # after TransientError: KmsUnavailable is retried above
+            # The pseudonym master cannot be read (unknown, revoked, not unwrappable): a
+            # restart will not fix it.  KMS messages name key ids only.
+            raise ConfigError(f"pseudonym secret: {exc}") from None
+    instance = instance or default_instance()
+    try:
+        audit = build_audit(
+            config, index=index, instance=instance, kms_name=getattr(kms, "name", "unknown")
+        )
+    except (AuditError, OSError) as exc:
+        what = (
+            f"{exc.strerror} ({exc.filename})"
+            if isinstance(exc, OSError) and not isinstance(exc, AuditError)
+            else str(exc)
+        )
+        log.error("fatal: audit log unavailable: %s", what)
+        return EXIT_FATAL
+    worker = Worker(
+        config, pipeline, index=index, instance=instance, observer=observer, audit=audit
+    )
     if install_signals:
         worker.install_signal_handlers()
         if stop.is_set():
+            if audit is not None:
+                audit.abandon()
             return EXIT_OK
     return worker.run()
 
@@ -993,6 +1049,7 @@ __all__ = [
     "EXIT_CONFIG",
     "EXIT_FATAL",
     "EXIT_OK",
+    "AuditFailed",
     "FatalWorkerError",
     "InvariantViolation",
     "Worker",
