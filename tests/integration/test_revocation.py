@@ -377,7 +377,7 @@ def test_aws_disabled_key_with_a_wrapped_pseudonym_secret(
     apply_topics(ws.load_config())
     # the key custodian creates the master with the CLI, against (mock) AWS KMS
     r = subprocess.run(
-        [sys.executable, "-m", "streamproc.cli.secrets", "create", "--kms-config",
+        [sys.executable, "-m", "streamproc.cli.main", "secrets", "create", "--kms-config",
          str(ws.config_path)],
         capture_output=True, text=True, cwd=str(REPO), timeout=60, check=False,
     )  # fmt: skip
