@@ -147,6 +147,14 @@ def _secret_source(keyring: Path | None, kms_config: Path | None) -> Any:
         raise click.UsageError(f"{kms_config}: cannot read YAML ({type(exc).__name__})") from None
     spec = raw.get("kms", raw) if isinstance(raw, dict) else raw
     kms = build_kms(spec, base_dir=kms_config.parent)
+    wrapped = raw.get("pseudonym_secrets") if isinstance(raw, dict) else None
+    if isinstance(wrapped, dict) and wrapped.get("provider") == "wrapped_file":
+        # The same source the worker uses: the master wrapped under a pinned KEK.
+        from streamproc.crypto.wrapped_secrets import WrappedSecretFile
+
+        if not wrapped.get("path") or not wrapped.get("kek"):
+            raise click.UsageError("pseudonym_secrets: wrapped_file needs 'path' and 'kek'")
+        return WrappedSecretFile(kms_config.parent / str(wrapped["path"]), kms, kek=str(wrapped["kek"]))
     if not hasattr(kms, "get_secret"):
         raise click.UsageError(
             f"KMS provider {getattr(kms, 'name', '?')!r} does not hold pseudonym secrets"
@@ -163,7 +171,8 @@ def _secret_source(keyring: Path | None, kms_config: Path | None) -> Any:
 @click.option(
     "--kms-config",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="YAML with a `kms:` mapping (e.g. Vault/OpenBao, whose KV holds the master).",
+    help="YAML with a `kms:` mapping (Vault/OpenBao KV, or with `pseudonym_secrets:` "
+    "{provider: wrapped_file, path, kek} for a wrapped secret file on any KMS).",
 )
 @click.option(
     "--secret",

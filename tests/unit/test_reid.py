@@ -470,3 +470,30 @@ def test_wired_into_the_main_cli(tmp_path: Path, ring: LocalKeyring) -> None:
         log.anomaly("x")
     res = CliRunner().invoke(main.cli, ["audit", "verify", str(tmp_path / "x.jsonl")])
     assert res.exit_code == 0 and res.output.startswith("OK: 1 events")
+
+
+def test_cli_export_audience_from_a_wrapped_secret_file(tmp_path: Path, ring: LocalKeyring) -> None:
+    """--kms-config with pseudonym_secrets: wrapped_file exports the same key the worker uses."""
+    from streamproc.crypto.wrapped_secrets import WrappedSecretFile
+
+    ring.ensure_key("secrets-kek")
+    wrapped = WrappedSecretFile(tmp_path / "pseudonym.json", ring, kek="secrets-kek")
+    wrapped.create("pseudonym-master", "secrets-kek")
+    cfg = tmp_path / "kms.yaml"
+    cfg.write_text(
+        f"kms: {{provider: local, path: {ring.path}}}\n"
+        "pseudonym_secrets: {provider: wrapped_file, path: pseudonym.json, kek: secrets-kek}\n"
+    )
+    key_file = tmp_path / "fraud.key"
+    res = CliRunner().invoke(
+        export_audience,
+        ["--kms-config", str(cfg), "--secret", "pseudonym-master", "--audience", "fraud",
+         "--out", str(key_file), "--audit-file", str(tmp_path / "a.jsonl")],
+    )
+    assert res.exit_code == 0, res.output
+    wkeys = PseudonymKeys(WrappedSecretFile(tmp_path / "pseudonym.json", ring, kek="secrets-kek"), "pseudonym-master")
+    ct = encryptor(wkeys, "fraud", "EMAIL")("a@x.org")
+    log = AuditLog([MemorySink()], stream="t")
+    assert Reidentifier(key_file, log, POLICY_VERSION).reidentify(
+        ct, "EMAIL", actor="bob", field="email", reason="case-1"
+    ) == "a@x.org"
