@@ -230,6 +230,13 @@ class Pipeline:
             if hit is None:
                 try:
                     hit = self._build(schema_id, state)
+                except SchemaNotFound:
+                    raise  # not cached: the id may appear in the registry later
+                except SchemaError as exc:
+                    # The registry refused the schema (4xx other than 404) or the derived
+                    # output schema (409 incompatible): a property of this schema, not of
+                    # the moment, so it is cached like a policy error.
+                    hit = PolicyError(str(exc))
                 except PolicyError as exc:
                     hit = exc
                 self._plans[key] = hit

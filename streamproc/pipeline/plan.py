@@ -135,18 +135,46 @@ class _Builder:
         return Keep(f.type) if self.audience.untagged == "keep" else Drop(f.type)
 
     def container(self, t: AvroType, path: str) -> Node:
+        """An untagged value that contains records: walk the records' own fields.
+
+        Scalar values met on the way (the string branch of ``["null", "string", R]``)
+        are untagged data too, so they get the audience's ``untagged`` rule: kept, or,
+        under ``drop``, written as null when the union has a null branch.  When that is
+        impossible the whole field is dropped (:class:`Drop` propagates up to the field):
+        minimization wins over keeping a record half-visible.
+        """
         if isinstance(t, Record):
             return self.record(t, path + ".")
         if isinstance(t, Array):
             items = self.container(t.items, path + "[]")
+            if isinstance(items, Drop):
+                return Drop(t)
             return Keep(t) if is_keep(items) else ArrayNode(t, items)
         if isinstance(t, Map):
             values = self.container(t.values, path + "{}")
+            if isinstance(values, Drop):
+                return Drop(t)
             return Keep(t) if is_keep(values) else MapNode(t, values)
         if isinstance(t, Union):
-            branches = [self.container(b, path) for b in t.branches]
+            has_null = any(b.kind == "null" for b in t.branches)
+            branches: list[Node] = []
+            for b in t.branches:
+                if b.kind == "null" or records_in(b):
+                    node = self.container(b, path)
+                elif self.audience.untagged == "keep":
+                    node = Keep(b)
+                elif has_null:
+                    node = Apply(b, Primitive("null"), _to_null, "redact", path, False, False)
+                    self.transforms["redact"] = self.transforms.get("redact", 0) + 1
+                else:
+                    return Drop(t)
+                if isinstance(node, Drop):
+                    return Drop(t)
+                branches.append(node)
             return self.union(t, branches)
-        return Keep(t)
+        if t.kind == "null":
+            return Keep(t)
+        return Keep(t) if self.audience.untagged == "keep" else Drop(t)
 
     def union(self, t: Union, branches: list[Node]) -> Node:
         if all(is_keep(b) for b in branches):
@@ -162,7 +190,10 @@ class _Builder:
             return Keep(t)
         if rule.op == "drop":
             return Drop(t)
-        if op.any_type:
+        # redact with a constant on a union, array or map applies per value (null stays
+        # null); every other whole-value operator applies to the value as a whole.
+        per_value = rule.op == "redact" and rule.params.get("value") is not None and isinstance(t, (Union, Array, Map))
+        if op.any_type and not per_value:
             return self.apply(op, rule, t, path, domain, decode=False)
         if isinstance(t, Union):
             branches = [Keep(b) if b.kind == "null" else self.rule(rule, b, path, domain) for b in t.branches]
@@ -188,6 +219,10 @@ class _Builder:
                 raise PolicyError(f"{where}: subject_field {want!r} is not a top-level field")
         self.transforms[op.name] = self.transforms.get(op.name, 0) + 1
         return Apply(t, out, fn, op.name, path, op.needs_subject, decode)
+
+
+def _to_null(_value: Any) -> None:
+    return None
 
 
 def build_plan(schema: AvroType, audience: Audience, keys: PseudonymKeys | None) -> Plan:
@@ -248,7 +283,7 @@ def node_out_type(n: Node) -> AvroType | None:
                     ops = sorted(_ops_in(child))
                     if ops:
                         props[TRANSFORM_PROP] = ops[0] if len(ops) == 1 else ops
-                    _fix_default(props, f.type, ot)
+                    _fix_default(props, ot)
                 n.out.fields.append(Field(f.name, ot, props))
         return n.out
     if isinstance(n, ArrayNode):
@@ -296,13 +331,17 @@ def _ops_in(n: Node, seen: set[int] | None = None) -> set[str]:
     return set()
 
 
-def _fix_default(props: dict[str, Any], t_in: AvroType, t_out: AvroType) -> None:
-    """A default that no longer fits the output type is removed (or set to null)."""
+def _fix_default(props: dict[str, Any], t_out: AvroType) -> None:
+    """A transformed field keeps no default: it may be plaintext or no longer fit the type.
+
+    A nullable output whose first branch is null gets ``default: null`` (schema-evolution
+    friendly and reveals nothing); any other default is removed.
+    """
     if "default" not in props:
         return
     if isinstance(t_out, Union) and t_out.branches and t_out.branches[0].kind == "null":
         props["default"] = None
-    elif avro.canonical_json(avro.to_json(t_in)) != avro.canonical_json(avro.to_json(t_out)):
+    else:
         del props["default"]
 
 

@@ -9,7 +9,8 @@ It fails (non-zero exit) when:
   subject field, ...), found by compiling every (schema, audience) plan.
 
 It warns when a field carries several tags whose rules disagree for an audience (the
-first rule in file order wins) and when a rule's tag is used by no schema.
+first rule in file order wins), when a rule's tag is used by no schema, and when an
+untagged map of records would pass its keys through unchanged.
 
 Plans are compiled with a throw-away random pseudonym key, so the linter needs no access
 to real key material.
@@ -78,7 +79,18 @@ def check(policy: Policy, schemas: list[RegisteredSchema]) -> Report:
             report.findings.append(Finding("error", name, "top-level schema is not a record"))
             continue
         rows: dict[str, dict[str, str]] = {}
+        maps_seen: set[str] = set()
         for leaf in leaves(node):
+            if "{}." in leaf.path:
+                # Keys of an untagged map of records are structure, copied as they are.
+                prefix = leaf.path[: leaf.path.rindex("{}.")]
+                if prefix not in maps_seen:
+                    maps_seen.add(prefix)
+                    report.findings.append(Finding(
+                        "warning", name,
+                        f"map keys of {prefix!r} pass through unchanged for every audience; if "
+                        "they can identify a person, tag the map field itself",
+                    ))
             rows[leaf.path] = {}
             used_tags.update(leaf.tags)
             if not leaf.tags:

@@ -145,6 +145,11 @@ class DirectorySchemaSource:
         return content_id(json.loads(Path(path).read_text()))
 
 
+#: Registry statuses that say "not now" rather than "never": expired or missing credentials
+#: (an operator fixes them; records must not be dead-lettered meanwhile), timeouts, throttling.
+_RETRY = frozenset({401, 403, 408, 429})
+
+
 class ConfluentSchemaSource:
     """A Confluent-compatible registry through ``confluent_kafka.schema_registry``."""
 
@@ -166,7 +171,7 @@ class ConfluentSchemaSource:
         except SchemaRegistryError as exc:
             if exc.http_status_code == 404 or exc.error_code in (40403, 404):
                 raise SchemaNotFound(f"schema id {schema_id} not found in the registry") from None
-            if exc.http_status_code and 400 <= exc.http_status_code < 500:
+            if exc.http_status_code and 400 <= exc.http_status_code < 500 and exc.http_status_code not in _RETRY:
                 raise SchemaError(f"registry refused schema id {schema_id}: HTTP {exc.http_status_code}") from None
             raise SchemaRegistryUnavailable(f"registry error for schema id {schema_id}: HTTP {exc.http_status_code}") from None
         except (OSError, ConnectionError) as exc:
@@ -181,12 +186,22 @@ class ConfluentSchemaSource:
 
     def register(self, subject: str, schema: Any) -> int:
         from confluent_kafka.schema_registry import Schema
+        from confluent_kafka.schema_registry.error import SchemaRegistryError
 
         text = schema if isinstance(schema, str) else json.dumps(schema)
         try:
             return int(self.client.register_schema(subject, Schema(text, "AVRO")))
+        except SchemaRegistryError as exc:
+            status = exc.http_status_code or 0
+            if 400 <= status < 500 and status not in _RETRY:
+                raise SchemaError(f"registry refused a schema for subject {subject!r}: HTTP {status}") from None
+            raise SchemaRegistryUnavailable(f"registry error registering {subject!r}: HTTP {status}") from None
         except (OSError, ConnectionError) as exc:
             raise SchemaRegistryUnavailable(f"registry unreachable ({type(exc).__name__})") from None
+        except Exception as exc:  # httpx transport errors: transient
+            if type(exc).__module__.startswith("httpx"):
+                raise SchemaRegistryUnavailable(f"registry unreachable ({type(exc).__name__})") from None
+            raise
 
 
 class CachingSchemaSource:

@@ -406,6 +406,9 @@ class FailingClient:
     def get_schema(self, schema_id: int) -> Any:
         raise self.exc
 
+    def register_schema(self, subject: str, schema: Any) -> int:
+        raise self.exc
+
 
 def _registry_error(status: int, code: int) -> Exception:
     from confluent_kafka.schema_registry.error import SchemaRegistryError
@@ -417,15 +420,32 @@ def test_confluent_source_maps_registry_errors() -> None:
     with pytest.raises(SchemaNotFound):
         ConfluentSchemaSource({}, client=FailingClient(_registry_error(404, 40403))).get(1)
     with pytest.raises(SchemaError) as info:
-        ConfluentSchemaSource({}, client=FailingClient(_registry_error(401, 401))).get(1)
+        ConfluentSchemaSource({}, client=FailingClient(_registry_error(422, 42201))).get(1)
     assert not isinstance(info.value, SchemaNotFound)
-    assert "HTTP 401" in str(info.value)
+    assert "HTTP 422" in str(info.value)
+    # Expired or missing credentials, timeouts and throttling are "not now", not "never":
+    # the worker must pause, not dead-letter every record.
+    for status in (401, 403, 408, 429):
+        with pytest.raises(SchemaRegistryUnavailable, match=f"HTTP {status}"):
+            ConfluentSchemaSource({}, client=FailingClient(_registry_error(status, status))).get(1)
     with pytest.raises(SchemaRegistryUnavailable, match=r"HTTP 503"):
         ConfluentSchemaSource({}, client=FailingClient(_registry_error(503, 50301))).get(1)
     with pytest.raises(SchemaRegistryUnavailable, match=r"unreachable \(ConnectionRefusedError\)"):
         ConfluentSchemaSource({}, client=FailingClient(ConnectionRefusedError())).get(1)
     with pytest.raises(_Err):  # an unexpected error is not swallowed
         ConfluentSchemaSource({}, client=FailingClient(_Err())).get(1)
+
+
+def test_confluent_source_maps_register_errors() -> None:
+    schema = {"type": "record", "name": "R", "fields": []}
+    with pytest.raises(SchemaError, match="HTTP 409") as info:  # incompatible output schema
+        ConfluentSchemaSource({}, client=FailingClient(_registry_error(409, 409))).register("t-value", schema)
+    assert not isinstance(info.value, SchemaRegistryUnavailable)
+    for status in (401, 429, 503):
+        with pytest.raises(SchemaRegistryUnavailable, match=f"HTTP {status}"):
+            ConfluentSchemaSource({}, client=FailingClient(_registry_error(status, status))).register("t-value", schema)
+    with pytest.raises(SchemaRegistryUnavailable, match="unreachable"):
+        ConfluentSchemaSource({}, client=FailingClient(ConnectionRefusedError())).register("t-value", schema)
 
 
 def test_confluent_source_refuses_non_avro() -> None:
