@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import threading
 import time
 from collections import defaultdict
@@ -328,7 +329,7 @@ class Worker:
         except KafkaException as exc:
             err = _err(exc)
             if err is not None and err.code() == KafkaError._INVALID_ARG:
-                raise ConfigError(f"{what} settings: {err.str()}") from None
+                raise ConfigError(f"{what} settings: {_setting_error(err.str())}") from None
             raise
 
     def _start(self) -> None:
@@ -906,6 +907,23 @@ class Worker:
 
 
 # -- helpers -------------------------------------------------------------------------------------
+_PROPERTY = re.compile(r'property:? "([A-Za-z0-9._-]+)"')
+
+
+def _setting_error(message: str) -> str:
+    """librdkafka's complaint about a setting, without the value it quotes.
+
+    librdkafka says ``Invalid value "<value>" for configuration property "<name>"``; the
+    value may be a SASL password or an SSL key, so only the property name is kept.
+    """
+    names = _PROPERTY.findall(message)
+    if names and "No such configuration property" in message:
+        return f"unknown librdkafka property {names[-1]!r}"
+    if names:
+        return f"invalid or unsupported value for librdkafka property {names[-1]!r}"
+    return "invalid librdkafka setting (see librdkafka CONFIGURATION.md)"
+
+
 def _tp(m: Message) -> TP:
     return cast(str, m.topic()), cast(int, m.partition())
 
