@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from streamproc.crypto.pseudonym import PseudonymKeys
-from streamproc.schema.avro import AvroType, Primitive
+from streamproc.schema.avro import AvroType, Enum, Primitive
 
 ValueFn = Callable[[Any], Any]
 SubjectValueFn = Callable[[Any, bytes], Any]
@@ -132,3 +132,35 @@ def normalizer(spec: Any) -> Callable[[str], str] | None:
         return x
 
     return chain
+
+
+class KeyedScalarOperator(Operator):
+    """Shared shape of ``token`` and ``encrypt_deterministic``.
+
+    Both take any scalar (or date/timestamp), honour ``domain`` and ``normalize``, output
+    a string, and work on the *canonical bytes* of the value, so that equal identifiers
+    give equal outputs across types and schemas.
+    """
+
+    needs_keys = True
+    params = {"domain": (str,), "normalize": (str, list)}
+
+    def check_params(self, params: Mapping[str, Any]) -> None:
+        normalizer(params.get("normalize"))
+
+    def output_type(self, params: Mapping[str, Any], t: AvroType) -> AvroType | None:
+        require_kind(self.name, t, SCALARS | TEMPORAL)
+        return STRING
+
+    @staticmethod
+    def value_bytes(params: Mapping[str, Any], t: AvroType) -> Callable[[Any], bytes]:
+        """``value -> canonical bytes`` for ``t`` (enum index -> symbol, normalized text)."""
+        if isinstance(t, Enum):
+            symbols = t.symbols
+            return lambda v: symbols[v].encode()
+        norm = normalizer(params.get("normalize"))
+        if t.kind == "string" and norm is not None:
+            return lambda v: norm(v).encode()
+        if t.kind in ("bytes", "fixed"):
+            return bytes
+        return canonical_bytes

@@ -14,31 +14,12 @@ from typing import Any
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
 from streamproc.crypto.pseudonym import siv_encrypt
-from streamproc.operators.base import (
-    SCALARS,
-    STRING,
-    TEMPORAL,
-    OpContext,
-    Operator,
-    OperatorError,
-    canonical_bytes,
-    normalizer,
-    require_kind,
-)
-from streamproc.schema.avro import AvroType, Enum
+from streamproc.operators.base import KeyedScalarOperator, OpContext, OperatorError
+from streamproc.schema.avro import AvroType
 
 
-class EncryptDeterministic(Operator):
+class EncryptDeterministic(KeyedScalarOperator):
     name = "encrypt_deterministic"
-    needs_keys = True
-    params = {"domain": (str,), "normalize": (str, list)}
-
-    def check_params(self, params: Mapping[str, Any]) -> None:
-        normalizer(params.get("normalize"))
-
-    def output_type(self, params: Mapping[str, Any], t: AvroType) -> AvroType | None:
-        require_kind(self.name, t, SCALARS | TEMPORAL)
-        return STRING
 
     def bind(self, params: Mapping[str, Any], t: AvroType, ctx: OpContext) -> Any:
         if ctx.keys is None:
@@ -46,10 +27,5 @@ class EncryptDeterministic(Operator):
         version, key = ctx.keys.siv_key(ctx.audience)
         siv = AESSIV(key)
         ad = ctx.domain.encode()
-        norm = normalizer(params.get("normalize"))
-        if isinstance(t, Enum):
-            symbols = t.symbols
-            return lambda v: siv_encrypt(siv, version, ad, symbols[v].encode())
-        if t.kind == "string" and norm is not None:
-            return lambda v: siv_encrypt(siv, version, ad, norm(v).encode())
-        return lambda v: siv_encrypt(siv, version, ad, canonical_bytes(v))
+        value_bytes = self.value_bytes(params, t)
+        return lambda v: siv_encrypt(siv, version, ad, value_bytes(v))
