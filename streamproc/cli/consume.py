@@ -29,6 +29,7 @@ from typing import Any
 
 import click
 
+from streamproc.cli.options import config_option
 from streamproc.errors import ConfigError, RecordError, SchemaNotFound, StreamprocError
 
 
@@ -60,13 +61,7 @@ def _headers(hs: Any) -> dict[str, Any]:
 
 
 @click.command("consume")
-@click.option(
-    "--config",
-    "config_path",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="Config (kafka, kms, schemas).",
-)
+@config_option("Config (kafka, kms, schemas).")
 @click.option("--topic", required=True, help="Topic to read.")
 @click.option(
     "--audience", help="Only records sanitized for this audience (streamproc.audience header)."

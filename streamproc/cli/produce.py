@@ -23,6 +23,7 @@ from typing import Any
 
 import click
 
+from streamproc.cli.options import config_option
 from streamproc.errors import ConfigError, StreamprocError
 
 
@@ -98,13 +99,7 @@ def _jsonl(source: str) -> Iterator[dict[str, Any]]:
 
 
 @click.command("produce")
-@click.option(
-    "--config",
-    "config_path",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="Config (kafka, kms, schemas).",
-)
+@config_option("Config (kafka, kms, schemas).")
 @click.option("--topic", required=True, help="Source topic to produce to.")
 @click.option(
     "--schema",

@@ -19,6 +19,7 @@ from typing import Any
 
 import click
 
+from streamproc.cli.options import config_option
 from streamproc.config import Config
 from streamproc.errors import ConfigError, PolicyError, SchemaError
 from streamproc.observability import Observer
@@ -138,13 +139,7 @@ def run_supervised(config_path: str | os.PathLike[str], workers: int, *, instanc
 
 
 @click.command("run")
-@click.option(
-    "--config",
-    "config_path",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="Processor config (YAML).",
-)
+@config_option()
 @click.option(
     "--workers",
     type=click.IntRange(1, 256),

@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from streamproc.cli.options import config_option
 from streamproc.errors import ConfigError
 
 
@@ -15,13 +16,7 @@ def topics() -> None:
 
 
 @topics.command("apply")
-@click.option(
-    "--config",
-    "config_path",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="Processor config (YAML).",
-)
+@config_option()
 @click.option(
     "--timeout",
     type=float,
