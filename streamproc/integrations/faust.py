@@ -266,20 +266,18 @@ def _open(
 # -- schemas ------------------------------------------------------------------------------------
 
 
-class SealingSchema(faust.Schema):
-    """Producer side: values are dicts (or ``faust.Record``\\s) sealed for ``sealer.topic``.
+class _EnvelopeSchema(faust.Schema):
+    """A schema that owns value (de)serialization: values are envelopes, nothing else.
 
-    Keys keep an ordinary Faust serializer (``raw`` by default: the processor tokenizes or
-    passes record keys per audience policy, so producers send them as they are).
+    Faust calls ``update`` from ``app.topic(..., value_serializer=...)``; a value
+    serializer there would replace the envelope with plaintext, so it is refused.
     """
 
-    def __init__(self, sealer: RecordSealer, *, key_serializer: CodecArg = "raw", key_type: ModelArg | None = None) -> None:
-        self.sealer = sealer
-        super().__init__(key_type=key_type, key_serializer=key_serializer)
+    #: What the schema owns, for the refusal message.
+    _owns = "value serialization"
 
-    @property
-    def topic(self) -> str:
-        return self.sealer.topic
+    def _owner(self) -> str:
+        return type(self).__name__
 
     def update(
         self,
@@ -290,11 +288,31 @@ class SealingSchema(faust.Schema):
         value_serializer: CodecArg | None = None,
         allow_empty: bool | None = None,
     ) -> None:
-        """Refuse a value serializer: it would replace the envelope (called by ``app.topic``)."""
         if value_serializer is not None:
-            raise ValueError(f"SealingSchema({self.topic!r}) owns value serialization; drop value_serializer={value_serializer!r}")
+            raise ValueError(
+                f"{self._owner()} owns {self._owns}; drop value_serializer={value_serializer!r}"
+            )
         super().update(key_type=key_type, value_type=value_type, key_serializer=key_serializer, allow_empty=allow_empty)
         self.value_serializer = None
+
+
+class SealingSchema(_EnvelopeSchema):
+    """Producer side: values are dicts (or ``faust.Record``\\s) sealed for ``sealer.topic``.
+
+    Keys keep an ordinary Faust serializer (``raw`` by default: the processor tokenizes or
+    passes record keys per audience policy, so producers send them as they are).
+    """
+
+    def __init__(self, sealer: RecordSealer, *, key_serializer: CodecArg = "raw", key_type: ModelArg | None = None) -> None:
+        self.sealer = sealer
+        super().__init__(key_type=key_type, key_serializer=key_serializer)
+
+    def _owner(self) -> str:
+        return f"SealingSchema({self.topic!r})"
+
+    @property
+    def topic(self) -> str:
+        return self.sealer.topic
 
     def dumps_value(
         self, app: AppT, value: Any, *, serializer: CodecArg | None = None, headers: OpenHeadersArg
@@ -314,7 +332,7 @@ class SealingSchema(faust.Schema):
         )
 
 
-class OpeningSchema(faust.Schema):
+class OpeningSchema(_EnvelopeSchema):
     """Subscriber side: sanitized envelopes -> dicts, opened with the message's own topic.
 
     ``opener`` should hold only the audience's KEK access (a Vault/AWS credential scoped to
@@ -322,6 +340,8 @@ class OpeningSchema(faust.Schema):
     ``value_type`` set to a ``faust.Record`` class, values are built with
     ``value_type.from_data(record)`` instead of returned as dicts.
     """
+
+    _owns = "value deserialization"
 
     def __init__(
         self,
@@ -336,21 +356,6 @@ class OpeningSchema(faust.Schema):
         self.opener = opener
         self.policy = ErrorPolicy(on_error, on_skip)
         super().__init__(key_type=key_type, value_type=value_type, key_serializer=key_serializer)
-
-    def update(
-        self,
-        *,
-        key_type: ModelArg | None = None,
-        value_type: ModelArg | None = None,
-        key_serializer: CodecArg | None = None,
-        value_serializer: CodecArg | None = None,
-        allow_empty: bool | None = None,
-    ) -> None:
-        """Refuse a value serializer: values are envelopes, decoded by this schema only."""
-        if value_serializer is not None:
-            raise ValueError(f"OpeningSchema owns value deserialization; drop value_serializer={value_serializer!r}")
-        super().update(key_type=key_type, value_type=value_type, key_serializer=key_serializer, allow_empty=allow_empty)
-        self.value_serializer = None
 
     def loads_value(
         self, app: AppT, message: Message, *, loads: Callable[..., Any] | None = None, serializer: CodecArg | None = None
