@@ -75,9 +75,13 @@ def _observer(config: Config, index: int, serve: bool) -> tuple[Observer, Any]:
     """Prometheus metrics (and their HTTP server when ``serve``), or the no-op Observer."""
     if not config.metrics.enabled:
         return Observer(), None
-    from streamproc.observability.metrics import Metrics
+    from streamproc.observability.metrics import KnownLabels, Metrics
 
-    metrics = Metrics(allowed_destinations=config.destination_topics, worker=index)
+    metrics = Metrics(
+        allowed_destinations=config.destination_topics,
+        worker=index,
+        known=KnownLabels.from_config(config),
+    )
     server = None
     if serve:
         from streamproc.observability.server import start_server

@@ -166,8 +166,14 @@ class AnomalyDetector:
         on_anomaly: Callable[[Anomaly], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         allowed_destinations: Iterable[str] | None = None,
+        name: Callable[[str, Any], str] | None = None,
     ) -> None:
         self.config = config or AnomalyConfig()
+        #: ``name(label, value)``: maps a topic/KEK/destination to what may be logged
+        #: (the metrics' label guard: config-known names, anything else ``_other``).
+        self._name: Callable[[str, Any], str] = name or (lambda _label, v: str(v))
+        self._failure_topics: dict[str, int] = {}
+        self._failure_reasons: dict[str, int] = {}
         self.on_anomaly = on_anomaly
         self._clock = clock
         self.allowed_destinations = frozenset(allowed_destinations) if allowed_destinations is not None else None
@@ -186,7 +192,8 @@ class AnomalyDetector:
         out = self._roll()
         with self._lock:
             floor = self.config.min_rate * self.config.interval
-            for (topic, kek_id), n in counts.items():
+            for (raw_topic, raw_kek), n in counts.items():
+                topic, kek_id = self._name("topic", raw_topic), self._name("kek_id", raw_kek)
                 key = ("decryptions", topic, kek_id)
                 s = self._series.get(key)
                 if s is None:
@@ -204,7 +211,8 @@ class AnomalyDetector:
         cfg = self.config
         with self._lock:
             for unit, counts, rate in (("records", records, cfg.min_rate), ("bytes", nbytes or {}, cfg.min_bytes_rate)):
-                for (topic, audience), n in counts.items():
+                for (raw_topic, raw_audience), n in counts.items():
+                    topic, audience = self._name("topic", raw_topic), self._name("audience", raw_audience)
                     key = ("egress", unit, topic)
                     s = self._series.get(key)
                     if s is None:
@@ -219,29 +227,54 @@ class AnomalyDetector:
             if self.allowed_destinations is not None:
                 for topic, audience in records:
                     if topic not in self.allowed_destinations:
+                        # Not configured, so its name is _other: the count and the
+                        # audience (if known) are what may be logged.
+                        dest = self._name("topic", topic)
                         self._fire_once(
-                            out, ("unexpected", topic),
-                            Anomaly(AnomalyKind.UNEXPECTED_DESTINATION, {"destination": topic, "audience": audience}, float(records[(topic, audience)])),
+                            out, ("unexpected", dest),
+                            Anomaly(AnomalyKind.UNEXPECTED_DESTINATION,
+                                    {"destination": dest, "audience": self._name("audience", audience)},
+                                    float(records[(topic, audience)])),
                         )
         return self._emit(out)
 
-    def observe_failures(self, reasons: Mapping[Any, int]) -> list[Anomaly]:
-        """Quarantine reason (a :class:`~streamproc.errors.Reason` or its value) -> count."""
+    def observe_failures(
+        self, reasons: Mapping[Any, int], by_topic: Mapping[tuple[str, Any], int] | None = None
+    ) -> list[Anomaly]:
+        """Quarantine reason (a :class:`~streamproc.errors.Reason` or its value) -> count.
+
+        ``by_topic`` -- (source topic, reason) -> count, the same failures by source -- lets
+        the anomaly name where they come from: an operator's first question, and the
+        runbook's.  Topic names pass the detector's ``name`` guard like every label.
+        """
         out = self._roll()
+        topics: dict[str, dict[str, int]] = {}  # reason -> source topic -> count
+        for (topic, reason), n in (by_topic or {}).items():
+            r = getattr(reason, "value", reason)
+            if r in ENVELOPE_REASONS and n > 0:
+                t = self._name("topic", topic)
+                topics.setdefault(r, {})[t] = topics.get(r, {}).get(t, 0) + n
         with self._lock:
+            for r, per_topic in topics.items():
+                for t, n in per_topic.items():
+                    self._failure_topics[t] = self._failure_topics.get(t, 0) + n
+                    self._failure_reasons[r] = self._failure_reasons.get(r, 0) + n
             for reason, n in reasons.items():
                 r = getattr(reason, "value", reason)
                 if r not in ENVELOPE_REASONS or n <= 0:
                     continue
                 self._failures += n
-                if r == "unknown_key":
-                    self._fire_once(out, ("unknown_key",), Anomaly(AnomalyKind.UNKNOWN_KEY, {"reason": r}, float(n)))
-                elif r == "key_revoked":
-                    self._fire_once(out, ("revoked_key",), Anomaly(AnomalyKind.REVOKED_KEY, {"reason": r}, float(n)))
+                if r in ("unknown_key", "key_revoked"):
+                    kind = AnomalyKind.UNKNOWN_KEY if r == "unknown_key" else AnomalyKind.REVOKED_KEY
+                    labels = {"reason": r}
+                    if r in topics:
+                        labels["topic"] = _names(topics[r])
+                    self._fire_once(out, (kind.value,), Anomaly(kind, labels, float(n)))
             if self._failures >= self.config.failure_threshold:
                 self._fire_once(
                     out, ("failure_burst",),
-                    Anomaly(AnomalyKind.DECRYPTION_FAILURE_BURST, {}, self._failures, self._failure_baseline.mean,
+                    Anomaly(AnomalyKind.DECRYPTION_FAILURE_BURST, self._burst_labels(), self._failures,
+                            self._failure_baseline.mean,
                             self._failure_baseline.z(self._failures, self.config.min_relative_std)),
                 )
         return self._emit(out)
@@ -250,7 +283,7 @@ class AnomalyDetector:
         """All of the above from one :class:`~streamproc.pipeline.core.BatchStats`."""
         out = self.observe_decryptions(stats.decryptions)
         out += self.observe_egress(stats.egress_records, stats.egress_bytes)
-        out += self.observe_failures(stats.quarantined)
+        out += self.observe_failures(stats.quarantined, stats.failures)
         return out
 
     def tick(self) -> list[Anomaly]:
@@ -313,10 +346,22 @@ class AnomalyDetector:
         if fb.n >= cfg.warmup_intervals and f >= max(cfg.failure_min, cfg.min_rate * cfg.interval):
             z = fb.z(f, cfg.min_relative_std)
             if z > thr:
-                self._fire_once(out, ("failure_burst",), Anomaly(AnomalyKind.DECRYPTION_FAILURE_BURST, {}, f, fb.mean, z))
+                self._fire_once(out, ("failure_burst",),
+                                Anomaly(AnomalyKind.DECRYPTION_FAILURE_BURST, self._burst_labels(), f, fb.mean, z))
                 f = min(f, fb.mean + thr * fb.std_floor(cfg.min_relative_std))
         fb.update(f)
+        self._failure_topics.clear()
+        self._failure_reasons.clear()
         self._fired.clear()
+
+    def _burst_labels(self) -> dict[str, str]:
+        """Source topics and reasons of this interval's envelope failures (caller holds the lock)."""
+        labels: dict[str, str] = {}
+        if self._failure_topics:
+            labels["topic"] = _names(self._failure_topics)
+        if self._failure_reasons:
+            labels["reason"] = _names(self._failure_reasons)
+        return labels
 
     def _emit(self, anomalies: list[Anomaly]) -> list[Anomaly]:
         for a in anomalies:
@@ -332,6 +377,13 @@ class AnomalyDetector:
             if self.on_anomaly is not None:
                 self.on_anomaly(a)
         return anomalies
+
+
+def _names(counts: Mapping[str, int], limit: int = 5) -> str:
+    """The most frequent names, comma-separated and capped (a log field, not a list)."""
+    top = sorted(counts, key=lambda k: (-counts[k], k))
+    text = ",".join(top[:limit])
+    return text + (f",+{len(top) - limit}" if len(top) > limit else "")
 
 
 __all__ = ["ENVELOPE_REASONS", "Anomaly", "AnomalyConfig", "AnomalyDetector", "AnomalyKind", "Baseline"]

@@ -27,12 +27,11 @@ import contextlib
 import json
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from prometheus_client import (
     CollectorRegistry,
@@ -54,6 +53,9 @@ from streamproc.observability.anomaly import (
     AnomalyDetector,
     AnomalyKind,
 )
+
+if TYPE_CHECKING:
+    from streamproc.config import Config
 
 log = logging.getLogger("streamproc.metrics")
 
@@ -132,7 +134,6 @@ def exported_series() -> frozenset[str]:
 
 
 # -- label hygiene --------------------------------------------------------------------------
-_LABEL_RE = re.compile(r"^[A-Za-z0-9._\-:/@+]{1,249}$")
 OTHER = "_other"
 
 KMS_OUTCOMES = {
@@ -152,28 +153,92 @@ KMS_OUTCOMES = {
 KMS_OPERATIONS = frozenset({"unwrap", "generate_data_key", "is_revoked", "get_secret", "encrypt", "decrypt", "describe"})
 DEPENDENCIES = frozenset({"kms", "schema_registry", "broker"})
 TX_OUTCOMES = frozenset({"committed", "aborted"})
+#: KMS provider names (``kms.provider`` of the config); kept here rather than imported
+#: from the KMS factory so that observability does not pull in every provider's client.
+KMS_PROVIDERS = frozenset({"local", "vault", "aws"})
+#: Partitions are Kafka integers, never text; above this a value is not a partition.
+MAX_PARTITION = 100_000
+
+
+@dataclass(frozen=True)
+class KnownLabels:
+    """The label values the configuration names: nothing else may become a label.
+
+    Why an allow-list rather than a pattern: e-mail addresses, card numbers, IP
+    addresses, phone numbers and customer ids all look like identifiers, so no shape
+    test can tell a topic name from a leaked value.  The config, however, names every
+    topic, audience and KEK the processor legitimately reports on; a value outside those
+    sets is a bug or an attack, and becomes ``_other``.
+    """
+
+    topics: frozenset[str] = frozenset()
+    audiences: frozenset[str] = frozenset()
+    kek_ids: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, *, topics: Iterable[str] = (), audiences: Iterable[str] = (), kek_ids: Iterable[str] = ()) -> KnownLabels:
+        return cls(frozenset(topics), frozenset(audiences), frozenset(kek_ids))
+
+    @classmethod
+    def from_config(cls, config: Config) -> KnownLabels:
+        """Every topic (sources, destinations, dead-letter, audit), audience and KEK id the config names.
+
+        KEK ids: each destination's ``kek`` and the pseudonym-secret ``kek``.  A source
+        KEK that the config does not name is reported as ``_other``.
+        """
+        keks: set[str] = set()
+        audiences: set[str] = set()
+        for p in config.pipelines:
+            for d in p.destinations:
+                keks.add(d.kek)
+                audiences.add(d.audience)
+        if config.pseudonym_secrets.kek:
+            keks.add(config.pseudonym_secrets.kek)
+        return cls.of(topics=config.all_topics(), audiences=audiences, kek_ids=keks)
 
 
 class _LabelGuard:
-    """Caps distinct values per label name; anything odd or excess becomes ``_other``.
+    """Maps every label value to a member of its known set, or to ``_other``.
 
-    Labels are bounded by construction (they come from config and closed enums), so the
-    cap is never hit in normal operation; it is here so a bug cannot become a cardinality
-    explosion or smuggle a value into the monitoring system.
+    * ``topic``, ``audience``, ``kek_id``: the :class:`KnownLabels` from the config;
+    * ``reason``, ``operator``, ``provider``: closed enums of the code (reason classes,
+      the operator registry, KMS providers);
+    * ``partition``: a non-negative integer below :data:`MAX_PARTITION`;
+    * any other label name: nothing is known about it, so everything is ``_other``.
+
+    The per-label cap on distinct values stays as a second line of defence against a
+    cardinality explosion (only partitions can come near it).
     """
 
-    def __init__(self, max_values: int) -> None:
+    def __init__(self, max_values: int, known: KnownLabels | None = None) -> None:
         self.max_values = max_values
+        k = known or KnownLabels()
+        from streamproc.operators import REGISTRY
+
+        self._allowed: dict[str, frozenset[str]] = {
+            "topic": k.topics,
+            "audience": k.audiences,
+            "kek_id": k.kek_ids,
+            "reason": frozenset(r.value for r in Reason),
+            "operator": frozenset(REGISTRY),
+            "provider": KMS_PROVIDERS,
+        }
         self._seen: dict[str, set[str]] = {}
         self._lock = threading.Lock()
 
     def __call__(self, label: str, value: object) -> str:
-        v = str(value)
+        v = getattr(value, "value", value)  # str enums (Reason) report their value
+        if label == "partition":
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < MAX_PARTITION:
+                return OTHER
+            v = str(v)
+        else:
+            allowed = self._allowed.get(label)
+            if allowed is None or not isinstance(v, str) or v not in allowed:
+                return OTHER
         seen = self._seen.get(label)
         if seen is not None and v in seen:
             return v
-        if not _LABEL_RE.match(v):
-            return OTHER
         with self._lock:
             seen = self._seen.setdefault(label, set())
             if len(seen) >= self.max_values:
@@ -211,6 +276,9 @@ class Metrics(Observer):
             where values go to ``PROMETHEUS_MULTIPROC_DIR``.
         multiprocess: force multiprocess mode on/off; by default on when the env var is set.
         worker: an identifier of this worker for log lines (index, not pid).
+        known: the topics, audiences and KEK ids label values may take
+            (:meth:`KnownLabels.from_config`); any other value becomes ``_other``.  Without
+            it every topic, audience and KEK label is ``_other`` (fail closed).
     """
 
     def __init__(
@@ -225,6 +293,7 @@ class Metrics(Observer):
         max_label_values: int = 1000,
         worker: int | str | None = None,
         process_metrics: bool = True,
+        known: KnownLabels | None = None,
     ) -> None:
         mp_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
         self.multiprocess = bool(mp_dir) if multiprocess is None else multiprocess
@@ -238,7 +307,7 @@ class Metrics(Observer):
             ProcessCollector(registry=self.registry)
             PlatformCollector(registry=self.registry)
         self.worker = worker
-        self._label = _LabelGuard(max_label_values)
+        self._label = _LabelGuard(max_label_values, known)
         self._m: dict[str, Any] = {}
         for spec in METRICS:
             kwargs: dict[str, Any] = {"registry": self.registry}
@@ -284,6 +353,7 @@ class Metrics(Observer):
                 on_anomaly=self._on_anomaly,
                 clock=clock,
                 allowed_destinations=allowed_destinations,
+                name=self._label,
             )
         self._write_state(force=True)
 
@@ -489,8 +559,10 @@ __all__ = [
     "KMS_OUTCOMES",
     "METRICS",
     "METRICS_BY_NAME",
+    "OTHER",
     "AnomalyConfig",
     "AnomalyKind",
+    "KnownLabels",
     "MetricSpec",
     "Metrics",
     "exported_series",

@@ -110,6 +110,9 @@ class BatchStats:
     transforms: dict[str, int] = field(default_factory=dict)
     """operator -> transformed field positions."""
     quarantined: dict[Reason, int] = field(default_factory=dict)
+    failures: dict[tuple[str, Reason], int] = field(default_factory=dict)
+    """(source topic, reason) -> quarantined records: where failures come from, so an
+    anomaly can name the topic (a configured source, never record text)."""
     tombstones: int = 0
 
 
@@ -444,8 +447,11 @@ class Pipeline:
             ek = (topic, st.dest.audience)
             stats.egress_records[ek] = stats.egress_records.get(ek, 0) + len(sealed_all)
             stats.egress_bytes[ek] = stats.egress_bytes.get(ek, 0) + sum(map(len, sealed_all))
+        failures = stats.failures
         for q in quarantined:
             stats.quarantined[q.reason] = stats.quarantined.get(q.reason, 0) + 1
+            fk = (q.record.topic, q.reason)
+            failures[fk] = failures.get(fk, 0) + 1
         return BatchResult(outputs, quarantined, stats)
 
     def _tomb_headers(self, rec: InputRecord) -> Headers:

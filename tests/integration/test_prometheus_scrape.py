@@ -40,7 +40,7 @@ import yaml
 
 from streamproc.observability.anomaly import AnomalyConfig
 from streamproc.observability.logging import configure_logging
-from streamproc.observability.metrics import Metrics
+from streamproc.observability.metrics import KnownLabels, Metrics
 from streamproc.observability.server import start_server
 
 pytestmark = pytest.mark.integration
@@ -204,7 +204,11 @@ def test_real_worker_counters_and_anomaly_seen_by_prometheus(
     ws = workspace_factory(sources=("orders",), partitions=1)
     config = ws.load_config()
     clock = FakeClock()
-    metrics = Metrics(allowed_destinations=config.destination_topics, anomaly=ANOMALY, clock=clock)
+    # The config names the destinations' KEKs only; the producers' KEK is added so that
+    # decryptions by KEK can be checked.
+    base = KnownLabels.from_config(config)
+    known = KnownLabels(base.topics, base.audiences, base.kek_ids | {"orders-kek"})
+    metrics = Metrics(allowed_destinations=config.destination_topics, anomaly=ANOMALY, clock=clock, known=known)
     pipeline = build_pipeline(config, observer=metrics)
     worker = Worker(config, pipeline, observer=metrics, lag_interval=0.2)
     port = prometheus.targets[0]
@@ -289,7 +293,9 @@ def test_in_process_pipeline_counters_and_anomaly_seen_by_prometheus(prometheus:
     sealer = RecordSealer(k, "orders-kek", "orders", json.loads((ROOT / "schemas" / "order.avsc").read_text()), schemas)
     gen = EventGenerator(seed=5)
     clock = FakeClock()
-    metrics = Metrics(allowed_destinations=[d["topic"] for d in dests], anomaly=ANOMALY, clock=clock)
+    known = KnownLabels.of(topics=["orders", *(d["topic"] for d in dests)], audiences=[d["audience"] for d in dests],
+                           kek_ids=["orders-kek", *(d["kek"] for d in dests)])
+    metrics = Metrics(allowed_destinations=[d["topic"] for d in dests], anomaly=ANOMALY, clock=clock, known=known)
     pipeline.opener.cache.on_kms_call = metrics.kms_hook("local")
     port = prometheus.targets[1]
     offset = [0]

@@ -35,7 +35,7 @@ from streamproc.observability.logging import (
     RedactionGuard,
     configure_logging,
 )
-from streamproc.observability.metrics import Metrics
+from streamproc.observability.metrics import KnownLabels, Metrics
 from streamproc.pipeline.core import InputRecord, Pipeline, build_routes
 from streamproc.policy import load_policy
 from streamproc.schema.framing import frame_prefix
@@ -121,6 +121,8 @@ def run_scenario(tmp: Path) -> list[str]:
     clock = FakeClock()
     # orders.support is not in the allowed set: every batch is an unexpected destination.
     metrics = Metrics(allowed_destinations={"orders.analytics"}, clock=clock,
+                      known=KnownLabels.of(topics=["orders", "orders.analytics", "orders.support"],
+                                           audiences=["analytics", "support"], kek_ids=["orders-kek", "analytics-kek"]),
                       anomaly=AnomalyConfig(interval=1.0, warmup_intervals=3, failure_threshold=5))
     pipeline.opener.cache.on_kms_call = metrics.kms_hook("local")
     log = logging.getLogger("streamproc.runtime.worker")
@@ -191,6 +193,14 @@ def test_no_canary_value_in_any_log_line(fmt: str, tmp_path: Path, restore_loggi
         assert {o["reason"] for o in dl} >= {"tampered", "unknown_key", "key_revoked", "bad_payload", "transform_failed"}
         assert all(isinstance(o["offset"], int) for o in dl)
         assert next(o for o in objs if o["message"] == "long field")["detail"] == "<redacted>"
+        # The anomaly lines the runbook points to name the source topic (a configured name).
+        anomalies = {o["kind"]: o for o in objs if o["logger"] == "streamproc.anomaly"}
+        assert anomalies["unknown_key"]["topic"] == "orders"
+        assert anomalies["revoked_key"]["topic"] == "orders"
+        burst = anomalies["decryption_failure_burst"]
+        assert burst["topic"] == "orders"
+        assert set(burst["reason"].split(",")) == {"key_revoked", "tampered", "unknown_key", "wrong_topic"}
+        assert anomalies["unexpected_destination"]["destination"] == "orders.support"
 
 
 def test_guard_keeps_allowed_fields_and_drops_others() -> None:

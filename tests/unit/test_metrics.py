@@ -19,6 +19,7 @@ from streamproc.observability.metrics import (
     METRICS,
     METRICS_BY_NAME,
     OTHER,
+    KnownLabels,
     Metrics,
     exported_series,
 )
@@ -29,6 +30,14 @@ BOUNDED_LABELS = {
     "topic", "partition", "audience", "kek_id", "reason", "operator", "provider",
     "operation", "outcome", "kind", "dependency", "version",
 }
+
+
+#: What a config for these tests would name (topics, audiences, KEK ids).
+KNOWN = KnownLabels.of(
+    topics=["orders", "orders.analytics", "orders.dlq"],
+    audiences=["analytics"],
+    kek_ids=["orders-kek", "analytics-kek"],
+)
 
 
 class FakeClock:
@@ -74,7 +83,7 @@ def test_metric_registry_is_well_formed() -> None:
 
 
 def test_exposition_matches_registry() -> None:
-    m = Metrics()
+    m = Metrics(known=KNOWN)
     m.batch_processed(stats(), 13, 0.01)
     m.records_consumed("orders", 0, 13)
     m.dead_lettered("tampered", "orders", 1)
@@ -103,7 +112,7 @@ def test_docs_list_every_metric() -> None:
 
 # -- what the observer calls record -------------------------------------------------------------
 def test_batch_processed_counts() -> None:
-    m = Metrics(anomaly=False)
+    m = Metrics(anomaly=False, known=KNOWN)
     m.batch_processed(stats(10), 13, 0.02)
     m.batch_processed(stats(5), 8, 0.01)
     assert value(m, "streamproc_decryptions_total", topic="orders", kek_id="orders-kek") == 15
@@ -121,7 +130,7 @@ def test_batch_processed_counts() -> None:
 
 
 def test_simple_observer_calls() -> None:
-    m = Metrics(anomaly=False)
+    m = Metrics(anomaly=False, known=KNOWN)
     m.records_consumed("orders", 3, 7)
     m.dead_lettered(Reason.UNKNOWN_KEY, "orders", 2)  # a str enum is accepted too
     m.dead_lettered("tampered", "orders", 1)
@@ -147,7 +156,7 @@ def test_simple_observer_calls() -> None:
 
 
 def test_kms_calls_normalise_outcome_and_operation() -> None:
-    m = Metrics(anomaly=False)
+    m = Metrics(anomaly=False, known=KNOWN)
     hook = m.kms_hook("vault")
     hook("unwrap", "ok", 0.002)
     hook("unwrap", "KeyNotFound", 0.001)
@@ -169,7 +178,7 @@ def test_kms_hook_with_a_real_dek_cache(tmp_path: Path) -> None:
     k = LocalKeyring.create(tmp_path / "k.json")
     k.create_key("orders-kek")
     opener = Opener.for_kms(k)
-    m = Metrics(anomaly=False)
+    m = Metrics(anomaly=False, known=KNOWN)
     opener.cache.on_kms_call = m.kms_hook("local")
     sealed = Sealer(k, "orders-kek", "orders").seal_many([b"a", b"b", b"c"])
     for s in sealed:
@@ -181,7 +190,7 @@ def test_kms_hook_with_a_real_dek_cache(tmp_path: Path) -> None:
 
 
 def test_dek_cache_counters_are_deltas_and_survive_a_new_cache() -> None:
-    m = Metrics(anomaly=False)
+    m = Metrics(anomaly=False, known=KNOWN)
     m.dek_cache(10, 2)
     m.dek_cache(15, 2)
     m.dek_cache(3, 1)  # a fresh cache instance started from zero
@@ -190,7 +199,7 @@ def test_dek_cache_counters_are_deltas_and_survive_a_new_cache() -> None:
 
 
 def test_consumer_lag_follows_assignment() -> None:
-    m = Metrics(anomaly=False)
+    m = Metrics(anomaly=False, known=KNOWN)
     m.assignment([("orders", 0), ("orders", 1)])
     m.consumer_lag({("orders", 0): 10, ("orders", 1): 20})
     assert value(m, "streamproc_consumer_lag", topic="orders", partition="1") == 20
@@ -202,7 +211,7 @@ def test_consumer_lag_follows_assignment() -> None:
 
 
 def test_readiness_and_liveness() -> None:
-    m = Metrics(anomaly=False)
+    m = Metrics(anomaly=False, known=KNOWN)
     assert m.readiness() == (False, "starting")
     m.ready(True)
     assert m.readiness() == (True, "")  # partitions not reported yet: trust ready()
@@ -223,20 +232,95 @@ def test_readiness_and_liveness() -> None:
     assert m.liveness() == (False, "shutting down")
 
 
-def test_label_guard_caps_cardinality_and_rejects_odd_values() -> None:
-    m = Metrics(anomaly=False, max_label_values=3)
+def test_label_guard_caps_partitions_and_rejects_unknown_values() -> None:
+    m = Metrics(anomaly=False, max_label_values=3, known=KnownLabels.of(topics=[f"t{i}" for i in range(5)]))
     for i in range(5):
-        m.records_consumed(f"t{i}", 0, 1)
+        m.records_consumed("t0", i, 1)
+    m.records_consumed("t1", 0, 1)
     m.records_consumed("has space and ✓", 0, 1)
     m.records_consumed("x" * 300, 0, 1)
-    assert value(m, "streamproc_records_consumed_total", topic="t2", partition="0") == 1
-    assert value(m, "streamproc_records_consumed_total", topic=OTHER, partition="0") == 4
+    assert value(m, "streamproc_records_consumed_total", topic="t0", partition="2") == 1
+    # partitions past the cap of 3 distinct values become _other
+    assert value(m, "streamproc_records_consumed_total", topic="t0", partition=OTHER) == 2
+    assert value(m, "streamproc_records_consumed_total", topic="t1", partition="0") == 1
+    assert value(m, "streamproc_records_consumed_total", topic=OTHER, partition="0") == 2
+
+
+#: Identifiers that a shape test (``[A-Za-z0-9._-:/@+]``) lets through: an e-mail address, a
+#: card number (Luhn-valid test PAN), IPv4 and IPv6 addresses, a phone number, a customer id.
+CANARIES = (
+    "alice@example.com",
+    "4111111111111111",
+    "203.0.113.7",
+    "2001:db8::7",
+    "+14155550123",
+    "cust-000123",
+)
+
+
+@pytest.mark.parametrize("canary", CANARIES)
+def test_label_values_come_from_known_sets_only(canary: str) -> None:
+    """Every Observer path that takes a label: an unknown value never reaches the exposition."""
+    m = Metrics(anomaly=False, known=KNOWN)
+    m.records_consumed(canary, 0, 1)
+    m.batch_processed(
+        stats(
+            3,
+            decryptions={(canary, "orders-kek"): 1, ("orders", canary): 2},
+            egress_records={(canary, "analytics"): 1, ("orders.analytics", canary): 1},
+            egress_bytes={(canary, "analytics"): 10, ("orders.analytics", canary): 10},
+            transforms={canary: 4},
+            quarantined={canary: 1},
+        ),
+        3,
+        0.01,
+    )
+    m.dead_lettered(canary, "orders", 1)
+    m.dead_lettered("tampered", canary, 1)
+    m.kms_call(canary, canary, canary, 0.001)
+    m.consumer_lag({(canary, 0): 5})
+    m.assignment([(canary, 0)])
+    m.retrying(canary, 1)
+    m.transaction(canary)
+    text = generate_latest(m.registry).decode()
+    assert canary not in text
+    # ...and each of them was counted under _other, not dropped.
+    assert value(m, "streamproc_records_consumed_total", topic=OTHER, partition="0") == 1
+    assert value(m, "streamproc_decryptions_total", topic=OTHER, kek_id="orders-kek") == 1
+    assert value(m, "streamproc_decryptions_total", topic="orders", kek_id=OTHER) == 2
+    assert value(m, "streamproc_egress_records_total", topic="orders.analytics", audience=OTHER) == 1
+    assert value(m, "streamproc_transformed_fields_total", operator=OTHER) == 4
+    assert value(m, "streamproc_records_quarantined_total", reason=OTHER) == 1
+    assert value(m, "streamproc_dead_letters_total", topic=OTHER, reason="tampered") == 1
+    assert value(m, "streamproc_kms_calls_total", provider=OTHER, operation=OTHER, outcome="error") == 1
+
+
+def test_label_guard_without_known_sets_fails_closed() -> None:
+    """No config, no names: a Metrics built without ``known`` reports every topic as _other."""
+    m = Metrics(anomaly=False)
+    m.records_consumed("orders", 0, 1)
+    assert value(m, "streamproc_records_consumed_total", topic=OTHER, partition="0") == 1
+    m.records_consumed("orders", "0", 1)  # type: ignore[arg-type]  # partitions are ints
+    assert value(m, "streamproc_records_consumed_total", topic=OTHER, partition=OTHER) == 1
+
+
+def test_known_labels_from_the_shipped_config() -> None:
+    from streamproc.config import load_config
+
+    known = KnownLabels.from_config(load_config(ROOT / "examples" / "streamproc.yaml", check_policy=False))
+    # Written out from examples/streamproc.yaml, not derived with the code under test.
+    assert known.topics == {
+        "orders", "logins", "orders.analytics", "orders.fraud", "orders.support",
+        "logins.analytics", "logins.fraud", "orders.dlq", "logins.dlq",
+    }
+    assert known.audiences == {"analytics", "fraud", "support"}
+    assert {"analytics-kek", "fraud-kek", "support-kek"} <= known.kek_ids
 
 
 def test_anomalies_are_counted() -> None:
     clock = FakeClock()
     m = Metrics(anomaly=AnomalyConfig(interval=1.0, warmup_intervals=5), clock=clock,
-                allowed_destinations={"orders.analytics"})
+                allowed_destinations={"orders.analytics"}, known=KNOWN)
     for i in range(12):
         n = 1000 if i == 10 else 100
         m.batch_processed(stats(n, quarantined={}), n, 0.01)
@@ -250,7 +334,7 @@ def test_anomalies_are_counted() -> None:
 
 
 def test_is_an_observer() -> None:
-    assert isinstance(Metrics(anomaly=False), Observer)
+    assert isinstance(Metrics(anomaly=False, known=KNOWN), Observer)
 
 
 def test_no_record_value_reaches_a_metric(tmp_path: Path) -> None:
@@ -281,7 +365,7 @@ def test_no_record_value_reaches_a_metric(tmp_path: Path) -> None:
     recs[0] = {**recs[0], "ip_address": "CANARY-not-an-ip"}
     vals = sealer.seal_many(recs)
     vals[1] = vals[1][:-3] + b"CANARY"
-    m = Metrics(allowed_destinations={"orders.analytics"})
+    m = Metrics(allowed_destinations={"orders.analytics"}, known=KNOWN)
     p.opener.cache.on_kms_call = m.kms_hook("local")
     res = p.process([InputRecord("orders", 0, i, b"CANARY-key", v) for i, v in enumerate(vals)])
     m.batch_processed(res.stats, len(vals), 0.01)
@@ -298,3 +382,20 @@ def test_no_record_value_reaches_a_metric(tmp_path: Path) -> None:
 
 def test_metrics_by_name_lookup() -> None:
     assert METRICS_BY_NAME["streamproc_consumer_lag"].multiprocess_mode == "livemostrecent"
+
+
+def test_demo_summary_names_exported_samples() -> None:
+    """Every name the demo sums up is a sample of a real exposition after the events it counts."""
+    from streamproc.cli.demo_kafka import SUMMARY_METRICS
+
+    m = Metrics(known=KNOWN)
+    m.records_consumed("orders", 0, 3)
+    m.batch_processed(stats(3), 3, 0.01)
+    m.dead_lettered("tampered", "orders", 1)
+    m.transaction("committed")
+    m.kms_call("local", "unwrap", "ok", 0.001)
+    text = generate_latest(m.registry).decode()
+    samples = set(re.findall(r"^(streamproc_[a-z0-9_]+)[{ ]", text, re.M))
+    missing = [k for k in SUMMARY_METRICS if k not in samples]
+    assert not missing
+    assert "streamproc_dead_letters_total" in SUMMARY_METRICS  # the demo's dead letters show

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import values
 from prometheus_client.parser import text_string_to_metric_families
 
-from streamproc.observability.metrics import Metrics
+from streamproc.observability.metrics import KnownLabels, Metrics
 from streamproc.observability.server import (
     mark_worker_dead,
     setup_multiprocess,
@@ -44,7 +44,7 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def test_single_process_endpoints() -> None:
-    m = Metrics(anomaly=False)
+    m = Metrics(anomaly=False, known=KnownLabels.of(topics=["orders"]))
     m.records_consumed("orders", 0, 42)
     with start_server(m, "127.0.0.1", 0) as srv:
         code, ctype, body = get(f"{srv.url}/metrics")
@@ -87,10 +87,10 @@ def test_liveness_timeout_uses_heartbeats() -> None:
 WORKER = textwrap.dedent(
     """
     import sys
-    from streamproc.observability.metrics import Metrics
+    from streamproc.observability.metrics import KnownLabels, Metrics
     from streamproc.pipeline.core import BatchStats
     i, partitions = int(sys.argv[1]), int(sys.argv[2])
-    m = Metrics(worker=i, anomaly=False)
+    m = Metrics(worker=i, anomaly=False, known=KnownLabels.of(topics=["orders"], kek_ids=["orders-kek"]))
     m.records_consumed("orders", i, 10 * (i + 1))
     m.batch_processed(BatchStats(decryptions={("orders", "orders-kek"): 7}), 7, 0.01)
     m.consumer_lag({("orders", i): 100 + i})
