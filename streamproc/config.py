@@ -101,6 +101,7 @@ TOP_LEVEL = (
     "logging",
     "audit",
     "pseudonym_secrets",
+    "acls",
 )
 
 AUDIT_FSYNC = ("always", "interval", "never")
@@ -203,6 +204,47 @@ class PseudonymSecretsConfig:
 
 
 @dataclass(frozen=True)
+class AudienceAcl:
+    """The one principal that reads an audience's sanitized topics, and its group prefix."""
+
+    principal: str
+    group_prefix: str
+
+
+@dataclass(frozen=True)
+class ProducerAcl:
+    """A producer principal and the source topics it (and only it) may write."""
+
+    principal: str
+    topics: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AclsConfig:
+    """Who is who at the broker (``acls:``), for ``streamproc acls plan|apply``.
+
+    Only principals are configured; the ACLs themselves are derived from the pipelines
+    (:mod:`streamproc.runtime.acls`), so they cannot drift from what the processor does.
+    """
+
+    processor: str
+    audiences: Mapping[str, AudienceAcl] = field(default_factory=dict)
+    producers: tuple[ProducerAcl, ...] = ()
+
+    def principals(self) -> list[str]:
+        """Every principal the config names, processor first."""
+        return list(
+            dict.fromkeys(
+                [
+                    self.processor,
+                    *(a.principal for a in self.audiences.values()),
+                    *(p.principal for p in self.producers),
+                ]
+            )
+        )
+
+
+@dataclass(frozen=True)
 class Config:
     """A validated configuration.  Build librdkafka dicts with the ``*_config`` methods."""
 
@@ -224,6 +266,10 @@ class Config:
     logging: LoggingConfig
     audit: AuditConfig | None = None
     pseudonym_secrets: PseudonymSecretsConfig = field(default_factory=PseudonymSecretsConfig)
+    acls: AclsConfig | None = None
+    #: Components whose TLS certificate verification is off by an explicit ``insecure:
+    #: true`` (``kafka``, ``kms``); the worker warns at start and exports it as a metric.
+    insecure_transport: tuple[str, ...] = ()
 
     @property
     def base_dir(self) -> Path:
@@ -504,6 +550,83 @@ def _kafka_section(ctx: _Ctx, where: str, v: Any, base: Path) -> dict[str, Any]:
     return out
 
 
+#: librdkafka settings that switch TLS certificate verification off, and the value that does.
+_UNVERIFIED = {
+    "enable.ssl.certificate.verification": ("false", "0", "f", "no", "off"),
+    "ssl.endpoint.identification.algorithm": ("none",),
+}
+
+
+def disables_verification(key: str, value: Any) -> bool:
+    """Whether the librdkafka setting ``key: value`` turns certificate checks off."""
+    bad = _UNVERIFIED.get(key)
+    return bad is not None and str(value).strip().lower() in bad
+
+
+def _check_verification(
+    ctx: _Ctx,
+    sections: Mapping[str, Mapping[str, Any]],
+    allowed: bool,
+    flag: str = "kafka.insecure: true",
+) -> bool:
+    """Refuse settings that disable certificate verification unless ``kafka.insecure``.
+
+    An unverified TLS connection is encrypted to whoever answers: a copied snippet or a
+    debugging leftover must not silently turn it on in production.  Returns whether
+    verification is off (then the worker logs a warning and sets the
+    ``streamproc_insecure_transport`` gauge).
+    """
+    off = False
+    for section, m in sections.items():
+        if "insecure" in m and section not in ("kafka", ""):
+            raise ctx.error(
+                f"{section}.insecure", "set kafka.insecure instead (it covers every client)"
+            )
+        for k, v in m.items():
+            if disables_verification(k, v):
+                if not allowed:
+                    raise ctx.error(
+                        _join(section, k),
+                        f"disables TLS certificate verification; set {flag} to "
+                        "allow it (the worker then logs a warning at start and exports "
+                        'streamproc_insecure_transport{component="kafka"} 1)',
+                    )
+                off = True
+    return off
+
+
+def load_kafka_properties(
+    path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """A Java-style client properties file (``key=value`` lines, ``#`` comments).
+
+    The format of ``kafka-acls.sh --command-config``, so one file serves both tools.
+    ``${VAR}`` reads the environment (a password never needs to be in the file),
+    ``*.location`` paths resolve against the file's directory, and settings that disable
+    certificate verification need ``insecure=true`` in the same file.
+    """
+    p = Path(path)
+    ctx = _Ctx(p)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or type(exc).__name__})") from None
+    out: dict[str, Any] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith(("#", "!")):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip():
+            raise ctx.error(f"line {n}", "expected key=value")
+        out[key.strip()] = value.strip()
+    out = _interpolate(out, os.environ if env is None else env, ctx, "")
+    insecure = _bool(ctx, "insecure", out.pop("insecure", "false"))
+    conf = _kafka_section(ctx, "", out, p.resolve().parent)
+    _check_verification(ctx, {"": conf}, insecure, "insecure=true")
+    return conf
+
+
 def _topic_settings(ctx: _Ctx, where: str, v: Any) -> TopicSettings:
     m = _mapping(ctx, where, v, allowed=("partitions", "replication_factor", "config"))
     parts = (
@@ -537,12 +660,19 @@ def _validate(raw: dict[str, Any], path: Path, ctx: _Ctx, check_policy: bool) ->
                 f"unknown top-level key{_did_you_mean(str(k), TOP_LEVEL)} (expected one of: {', '.join(TOP_LEVEL)})",
             )
 
-    kafka = _kafka_section(ctx, "kafka", raw.get("kafka"), base)
+    kafka_raw = dict(_mapping(ctx, "kafka", raw.get("kafka")))
+    kafka_insecure = _bool(ctx, "kafka.insecure", kafka_raw.pop("insecure", False))
+    kafka = _kafka_section(ctx, "kafka", kafka_raw, base)
     if "bootstrap.servers" not in kafka:
         raise ctx.error("kafka.bootstrap.servers", f"is required (or set {ENV_BOOTSTRAP})")
     _str(ctx, "kafka.bootstrap.servers", kafka["bootstrap.servers"])
     consumer = _kafka_section(ctx, "consumer", raw.get("consumer"), base)
     producer = _kafka_section(ctx, "producer", raw.get("producer"), base)
+    insecure: list[str] = []
+    if _check_verification(
+        ctx, {"kafka": kafka, "consumer": consumer, "producer": producer}, kafka_insecure
+    ):
+        insecure.append("kafka")
 
     group_id = _str(ctx, "group_id", raw.get("group_id", "streamproc"))
     guarantee = _choice(
@@ -593,6 +723,8 @@ def _validate(raw: dict[str, Any], path: Path, ctx: _Ctx, check_policy: bool) ->
         if isinstance(kms.get(key), str) and (provider == "local" or key != "path"):
             kms[key] = _resolve(base, kms[key])
     _check_kms(ctx, str(provider), kms)
+    if kms.get("verify") is False:
+        insecure.append("kms")  # refused by _check_kms unless kms.insecure: true
 
     if "policy" not in raw:
         raise ctx.error("policy", "is required (path to the policy file)")
@@ -632,6 +764,7 @@ def _validate(raw: dict[str, Any], path: Path, ctx: _Ctx, check_policy: bool) ->
     secrets = _pseudonym_secrets(ctx, raw.get("pseudonym_secrets"), base, pipelines)
     if check_policy:
         _check_secret_source(ctx, str(provider), secrets, policy)
+    acls = _acls(ctx, raw.get("acls"), pipelines, group_id)
     return Config(
         path=path,
         kafka=kafka,
@@ -651,6 +784,8 @@ def _validate(raw: dict[str, Any], path: Path, ctx: _Ctx, check_policy: bool) ->
         logging=logging_cfg,
         audit=audit,
         pseudonym_secrets=secrets,
+        acls=acls,
+        insecure_transport=tuple(insecure),
     )
 
 
@@ -716,6 +851,113 @@ def _audit(
             maximum=86_400,
         ),
     )
+
+
+_PRINCIPAL = re.compile(r"[A-Za-z][A-Za-z0-9]*:\S+")
+
+
+def _principal(ctx: _Ctx, where: str, v: Any) -> str:
+    s = _str(ctx, where, v)
+    if not _PRINCIPAL.fullmatch(s):
+        raise ctx.error(where, f"must be a Kafka principal such as 'User:streamproc', got {s!r}")
+    if s.split(":", 1)[1] == "*":
+        raise ctx.error(where, f"{s!r} is every user; name one principal")
+    return s
+
+
+def _acls(
+    ctx: _Ctx,
+    v: Any,
+    pipelines: Sequence[PipelineConfig],
+    group_id: str,
+) -> AclsConfig | None:
+    """``acls:``: principals only, checked so the derived ACLs keep roles apart.
+
+    A principal with two roles would get the union of their rights -- a producer that can
+    read sanitized data, one subscriber that links two audiences, a processor that is
+    also an audience -- so every principal has exactly one role.  A group prefix that
+    covers the processor's group (or another audience's prefix) would let a subscriber
+    commit offsets for it, so prefixes must be disjoint from both.
+    """
+    if v is None:
+        return None
+    m = _mapping(ctx, "acls", v, allowed=("processor", "audiences", "producers"))
+    if "processor" not in m:
+        raise ctx.error("acls.processor", "is required (the principal the worker authenticates as)")
+    processor = _principal(ctx, "acls.processor", m["processor"])
+    roles: dict[str, str] = {processor: "acls.processor"}
+
+    def claim(where: str, principal: str) -> None:
+        if principal in roles:
+            raise ctx.error(
+                where,
+                f"{principal!r} already has a role ({roles[principal]}); one role per principal",
+            )
+        roles[principal] = where
+
+    served = {d.audience for p in pipelines for d in p.destinations}
+    audiences: dict[str, AudienceAcl] = {}
+    for name, a in _mapping(ctx, "acls.audiences", m.get("audiences")).items():
+        where = f"acls.audiences.{name}"
+        if name not in served:
+            raise ctx.error(
+                where,
+                f"{name!r} is not the audience of any destination (have: {', '.join(sorted(served))})",
+            )
+        am = _mapping(ctx, where, a, allowed=("principal", "group_prefix"))
+        for key in ("principal", "group_prefix"):
+            if key not in am:
+                raise ctx.error(f"{where}.{key}", "is required")
+        principal = _principal(ctx, f"{where}.principal", am["principal"])
+        claim(f"{where}.principal", principal)
+        prefix = _str(ctx, f"{where}.group_prefix", am["group_prefix"])
+        if group_id.startswith(prefix) or prefix.startswith(f"{group_id}-"):
+            raise ctx.error(
+                f"{where}.group_prefix",
+                f"{prefix!r} overlaps the processor's group {group_id!r} or its transactional "
+                "ids; a subscriber could commit the processor's offsets",
+            )
+        for other, o in audiences.items():
+            if prefix.startswith(o.group_prefix) or o.group_prefix.startswith(prefix):
+                raise ctx.error(
+                    f"{where}.group_prefix",
+                    f"{prefix!r} overlaps the group prefix of audience {other!r}",
+                )
+        audiences[name] = AudienceAcl(principal, prefix)
+
+    sources = {s for p in pipelines for s in p.sources}
+    producers_raw = m.get("producers")
+    if producers_raw is None:
+        producers_raw = []
+    if not isinstance(producers_raw, list):
+        raise ctx.error(
+            "acls.producers",
+            f"must be a list of {{principal, topics}}, got {_tname(producers_raw)}",
+        )
+    producers = []
+    for i, pr in enumerate(producers_raw):
+        where = f"acls.producers[{i}]"
+        pm = _mapping(ctx, where, pr, allowed=("principal", "topics"))
+        for key in ("principal", "topics"):
+            if key not in pm:
+                raise ctx.error(f"{where}.{key}", "is required")
+        principal = _principal(ctx, f"{where}.principal", pm["principal"])
+        claim(f"{where}.principal", principal)
+        topics = pm["topics"]
+        if isinstance(topics, str):
+            topics = [topics]
+        if not isinstance(topics, list) or not topics:
+            raise ctx.error(f"{where}.topics", "must be a non-empty list of source topics")
+        names = tuple(_str(ctx, f"{where}.topics[{j}]", t) for j, t in enumerate(topics))
+        for j, t in enumerate(names):
+            if t not in sources:
+                raise ctx.error(
+                    f"{where}.topics[{j}]",
+                    f"{t!r} is not a source topic (producers write only sources: "
+                    f"{', '.join(sorted(sources))})",
+                )
+        producers.append(ProducerAcl(principal, tuple(dict.fromkeys(names))))
+    return AclsConfig(processor, audiences, tuple(producers))
 
 
 def _pseudonym_secrets(
@@ -889,15 +1131,20 @@ def _check_audiences(ctx: _Ctx, pipelines: Sequence[PipelineConfig], policy_path
 
 
 __all__ = [
+    "AclsConfig",
+    "AudienceAcl",
     "AuditConfig",
     "Config",
     "DestinationConfig",
     "LoggingConfig",
     "MetricsConfig",
     "PipelineConfig",
+    "ProducerAcl",
     "PseudonymSecretsConfig",
     "TopicSettings",
     "TopicsConfig",
+    "disables_verification",
     "load_config",
+    "load_kafka_properties",
     "parse_config",
 ]

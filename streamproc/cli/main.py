@@ -21,6 +21,7 @@ _COMMANDS = [
     ("streamproc.cli.produce", "produce"),
     ("streamproc.cli.consume", "consume"),
     ("streamproc.cli.topics", "topics"),
+    ("streamproc.cli.acls", "acls"),
     ("streamproc.cli.keys", "keys"),
     ("streamproc.cli.secrets", "secrets"),
     ("streamproc.cli.policy", "policy"),

@@ -47,3 +47,6 @@ class Observer:
 
     def retrying(self, dependency: str, attempt: int) -> None:
         """A transient outage (``kms``, ``schema_registry``, ``broker``) is being retried."""
+
+    def insecure_transport(self, component: str) -> None:
+        """TLS certificate verification is off for ``component`` (``kafka``, ``kms``)."""

@@ -119,6 +119,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("streamproc_retries_total", "counter", ("dependency",), "Retries of a transient outage, by dependency (kms, schema_registry, broker)."),
     MetricSpec("streamproc_ready", "gauge", (), "1 when the worker reports ready (partitions assigned, broker and KMS reachable); one series per live worker in multiprocess mode.", "liveall"),
     MetricSpec("streamproc_workers", "gauge", (), "Live worker processes (1 per process, summed).", "livesum"),
+    MetricSpec("streamproc_insecure_transport", "gauge", ("component",), "1 when TLS certificate verification is switched off for a component (kafka, kms) by an explicit insecure: true; 0 otherwise.", "max"),
     MetricSpec("streamproc_anomalies_total", "counter", ("kind",), "Anomalies found by the in-process detector, by kind (decryption_spike, egress_spike, decryption_failure_burst, unknown_key, revoked_key, unexpected_destination)."),
 )
 
@@ -195,6 +196,8 @@ class KnownLabels:
         if config.pseudonym_secrets.kek:
             keks.add(config.pseudonym_secrets.kek)
         return cls.of(topics=config.all_topics(), audiences=audiences, kek_ids=keks)
+#: Components whose TLS verification an ``insecure: true`` can switch off (config.py).
+INSECURE_COMPONENTS = ("kafka", "kms")
 
 
 class _LabelGuard:
@@ -326,6 +329,8 @@ class Metrics(Observer):
         # Series of closed label sets start at 0, so increase() sees their first event.
         for kind in AnomalyKind:
             self._child("streamproc_anomalies_total", kind.value)
+        for component in INSECURE_COMPONENTS:
+            self._child("streamproc_insecure_transport", component).set(0)
         for outcome in sorted(TX_OUTCOMES):
             self._child("streamproc_transactions_total", outcome)
         for reason in Reason:
@@ -478,6 +483,9 @@ class Metrics(Observer):
         self._child("streamproc_retries_total", dependency if dependency in DEPENDENCIES else OTHER).inc()
         log.warning("retrying %s", dependency, extra={"dependency": dependency, "attempt": attempt})
         self.heartbeat()
+
+    def insecure_transport(self, component: str) -> None:
+        self._child("streamproc_insecure_transport", component if component in INSECURE_COMPONENTS else OTHER).set(1)
 
     # -- beyond the interface ---------------------------------------------------------------
     def kms_hook(self, provider: str) -> Callable[[str, str, float], None]:

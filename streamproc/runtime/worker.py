@@ -1030,6 +1030,13 @@ def run_worker(
     from streamproc.runtime.factory import build_audit, build_kms, build_pipeline, build_schemas
 
     observer = observer or Observer()
+    for component in config.insecure_transport:  # allowed only by an explicit insecure: true
+        log.warning(
+            "TLS certificate verification is OFF for %s (insecure: true in the config)",
+            component,
+            extra={"component": component},
+        )
+        observer.insecure_transport(component)
     stop = threading.Event()
     if install_signals:
         import signal

@@ -122,8 +122,17 @@ def test_vault_errors() -> None:
 def test_vault_tls_settings() -> None:
     kms: Any = build_kms({**VAULT, "ca_cert": "/etc/ca.pem"}, env=NO_ENV)
     assert kms.client.adapter._kwargs["verify"] == "/etc/ca.pem"
-    kms = build_kms({**VAULT, "verify": False}, env=NO_ENV)
+
+
+def test_vault_verify_false_needs_insecure(caplog: pytest.LogCaptureFixture) -> None:
+    """Switching certificate checks off is refused unless kms.insecure says so, loudly."""
+    msg = err({**VAULT, "verify": False})
+    assert "kms.verify" in msg and "kms.insecure: true" in msg
+    with caplog.at_level("WARNING", logger="streamproc.crypto.kms.factory"):
+        kms: Any = build_kms({**VAULT, "verify": False, "insecure": True}, env=NO_ENV)
     assert kms.client.adapter._kwargs["verify"] is False
+    assert any("verification is OFF" in r.getMessage() for r in caplog.records)
+    assert "kms.insecure" in err({**VAULT, "insecure": "yes"})
 
 
 # -- aws --------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from streamproc.pipeline.core import BatchStats
 ROOT = Path(__file__).resolve().parents[2]
 BOUNDED_LABELS = {
     "topic", "partition", "audience", "kek_id", "reason", "operator", "provider",
-    "operation", "outcome", "kind", "dependency", "version",
+    "operation", "outcome", "kind", "dependency", "version", "component",
 }
 
 

@@ -26,6 +26,7 @@ the local keyring work without them.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -33,6 +34,8 @@ from typing import Any
 
 from streamproc.crypto.kms import KmsProvider
 from streamproc.errors import ConfigError
+
+log = logging.getLogger("streamproc.crypto.kms.factory")
 
 PROVIDERS = ("local", "vault", "aws")
 
@@ -83,6 +86,7 @@ _SCHEMAS: dict[str, dict[str, _Check]] = {
         "namespace": _str,
         "timeout": _number,
         "verify": _bool,
+        "insecure": _bool,
         "ca_cert": _str,
         "client_cert": _str,
         "client_key": _str,
@@ -133,6 +137,15 @@ def _validated(provider: str, spec: Mapping[str, Any]) -> dict[str, Any]:
                 f"(expected one of: {', '.join(sorted(schema))})"
             )
         out[key] = schema[key](f"kms.{key}", value)
+    if out.get("verify") is False and not out.get("insecure", False):
+        # An unverified TLS connection hands the token and every data key to whoever
+        # answers: never by accident (a copied snippet, a debugging leftover).
+        raise ConfigError(
+            "kms.verify: false disables TLS certificate verification; set kms.insecure: true "
+            "to allow it (the worker then logs a warning at start and exports "
+            'streamproc_insecure_transport{component="kms"} 1), or give kms.ca_cert the '
+            "server's CA bundle"
+        )
     return out
 
 
@@ -200,6 +213,8 @@ def _build_vault(opts: dict[str, Any], env: Mapping[str, str]) -> KmsProvider:
         raise ConfigError("kms.token: required for provider 'vault' (set VAULT_TOKEN or BAO_TOKEN)")
     namespace = opts.pop("namespace", None) or env.get("VAULT_NAMESPACE") or None
     verify: bool | str = opts.pop("verify", True)
+    if opts.pop("insecure", False) and verify is False:
+        log.warning("kms: TLS certificate verification is OFF for %s (kms.insecure: true)", url)
     ca_cert = opts.pop("ca_cert", None)
     if ca_cert is not None:
         if verify is False:
