@@ -9,10 +9,12 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+from pathlib import Path
 
 import click
 
 from streamproc import __version__
+from streamproc.cli.errors import EX_SOFTWARE
 
 #: (module, attribute) of every top-level command, in help order.
 _COMMANDS = [
@@ -51,10 +53,32 @@ _register()
 
 
 def main() -> None:
+    """Run the command; an unexpected exception becomes one line and exit 70.
+
+    Why no traceback: its last line is the exception's message, and messages of the
+    libraries underneath (``datetime``, fastavro, json) quote the offending value -- which
+    may be the personal data this tool exists to protect.  The line names the exception
+    type and the innermost code location instead, enough for a bug report.  Errors the
+    commands expect are :class:`click.ClickException` (exit 1, or 65 for bad input data).
+    """
     try:
         cli(prog_name="streamproc")
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as exc:  # the last line of defence
+        click.echo(f"streamproc: internal error: {_where(exc)} (message withheld: it may quote data)", err=True)
+        sys.exit(EX_SOFTWARE)
+
+
+def _where(exc: BaseException) -> str:
+    """``TypeName at module.py:123`` from the innermost traceback frame (no values)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return type(exc).__name__
+    code = tb.tb_frame.f_code
+    return f"{type(exc).__name__} at {Path(code.co_filename).name}:{tb.tb_lineno}"
 
 
 if __name__ == "__main__":

@@ -23,17 +23,34 @@ from typing import Any
 
 import click
 
+from streamproc.cli.errors import DataError
 from streamproc.cli.options import config_option
 from streamproc.errors import ConfigError, StreamprocError
 
 
-def _coerce(schema: Any, value: Any, named: dict[str, Any]) -> Any:
-    """JSON value -> what fastavro accepts, for ISO dates/timestamps and base64 bytes."""
+class _BadField(ValueError):
+    """A JSON value that cannot become its Avro field: where and what, never the value."""
+
+    def __init__(self, path: str, what: str) -> None:
+        super().__init__(f"field {path or '(record)'}: {what}")
+        self.path = path
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _coerce(schema: Any, value: Any, named: dict[str, Any], path: str = "") -> Any:
+    """JSON value -> what fastavro accepts, for ISO dates/timestamps and base64 bytes.
+
+    Raises :class:`_BadField` naming the field path (``shipping_address.postcode``,
+    ``items[2].sku``; map entries as ``attrs[*]`` since map keys may be data).
+    """
     if isinstance(schema, str):
         if schema in named:
-            return _coerce(named[schema], value, named)
+            return _coerce(named[schema], value, named, path)
         if schema in ("bytes",) and isinstance(value, str):
-            return base64.b64decode(value)
+            return _b64(value, path)
         return value
     if isinstance(schema, list):  # union: leave strings alone if a string branch exists
         if value is None:
@@ -44,7 +61,7 @@ def _coerce(schema: Any, value: Any, named: dict[str, Any]) -> Any:
             if branch == "null":
                 continue
             try:
-                return _coerce(branch, value, named)
+                return _coerce(branch, value, named, path)
             except (ValueError, TypeError):
                 continue
         return value
@@ -58,41 +75,97 @@ def _coerce(schema: Any, value: Any, named: dict[str, Any]) -> Any:
     lt = schema.get("logicalType")
     if isinstance(value, str):
         if lt == "date":
-            return dt.date.fromisoformat(value)
+            try:
+                return dt.date.fromisoformat(value)
+            except ValueError:
+                raise _BadField(path, "not an ISO-8601 date (YYYY-MM-DD)") from None
         if lt in ("timestamp-millis", "timestamp-micros"):
-            d = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+            try:
+                d = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+            except ValueError:
+                raise _BadField(path, "not an ISO-8601 timestamp") from None
             return d if d.tzinfo else d.replace(tzinfo=dt.UTC)
         if t in ("bytes", "fixed"):
-            return base64.b64decode(value)
+            return _b64(value, path)
     if t == "record" and isinstance(value, dict):
         out = dict(value)
         for f in schema.get("fields", []):
             if f["name"] in out:
-                out[f["name"]] = _coerce(f["type"], out[f["name"]], named)
+                out[f["name"]] = _coerce(f["type"], out[f["name"]], named, _join(path, f["name"]))
         return out
     if t == "array" and isinstance(value, list):
-        return [_coerce(schema["items"], v, named) for v in value]
+        return [_coerce(schema["items"], v, named, f"{path}[{i}]") for i, v in enumerate(value)]
     if t == "map" and isinstance(value, dict):
-        return {k: _coerce(schema["values"], v, named) for k, v in value.items()}
+        return {k: _coerce(schema["values"], v, named, f"{path}[*]") for k, v in value.items()}
     if isinstance(t, dict | list):
-        return _coerce(t, value, named)
+        return _coerce(t, value, named, path)
     return value
 
 
-def _jsonl(source: str) -> Iterator[dict[str, Any]]:
-    fh = sys.stdin if source == "-" else open(source)  # noqa: SIM115 - closed below
+def _b64(value: str, path: str) -> bytes:
     try:
-        for n, line in enumerate(fh, 1):
+        return base64.b64decode(value, validate=True)
+    except ValueError:
+        raise _BadField(path, "not base64") from None
+
+
+def _mismatch(schema: Any, record: dict[str, Any]) -> str | None:
+    """The first field of ``record`` that does not match ``schema``, by name only.
+
+    fastavro's own messages quote the datum, so only the field name of its first
+    validation error is used (relative to the top-level record).  ``None``: the record
+    validates, so the failure was not the data's.
+    """
+    import fastavro
+    from fastavro.validation import ValidationError, validate
+
+    try:
+        parsed = fastavro.parse_schema(schema)
+        validate(record, parsed, raise_errors=True)
+    except ValidationError as exc:
+        errors = getattr(exc, "errors", None) or []
+        field = str(getattr(errors[0], "field", "") or "") if errors else ""
+        # fastavro names a field by its record's full name: drop the namespace and the
+        # top-level record ("com.acme.shop.OrderPlaced.email" -> "email",
+        # "com.acme.shop.Address.postcode" -> "Address.postcode").
+        top = str(parsed.get("name", "")) if isinstance(parsed, dict) else ""
+        for prefix in (top, top.rpartition(".")[0]):
+            if prefix and field.startswith(f"{prefix}."):
+                field = field[len(prefix) + 1 :]
+                break
+        return f"field {field or '(record)'}: does not match the schema"
+    except Exception:  # a validator failure must not leak the value either
+        return "does not match the schema"
+    return None
+
+
+def _jsonl(source: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) per non-empty line; a bad line is a :class:`DataError`."""
+    try:
+        fh = sys.stdin if source == "-" else open(source)  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise click.ClickException(f"{source}: cannot read ({exc.strerror or type(exc).__name__})") from None
+    name = "<stdin>" if source == "-" else source
+    try:
+        n = 0
+        while True:
+            try:
+                line = fh.readline()
+            except UnicodeDecodeError:
+                raise DataError(f"{name}: line {n + 1}: not UTF-8") from None
+            if not line:
+                return
+            n += 1
             line = line.strip()
             if not line:
                 continue
             try:
                 obj = json.loads(line)
             except ValueError:
-                raise click.ClickException(f"{source}: line {n} is not valid JSON") from None
+                raise DataError(f"{name}: line {n}: not valid JSON") from None
             if not isinstance(obj, dict):
-                raise click.ClickException(f"{source}: line {n} is not a JSON object")
-            yield obj
+                raise DataError(f"{name}: line {n}: not a JSON object")
+            yield n, obj
     finally:
         if fh is not sys.stdin:
             fh.close()
@@ -170,41 +243,57 @@ def produce(
         if err is not None:
             failed.append(err.name())
 
+    records: Iterator[tuple[int, dict[str, Any]]]
     if generate is not None:
         from streamproc.client.generator import EventGenerator
 
-        records: Iterator[dict[str, Any]] = EventGenerator(seed).events(generate, count, canary)
+        where = "generated record"
+        records = enumerate(EventGenerator(seed).events(generate, count, canary), 1)
     else:
         assert jsonl is not None
-        named: dict[str, Any] = {}
-        records = (_coerce(schema, r, named) for r in _jsonl(jsonl))
+        where = f"{'<stdin>' if jsonl == '-' else jsonl}: line"
+        records = _jsonl(jsonl)
+    named: dict[str, Any] = {}
     t0 = last = time.monotonic()
     n = 0
-    for i, rec in enumerate(records):
-        if rate:
-            wait = t0 + i / rate - time.monotonic()
-            if wait > 0:
-                producer.poll(wait)
-        try:
-            value = ser(rec, ctx)
-        except SerializationError as exc:
-            raise click.ClickException(f"record {i + 1}: {exc}") from None
-        k = rec.get(key_field) if key_field else None
-        key = None if k is None else str(k).encode()
-        while True:
+
+    try:
+        for i, (line, raw) in enumerate(records):
+            if rate:
+                wait = t0 + i / rate - time.monotonic()
+                if wait > 0:
+                    producer.poll(wait)
             try:
-                producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
-                break
-            except BufferError:
-                producer.poll(0.1)
-            except KafkaException as exc:
-                raise click.ClickException(f"produce failed: {exc}") from None
-        producer.poll(0)
-        n += 1
-        now = time.monotonic()
-        if now - last >= 1.0:
-            last = now
-            click.echo(f"produced {n} records ({n / (now - t0):.0f}/s)", err=True)
+                rec = _coerce(schema, raw, named) if jsonl is not None else raw
+                value = ser(rec, ctx)
+            except _BadField as exc:
+                raise DataError(f"{where} {line}: {exc}") from None
+            except SerializationError as exc:
+                problem = _mismatch(schema, rec)
+                if problem is not None:
+                    raise DataError(f"{where} {line}: {problem}") from None
+                raise click.ClickException(f"{where} {line}: {exc}") from None
+            k = rec.get(key_field) if key_field else None
+            key = None if k is None else str(k).encode()
+            while True:
+                try:
+                    producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
+                    break
+                except BufferError:
+                    producer.poll(0.1)
+                except KafkaException as exc:
+                    raise click.ClickException(f"produce failed: {exc}") from None
+            producer.poll(0)
+            n += 1
+            now = time.monotonic()
+            if now - last >= 1.0:
+                last = now
+                click.echo(f"produced {n} records ({n / (now - t0):.0f}/s)", err=True)
+    except DataError as exc:
+        # Deliver what was accepted before the bad line, then say how far it got.
+        remaining = producer.flush(30) if n else 0
+        done = n - remaining - len(failed)
+        raise DataError(f"{exc.message} ({done} earlier record(s) produced)") from None
     remaining = producer.flush(30)
     if remaining or failed:
         click.echo(f"streamproc: {remaining + len(failed)} of {n} records not delivered", err=True)
