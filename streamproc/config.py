@@ -17,7 +17,7 @@ Format (every key; see ``docs/configuration.md`` for the prose)::
     group_id: streamproc
     processing_guarantee: exactly_once     # or at_least_once
     batch: {max_records: 2000, max_wait_ms: 100}
-    max_record_bytes: 1048576
+    max_record_bytes: 1000000             # optional; default: derived from the producer/topic limits
     schemas: {directory: ./schemas}        # or {url: http://registry:8081, ...confluent client settings}
     kms: {provider: local, path: ./keys/keyring.json}   # vault/aws: see streamproc.crypto.kms.factory
     policy: ./policy.yaml
@@ -30,7 +30,8 @@ Format (every key; see ``docs/configuration.md`` for the prose)::
     topics:                      # for `streamproc topics apply`
       defaults: {partitions: 6, replication_factor: 1, config: {retention.ms: "604800000"}}
       overrides: {orders.dlq: {config: {retention.ms: "2592000000"}}}
-    metrics: {host: 0.0.0.0, port: 9464}
+    metrics: {host: 0.0.0.0, port: 9464, liveness_timeout_seconds: 130}
+    dead_letter: {kek: quarantine-kek}     # dead letters are sealed under this KEK
     logging: {level: INFO, format: json}      # format: json or text (alias: human)
     audit:                       # optional: the processor's hash-chained audit trail
       file: ./audit/processor.jsonl          # and/or kafka_topic: streamproc.audit
@@ -102,7 +103,13 @@ TOP_LEVEL = (
     "audit",
     "pseudonym_secrets",
     "acls",
+    "dead_letter",
 )
+
+#: The KEK dead letters are sealed under when ``dead_letter.kek`` is not set.
+DEFAULT_QUARANTINE_KEK = "quarantine-kek"
+#: librdkafka's default ``transaction.timeout.ms`` (the longest a healthy commit may take).
+_LIBRDKAFKA_TRANSACTION_TIMEOUT_MS = 60_000
 
 AUDIT_FSYNC = ("always", "interval", "never")
 SECRET_PROVIDERS = ("kms", "wrapped_file")
@@ -169,6 +176,9 @@ class MetricsConfig:
     host: str = "0.0.0.0"
     port: int = 9464
     enabled: bool = True
+    #: ``/healthz`` turns 503 when the processing loop was silent this long; ``None``:
+    #: derived (:attr:`Config.liveness_timeout`).
+    liveness_timeout_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -256,7 +266,9 @@ class Config:
     processing_guarantee: str
     batch_max_records: int
     batch_max_wait_ms: int
-    max_record_bytes: int
+    #: ``None``: derived at start-up from the producer's ``message.max.bytes`` and the
+    #: destination topics' ``max.message.bytes`` (see streamproc.runtime.limits).
+    max_record_bytes: int | None
     schemas: Mapping[str, Any]
     kms: Mapping[str, Any]
     policy: Path
@@ -270,6 +282,21 @@ class Config:
     #: Components whose TLS certificate verification is off by an explicit ``insecure:
     #: true`` (``kafka``, ``kms``); the worker warns at start and exports it as a metric.
     insecure_transport: tuple[str, ...] = ()
+    #: The quarantine KEK: dead letters (original key, headers and value) are sealed under it.
+    dead_letter_kek: str = DEFAULT_QUARANTINE_KEK
+
+    @property
+    def liveness_timeout(self) -> float:
+        """Seconds of silence after which ``/healthz`` says the loop is stuck.
+
+        ``metrics.liveness_timeout_seconds`` if set, else twice the longest step a healthy
+        loop can take: waiting for a batch plus a commit bounded by the producer's
+        ``transaction.timeout.ms``.  The loop reports at least once per step (and once per
+        retry while it waits out an outage), so only a wedged loop stays silent that long.
+        """
+        if self.metrics.liveness_timeout_seconds is not None:
+            return self.metrics.liveness_timeout_seconds
+        return 2.0 * _healthy_step_seconds(self.batch_max_wait_ms, self.producer_config())
 
     @property
     def base_dir(self) -> Path:
@@ -686,7 +713,11 @@ def _validate(raw: dict[str, Any], path: Path, ctx: _Ctx, check_policy: bool) ->
     max_wait = _int(
         ctx, "batch.max_wait_ms", batch.get("max_wait_ms", 100), minimum=1, maximum=60_000
     )
-    max_bytes = _int(ctx, "max_record_bytes", raw.get("max_record_bytes", 1 << 20), minimum=1)
+    max_bytes = (
+        _int(ctx, "max_record_bytes", raw["max_record_bytes"], minimum=1024)
+        if raw.get("max_record_bytes") is not None
+        else None
+    )
 
     if "schemas" not in raw:
         raise ctx.error(
@@ -746,12 +777,40 @@ def _validate(raw: dict[str, Any], path: Path, ctx: _Ctx, check_policy: bool) ->
         t: _topic_settings(ctx, f"topics.overrides.{t}", v) for t, v in overrides_raw.items()
     }
 
-    m = _mapping(ctx, "metrics", raw.get("metrics"), allowed=("host", "port", "enabled"))
+    m = _mapping(
+        ctx,
+        "metrics",
+        raw.get("metrics"),
+        allowed=("host", "port", "enabled", "liveness_timeout_seconds"),
+    )
+    liveness = None
+    if m.get("liveness_timeout_seconds") is not None:
+        liveness = float(
+            _int(ctx, "metrics.liveness_timeout_seconds", m["liveness_timeout_seconds"], minimum=1)
+        )
+        floor = _healthy_step_seconds(max_wait, {**kafka, **producer})
+        if liveness <= floor:
+            raise ctx.error(
+                "metrics.liveness_timeout_seconds",
+                f"{liveness:.0f} is not above the longest healthy step ({floor:.1f}s: "
+                "batch.max_wait_ms plus the producer's transaction.timeout.ms); a healthy "
+                "worker would be restarted",
+            )
     metrics = MetricsConfig(
         host=_str(ctx, "metrics.host", m.get("host", "0.0.0.0")),
         port=_int(ctx, "metrics.port", m.get("port", 9464), minimum=0, maximum=65535),
         enabled=_bool(ctx, "metrics.enabled", m.get("enabled", True)),
+        liveness_timeout_seconds=liveness,
     )
+    dl = _mapping(ctx, "dead_letter", raw.get("dead_letter"), allowed=("kek",))
+    quarantine_kek = _str(ctx, "dead_letter.kek", dl.get("kek", DEFAULT_QUARANTINE_KEK))
+    for i, p in enumerate(pipelines):
+        if quarantine_kek in {d.kek for d in p.destinations}:
+            raise ctx.error(
+                "dead_letter.kek",
+                f"{quarantine_kek!r} is also an audience KEK of pipelines[{i}]; dead letters "
+                "need a key of their own (only incident response may open them)",
+            )
     lg = _mapping(ctx, "logging", raw.get("logging"), allowed=("level", "format"))
     level = lg.get("level", "INFO")
     logging_cfg = LoggingConfig(
@@ -786,7 +845,18 @@ def _validate(raw: dict[str, Any], path: Path, ctx: _Ctx, check_policy: bool) ->
         pseudonym_secrets=secrets,
         acls=acls,
         insecure_transport=tuple(insecure),
+        dead_letter_kek=quarantine_kek,
     )
+
+
+def _healthy_step_seconds(batch_max_wait_ms: int, producer: Mapping[str, Any]) -> float:
+    """The longest one healthy loop step may take: a batch wait plus a bounded commit."""
+    raw = producer.get("transaction.timeout.ms", _LIBRDKAFKA_TRANSACTION_TIMEOUT_MS)
+    try:
+        txn_ms = int(raw)
+    except (TypeError, ValueError):
+        txn_ms = _LIBRDKAFKA_TRANSACTION_TIMEOUT_MS  # librdkafka refuses it at start-up
+    return (batch_max_wait_ms + txn_ms) / 1000.0
 
 
 def _audit(

@@ -86,8 +86,19 @@ def _observer(config: Config, index: int, serve: bool) -> tuple[Observer, Any]:
     if serve:
         from streamproc.observability.server import start_server
 
-        server = start_server(metrics, config.metrics.host, config.metrics.port)
-        log.info("metrics at %s/metrics", server.url, extra={"port": server.port})
+        # /healthz turns 503 when the loop has been silent longer than the liveness timeout
+        # (a wedged KMS call, a hung commit): without it a stuck worker looks alive forever.
+        server = start_server(
+            metrics,
+            config.metrics.host,
+            config.metrics.port,
+            liveness_timeout=config.liveness_timeout,
+        )
+        log.info(
+            "metrics at %s/metrics",
+            server.url,
+            extra={"port": server.port, "liveness_timeout_s": config.liveness_timeout},
+        )
     return metrics, server
 
 
@@ -120,7 +131,10 @@ def run_supervised(config_path: str | os.PathLike[str], workers: int, *, instanc
             path = setup_multiprocess()
             mp_dir = path if ours else None
             server = start_aggregate_server(
-                config.metrics.host, config.metrics.port, expected_workers=workers
+                config.metrics.host,
+                config.metrics.port,
+                expected_workers=workers,
+                liveness_timeout=config.liveness_timeout,
             )
             on_exit = mark_worker_dead
             log.info(

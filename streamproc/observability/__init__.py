@@ -50,3 +50,6 @@ class Observer:
 
     def insecure_transport(self, component: str) -> None:
         """TLS certificate verification is off for ``component`` (``kafka``, ``kms``)."""
+
+    def dependency_restored(self, dependency: str) -> None:
+        """A dependency that was being retried (``retrying``) answers again."""

@@ -116,7 +116,8 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("streamproc_transactions_total", "counter", ("outcome",), "Kafka transactions, by outcome (committed, aborted)."),
     MetricSpec("streamproc_consumer_lag", "gauge", ("topic", "partition"), "High watermark minus committed position, per assigned partition.", "livemostrecent"),
     MetricSpec("streamproc_assigned_partitions", "gauge", (), "Partitions currently assigned (summed over live workers).", "livesum"),
-    MetricSpec("streamproc_retries_total", "counter", ("dependency",), "Retries of a transient outage, by dependency (kms, schema_registry, broker)."),
+    MetricSpec("streamproc_retries_total", "counter", ("dependency",), "Retries of a transient outage, by dependency (kms, schema_registry, broker); every dependency's series exists from start-up at 0."),
+    MetricSpec("streamproc_dependency_outage_seconds", "gauge", ("dependency",), "Seconds the current outage of a dependency (kms, schema_registry, broker) has lasted; 0 while it is reachable.", "livemax"),
     MetricSpec("streamproc_ready", "gauge", (), "1 when the worker reports ready (partitions assigned, broker and KMS reachable); one series per live worker in multiprocess mode.", "liveall"),
     MetricSpec("streamproc_workers", "gauge", (), "Live worker processes (1 per process, summed).", "livesum"),
     MetricSpec("streamproc_insecure_transport", "gauge", ("component",), "1 when TLS certificate verification is switched off for a component (kafka, kms) by an explicit insecure: true; 0 otherwise.", "max"),
@@ -333,6 +334,13 @@ class Metrics(Observer):
             self._child("streamproc_insecure_transport", component).set(0)
         for outcome in sorted(TX_OUTCOMES):
             self._child("streamproc_transactions_total", outcome)
+        # Without a 0 sample first, the first retries of an outage are invisible to
+        # increase() (and so to StreamprocDependencyRetrying).
+        for dep in sorted(DEPENDENCIES):
+            self._child("streamproc_retries_total", dep)
+            self._child("streamproc_dependency_outage_seconds", dep).set(0)
+        #: dependency -> monotonic time its current outage was first reported.
+        self._outage_since: dict[str, float] = {}
         for reason in Reason:
             self._child("streamproc_records_quarantined_total", reason.value)
             if reason.value in ENVELOPE_REASONS:
@@ -480,12 +488,25 @@ class Metrics(Observer):
         self._publish_ready()
 
     def retrying(self, dependency: str, attempt: int) -> None:
-        self._child("streamproc_retries_total", dependency if dependency in DEPENDENCIES else OTHER).inc()
+        dep = dependency if dependency in DEPENDENCIES else OTHER
+        self._child("streamproc_retries_total", dep).inc()
+        if dep != OTHER:
+            self._outage_since.setdefault(dep, time.monotonic())
+            self._refresh_outages()
         log.warning("retrying %s", dependency, extra={"dependency": dependency, "attempt": attempt})
         self.heartbeat()
 
     def insecure_transport(self, component: str) -> None:
         self._child("streamproc_insecure_transport", component if component in INSECURE_COMPONENTS else OTHER).set(1)
+
+    def dependency_restored(self, dependency: str) -> None:
+        if self._outage_since.pop(dependency, None) is not None:
+            self._child("streamproc_dependency_outage_seconds", dependency).set(0)
+
+    def _refresh_outages(self) -> None:
+        now = time.monotonic()
+        for dep, since in list(self._outage_since.items()):
+            self._child("streamproc_dependency_outage_seconds", dep).set(round(now - since, 3))
 
     # -- beyond the interface ---------------------------------------------------------------
     def kms_hook(self, provider: str) -> Callable[[str, str, float], None]:
@@ -498,6 +519,7 @@ class Metrics(Observer):
         """Close elapsed anomaly intervals and refresh liveness; call when idle."""
         if self.detector is not None:
             self.detector.tick()
+        self._refresh_outages()
         self.heartbeat()
 
     def heartbeat(self) -> None:

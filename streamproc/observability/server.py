@@ -52,6 +52,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from streamproc.observability.metrics import Metrics, worker_state_path
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
+_DEPENDENCIES = frozenset({"broker", "kms", "schema_registry"})
 DEFAULT_PORT = 9464
 
 
@@ -144,6 +145,12 @@ class AggregateHealth:
         # A worker without partitions (N exceeds the partition count) is idle, not broken.
         busy = [w for w in ws if w.get("partitions") != 0]
         if not busy:
+            # Workers the group dropped during an outage report the dependency, which is
+            # what an operator needs, rather than the symptom (no partitions).
+            for w in ws:
+                reason = w.get("reason") or ""
+                if not w.get("ready") and reason in _DEPENDENCIES:
+                    return False, f"worker {w.get('worker', w.get('pid'))}: {reason}"
             return False, "no partitions assigned"
         for w in busy:
             if not w.get("ready"):

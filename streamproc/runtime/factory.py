@@ -157,7 +157,8 @@ def build_pipeline(
         kms=kms,
         schemas=schemas,
         keys=keys,
-        max_record_bytes=config.max_record_bytes,
+        # The worker lowers this to the limit it derives from the producer and topics.
+        max_record_bytes=config.max_record_bytes or 1 << 20,
         sealer_factory=make_sealer,
     )
 

@@ -205,6 +205,9 @@ class Worker:
         self._in_backoff = False
         self._dropped_during_backoff: dict[TP, int] = {}
         self._broker_down_since: float | None = None
+        #: Dependencies (broker, kms, schema_registry) currently being retried: while any
+        #: is down, /readyz names it, even after the partitions were lost because of it.
+        self._deps_down: dict[str, float] = {}
         self._broker_attempt = 0
         self._last_lag = 0.0
         self._dlq_for = {s: p.dead_letter_topic for p in config.pipelines for s in p.sources}
@@ -453,7 +456,8 @@ class Worker:
                     extra={"dependency": dep, "attempt": attempt, "records": len(inputs)},
                 )
                 self.observer.retrying(dep, attempt)
-                self.observer.ready(False, dep)
+                self._deps_down.setdefault(dep, time.monotonic())
+                self._report_ready()
                 self._begin_backoff()
                 if not self._wait(self.backoff.delay(attempt)):
                     self._end_backoff(batch)
@@ -463,7 +467,10 @@ class Worker:
             self.observer.batch_processed(result.stats, len(inputs), time.perf_counter() - t0)
             if attempt:
                 self._end_backoff(batch)
-                self.observer.ready(True)
+                for dep in [d for d in self._deps_down if d != "broker"]:
+                    del self._deps_down[dep]
+                    self.observer.dependency_restored(dep)
+                self._report_ready()
                 log.info("dependency recovered", extra={"attempt": attempt})
             return result
 
@@ -819,7 +826,8 @@ class Worker:
             self._broker_down_since = time.monotonic()
             log.warning("broker unavailable; retrying")
         self.observer.retrying("broker", attempt)
-        self.observer.ready(False, "broker")
+        self._deps_down.setdefault("broker", time.monotonic())
+        self._report_ready()
 
     def _broker_ok(self) -> None:
         if self._broker_down_since is not None:
@@ -829,7 +837,31 @@ class Worker:
             )
             self._broker_down_since = None
             self._broker_attempt = 0
-            self.observer.ready(bool(self._owned), "" if self._owned else "no partitions")
+            if self._deps_down.pop("broker", None) is not None:
+                self.observer.dependency_restored("broker")
+            self._report_ready()
+
+    def _broker_answers(self) -> bool:
+        """A metadata request round trip (only while the broker is believed down)."""
+        assert self.consumer is not None
+        try:
+            self.consumer.list_topics(self.pipeline.source_topics[0], timeout=1.0)
+        except KafkaException:
+            return False
+        return True
+
+    def _report_ready(self) -> None:
+        """Readiness from the worker's state: a dependency outage names the dependency.
+
+        An outage outranks "no partitions": the group drops a worker that cannot reach
+        the broker, and the reason an operator needs is the broker, not the symptom.
+        """
+        if self._deps_down:
+            self.observer.ready(False, min(self._deps_down, key=self._deps_down.__getitem__))
+        elif not self._owned:
+            self.observer.ready(False, "no partitions")
+        else:
+            self.observer.ready(not self._in_backoff, "" if not self._in_backoff else "paused")
 
     def _report_lag(self) -> None:
         now = time.monotonic()
@@ -839,6 +871,8 @@ class Worker:
         tick = getattr(self.observer, "tick", None)  # optional: liveness/anomaly intervals
         if tick is not None:
             tick()
+        if "broker" in self._deps_down and self._broker_answers():
+            self._broker_ok()  # idle partitions bring no record to say so
         if not self._owned:
             return
         parts = [TopicPartition(t, p) for t, p in sorted(self._owned)]
@@ -866,6 +900,7 @@ class Worker:
     # -- rebalance callbacks (run inside consume()) ---------------------------------------------
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         added = {(tp.topic, tp.partition) for tp in partitions}
+        self._broker_ok()  # an assignment came from the group coordinator: it answers
         self._owned |= added
         for tp in added:
             self._committed.pop(tp, None)  # someone else may have committed meanwhile
@@ -873,9 +908,7 @@ class Worker:
             "partitions assigned", extra={"partitions": _fmt(added), "count": len(self._owned)}
         )
         self.observer.assignment(sorted(self._owned))
-        self.observer.ready(
-            bool(self._owned) and not self._in_backoff, "" if self._owned else "no partitions"
-        )
+        self._report_ready()
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._release(partitions, lost=False)
@@ -902,8 +935,7 @@ class Worker:
             extra={"partitions": _fmt(gone), "count": len(self._owned)},
         )
         self.observer.assignment(sorted(self._owned))
-        if not self._owned:
-            self.observer.ready(False, "no partitions")
+        self._report_ready()
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -1048,9 +1080,12 @@ def run_worker(
     schemas = build_schemas(config)
     backoff = Backoff(base=0.5, cap=10.0)
     attempt = 0
+    down: set[str] = set()
     while True:
         try:
             pipeline = build_pipeline(config, kms=kms, schemas=schemas, observer=observer)
+            for dep in down:
+                observer.dependency_restored(dep)
             break
         except TransientError as exc:
             attempt += 1
@@ -1058,6 +1093,7 @@ def run_worker(
             log.warning("start-up: %s unavailable; retrying", dep, extra={"attempt": attempt})
             observer.retrying(dep, attempt)
             observer.ready(False, dep)
+            down.add(dep)
             if stop.wait(backoff.delay(attempt)):
                 return EXIT_OK
         except KmsError as exc:  # after TransientError: KmsUnavailable is retried above

@@ -65,7 +65,8 @@ def test_minimal_config_defaults_and_relative_paths(
     c = load_config(p, env={})
     assert c.group_id == "g" and c.exactly_once
     assert c.batch_max_records == 2000 and c.batch_max_wait_ms == 100
-    assert c.max_record_bytes == 1 << 20
+    assert c.max_record_bytes is None  # derived at start-up from producer and topic limits
+    assert c.dead_letter_kek == "quarantine-kek"
     assert Path(c.schemas["directory"]) == ws / "schemas"
     assert Path(c.kms["path"]) == ws / "keys" / "keyring.json"
     assert c.policy == ws / "policy.yaml"
@@ -288,3 +289,48 @@ def test_human_log_format_alias(ws: Path) -> None:
     cfg["logging"] = {"level": "warning", "format": "human"}
     c = load_config(write(ws, cfg), env={})
     assert c.logging.level == "WARNING" and c.logging.format == "human"
+
+
+# -- liveness timeout and the quarantine KEK ----------------------------------------------------
+def test_liveness_timeout_default_is_derived_from_batch_wait_and_transaction_timeout(
+    ws: Path,
+) -> None:
+    # librdkafka's documented transaction.timeout.ms default is 60000 ms.
+    c = load_config(write(ws, base()), env={})
+    assert c.liveness_timeout == pytest.approx(2 * (0.1 + 60.0))
+    cfg = base()
+    cfg["producer"] = {"transaction.timeout.ms": 10_000}
+    cfg["batch"] = {"max_wait_ms": 500}
+    assert load_config(write(ws, cfg), env={}).liveness_timeout == pytest.approx(21.0)
+
+
+def test_liveness_timeout_is_configurable_and_validated(ws: Path) -> None:
+    cfg = base()
+    cfg["metrics"] = {"liveness_timeout_seconds": 300}
+    assert load_config(write(ws, cfg), env={}).liveness_timeout == 300.0
+    cfg["metrics"] = {"liveness_timeout_seconds": 30}  # below a healthy 60 s commit
+    msg = error(ws, cfg)
+    assert "metrics.liveness_timeout_seconds" in msg and "longest healthy step" in msg
+    cfg["producer"] = {"transaction.timeout.ms": 5000}
+    assert load_config(write(ws, cfg), env={}).liveness_timeout == 30.0
+    cfg["metrics"] = {"liveness_timeout_seconds": 0}
+    assert "metrics.liveness_timeout_seconds" in error(ws, cfg)
+
+
+def test_dead_letter_kek_must_not_be_an_audience_kek(ws: Path) -> None:
+    cfg = base()
+    cfg["dead_letter"] = {"kek": "ir-quarantine"}
+    assert load_config(write(ws, cfg), env={}).dead_letter_kek == "ir-quarantine"
+    cfg["dead_letter"] = {"kek": "fraud-kek"}
+    msg = error(ws, cfg)
+    assert "dead_letter.kek" in msg and "audience KEK" in msg
+    cfg["dead_letter"] = {"keks": "x"}
+    assert "dead_letter.keks" in error(ws, cfg)
+
+
+def test_max_record_bytes_is_optional(ws: Path) -> None:
+    cfg = base()
+    cfg["max_record_bytes"] = 500_000
+    assert load_config(write(ws, cfg), env={}).max_record_bytes == 500_000
+    cfg["max_record_bytes"] = 10
+    assert "max_record_bytes" in error(ws, cfg)
