@@ -112,6 +112,10 @@ class EventType(enum.StrEnum):
     ANOMALY = "anomaly"
     PROCESSOR_STARTED = "processor_started"
     PROCESSOR_STOPPED = "processor_stopped"
+    CHAIN_STARTED = "chain_started"
+    """The genesis (``seq`` 0) of every chain: declares its ``integrity`` (MACs or not)."""
+    SECRET_CREATED = "secret_created"
+    SECRET_IMPORTED = "secret_imported"
 
 
 # -- attribute guard ----------------------------------------------------------------------
@@ -168,6 +172,23 @@ def _outcome(v: Any) -> bool:
     return v in ("success", "denied", "failed")
 
 
+def _integrity(v: Any) -> bool:
+    return v in (INTEGRITY_HMAC, INTEGRITY_HASH)
+
+
+def _actor_source(v: Any) -> bool:
+    return v in ACTOR_SOURCES
+
+
+INTEGRITY_HMAC = "hmac-sha256"
+"""Genesis ``integrity``: every event of the chain carries a ``mac``; one without is a break."""
+INTEGRITY_HASH = "sha256"
+"""Genesis ``integrity``: a plain hash chain (no audit key configured)."""
+ACTOR_SOURCES = ("vault", "aws", "os", "config")
+"""Where an event's ``actor`` comes from: an authenticated KMS identity (Vault/OpenBao
+token lookup, AWS STS), the operating-system user, or the configuration (processors)."""
+
+
 #: Every attribute key an event may carry, and the shape its value must have.
 ATTRIBUTE_RULES: Mapping[str, Callable[[Any], bool]] = {
     "audience": _ident,
@@ -186,6 +207,9 @@ ATTRIBUTE_RULES: Mapping[str, Callable[[Any], bool]] = {
     "policy_name": _ident,
     "policy_version": _hash,
     "previous_version": _count,
+    "actor_source": _actor_source,
+    "integrity": _integrity,
+    "note": _text,
     "processor_version": _ident,
     "reason": _text,
     "source": _ident,
@@ -196,14 +220,19 @@ ATTRIBUTE_RULES: Mapping[str, Callable[[Any], bool]] = {
     "window_seconds": _count,
 }
 
-_COMMON = frozenset({"policy_version"})
-#: Which keys each event type may carry (in addition to ``policy_version``).
+_COMMON = frozenset({"policy_version", "actor_source", "note"})
+#: Which keys each event type may carry (in addition to ``policy_version``, ``actor_source``
+#: and ``note``: who the actor is according to whom, and the caller's free-text remark).
 ALLOWED_ATTRIBUTES: Mapping[EventType, frozenset[str]] = {
     EventType.POLICY_LOADED: frozenset({"policy_name", "source", "audiences"}),
-    EventType.KEY_ROTATED: frozenset({"kms", "key_id", "version", "previous_version"}),
-    EventType.KEY_REVOKED: frozenset({"kms", "key_id", "version"}),
+    EventType.KEY_ROTATED: frozenset(
+        {"kms", "key_id", "kind", "version", "previous_version", "outcome", "error"}
+    ),
+    EventType.KEY_REVOKED: frozenset({"kms", "key_id", "kind", "version", "outcome", "error"}),
     EventType.KEY_REVOCATION_SEEN: frozenset({"kms", "key_id", "version", "topic", "partition"}),
-    EventType.AUDIENCE_KEY_EXPORTED: frozenset({"kms", "key_id", "audience", "key_version"}),
+    EventType.AUDIENCE_KEY_EXPORTED: frozenset(
+        {"kms", "key_id", "audience", "key_version", "outcome", "error"}
+    ),
     EventType.REIDENTIFICATION: frozenset(
         {
             "audience",
@@ -226,6 +255,11 @@ ALLOWED_ATTRIBUTES: Mapping[EventType, frozenset[str]] = {
     ),
     EventType.PROCESSOR_STARTED: frozenset({"processor_version", "instance", "policy_name"}),
     EventType.PROCESSOR_STOPPED: frozenset({"processor_version", "instance", "reason", "count"}),
+    EventType.CHAIN_STARTED: frozenset({"integrity", "processor_version"}),
+    EventType.SECRET_CREATED: frozenset({"kms", "key_id", "version", "outcome", "error"}),
+    EventType.SECRET_IMPORTED: frozenset(
+        {"kms", "key_id", "version", "count", "outcome", "error"}
+    ),
 }
 
 
@@ -321,6 +355,102 @@ class Anchor:
         return cls(stream, int(seq), h)
 
 
+HEAD_FORMAT = "streamproc-audit-head/1"
+
+
+def head_mac(key: bytes, stream: str, seq: int, hash_: str) -> str:
+    """HMAC-SHA256 (hex) of a chain head: the chain id, its last sequence and hash.
+
+    Domain-separated by :data:`HEAD_FORMAT`, so an event MAC can never pass for a head
+    signature or the reverse.
+    """
+    body = canonical_json({"format": HEAD_FORMAT, "stream": stream, "seq": seq, "hash": hash_})
+    return _hmac.new(key, body, hashlib.sha256).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Head:
+    """A chain's last event, signed with the audit key, to be kept *outside* the log.
+
+    Why: a hash chain (even with MACs) cannot tell that events were cut from its end, or
+    that the whole file was emptied -- the remaining prefix is a valid chain.  A head
+    exported elsewhere (the audit topic, a ``.head`` file, the shutdown log line, a
+    ticket) says how far the chain had got; :func:`verify` with ``expect_head`` then fails
+    when the chain no longer reaches it.  The signature stops someone who can write the
+    head's copy from lowering it (unsigned heads exist only for chains without a key).
+
+    Text form (``streamproc audit head`` prints it, ``--expect-head`` reads it):
+    ``STREAM@SEQ:HASH[:MAC]``.
+    """
+
+    stream: str
+    seq: int
+    hash: str
+    mac: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.stream}@{self.seq}:{self.hash}" + (f":{self.mac}" if self.mac else "")
+
+    @classmethod
+    def make(cls, stream: str, seq: int, hash_: str, key: bytes | None) -> Head:
+        return cls(stream, seq, hash_, head_mac(key, stream, seq, hash_) if key else None)
+
+    @classmethod
+    def parse(cls, text: str) -> Head:
+        stream, at, rest = text.strip().rpartition("@")
+        parts = rest.split(":")
+        if (
+            not at
+            or not _ACTOR_RE.fullmatch(stream)
+            or len(parts) not in (2, 3)
+            or not parts[0].isdigit()
+            or not all(_HEX64.fullmatch(p) for p in parts[1:])
+        ):
+            raise ValueError(
+                "a head is STREAM@SEQ:HASH[:MAC] (as printed by `streamproc audit head`)"
+            )
+        return cls(stream, int(parts[0]), parts[1], parts[2] if len(parts) == 3 else None)
+
+    def to_json(self) -> bytes:
+        doc: dict[str, Any] = {
+            "format": HEAD_FORMAT,
+            "stream": self.stream,
+            "seq": self.seq,
+            "hash": self.hash,
+        }
+        if self.mac:
+            doc["mac"] = self.mac
+        return canonical_json(doc)
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> Head:
+        try:
+            doc = json.loads(data)
+            if not isinstance(doc, dict) or doc.get("format") != HEAD_FORMAT:
+                raise ValueError
+            return cls.parse(
+                f"{doc['stream']}@{doc['seq']}:{doc['hash']}"
+                + (f":{doc['mac']}" if doc.get("mac") else "")
+            )
+        except (KeyError, TypeError, ValueError, UnicodeDecodeError):
+            raise ValueError(f"not a {HEAD_FORMAT} record") from None
+
+    def signed_by(self, key: bytes) -> bool:
+        return self.mac is not None and _hmac.compare_digest(
+            self.mac, head_mac(key, self.stream, self.seq, self.hash)
+        )
+
+    @property
+    def anchor(self) -> Anchor:
+        return Anchor(self.stream, self.seq, self.hash)
+
+
+def is_head_record(data: bytes | str) -> bool:
+    """Whether a line/record value is an exported head rather than an event."""
+    raw = data.encode() if isinstance(data, str) else data
+    return raw.startswith(b'{"format":"' + HEAD_FORMAT.encode())
+
+
 # -- verification -------------------------------------------------------------------------
 
 
@@ -344,7 +474,9 @@ class BreakKind(enum.StrEnum):
     STREAM_MISMATCH = "stream_mismatch"
     """The event belongs to another stream (or another Kafka key)."""
     HEAD_MISMATCH = "head_mismatch"
-    """The chain ends somewhere other than the anchored head: the tail was truncated or extended."""
+    """The chain does not reach (or contradicts) an exported head: the tail was truncated."""
+    MISSING_GENESIS = "missing_genesis"
+    """The chain does not start with its ``chain_started`` declaration (emptied, cut or forged)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -463,6 +595,8 @@ def verify(
     from_genesis: bool = True,
     expected_head: str | None = None,
     stream: str | None = None,
+    require_hmac: bool = False,
+    expect_head: Head | Sequence[Head] | None = None,
 ) -> VerifyResult:
     """Check a chain and locate every break.
 
@@ -478,9 +612,28 @@ def verify(
     external anchor) detects a truncated tail.  ``stream`` requires every event to belong
     to that stream.
 
+    A chain verified from the genesis must start with its ``chain_started`` event; an
+    empty input is therefore a break, not an empty success (an emptied file).  When that
+    genesis declares ``integrity: hmac-sha256``, every event must carry a ``mac`` even
+    when no key is given (stripped MACs are a break).  ``require_hmac`` (which needs
+    ``hmac_key``) additionally refuses a chain that declares no MACs -- the only defence
+    against someone who rewrites the genesis too.
+
+    ``expect_head`` (one or several :class:`Head`, exported earlier outside the log)
+    detects truncation: the chain must contain each head's ``seq`` with that ``hash``; it
+    may have grown since.  With ``hmac_key`` a head must carry a valid signature.
+
     After a break the verifier resynchronizes on the event's stored ``seq`` and ``hash``,
     so one tampered event yields one located break rather than a cascade.
     """
+    if require_hmac and hmac_key is None:
+        raise ValueError("require_hmac needs the audit HMAC key")
+    heads: list[Head] = (
+        [] if expect_head is None else [expect_head] if isinstance(expect_head, Head) else list(expect_head)
+    )
+    check_genesis = anchor is None and from_genesis
+    integrity: str | None = None
+    hashes_at: dict[int, str] = {}
     breaks: list[Break] = []
     if anchor is not None:
         exp_seq: int | None = anchor.seq + 1
@@ -550,8 +703,32 @@ def verify(
                 "stored hash does not match the event's content (event modified)",
                 seq,
             )
+        if check_genesis and index == 0:
+            if ev["type"] != EventType.CHAIN_STARTED.value or seq != 0:
+                brk(
+                    BreakKind.MISSING_GENESIS,
+                    "the chain does not start with its chain_started event (events removed "
+                    "from the start, or a chain written without one)",
+                    seq,
+                )
+            else:
+                integrity = ev["attrs"].get("integrity")
+                if require_hmac and integrity != INTEGRITY_HMAC:
+                    brk(
+                        BreakKind.HMAC_MISMATCH,
+                        f"the genesis declares integrity {integrity!r}, but MACs are required",
+                        seq,
+                    )
+        elif ev["type"] == EventType.CHAIN_STARTED.value:
+            brk(
+                BreakKind.SEQUENCE_REGRESSION,
+                "a second chain_started event: a new chain was started inside this one",
+                seq,
+            )
         if "mac" in ev:
             macs_present = True
+        if "mac" not in ev and (integrity == INTEGRITY_HMAC or require_hmac) and hmac_key is None:
+            brk(BreakKind.HMAC_MISMATCH, "event has no MAC but the chain requires MACs", seq)
         if hmac_key is not None:
             if "mac" not in ev:
                 brk(BreakKind.HMAC_MISMATCH, "event has no MAC but an audit key was given", seq)
@@ -595,6 +772,60 @@ def verify(
             )
         exp_seq, exp_prev = seq + 1, ev["hash"]
         head, head_seq = ev["hash"], seq
+        hashes_at.setdefault(seq, ev["hash"])
+
+    if check_genesis and count == 0:
+        breaks.append(
+            Break(
+                0,
+                BreakKind.MISSING_GENESIS,
+                "no events: a chain starts with its chain_started event (the log was emptied)",
+            )
+        )
+    for h in heads:
+        where = head_seq if head_seq is not None else -1
+        if hmac_key is not None and not h.signed_by(hmac_key):
+            breaks.append(
+                Break(
+                    count,
+                    BreakKind.HEAD_MISMATCH,
+                    f"the expected head for seq {h.seq} is not signed by the audit key",
+                    h.seq,
+                )
+            )
+        elif require_hmac and h.mac is None:
+            breaks.append(
+                Break(count, BreakKind.HEAD_MISMATCH, "the expected head is unsigned", h.seq)
+            )
+        want = stream or seen_stream
+        if want is not None and h.stream != want:
+            breaks.append(
+                Break(
+                    count,
+                    BreakKind.HEAD_MISMATCH,
+                    f"the expected head belongs to stream {h.stream!r}, not {want!r}",
+                    h.seq,
+                )
+            )
+        elif h.seq not in hashes_at:
+            breaks.append(
+                Break(
+                    count,
+                    BreakKind.HEAD_MISMATCH,
+                    f"the chain ends at seq {where}, but an exported head shows it reached seq "
+                    f"{h.seq}: events were removed from the end (expected next seq {h.seq + 1})",
+                    h.seq,
+                )
+            )
+        elif hashes_at[h.seq] != h.hash:
+            breaks.append(
+                Break(
+                    count,
+                    BreakKind.HEAD_MISMATCH,
+                    f"event seq {h.seq} is not the one the exported head names (rewritten)",
+                    h.seq,
+                )
+            )
 
     if expected_head is not None and head != expected_head:
         breaks.append(
@@ -655,11 +886,30 @@ def verify_records(
     may have removed the oldest events.
     """
     groups: dict[str, list[Item]] = {}
+    heads: dict[str, list[Head]] = {}
     for key, value in records:
         k = key.decode("utf-8", "replace") if isinstance(key, bytes) else (key or "")
         g = groups.setdefault(k, [])
+        if is_head_record(value):  # an exported head: the chain must reach it
+            try:
+                heads.setdefault(k, []).append(Head.from_json(value))
+                continue
+            except ValueError:
+                pass  # not a valid head: verify it as an event (and report it)
         g.append(Item(value, len(g) + 1, f"key {k}", "record"))
-    return {k: verify(items, stream=k or None, **kwargs) for k, items in groups.items()}
+    return {
+        k: verify(items, stream=k or None, expect_head=heads.get(k), **kwargs)
+        for k, items in groups.items()
+    }
+
+
+def _first_stream(item: Item) -> str | None:
+    try:
+        ev = json.loads(item.data)  # type: ignore[arg-type]
+    except (TypeError, ValueError, UnicodeDecodeError):
+        return None
+    st = ev.get("stream") if isinstance(ev, dict) else None
+    return st if isinstance(st, str) else None
 
 
 # -- sinks --------------------------------------------------------------------------------
@@ -674,9 +924,19 @@ class AuditSink(Protocol):
 
     def write(self, line: bytes) -> None: ...
 
+    def export_head(self, head: Head) -> None:
+        """Keep a copy of the chain's signed head outside the event log (see :class:`Head`)."""
+        ...
+
     def flush(self) -> None: ...
 
     def close(self) -> None: ...
+
+
+def head_file_for(path: str | os.PathLike[str]) -> Path:
+    """Where a :class:`FileSink` keeps its exported head: ``<file>.head``, beside the log."""
+    p = Path(path)
+    return p.with_name(p.name + ".head")
 
 
 class Fsync(enum.StrEnum):
@@ -697,6 +957,12 @@ class FileSink:
     events.  An exclusive ``flock`` keeps two processes from interleaving two chains.
     Each event is written with a single ``write(2)``, which ``O_APPEND`` makes atomic with
     respect to other appenders.
+
+    The sink also keeps the chain's last exported signed head in ``<file>.head``
+    (:meth:`export_head`, atomically replaced).  On open, a file that no longer reaches
+    that head -- emptied, deleted or cut short -- is refused: a writer never silently
+    restarts a chain.  ``wait`` is how long to wait for another writer's lock (short-lived
+    tools share one file) before giving up.
     """
 
     def __init__(
@@ -707,8 +973,10 @@ class FileSink:
         fsync_interval: float = 1.0,
         start: Anchor | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wait: float = 0.0,
     ) -> None:
         self.path = Path(path)
+        self.head_path = head_file_for(self.path)
         try:
             self.fsync = Fsync(fsync)
         except ValueError:
@@ -724,15 +992,22 @@ class FileSink:
         self._fd = os.open(
             self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600
         )
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(self._fd)
-            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise AuditSinkError(
-                    f"audit file {self.path} is in use by another writer"
-                ) from None
-            raise
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                busy = exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK)
+                if busy and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                os.close(self._fd)
+                if busy:
+                    raise AuditSinkError(
+                        f"audit file {self.path} is in use by another writer"
+                    ) from None
+                raise
 
     def head(self, stream: str, hmac_key: bytes | None) -> Anchor | None:
         """Verify the file and return its last event.
@@ -742,9 +1017,25 @@ class FileSink:
         only guards against appending to a broken chain; ``streamproc audit verify``
         checks the start against the genesis or an ``--anchor``.
         """
+        exported = self._exported_head(stream, hmac_key)
         items = read_lines(self.path)
         if not items:
+            if exported is not None:
+                raise AuditChainError(
+                    f"audit file {self.path} is empty, but its exported head "
+                    f"({self.head_path}) shows chain {exported.stream!r} reached seq "
+                    f"{exported.seq}: refusing to start a new chain; the next event must be "
+                    f"seq {exported.seq + 1}. Restore the file from a copy (or move both "
+                    "files aside to start a new chain deliberately)"
+                )
             return self.start
+        owner = _first_stream(items[0])
+        if owner is not None and owner != stream:
+            raise AuditChainError(
+                f"audit file {self.path} holds the chain of another writer ({owner!r}), not "
+                f"{stream!r}: a different --instance (or group id) on the same audit.file. "
+                "Give each instance its own audit file, or run with the same --instance"
+            )
         from_genesis = True
         if self.start is None:
             with contextlib.suppress(ValueError, TypeError, KeyError):
@@ -757,7 +1048,63 @@ class FileSink:
                 f"audit file {self.path} does not verify; refusing to append "
                 f"(run: streamproc audit verify {self.path})\n{result.report()}"
             )
+        if exported is not None:
+            reach = verify(
+                items,
+                anchor=self.start,
+                stream=stream,
+                from_genesis=from_genesis,
+                expect_head=exported,
+            )
+            if not reach.ok:
+                raise AuditChainError(
+                    f"audit file {self.path} ends at seq {result.head_seq}, but its exported "
+                    f"head ({self.head_path}) shows the chain reached seq {exported.seq}: "
+                    f"events were removed; refusing to append (the next event must be seq "
+                    f"{exported.seq + 1}). Restore the file from a copy"
+                )
         return result.anchor
+
+    def _exported_head(self, stream: str, hmac_key: bytes | None) -> Head | None:
+        try:
+            data = self.head_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise AuditChainError(f"cannot read {self.head_path} ({exc.strerror})") from None
+        try:
+            h = Head.from_json(data.strip())
+        except ValueError:
+            raise AuditChainError(f"{self.head_path} is not an exported audit head") from None
+        if hmac_key is not None and not h.signed_by(hmac_key):
+            raise AuditChainError(
+                f"{self.head_path} is not signed by the audit key: refusing to trust the file"
+            )
+        if h.stream != stream:
+            raise AuditChainError(
+                f"audit file {self.path} holds the chain of another writer ({h.stream!r}), "
+                f"not {stream!r} (per {self.head_path.name}): a different --instance (or "
+                "group id) on the same audit.file. Give each instance its own audit file, "
+                "or run with the same --instance"
+            )
+        return h
+
+    def export_head(self, head: Head) -> None:
+        """Atomically replace ``<file>.head`` (write, fsync, rename) with ``head``."""
+        tmp = self.head_path.with_name(self.head_path.name + ".tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, head.to_json() + b"\n")
+                if self.fsync is not Fsync.NEVER:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.head_path)
+        except OSError as exc:
+            raise AuditSinkError(
+                f"cannot write the audit head {self.head_path}: {exc.strerror}"
+            ) from None
 
     def write(self, line: bytes) -> None:
         try:
@@ -827,6 +1174,10 @@ class KafkaSink:
         self._key = stream.encode()
         return None
 
+    def export_head(self, head: Head) -> None:
+        """A head record on the topic, keyed like the stream's events (same partition)."""
+        self.write(head.to_json())
+
     def write(self, line: bytes) -> None:
         try:
             self.producer.produce(self.topic, key=self._key, value=line.rstrip(b"\n"))
@@ -851,6 +1202,10 @@ class MemorySink:
 
     def __init__(self) -> None:
         self.lines: list[bytes] = []
+        self.heads: list[Head] = []
+
+    def export_head(self, head: Head) -> None:
+        self.heads.append(head)
 
     def head(self, stream: str, hmac_key: bytes | None) -> Anchor | None:
         if not self.lines:
@@ -889,6 +1244,15 @@ class AuditLog:
     an audit trail (re-identification) therefore fail closed.  The chain advances if at
     least one sink accepted the event, so the sinks that missed it show a gap instead of
     a silently different history.
+
+    A new chain starts with a ``chain_started`` event declaring its ``integrity``
+    (``hmac-sha256`` with a key): a verifier then refuses events without a MAC.  The
+    signed :attr:`signed_head` is exported to every sink's ``export_head`` (the ``.head``
+    file, the audit topic) at most every ``head_interval`` seconds when it changed
+    (:meth:`maybe_export_head`, also called by the processor's loop) and on :meth:`close`.
+
+    ``context`` attributes (``actor_source``, ``note``) are added to every event: a tool
+    resolves who its caller is once and every event says so.
     """
 
     def __init__(
@@ -900,6 +1264,9 @@ class AuditLog:
         clock: Callable[[], float] = time.time,
         hmac_key: bytes | None = None,
         anchor: Anchor | None = None,
+        head_interval: float = 30.0,
+        monotonic: Callable[[], float] = time.monotonic,
+        context: Mapping[str, Any] | None = None,
     ) -> None:
         if not sinks:
             raise ConfigError("an audit log needs at least one sink")
@@ -914,21 +1281,38 @@ class AuditLog:
         self.sinks = list(sinks)
         self._clock = clock
         self._hmac_key = hmac_key
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._seen_revocations: set[tuple[str, str, int]] = set()
+        self.head_interval = head_interval
+        self._monotonic = monotonic
+        self._last_export = monotonic()
+        self._head_dirty = False
+        self.context = dict(context or {})
         try:
             heads = {s.head(stream, hmac_key) for s in self.sinks} - {None}
             if len(heads) > 1:
                 raise AuditChainError(
                     f"audit sinks disagree on the chain head: {sorted(map(str, heads))}"
                 )
+            start = next(iter(heads)) if heads else anchor
+            self._seq = 0 if start is None else start.seq + 1
+            self._prev = GENESIS if start is None else start.hash
+            if start is None:  # a new chain: its genesis says what integrity to expect
+                from streamproc import __version__
+
+                self.emit(
+                    EventType.CHAIN_STARTED,
+                    {
+                        "integrity": INTEGRITY_HMAC if hmac_key is not None else INTEGRITY_HASH,
+                        "processor_version": __version__,
+                    },
+                )
+                self.export_head()
         except BaseException:
             for s in self.sinks:  # the log owns its sinks: release file locks on failure
-                s.close()
+                with contextlib.suppress(Exception):
+                    s.close()
             raise
-        start = next(iter(heads)) if heads else anchor
-        self._seq = 0 if start is None else start.seq + 1
-        self._prev = GENESIS if start is None else start.hash
 
     @property
     def head(self) -> Anchor | None:
@@ -940,6 +1324,43 @@ class AuditLog:
                 else Anchor(self.stream, self._seq - 1, self._prev)
             )
 
+    @property
+    def signed_head(self) -> Head | None:
+        """The last event as a :class:`Head`, signed when the log has an audit key."""
+        a = self.head
+        return None if a is None else Head.make(a.stream, a.seq, a.hash, self._hmac_key)
+
+    def export_head(self) -> Head | None:
+        """Give the current signed head to every sink that keeps one; return it.
+
+        Raises :class:`AuditSinkError` when a sink cannot take it (the caller decides
+        whether that is fatal: the processor treats it like a failed event).
+        """
+        with self._lock:
+            h = self.signed_head
+            if h is None:
+                return None
+            failed: list[str] = []
+            for s in self.sinks:
+                try:
+                    s.export_head(h)
+                except AuditSinkError as exc:
+                    failed.append(str(exc))
+                except Exception as exc:
+                    failed.append(f"{type(s).__name__}: {type(exc).__name__}")
+            self._last_export = self._monotonic()
+            self._head_dirty = bool(failed)
+            if failed:
+                raise AuditSinkError("; ".join(failed))
+            return h
+
+    def maybe_export_head(self) -> Head | None:
+        """Export the head if it changed and ``head_interval`` seconds have passed."""
+        with self._lock:
+            if not self._head_dirty or self._monotonic() - self._last_export < self.head_interval:
+                return None
+            return self.export_head()
+
     def emit(
         self,
         event_type: EventType | str,
@@ -947,9 +1368,14 @@ class AuditLog:
         *,
         actor: str | None = None,
     ) -> dict[str, Any]:
-        """Check, chain, and write one event to every sink; return it."""
+        """Check, chain, and write one event to every sink; return it.
+
+        The public entry point for every event type (the helpers below only name the
+        attributes): ``log.emit(EventType.X, {...}, actor=...)``.  Attributes are checked
+        against :data:`ALLOWED_ATTRIBUTES` first; the log's ``context`` is merged in.
+        """
         et = EventType(event_type)
-        clean = check_attrs(et, attrs or {})
+        clean = check_attrs(et, {**self.context, **(attrs or {})})
         who = check_actor(actor) if actor is not None else self.actor
         with self._lock:
             ev: dict[str, Any] = {
@@ -977,10 +1403,13 @@ class AuditLog:
             if len(failed) < len(self.sinks):
                 self._seq += 1
                 self._prev = ev["hash"]
+                self._head_dirty = True
             if failed:
                 err = AuditSinkError("; ".join(failed))
                 err.accepted = len(self.sinks) - len(failed)
                 raise err
+            if et is not EventType.CHAIN_STARTED:
+                self.maybe_export_head()
         return ev
 
     # -- one method per event type (the moments the worker and tools must report) -----------
@@ -1206,8 +1635,14 @@ class AuditLog:
                 s.flush()
 
     def close(self) -> None:
+        """Export the final signed head, then flush and close every sink."""
         with self._lock:
             errors = []
+            if self._head_dirty:
+                try:
+                    self.export_head()
+                except AuditSinkError as exc:
+                    errors.append(str(exc))
             for s in self.sinks:
                 try:
                     s.close()
@@ -1302,3 +1737,159 @@ def iter_events(path: str | os.PathLike[str]) -> Iterator[dict[str, Any] | None]
             yield None
             continue
         yield ev if isinstance(ev, dict) else None
+
+
+# -- opening the configured trail (the public API for tools) ------------------------------------
+
+
+class AuditUnavailable(AuditError):
+    """No audit trail is configured, or it cannot be opened: the caller must not proceed."""
+
+
+class _AuditProducer:
+    """A dedicated idempotent, non-transactional producer for :class:`KafkaSink`.
+
+    Adds what ``KafkaSink`` cannot see through a bare ``Producer``: delivery failures
+    (reported to a callback, not by ``flush()``) and a bounded ``flush`` (a broker outage
+    must fail the audit write, not hang the caller).
+    """
+
+    def __init__(self, producer: Any, timeout: float = 30.0) -> None:
+        self._p = producer
+        self._timeout = timeout
+        self._errors: list[str] = []
+
+    def produce(self, topic: str, key: bytes | None = None, value: bytes | None = None) -> None:
+        self._p.produce(topic, key=key, value=value, on_delivery=self._done)
+
+    def _done(self, err: Any, _msg: Any) -> None:
+        if err is not None:
+            self._errors.append(str(err.name()))
+
+    def flush(self) -> int:
+        left = int(self._p.flush(self._timeout))
+        if self._errors:
+            first, self._errors = self._errors[0], []
+            raise AuditSinkError(f"audit event not delivered ({first})")
+        return left
+
+
+TOOLS_STREAM = "tools"
+"""The chain of the command-line tools (re-identification, key and secret commands, ...)."""
+
+
+def tool_audit_file(path: str | os.PathLike[str]) -> Path:
+    """``<stem>-tools<suffix>`` beside ``audit.file``: the tools' own chain and lock.
+
+    The processor holds its file's lock while it runs, so tools cannot append there; one
+    shared tools file keeps every operator action in one verifiable chain.
+    """
+    p = Path(path)
+    return p.with_name(f"{p.stem}-{TOOLS_STREAM}{p.suffix}")
+
+
+def open_log(
+    config: Any,
+    *,
+    stream: str,
+    actor: str,
+    file: str | os.PathLike[str] | None = None,
+    wait: float = 0.0,
+    context: Mapping[str, Any] | None = None,
+    producer_factory: Callable[[dict[str, Any]], Any] | None = None,
+    head_interval: float = 30.0,
+    client_id: str | None = None,
+) -> AuditLog:
+    """The audit trail of ``config.audit`` (a :class:`streamproc.config.Config`).
+
+    Sinks: ``file`` (default ``audit.file``) and/or ``audit.kafka_topic`` (its own
+    idempotent, non-transactional producer).  With only a topic (a sink that cannot read
+    back) the stream id gets the start time appended: each run is its own chain.  Raises
+    :class:`AuditUnavailable` when ``audit:`` is missing, :class:`AuditError` when a sink
+    cannot be opened (locked, not verifying, cut short) and
+    :class:`~streamproc.errors.ConfigError` for a bad key file -- callers fail closed.
+    """
+    ac = getattr(config, "audit", None)
+    if ac is None:
+        raise AuditUnavailable(
+            f"{getattr(config, 'path', 'the config')} has no audit: section; this action is "
+            "only allowed with an audit trail (docs/keys.md, section 7)"
+        )
+    key = load_hmac_key(ac.hmac_key_file) if ac.hmac_key_file is not None else None
+    path = Path(file) if file is not None else ac.file
+    if path is None:
+        stream = f"{stream}:{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    sinks: list[AuditSink] = []
+    try:
+        if path is not None:
+            try:
+                sinks.append(FileSink(path, fsync=ac.fsync, wait=wait))
+            except OSError as exc:
+                raise AuditUnavailable(
+                    f"cannot open audit file {path} ({exc.strerror})"
+                ) from None
+        if ac.kafka_topic is not None:
+            if producer_factory is None:
+                from confluent_kafka import Producer
+
+                producer_factory = Producer
+            conf = {
+                **config.producer_config(),
+                "client.id": client_id
+                or f"streamproc-{getattr(config, 'group_id', 'tools')}-audit",
+                "enable.idempotence": True,
+                "acks": "all",
+                "linger.ms": 0,
+                "message.timeout.ms": 30_000,
+            }
+            sinks.append(KafkaSink(_AuditProducer(producer_factory(conf)), ac.kafka_topic))
+        return AuditLog(
+            sinks,
+            stream=stream,
+            actor=actor,
+            hmac_key=key,
+            context=context,
+            head_interval=head_interval,
+        )
+    except BaseException:
+        for s in sinks:  # AuditLog closes them itself only once it owns them
+            with contextlib.suppress(Exception):
+                s.close()
+        raise
+
+
+def open_tool_log(
+    config: Any,
+    *,
+    note: str | None = None,
+    producer_factory: Callable[[dict[str, Any]], Any] | None = None,
+) -> AuditLog:
+    """The audit trail for an operator command: ``log = open_tool_log(config)``.
+
+    The actor is the caller's authenticated identity (:func:`streamproc.identity.resolve_actor`:
+    the Vault/OpenBao token, the AWS caller, else the OS user), recorded on every event
+    with ``actor_source``; ``note`` (a command's ``--actor`` text) is recorded beside it,
+    never instead of it.  Events go to the tools' chain (:func:`tool_audit_file`, stream
+    ``tools``; waits up to 30 s for another tool's lock) and the audit topic.  Emit with
+    ``log.emit(EventType.X, {...})`` *before* acting, and ``log.close()`` after (exports the
+    signed head).  Any failure raises: nothing may happen unaudited.
+    """
+    from streamproc.identity import resolve_actor
+
+    who = resolve_actor(config)
+    ac = getattr(config, "audit", None)
+    file = tool_audit_file(ac.file) if ac is not None and ac.file is not None else None
+    if note is not None and not ATTRIBUTE_RULES["note"](note):
+        raise AuditAttributeError(
+            "the note must be short printable text without personal data (no e-mail "
+            "addresses or long digit runs)"
+        )
+    return open_log(
+        config,
+        stream=TOOLS_STREAM,
+        actor=who.principal,
+        file=file,
+        wait=30.0,
+        context={"actor_source": who.source, "note": note},
+        producer_factory=producer_factory,
+    )

@@ -1,9 +1,15 @@
 """``streamproc audit``: verify and read hash-chained audit files.
 
 ``verify`` exits 0 with ``OK: N events, head <hash>`` when the chain is intact and 1
-with one line per break otherwise, so it can gate a cron job or a CI step.  The head it
-prints is what to anchor externally (``--expected-head`` next time) to catch tail
-truncation, which no chain can detect on its own.
+with one line per break otherwise, so it can gate a cron job or a CI step.
+
+Truncation (events cut from the end, or the whole file emptied) leaves a valid prefix,
+which no chain can detect on its own.  ``audit head`` prints the chain's signed head
+(``STREAM@SEQ:HASH:MAC``); keep it somewhere the log's writer cannot change, and pass it
+back with ``verify --expect-head``.  The processor also exports it to the audit topic and
+to ``<file>.head`` (checked automatically when present).  ``--require-hmac`` refuses a
+chain whose events carry no MACs -- the only check that catches someone who strips every
+MAC and recomputes the hashes.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ import click
 
 from streamproc.audit import (
     Anchor,
+    Head,
+    head_file_for,
     iter_events,
     load_hmac_key,
     verify_files,
@@ -49,21 +57,53 @@ def audit() -> None:
     help="The chain continues a rotated file whose last event was SEQ:HASH.",
 )
 @click.option("--stream", help="Require every event to belong to this stream id.")
+@click.option(
+    "--require-hmac",
+    is_flag=True,
+    help="Every event must carry a valid MAC (needs --hmac-key-file): refuses a chain whose "
+    "MACs were stripped and hashes recomputed.",
+)
+@click.option(
+    "--expect-head",
+    "expect_heads",
+    metavar="HEAD",
+    multiple=True,
+    help="A head printed by `streamproc audit head` (or exported to the audit topic) "
+    "earlier: the chain must still reach it (detects truncation and emptied files).",
+)
 def verify_cmd(
     files: tuple[Path, ...],
     hmac_key_file: Path | None,
     expected_head: str | None,
     anchor_text: str | None,
     stream: str | None,
+    require_hmac: bool,
+    expect_heads: tuple[str, ...],
 ) -> None:
     """Verify FILE... (rotated files in order, as one chain); exit 1 on any break."""
+    if require_hmac and hmac_key_file is None:
+        raise click.UsageError("--require-hmac needs --hmac-key-file")
     try:
         key = load_hmac_key(hmac_key_file) if hmac_key_file else None
         anchor = Anchor.parse(anchor_text) if anchor_text else None
+        heads = [Head.parse(h) for h in expect_heads]
     except (ConfigError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
+    sidecar = head_file_for(files[-1])
+    if sidecar.is_file():  # the writer's own exported head: catches a file cut short
+        try:
+            heads.append(Head.from_json(sidecar.read_bytes().strip()))
+        except ValueError:
+            click.echo(f"{sidecar}: not an exported audit head", err=True)
+            raise SystemExit(1) from None
     result = verify_files(
-        list(files), hmac_key=key, anchor=anchor, expected_head=expected_head, stream=stream
+        list(files),
+        hmac_key=key,
+        anchor=anchor,
+        expected_head=expected_head,
+        stream=stream,
+        require_hmac=require_hmac,
+        expect_head=heads,
     )
     click.echo(result.report())
     if result.ok and result.macs_present and not result.hmac_checked:
@@ -73,6 +113,39 @@ def verify_cmd(
     if result.ok and result.head_seq is not None:
         click.echo(f"anchor: {result.head_seq}:{result.head}", err=True)
     raise SystemExit(0 if result.ok else 1)
+
+
+@audit.command("head")
+@click.argument(
+    "files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.option(
+    "--hmac-key-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Audit HMAC key: sign the head (and check every event's MAC first).",
+)
+@click.option(
+    "--anchor",
+    "anchor_text",
+    metavar="SEQ:HASH",
+    help="The chain continues a rotated file whose last event was SEQ:HASH.",
+)
+def head_cmd(files: tuple[Path, ...], hmac_key_file: Path | None, anchor_text: str | None) -> None:
+    """Print the signed head of a verified chain (STREAM@SEQ:HASH:MAC), for --expect-head.
+
+    Store the line where the writer of the log cannot change it (a ticket, a WORM bucket,
+    another host).  Refuses (exit 1) when the chain does not verify.
+    """
+    try:
+        key = load_hmac_key(hmac_key_file) if hmac_key_file else None
+        anchor = Anchor.parse(anchor_text) if anchor_text else None
+    except (ConfigError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from None
+    result = verify_files(list(files), hmac_key=key, anchor=anchor)
+    if not result.ok or result.head is None or result.head_seq is None:
+        click.echo(result.report(), err=True)
+        raise SystemExit(1)
+    click.echo(str(Head.make(result.stream or "", result.head_seq, result.head, key)))
 
 
 @audit.command("tail")

@@ -11,6 +11,7 @@ import base64
 import contextlib
 import functools
 import hashlib
+import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -22,12 +23,8 @@ from streamproc.audit import (
     ATTRIBUTE_RULES,
     AuditError,
     AuditLog,
-    AuditSink,
-    AuditSinkError,
     DeadLetterBurstDetector,
-    FileSink,
-    KafkaSink,
-    load_hmac_key,
+    open_log,
 )
 from streamproc.config import Config
 from streamproc.crypto.envelope import Opener, Sealer, parse_header
@@ -39,6 +36,8 @@ from streamproc.pipeline.core import Pipeline, Quarantined, build_routes
 from streamproc.policy.model import Policy, load_policy
 from streamproc.runtime.worker import AuditFailed
 from streamproc.schema.registry import SchemaSource, build_schema_source
+
+_log = logging.getLogger("streamproc.audit")
 
 
 def build_kms(config: Config) -> KmsProvider:
@@ -294,8 +293,21 @@ class WorkerAudit:
             "anomaly", lambda: self.log.anomaly(_audit_safe("kind", kind) or "other", **attrs)
         )
 
+    def tick(self) -> None:
+        """Export the signed head if it changed and is due (called from the worker loop).
+
+        The head goes to ``<file>.head`` and the audit topic, outside the event log, so a
+        truncated or emptied file is detected (``streamproc audit verify --expect-head``)
+        and refused by the next writer.
+        """
+        self._call("the chain head", self.log.maybe_export_head)
+
     def stopped(self, records: int) -> None:
-        """``processor_stopped`` and close; raises :class:`AuditFailed` if either fails."""
+        """``processor_stopped`` and close; raises :class:`AuditFailed` if either fails.
+
+        Closing exports the final signed head; it is also logged, so a copy leaves the
+        host with the logs.
+        """
         self._call(
             "processor_stopped",
             lambda: self.log.processor_stopped(
@@ -307,6 +319,9 @@ class WorkerAudit:
         )
         self._closed = True
         self._call("the final flush", self.log.close)
+        head = self.log.signed_head
+        if head is not None:
+            _log.info("audit head %s", head, extra={"audit_head": str(head)})
 
     def abandon(self) -> None:
         """Close without an event (fatal paths); errors are swallowed, the exit is non-zero."""
@@ -315,34 +330,6 @@ class WorkerAudit:
         self._closed = True
         with contextlib.suppress(Exception):  # already failing; the log line says why
             self.log.close()
-
-
-class _AuditProducer:
-    """A dedicated idempotent, non-transactional producer for :class:`KafkaSink`.
-
-    Adds what ``KafkaSink`` cannot see through a bare ``Producer``: delivery failures
-    (reported to a callback, not by ``flush()``) and a bounded ``flush`` (a broker outage
-    must fail the audit write, not hang the worker).
-    """
-
-    def __init__(self, producer: Any, timeout: float = 30.0) -> None:
-        self._p = producer
-        self._timeout = timeout
-        self._errors: list[str] = []
-
-    def produce(self, topic: str, key: bytes | None = None, value: bytes | None = None) -> None:
-        self._p.produce(topic, key=key, value=value, on_delivery=self._done)
-
-    def _done(self, err: Any, _msg: Any) -> None:
-        if err is not None:
-            self._errors.append(str(err.name()))
-
-    def flush(self) -> int:
-        left = int(self._p.flush(self._timeout))
-        if self._errors:
-            first, self._errors = self._errors[0], []
-            raise AuditSinkError(f"audit event not delivered ({first})")
-        return left
 
 
 def audit_stream_id(config: Config, instance: str, index: int, *, run: str = "") -> str:
@@ -380,33 +367,14 @@ def build_audit(
     ac = config.audit
     if ac is None:
         return None
-    key = load_hmac_key(ac.hmac_key_file) if ac.hmac_key_file is not None else None
-    run = "" if ac.file is not None else time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    stream = audit_stream_id(config, instance, index, run=run)
-    sinks: list[AuditSink] = []
-    try:
-        if ac.file is not None:
-            sinks.append(FileSink(audit_file_for(ac.file, index), fsync=ac.fsync))
-        if ac.kafka_topic is not None:
-            if producer_factory is None:
-                from confluent_kafka import Producer
-
-                producer_factory = Producer
-            conf = {
-                **config.producer_config(),
-                "client.id": f"streamproc-{config.group_id}-{index}-audit",
-                "enable.idempotence": True,
-                "acks": "all",
-                "linger.ms": 0,
-                "message.timeout.ms": 30_000,
-            }
-            sinks.append(KafkaSink(_AuditProducer(producer_factory(conf)), ac.kafka_topic))
-        log = AuditLog(sinks, stream=stream, actor=stream, hmac_key=key)
-    except BaseException:
-        for s in sinks:  # AuditLog closes them itself only once it owns them
-            with contextlib.suppress(Exception):
-                s.close()
-        raise
+    log = open_log(
+        config,
+        stream=audit_stream_id(config, instance, index),
+        actor=audit_stream_id(config, instance, index),
+        file=audit_file_for(ac.file, index) if ac.file is not None else None,
+        producer_factory=producer_factory,
+        client_id=f"streamproc-{config.group_id}-{index}-audit",
+    )
     return WorkerAudit(
         log,
         kms=kms_name,

@@ -397,6 +397,8 @@ class Worker:
             self._broker_ok()
             self._handle(_Batch(records))
         self._report_lag()
+        if self.audit is not None:
+            self.audit.tick()  # the signed chain head, outside the log, when due
 
     def _check_message(self, m: Message) -> bool:
         err = m.error()

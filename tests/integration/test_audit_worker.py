@@ -26,7 +26,16 @@ import pytest
 import yaml
 
 from streamproc import __version__
-from streamproc.audit import FileSink, MemorySink, load_hmac_key, verify_records, write_hmac_key
+from streamproc.audit import (
+    FileSink,
+    Head,
+    MemorySink,
+    head_file_for,
+    is_head_record,
+    load_hmac_key,
+    verify_records,
+    write_hmac_key,
+)
 from streamproc.errors import Reason
 from streamproc.policy.model import load_policy
 from streamproc.runtime.dlq import H_DLQ_REASON
@@ -146,9 +155,10 @@ def test_worker_audit_trail_verifies_in_file_and_topic(
     evs = events(file)
     types = [e["type"] for e in evs]
     policy = load_policy(ws.policy)
-    assert types[:2] == ["policy_loaded", "processor_started"]
+    assert types[:3] == ["chain_started", "policy_loaded", "processor_started"]
+    assert evs[0]["attrs"]["integrity"] == "hmac-sha256"  # MACs required from the genesis
     assert types[-1] == "processor_stopped"
-    loaded, started, stopped = evs[0], evs[1], evs[-1]
+    loaded, started, stopped = evs[1], evs[2], evs[-1]
     assert loaded["attrs"]["policy_version"] == policy.version
     assert loaded["attrs"]["policy_name"] == policy.name == "acme-privacy"
     assert loaded["attrs"]["source"] == "policy.yaml"
@@ -174,6 +184,10 @@ def test_worker_audit_trail_verifies_in_file_and_topic(
     assert stream.startswith(f"processor:{ws.group_id}-") and stream.endswith("-0")
     assert all(e["stream"] == stream and e["actor"] == stream for e in evs)
     assert all("mac" in e for e in evs)
+    # the signed head was exported on shutdown: beside the file, and in the log
+    head = Head.from_json(head_file_for(file).read_bytes())
+    assert head.seq == evs[-1]["seq"] and head.signed_by(load_hmac_key(key_file))
+    assert f"audit head {head}" in w.log()
     # identifiers only: no record value, key or token made it into the trail
     text = file.read_text()
     for v in [*good.records.values(), *logins.records.values()]:
@@ -193,7 +207,17 @@ def test_worker_audit_trail_verifies_in_file_and_topic(
         "processor_stopped",
     ]
     assert again[len(evs)]["seq"] == len(evs)
-    assert cli("audit", "verify", str(file), "--hmac-key-file", key_file).returncode == 0
+    r = cli(
+        "audit",
+        "verify",
+        str(file),
+        "--hmac-key-file",
+        key_file,
+        "--require-hmac",
+        "--expect-head",
+        str(head),
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
 
     # The Kafka audit topic: the identical lines, one chain per stream, verifying.
     topic = config.audit.kafka_topic
@@ -204,7 +228,30 @@ def test_worker_audit_trail_verifies_in_file_and_topic(
     assert results[stream].ok, results[stream].report()
     assert results[stream].count == len(again)
     lines = file.read_bytes().splitlines()
-    assert sorted(r.value for r in recs if r.value is not None) == sorted(lines)
+    values = [r.value for r in recs if r.value is not None]
+    assert sorted(v for v in values if not is_head_record(v)) == sorted(lines)
+    # the heads on the topic are signed and name the file's final event
+    topic_heads = [Head.from_json(v) for v in values if is_head_record(v)]
+    assert topic_heads[-1].seq == again[-1]["seq"] and topic_heads[-1].signed_by(
+        load_hmac_key(key_file)
+    )
+
+    # Another --instance on the same file: the error names the real cause.
+    w4 = WorkerProcess(ws, "--instance", "someone-else", name="worker4")
+    workers.append(w4)
+    assert w4.wait(60) == 1
+    log4 = w4.log()
+    assert "another writer" in log4 and "--instance" in log4, log4[-2000:]
+    assert "does not verify" not in log4
+
+    # An emptied file is never silently restarted: the next worker refuses to write.
+    file.write_bytes(b"")
+    w3 = WorkerProcess(ws, name="worker3")
+    workers.append(w3)
+    assert w3.wait(60) == 1
+    log3 = w3.log()
+    assert str(file) in log3 and f"seq {again[-1]['seq'] + 1}" in log3, log3[-2000:]
+    assert file.read_bytes() == b""
 
 
 def test_audit_file_in_use_stops_the_worker_before_it_consumes(
@@ -256,7 +303,7 @@ def test_audit_write_failure_is_fatal_and_commits_nothing(
     revoked = revoked_orders(ws, 1)
     produce_raw(ws.bootstrap, ws.topic("orders"), [(b"k", revoked[0], None)])
     config = ws.load_config()
-    sink = _FailAfter(2)
+    sink = _FailAfter(3)
     audit = WorkerAudit(AuditLog([sink], stream="processor:test"), kms="local", instance="t")
     worker = Worker(config, build_pipeline(config), instance=f"t{ws.suffix}", audit=audit)
     result: list[int] = []
@@ -268,7 +315,11 @@ def test_audit_write_failure_is_fatal_and_commits_nothing(
         t.join(30)
         pytest.fail("worker did not stop on the audit failure")
     assert result == [EXIT_FATAL]
-    assert [json.loads(x)["type"] for x in sink.lines] == ["policy_loaded", "processor_started"]
+    assert [json.loads(x)["type"] for x in sink.lines] == [
+        "chain_started",
+        "policy_loaded",
+        "processor_started",
+    ]
     assert worker.records_committed == 0
     msgs = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert any(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import hmac
 import json
 import os
 import stat
@@ -26,12 +29,15 @@ from streamproc.audit import (
     EventType,
     FileSink,
     Fsync,
+    Head,
     KafkaSink,
     MemorySink,
     canonical_json,
     check_attrs,
     event_hash,
     event_mac,
+    head_file_for,
+    is_head_record,
     load_hmac_key,
     verify,
     verify_file,
@@ -149,11 +155,12 @@ def test_random_chains_verify(specs: list[tuple[str, dict[str, Any]]]) -> None:
     log, sink = build(specs)
     r = verify(sink.lines)
     assert r.ok, r.report()
-    assert r.count == len(specs)
+    assert r.count == len(specs) + 1  # the chain_started genesis comes first
     assert r.head == (log.head.hash if log.head else None)
-    assert r.report().startswith(f"OK: {len(specs)} events, head ")
+    assert r.report().startswith(f"OK: {len(specs) + 1} events, head ")
     events = sink.events()
-    assert [e["seq"] for e in events] == list(range(len(specs)))
+    assert [e["seq"] for e in events] == list(range(len(specs) + 1))
+    assert events[0]["type"] == "chain_started" and events[0]["attrs"]["integrity"] == "sha256"
     assert all(e["hash"] == event_hash(e) for e in events)
     # parsed events verify the same way as raw lines
     assert verify(events).ok
@@ -163,12 +170,13 @@ def test_event_shape() -> None:
     _, sink = build(
         [("policy_loaded", {"policy_version": "sha256:0123456789abcdef", "policy_name": "acme"})]
     )
-    (ev,) = sink.events()
+    (gen, ev) = sink.events()
+    assert gen["seq"] == 0 and gen["prev"] == GENESIS and gen["type"] == "chain_started"
     assert set(ev) == {"v", "stream", "seq", "ts", "type", "actor", "attrs", "prev", "hash"}
-    assert ev["seq"] == 0 and ev["prev"] == GENESIS and ev["type"] == "policy_loaded"
-    assert ev["ts"] == "2023-11-14T22:13:20.250000Z"
+    assert ev["seq"] == 1 and ev["prev"] == gen["hash"] and ev["type"] == "policy_loaded"
+    assert ev["ts"] == "2023-11-14T22:13:20.500000Z"
     assert ev["actor"] == "processor" and ev["stream"] == "processor:w1"
-    assert sink.lines[0] == canonical_json(ev) + b"\n"
+    assert sink.lines[1] == canonical_json(ev) + b"\n"
 
 
 # -- tampering ---------------------------------------------------------------------------------
@@ -181,7 +189,7 @@ def test_modification_is_located(
 ) -> None:
     _, sink = build(specs)
     events = sink.events()
-    i = data.draw(st.integers(0, len(events) - 1))
+    i = data.draw(st.integers(0, len(events) - 1))  # 0: the genesis itself
     events[i]["actor"] = events[i]["actor"] + "x"
     b = first(verify(events))
     assert (b.index, b.kind, b.seq) == (i, BreakKind.HASH_MISMATCH, i)
@@ -204,7 +212,7 @@ def test_deletion_is_located(specs: list[tuple[str, dict[str, Any]]], data: st.D
     _, sink = build(specs)
     lines = list(sink.lines)
     head = json.loads(lines[-1])["hash"]
-    i = data.draw(st.integers(0, len(lines) - 1))
+    i = data.draw(st.integers(1, len(lines) - 1))  # the genesis: test_genesis_is_required
     del lines[i]
     r = verify(lines, expected_head=head)
     b = first(r)
@@ -224,7 +232,7 @@ def test_deletion_is_located(specs: list[tuple[str, dict[str, Any]]], data: st.D
 def test_swap_is_located(specs: list[tuple[str, dict[str, Any]]], data: st.DataObject) -> None:
     _, sink = build(specs)
     lines = list(sink.lines)
-    i = data.draw(st.integers(0, len(lines) - 2))
+    i = data.draw(st.integers(1, len(lines) - 2))
     j = data.draw(st.integers(i + 1, len(lines) - 1))
     lines[i], lines[j] = lines[j], lines[i]
     b = first(verify(lines))
@@ -238,7 +246,7 @@ def test_insertion_is_located(
 ) -> None:
     _, sink = build(specs, hmac_key=KEY)
     events = sink.events()
-    i = data.draw(st.integers(0, len(events)))
+    i = data.draw(st.integers(1, len(events)))
     # a well-formed forgery: right seq, right prev, a hash that matches its own content
     forged = {
         "v": 1,
@@ -250,6 +258,11 @@ def test_insertion_is_located(
         "attrs": extra[1],
         "prev": events[i - 1]["hash"] if i else GENESIS,
     }
+    unmacced = {**forged, "hash": event_hash(forged)}
+    # the genesis declares MACs: a forgery without one is pointed at even without the key
+    b = first(verify([*events[:i], unmacced, *events[i:]]))
+    assert (b.index, b.kind) == (i, BreakKind.HMAC_MISMATCH)
+    forged["mac"] = "0" * 64  # a MAC-shaped guess
     forged["hash"] = event_hash(forged)
     tampered = [*events[:i], forged, *events[i:]]
     b = first(verify(tampered, expected_head=events[-1]["hash"]))
@@ -303,10 +316,11 @@ def test_full_rewrite_needs_the_hmac_key() -> None:
     events[2]["attrs"]["version"] = 99
     del events[4]
     rechain(events, 2)  # an attacker who rewrites the tail, without the key
-    assert verify(events).ok  # the plain chain cannot tell
+    # the genesis declared MACs: stripped ones are breaks even without the key
+    assert {b.kind for b in verify(events).breaks} == {BreakKind.HMAC_MISMATCH}
     r = verify(events, hmac_key=KEY)
     assert [(b.index, b.kind) for b in r.breaks] == [
-        (i, BreakKind.HMAC_MISMATCH) for i in range(2, 5)
+        (i, BreakKind.HMAC_MISMATCH) for i in range(2, 6)
     ]
     assert "without the audit key" not in r.report()  # report uses the kinds' own words
     rechain(events, 2, key=b"z" * 32)  # ...or with a guessed key
@@ -351,11 +365,11 @@ def test_file_sink_resumes_the_chain(tmp_path: Path) -> None:
         )
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     with AuditLog([FileSink(path)], stream="w1", clock=Clock()) as log:
-        assert log.head is not None and log.head.seq == 1
+        assert log.head is not None and log.head.seq == 2
         log.processor_stopped(reason="shutdown")
     r = verify_file(path)
-    assert r.ok and r.count == 3
-    assert [e["seq"] for e in map(json.loads, path.read_bytes().splitlines())] == [0, 1, 2]
+    assert r.ok and r.count == 4
+    assert [e["seq"] for e in map(json.loads, path.read_bytes().splitlines())] == [0, 1, 2, 3]
 
 
 def test_file_sink_refuses_a_broken_file(tmp_path: Path) -> None:
@@ -371,7 +385,7 @@ def test_file_sink_refuses_a_broken_file(tmp_path: Path) -> None:
     with pytest.raises(AuditChainError, match="truncated_json"):
         AuditLog([FileSink(path)], stream="w1")
     path.write_bytes(b"".join(lines))
-    with pytest.raises(AuditChainError, match="stream_mismatch"):
+    with pytest.raises(AuditChainError, match=r"another writer .'w1'.*--instance"):
         AuditLog([FileSink(path)], stream="w2")
 
 
@@ -412,16 +426,17 @@ def test_fsync_policy(
         real(fd)
 
     monkeypatch.setattr(os, "fsync", counting_fsync)
-    mono = iter([0.0, 0.1, 1.5, 1.6, 5.0, 5.1, 5.2])
+    mono = iter([0.0, 0.05, 0.1, 1.5, 1.6, 5.0, 5.1, 5.2])
     sink = FileSink(
         tmp_path / "a.jsonl", fsync=policy, fsync_interval=1.0, clock=lambda: next(mono)
     )
-    log = AuditLog([sink], stream="s")
+    log = AuditLog([sink], stream="s")  # writes the genesis and its head
+    calls.clear()
     for _ in range(3):
         log.anomaly("x")
     assert len(calls) == expected
-    log.close()
-    assert len(calls) == (expected if policy != "interval" else 2)
+    log.close()  # exports the final head (fsynced unless "never"), then syncs the log
+    assert len(calls) == {"always": 4, "interval": 3, "never": 0}[policy]
     assert Fsync("always") is Fsync.ALWAYS
 
 
@@ -459,38 +474,48 @@ def test_kafka_sink_chain_verifies_when_read_back(tmp_path: Path) -> None:
     assert prod.flushes >= 10
     assert {t for t, _, _ in prod.records} == {"streamproc.audit"}
     # the topic holds exactly the file's lines (without newline) for that key
-    assert [v for _, k, v in prod.records if k == b"w1"] == file_path.read_bytes().splitlines()
+    events_w1 = [v for _, k, v in prod.records if k == b"w1" and not is_head_record(v)]
+    assert events_w1 == file_path.read_bytes().splitlines()
+    heads = [Head.from_json(v) for _, k, v in prod.records if k == b"w1" and is_head_record(v)]
+    assert heads[-1].seq == 5 and heads[-1].signed_by(KEY)  # exported on close
     results = verify_records([(k, v) for _, k, v in prod.records], hmac_key=None)
     assert set(results) == {"w1", "w2"} and all(r.ok for r in results.values())
     assert verify_records([(k, v) for _, k, v in prod.records if k == b"w1"], hmac_key=KEY)["w1"].ok
     # tamper with one value of w2 and move one w1 event under the w2 key
-    recs = [(k, v) for _, k, v in prod.records]
+    recs = [(k, v) for _, k, v in prod.records if not is_head_record(v)]
     w2 = [n for n, (k, _) in enumerate(recs) if k == b"w2"]
     recs[w2[2]] = (b"w2", recs[w2[2]][1].replace(b"unknown_schema", b"unknown_schemb"))
     recs.append((b"w2", recs[0][1]))
     r = verify_records(recs)
     assert r["w1"].ok
     kinds = [(x.line, x.kind) for x in r["w2"].breaks]
-    assert (3, BreakKind.HASH_MISMATCH) in kinds and (6, BreakKind.STREAM_MISMATCH) in kinds
+    assert (3, BreakKind.HASH_MISMATCH) in kinds and (7, BreakKind.STREAM_MISMATCH) in kinds
     assert r["w2"].breaks[0].where == "key w2"
 
 
 def test_sink_failure_fails_loudly_but_keeps_the_chain() -> None:
     class Broken(FakeProducer):
-        def flush(self) -> int:
-            return 1
+        broken = False
 
-    good = MemorySink()
-    log = AuditLog([good, KafkaSink(Broken(), "t")], stream="s")
+        def flush(self) -> int:
+            return 1 if self.broken else 0
+
+    good, bad = MemorySink(), Broken()
+    log = AuditLog([good, KafkaSink(bad, "t")], stream="s")
+    bad.broken = True
     with pytest.raises(AuditSinkError, match="not delivered"):
         log.anomaly("x")
-    log2 = AuditLog([KafkaSink(Broken(), "t")], stream="s")
+    bad2 = Broken()
+    log2 = AuditLog([KafkaSink(bad2, "t")], stream="s")
+    bad2.broken = True
     with pytest.raises(AuditSinkError):
         log2.anomaly("x")
-    assert log2.head is None  # nothing accepted it: the chain did not advance
+    assert log2.head is not None and log2.head.seq == 0  # nothing accepted it: no advance
+    with pytest.raises(AuditSinkError):  # a log that cannot write its genesis never opens
+        AuditLog([KafkaSink(bad2, "t")], stream="s")
     log.sinks = [good]
     log.anomaly("y")
-    assert verify(good.lines).ok and len(good.lines) == 2
+    assert verify(good.lines).ok and len(good.lines) == 3
 
 
 def test_sinks_must_agree_on_the_head(tmp_path: Path) -> None:
@@ -504,16 +529,17 @@ def test_sinks_must_agree_on_the_head(tmp_path: Path) -> None:
     # the failed start released both files; a fresh sink joins the resumed chain
     c = tmp_path / "c"
     with AuditLog([FileSink(a), FileSink(c)], stream="s") as log:
-        assert log.head is not None and log.head.seq == 0
+        assert log.head is not None and log.head.seq == 1
         log.anomaly("z")
     with AuditLog(
         [FileSink(a), FileSink(c)], stream="s"
-    ) as log:  # c starts at seq 1: still resumes
-        assert log.head is not None and log.head.seq == 1
+    ) as log:  # c starts at seq 2: still resumes
+        assert log.head is not None and log.head.seq == 2
     assert verify_file(a).ok
-    assert first(verify_file(c)).kind is BreakKind.SEQUENCE_GAP  # the auditor sees c's late start
+    kinds = {b.kind for b in verify_file(c).breaks}  # the auditor sees c's late start
+    assert kinds == {BreakKind.MISSING_GENESIS, BreakKind.SEQUENCE_GAP, BreakKind.PREV_MISMATCH}
     assert verify_file(
-        c, anchor=Anchor("s", 0, json.loads(a.read_bytes().splitlines()[0])["hash"])
+        c, anchor=Anchor("s", 1, json.loads(a.read_bytes().splitlines()[1])["hash"])
     ).ok
 
 
@@ -532,7 +558,7 @@ def test_thread_safe_sequence(tmp_path: Path) -> None:
         t.join()
     log.close()
     r = verify_file(path)
-    assert r.ok and r.count == 400 and r.head_seq == 399
+    assert r.ok and r.count == 401 and r.head_seq == 400
 
 
 # -- attribute guard ---------------------------------------------------------------------------------------
@@ -600,7 +626,7 @@ def test_guard_accepts_identifiers_and_drops_nones() -> None:
         log.anomaly("x", actor="bob smith")
     with pytest.raises(AuditAttributeError):
         log.emit(EventType.ANOMALY, {"kind": "x", "value": "secret"})
-    assert sink.lines == []  # rejected events are not written and do not consume a seq
+    assert len(sink.lines) == 1  # rejected events are not written and do not consume a seq
     log.anomaly("x", actor="alice@corp.example")
     assert verify(sink.lines).ok
 
@@ -625,6 +651,8 @@ def test_helpers_cover_every_event_type() -> None:
     log.anomaly("tampered", count=3, topic="orders")
     log.processor_started(processor_version="0.1.0", policy_version="sha256:0123456789abcdef")
     log.processor_stopped(reason="sigterm", count=10)
+    log.emit(EventType.SECRET_CREATED, {"kms": "aws", "key_id": "pseudonym-master", "version": 1})
+    log.emit(EventType.SECRET_IMPORTED, {"kms": "aws", "key_id": "pseudonym-master", "count": 2})
     assert {e["type"] for e in sink.events()} == {t.value for t in EventType}
     assert verify(sink.lines).ok
 
@@ -640,7 +668,7 @@ def test_dead_letter_burst_detector() -> None:
     assert det.observe("tampered", "orders", 3) is None
     t[0] = 61.0
     assert det.observe("key_revoked", "orders", 10) is not None
-    assert len(sink.lines) == 2
+    assert len(sink.lines) == 3
 
 
 def test_hmac_key_file(tmp_path: Path) -> None:
@@ -672,7 +700,7 @@ def test_cli_verify_and_tail(tmp_path: Path) -> None:
     runner = CliRunner()
     res = runner.invoke(audit_cli, ["verify", str(path)])
     assert res.exit_code == 0, res.output
-    assert res.output.startswith(f"OK: 30 events, head {head.hash}")
+    assert res.output.startswith(f"OK: 31 events, head {head.hash}")
     assert "not checked" in res.output
     res = runner.invoke(
         audit_cli,
@@ -685,23 +713,23 @@ def test_cli_verify_and_tail(tmp_path: Path) -> None:
     out = res.output.splitlines()
     assert (
         len(out) == 3
-        and out[-1].split()[0] == "29"
+        and out[-1].split()[0] == "30"
         and "key_rotated" in out[-1]
         and "version=31" in out[-1]
     )
     assert len(runner.invoke(audit_cli, ["tail", str(path)]).output.splitlines()) == 20
     assert (
         json.loads(runner.invoke(audit_cli, ["tail", str(path), "-n", "1", "--json"]).output)["seq"]
-        == 29
+        == 30
     )
 
     lines = path.read_bytes().splitlines(keepends=True)
-    lines[6] = lines[6].replace(b'"version":8', b'"version":9')
+    lines[7] = lines[7].replace(b'"version":8', b'"version":9')
     del lines[20]
     path.write_bytes(b"".join(lines))
     res = runner.invoke(audit_cli, ["verify", str(path)])
     assert res.exit_code == 1
-    assert "line 7 (seq 6): hash_mismatch" in res.output
+    assert "line 8 (seq 7): hash_mismatch" in res.output
     assert "line 21 (seq 21): sequence_gap: expected seq 20, found 21" in res.output
     res = runner.invoke(
         audit_cli, ["verify", str(path), "--hmac-key-file", str(tmp_path / "missing")]
@@ -723,7 +751,9 @@ def test_unexpected_sink_errors_do_not_fork_the_chain() -> None:
             super().write(line)
 
     flaky, good = Flaky(), MemorySink()
+    flaky.fail = False
     log = AuditLog([good, flaky], stream="s")
+    flaky.fail = True
     with pytest.raises(AuditSinkError, match="OSError"):
         log.key_revocation_seen("local", "kek", 1)
     # written to one sink: the chain advanced; the flaky sink shows a gap, not a fork
@@ -734,9 +764,221 @@ def test_unexpected_sink_errors_do_not_fork_the_chain() -> None:
     assert first(verify(flaky.lines)).kind is BreakKind.SEQUENCE_GAP
     # when no sink accepted it, the revocation is reported again later
     only = Flaky()
+    only.fail = False
     log2 = AuditLog([only], stream="s")
+    only.fail = True
     with pytest.raises(AuditSinkError):
         log2.key_revocation_seen("local", "kek", 1)
     only.fail = False
     assert log2.key_revocation_seen("local", "kek", 1) is not None
     assert verify(only.lines).ok
+
+
+# -- issue: tampering classes, signed heads, writers that never restart a chain --------------------
+
+
+def _attacker_hash(ev: dict[str, Any]) -> str:
+    """SHA-256 over sorted, compact, ASCII JSON without ``hash``: written from the format
+    description in docs/keys.md, not with the module under test."""
+    body = {k: v for k, v in ev.items() if k != "hash"}
+    return hashlib.sha256(
+        json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    ).hexdigest()
+
+
+def _attacker_rechain(events: list[dict[str, Any]]) -> bytes:
+    """Strip every MAC, renumber, relink and rehash: a full rewrite without the key."""
+    prev = "0" * 64
+    out = []
+    for i, ev in enumerate(events):
+        ev = {k: v for k, v in ev.items() if k not in ("mac", "hash")}
+        ev["seq"], ev["prev"] = i, prev
+        ev["hash"] = prev = _attacker_hash(ev)
+        out.append(json.dumps(ev, sort_keys=True, separators=(",", ":")).encode() + b"\n")
+    return b"".join(out)
+
+
+def _tamper(kind: str, lines: list[bytes]) -> bytes:
+    events = [json.loads(x) for x in lines]
+    if kind == "truncate_tail":
+        return b"".join(lines[:-3])
+    if kind == "empty":
+        return b""
+    if kind == "delete_middle":
+        return b"".join(lines[:5] + lines[6:])
+    if kind == "strip_macs_rehash":
+        del events[5]
+        return _attacker_rechain(events)
+    if kind == "strip_macs_rehash_genesis":  # also declare the chain MAC-less
+        del events[5]
+        events[0]["attrs"]["integrity"] = "sha256"
+        return _attacker_rechain(events)
+    if kind == "reorder":
+        return b"".join([*lines[:3], lines[4], lines[3], *lines[5:]])
+    if kind == "edit_field":
+        return b"".join([*lines[:7], lines[7].replace(b'"version":8', b'"version":9'), *lines[8:]])
+    raise AssertionError(kind)
+
+
+TAMPERING = [
+    "truncate_tail",
+    "empty",
+    "delete_middle",
+    "strip_macs_rehash",
+    "strip_macs_rehash_genesis",
+    "reorder",
+    "edit_field",
+]
+
+
+@pytest.fixture
+def keyed_chain(tmp_path: Path) -> tuple[Path, Path, str]:
+    """A 13-event MAC'd chain, its key file and the head `audit head` prints for it."""
+    path, keyfile = tmp_path / "orig" / "audit.jsonl", tmp_path / "audit.key"
+    write_hmac_key(keyfile)
+    with AuditLog(
+        [FileSink(path)], stream="w1", clock=Clock(), hmac_key=load_hmac_key(keyfile)
+    ) as log:
+        for v in range(12):
+            log.key_rotated("local", "kek", v + 2, previous_version=v + 1)
+    res = CliRunner().invoke(audit_cli, ["head", str(path), "--hmac-key-file", str(keyfile)])
+    assert res.exit_code == 0, res.output
+    return path, keyfile, res.output.strip()
+
+
+def test_head_is_signed_over_stream_seq_and_hash(keyed_chain: tuple[Path, Path, str]) -> None:
+    path, keyfile, text = keyed_chain
+    last = json.loads(path.read_bytes().splitlines()[-1])
+    stream, _, rest = text.rpartition("@")
+    seq, h, mac = rest.split(":")
+    assert (stream, int(seq), h) == ("w1", 12, last["hash"])
+    # recomputed with the standard library from the documented layout
+    body = json.dumps(
+        {"format": "streamproc-audit-head/1", "hash": h, "seq": 12, "stream": "w1"},
+        sort_keys=True,
+        separators=(",", ":"),
+    ).encode()
+    assert mac == hmac.new(load_hmac_key(keyfile), body, hashlib.sha256).hexdigest()
+    assert Head.parse(text).signed_by(load_hmac_key(keyfile))
+    assert not Head.parse(text).signed_by(b"z" * 32)
+    # the writer exported the same head beside the file on close
+    assert Head.from_json(head_file_for(path).read_bytes()) == Head.parse(text)
+
+
+def test_untampered_copy_passes_every_check(
+    tmp_path: Path, keyed_chain: tuple[Path, Path, str]
+) -> None:
+    path, keyfile, head = keyed_chain
+    copy = tmp_path / "copy.jsonl"
+    copy.write_bytes(path.read_bytes())
+    args = ["verify", str(copy), "--hmac-key-file", str(keyfile), "--require-hmac"]
+    res = CliRunner().invoke(audit_cli, [*args, "--expect-head", head])
+    assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("kind", TAMPERING)
+def test_every_tampering_class_fails_verification(
+    tmp_path: Path, keyed_chain: tuple[Path, Path, str], kind: str
+) -> None:
+    path, keyfile, head = keyed_chain
+    copy = tmp_path / "copy.jsonl"  # no .head file beside it: only the CLI flags help
+    copy.write_bytes(_tamper(kind, path.read_bytes().splitlines(keepends=True)))
+    runner = CliRunner()
+    full = ["verify", str(copy), "--hmac-key-file", str(keyfile), "--require-hmac"]
+    res = runner.invoke(audit_cli, [*full, "--expect-head", head])
+    assert res.exit_code == 1, res.output
+    assert res.output.startswith("BROKEN")
+    # which checks catch which class on their own
+    bare = runner.invoke(audit_cli, ["verify", str(copy)]).exit_code
+    keyed = runner.invoke(audit_cli, full).exit_code
+    expected_bare = 0 if kind in ("truncate_tail", "strip_macs_rehash_genesis") else 1
+    expected_keyed = 0 if kind == "truncate_tail" else 1
+    assert (bare, keyed) == (expected_bare, expected_keyed)
+    headed = runner.invoke(audit_cli, ["verify", str(copy), "--expect-head", head])
+    assert headed.exit_code == 1, headed.output  # every class also loses the exported head
+
+
+def test_a_forged_or_unsigned_head_is_refused(keyed_chain: tuple[Path, Path, str]) -> None:
+    path, keyfile, head = keyed_chain
+    h = Head.parse(head)
+    lowered = Head.make(h.stream, 3, json.loads(path.read_bytes().splitlines()[3])["hash"], None)
+    runner = CliRunner()
+    base = ["verify", str(path), "--hmac-key-file", str(keyfile)]
+    res = runner.invoke(audit_cli, [*base, "--expect-head", str(lowered)])
+    assert res.exit_code == 1 and "not signed" in res.output
+    forged = dataclasses.replace(h, mac="0" * 64)
+    assert runner.invoke(audit_cli, [*base, "--expect-head", str(forged)]).exit_code == 1
+    assert runner.invoke(audit_cli, ["verify", str(path), "--require-hmac"]).exit_code == 2
+    assert runner.invoke(audit_cli, [*base, "--expect-head", "nonsense"]).exit_code == 2
+
+
+def test_the_head_file_beside_the_log_is_checked_by_verify(
+    keyed_chain: tuple[Path, Path, str],
+) -> None:
+    path, _, _ = keyed_chain
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:-2]))
+    res = CliRunner().invoke(audit_cli, ["verify", str(path)])
+    assert res.exit_code == 1 and "expected next seq 13" in res.output
+
+
+@pytest.mark.parametrize("cut", ["empty", "truncate", "delete"])
+def test_a_writer_never_silently_restarts_a_chain(
+    keyed_chain: tuple[Path, Path, str], cut: str
+) -> None:
+    path, keyfile, _ = keyed_chain
+    lines = path.read_bytes().splitlines(keepends=True)
+    if cut == "empty":
+        path.write_bytes(b"")
+    elif cut == "truncate":
+        path.write_bytes(b"".join(lines[:-4]))
+    else:
+        path.unlink()
+    key = load_hmac_key(keyfile)
+    with pytest.raises(AuditChainError) as exc:
+        AuditLog([FileSink(path)], stream="w1", hmac_key=key)
+    msg = str(exc.value)
+    assert str(path) in msg and "seq 13" in msg and "refusing" in msg
+    # the refused start wrote nothing and released the lock
+    assert path.read_bytes() == (b"".join(lines[:-4]) if cut == "truncate" else b"")
+    FileSink(path).close()
+
+
+def test_a_head_file_signed_with_another_key_is_refused(
+    keyed_chain: tuple[Path, Path, str],
+) -> None:
+    path, keyfile, _ = keyed_chain
+    with pytest.raises(AuditChainError, match="not signed by the audit key"):
+        AuditLog([FileSink(path)], stream="w1", hmac_key=b"z" * 32)
+    with AuditLog([FileSink(path)], stream="w1", hmac_key=load_hmac_key(keyfile)) as log:
+        assert log.head is not None and log.head.seq == 12  # resumes, never restarts
+
+
+def test_another_instance_on_the_same_file_names_the_cause(
+    keyed_chain: tuple[Path, Path, str],
+) -> None:
+    path, keyfile, _ = keyed_chain
+    with pytest.raises(AuditChainError) as exc:
+        AuditLog([FileSink(path)], stream="w2", hmac_key=load_hmac_key(keyfile))
+    assert "another writer ('w1')" in str(exc.value) and "--instance" in str(exc.value)
+    assert "does not verify" not in str(exc.value)
+    head_file_for(path).unlink()  # also without the head file: read from the first event
+    with pytest.raises(AuditChainError, match=r"another writer .'w1'."):
+        AuditLog([FileSink(path)], stream="w2", hmac_key=load_hmac_key(keyfile))
+
+
+def test_head_is_exported_periodically_and_on_close() -> None:
+    sink, mono = MemorySink(), [0.0]
+    log = AuditLog(
+        [sink], stream="s", hmac_key=KEY, head_interval=10.0, monotonic=lambda: mono[0]
+    )
+    assert [h.seq for h in sink.heads] == [0]  # the genesis
+    log.anomaly("a")
+    log.anomaly("b")
+    assert [h.seq for h in sink.heads] == [0]  # not yet due
+    mono[0] = 11.0
+    assert log.maybe_export_head() is not None and sink.heads[-1].seq == 2
+    assert log.maybe_export_head() is None  # unchanged: nothing to export
+    log.anomaly("c")
+    log.close()
+    assert sink.heads[-1].seq == 3 and all(h.signed_by(KEY) for h in sink.heads)

@@ -83,7 +83,7 @@ def test_round_trip_and_audit_event(pkeys: PseudonymKeys) -> None:
     assert ct.startswith("de1_")
     reid, sink = reidentifier(pkeys, "fraud")
     assert reid.reidentify(ct, "EMAIL", **CALL) == "alice.smith@example.com"
-    (ev,) = sink.events()
+    (_, ev) = sink.events()  # after the chain's genesis
     assert ev["type"] == "reidentification" and ev["actor"] == "bob@corp.example"
     assert ev["ts"] == "2023-11-14T22:13:20.000000Z"
     assert ev["attrs"] == {
@@ -97,7 +97,7 @@ def test_round_trip_and_audit_event(pkeys: PseudonymKeys) -> None:
         "outcome": "success",
         "value_digest": ev["attrs"]["value_digest"],
     }
-    line = sink.lines[0].lower()
+    line = sink.lines[1].lower()
     assert b"alice" not in line and b"example.com" not in line  # no plaintext
     assert ct.encode().lower() not in line  # nor the ciphertext itself (only a digest)
     assert verify(sink.lines).ok
@@ -120,8 +120,8 @@ def test_binary_plaintext_needs_reidentify_bytes(pkeys: PseudonymKeys) -> None:
     with pytest.raises(ReidentificationError, match="binary"):
         reid.reidentify(ct, "blob", **CALL)
     assert reid.reidentify_bytes(ct, "blob", **CALL) == b"\xff\x00\x01"
-    assert [e["attrs"]["outcome"] for e in sink.events()] == ["failed", "success"]
-    assert sink.events()[0]["attrs"]["error"] == "not_text"
+    assert [e["attrs"]["outcome"] for e in sink.events()[1:]] == ["failed", "success"]
+    assert sink.events()[1]["attrs"]["error"] == "not_text"
 
 
 def test_audience_a_cannot_reverse_audience_b(pkeys: PseudonymKeys) -> None:
@@ -130,7 +130,7 @@ def test_audience_a_cannot_reverse_audience_b(pkeys: PseudonymKeys) -> None:
     with pytest.raises(ReidentificationError) as info:
         reid_a.reidentify(ct_b, "EMAIL", **CALL)
     assert ct_b not in str(info.value) and "alice" not in str(info.value).lower()
-    (ev,) = sink.events()
+    (_, ev) = sink.events()  # after the chain's genesis
     assert ev["attrs"]["outcome"] == "failed" and ev["attrs"]["error"] == "decrypt_failed"
     assert ev["attrs"]["audience"] == "fraud"
     # and the right audience can
@@ -143,7 +143,7 @@ def test_wrong_domain_fails(pkeys: PseudonymKeys) -> None:
     reid, sink = reidentifier(pkeys, "fraud")
     with pytest.raises(ReidentificationError, match="domain 'customer'"):
         reid.reidentify(ct, "customer", **CALL)
-    assert sink.events()[0]["attrs"]["error"] == "decrypt_failed"
+    assert sink.events()[1]["attrs"]["error"] == "decrypt_failed"
 
 
 def test_modified_ciphertext_fails(pkeys: PseudonymKeys) -> None:
@@ -152,7 +152,7 @@ def test_modified_ciphertext_fails(pkeys: PseudonymKeys) -> None:
     bad = ct[:-2] + ("A" if ct[-2] != "A" else "B") + ct[-1]
     with pytest.raises(ReidentificationError):
         reid.reidentify(bad, "EMAIL", **CALL)
-    assert sink.events()[0]["attrs"]["outcome"] == "failed"
+    assert sink.events()[1]["attrs"]["outcome"] == "failed"
 
 
 def test_version_mismatch_after_master_rotation(ring: LocalKeyring, pkeys: PseudonymKeys) -> None:
@@ -210,25 +210,30 @@ def test_every_call_writes_exactly_one_event(
         with pytest.raises(ReidentificationError) as info:
             reid.reidentify(value, domain, **args)
         assert "alice" not in str(info.value).lower() and ct not in str(info.value)
-    assert len(sink.lines) == 1
-    ev = sink.events()[0]
+    assert len(sink.lines) == 2
+    ev = sink.events()[1]
     assert ev["attrs"]["outcome"] == outcome and ev["attrs"].get("error") == error
     assert ev["attrs"]["audience"] == "fraud" and ev["attrs"]["policy_version"] == POLICY_VERSION
     assert ev["actor"] == ("unknown" if error == "invalid_actor" else CALL["actor"])
-    line = sink.lines[0].lower()
+    line = sink.lines[1].lower()
     assert b"alice" not in line and b"smith" not in line  # plaintexts never reach the log
     assert verify(sink.lines).ok
 
 
 def test_no_value_without_an_audit_trail(pkeys: PseudonymKeys) -> None:
     class Down(MemorySink):
+        down = False
+
         def write(self, line: bytes) -> None:
-            raise AuditSinkError("disk full")
+            if self.down:
+                raise AuditSinkError("disk full")
+            super().write(line)
 
     ct = encryptor(pkeys, "fraud", "EMAIL")(EMAIL)
-    reid = Reidentifier(
-        export_audience_key(pkeys, "fraud"), AuditLog([Down()], stream="r"), POLICY_VERSION
-    )
+    sink = Down()
+    log = AuditLog([sink], stream="r")
+    sink.down = True
+    reid = Reidentifier(export_audience_key(pkeys, "fraud"), log, POLICY_VERSION)
     with pytest.raises(ReidentificationError, match="audit log could not be written"):
         reid.reidentify(ct, "EMAIL", **CALL)
 
@@ -246,14 +251,14 @@ def test_policy_gates_the_audience(pkeys: PseudonymKeys) -> None:
     ct = encryptor(pkeys, "fraud", "EMAIL", {})(EMAIL)
     reid, sink = reidentifier(pkeys, "fraud", policy=policy)
     assert reid.reidentify(ct, "EMAIL", **CALL) == EMAIL
-    assert sink.events()[0]["attrs"]["policy_version"] == policy.version
+    assert sink.events()[1]["attrs"]["policy_version"] == policy.version
     an, sink = reidentifier(pkeys, "analytics", policy=policy)
     with pytest.raises(ReidentificationError, match="no encrypt_deterministic"):
         an.reidentify(ct, "EMAIL", **CALL)
     other, sink = reidentifier(pkeys, "support", policy=policy)
     with pytest.raises(ReidentificationError, match="not in the policy"):
         other.reidentify(ct, "EMAIL", **CALL)
-    assert sink.events()[0]["attrs"]["error"] == "audience_not_in_policy"
+    assert sink.events()[1]["attrs"]["error"] == "audience_not_in_policy"
     with pytest.raises(ConfigError):
         reidentifier(pkeys, "fraud", policy="v1")
 
@@ -319,8 +324,8 @@ def test_cli_export_and_reidentify(
     assert "master version 1" in res.output
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     exp = [json.loads(x) for x in (tmp_path / "keys-audit.jsonl").read_text().splitlines()]
-    assert exp[0]["type"] == "audience_key_exported" and exp[0]["actor"] == "custodian"
-    assert exp[0]["attrs"] == {
+    assert exp[1]["type"] == "audience_key_exported" and exp[1]["actor"] == "custodian"
+    assert exp[1]["attrs"] == {
         "kms": "local",
         "key_id": SECRET,
         "audience": "fraud",
@@ -360,8 +365,8 @@ def test_cli_export_and_reidentify(
     assert res.stdout.splitlines() == ["a@x.org"]
     assert "value #2" in res.stderr and foreign not in res.stderr
     r = verify_file(audit_file)
-    assert r.ok and r.count == 6
-    events = [json.loads(x) for x in audit_file.read_text().splitlines()]
+    assert r.ok and r.count == 7
+    events = [json.loads(x) for x in audit_file.read_text().splitlines()][1:]
     assert [e["attrs"]["outcome"] for e in events] == ["success"] * 5 + ["failed"]
     assert {e["actor"] for e in events} == {"bob"} and all(
         e["stream"] == "reidentify" for e in events
@@ -469,7 +474,7 @@ def test_wired_into_the_main_cli(tmp_path: Path, ring: LocalKeyring) -> None:
     with AuditLog([FileSink(tmp_path / "x.jsonl")], stream="s") as log:
         log.anomaly("x")
     res = CliRunner().invoke(main.cli, ["audit", "verify", str(tmp_path / "x.jsonl")])
-    assert res.exit_code == 0 and res.output.startswith("OK: 1 events")
+    assert res.exit_code == 0 and res.output.startswith("OK: 2 events")
 
 
 def test_cli_export_audience_from_a_wrapped_secret_file(tmp_path: Path, ring: LocalKeyring) -> None:
