@@ -34,6 +34,9 @@ class Reason(str, enum.Enum):
     """The plaintext is not Confluent-framed Avro that matches its schema."""
     TRANSFORM_FAILED = "transform_failed"
     """An operator could not transform a value (for example a malformed date)."""
+    INEFFECTIVE_TRANSFORM = "ineffective_transform"
+    """An operator's output would have equalled or contained its input (``generalize``
+    ``prefix`` of a short string, ``mask`` of separators only) under ``on_failure: quarantine``."""
     UNSUPPORTED_SCHEMA = "unsupported_schema"
     """The policy cannot be applied to this schema (an operator does not fit a field type)."""
     NO_ROUTE = "no_route"

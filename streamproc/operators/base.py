@@ -15,6 +15,7 @@ handled by the plan compiler: a null stays null and the operator sees only the v
 
 from __future__ import annotations
 
+import unicodedata
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -29,6 +30,33 @@ SubjectValueFn = Callable[[Any, bytes], Any]
 
 class OperatorError(ValueError):
     """Bad parameters or an inapplicable type.  The policy layer adds file/audience/tag."""
+
+
+class Ineffective(Exception):
+    """An operator's output would reveal its input (``on_failure: quarantine``).
+
+    Carries nothing: the value must not travel in an exception.  The plan compiler turns it
+    into the ``ineffective_transform`` reason class.
+    """
+
+
+#: The *strictness order*, loosest first, used whenever several rules govern one value (a
+#: field with several tags, a tagged field inside a tagged container): the strictest wins,
+#: so the outcome is never looser than any rule that applies.  Ranked by what the output
+#: still reveals: keep (everything) < date_shift (a full-precision value under a secret
+#: offset) < generalize (a coarser value) < mask (some characters) < encrypt_deterministic
+#: (equality, reversible with the audience key) < token (equality, irreversible) < redact
+#: (presence only) < drop (nothing, not even presence).  Every operator must be listed.
+STRICTNESS = ("keep", "date_shift", "generalize", "mask", "encrypt_deterministic", "token", "redact", "drop")
+
+
+def strictness(op_name: str) -> int:
+    """Rank of an operator in :data:`STRICTNESS` (higher is stricter)."""
+    return STRICTNESS.index(op_name)
+
+
+#: ``on_failure`` values of operators that can fail open (see :meth:`Operator.guarded`).
+ON_FAILURE = ("redact", "quarantine")
 
 
 @dataclass(frozen=True)
@@ -87,6 +115,75 @@ class Operator(ABC):
     def bind(self, params: Mapping[str, Any], t: AvroType, ctx: OpContext) -> Any:
         """A per-value function (``ValueFn``, or ``SubjectValueFn`` if ``needs_subject``)."""
 
+    def guarded(self, params: Mapping[str, Any], t: AvroType) -> bool:
+        """Whether this rule's output can degenerate into its input for some values.
+
+        True for operators that *reduce* a value to a part of itself (``mask``, string
+        ``generalize``): ``prefix: 8`` of a 6-character postcode, ``until: " "`` without
+        the separator, ``cidr: 32``.  Their bound function is then wrapped by
+        :func:`fail_closed`; keyed operators and numeric coarsening are not (a date already
+        on a year boundary generalizes to itself, and that reveals nothing new).
+        """
+        return False
+
+    def suppressed(self, params: Mapping[str, Any]) -> str:
+        """The value written instead when ``on_failure: redact`` (the default) applies.
+
+        ``*`` is the top of every generalization hierarchy (ARX's suppression value): it
+        says "withheld" without changing the field's type or output schema.
+        """
+        return "*"
+
+    def bind_checked(self, params: Mapping[str, Any], t: AvroType, ctx: OpContext) -> Any:
+        """:meth:`bind`, wrapped by :func:`fail_closed` when :meth:`guarded` says so.
+
+        The plan compiler calls this, never :meth:`bind` directly, so the check cannot be
+        forgotten by a new operator that declares itself guarded.
+        """
+        fn = self.bind(params, t, ctx)
+        if fn is None or not self.guarded(params, t):
+            return fn
+        return fail_closed(fn, params.get("on_failure", "redact"), self.suppressed(params), value_kind(t) == "string")
+
+
+def check_on_failure(params: Mapping[str, Any]) -> None:
+    v = params.get("on_failure", "redact")
+    if v not in ON_FAILURE:
+        raise OperatorError(f"on_failure must be {' or '.join(ON_FAILURE)}, not {v!r}")
+
+
+def fail_closed(fn: ValueFn, on_failure: str, suppressed: str, text_input: bool) -> ValueFn:
+    """Wrap a string-producing ``fn`` so that an output equal to or containing its input
+    never leaves: it becomes ``suppressed`` (``redact``), or :class:`Ineffective` is raised
+    (``quarantine``: the record goes to the dead-letter topic with ``ineffective_transform``).
+
+    "Contains" is the general form of "equal": ``203.0.113.7/32`` holds the whole address.
+    The empty string is contained in everything, so an empty input is always suppressed
+    (it had nothing to hide, and ``*`` hides that too).
+    """
+    quarantine = on_failure == "quarantine"
+    if text_input:
+
+        def guard_text(v: str) -> Any:
+            out = fn(v)
+            if v in out:
+                if quarantine:
+                    raise Ineffective()
+                return suppressed
+            return out
+
+        return guard_text
+
+    def guard(v: Any) -> Any:
+        out = fn(v)
+        if str(v) in out:
+            if quarantine:
+                raise Ineffective()
+            return suppressed
+        return out
+
+    return guard
+
 
 def require_kind(op: str, t: AvroType, allowed: frozenset[str]) -> str:
     kind = value_kind(t)
@@ -108,19 +205,51 @@ def canonical_bytes(value: Any) -> bytes:
     return str(value).encode()
 
 
+_ASCII_DIGITS = frozenset("0123456789")
+
+
+def fold_case(x: str) -> str:
+    """Case-insensitive form: NFKC, then full Unicode case folding, then NFKC again.
+
+    ``str.lower`` is not case-insensitive comparison: ``Straße``/``STRASSE`` and the
+    full-width ``U+FF21``/``A`` stay different, so one person would get two tokens.
+    Unicode's recommended caseless match (UAX #15/#21: ``NFKC(casefold(NFKC(x)))``) folds
+    compatibility forms and case together; ASCII input is returned as ``x.lower()``.
+    """
+    if x.isascii():
+        return x.lower()
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", x).casefold())
+
+
+def ascii_digits(x: str) -> str:
+    """The ASCII digits of ``x`` (after NFKC, so full-width digits U+FF10..U+FF19 count).
+
+    ``str.isdigit`` also accepts superscripts and other scripts' digits (``²``, ``٣``),
+    which a phone number does not mean: the same number written two ways must give one
+    token, and other scripts' digits are not silently reinterpreted.
+    """
+    if not x.isascii():
+        x = unicodedata.normalize("NFKC", x)
+    return "".join(c for c in x if c in _ASCII_DIGITS)
+
+
 def normalizer(spec: Any) -> Callable[[str], str] | None:
-    """Build a string normalizer from ``normalize: [lower, strip, digits]``."""
+    """Build a string normalizer from ``normalize: [lower, strip, digits]``.
+
+    ``lower`` is a caseless match (:func:`fold_case`), ``digits`` keeps ASCII digits
+    (:func:`ascii_digits`), ``strip`` removes leading and trailing whitespace.
+    """
     if not spec:
         return None
     steps = [spec] if isinstance(spec, str) else list(spec)
     funcs: list[Callable[[str], str]] = []
     for s in steps:
         if s == "lower":
-            funcs.append(str.lower)
+            funcs.append(fold_case)
         elif s == "strip":
             funcs.append(str.strip)
         elif s == "digits":
-            funcs.append(lambda x: "".join(c for c in x if c.isdigit()))
+            funcs.append(ascii_digits)
         else:
             raise OperatorError(f"unknown normalization {s!r} (lower, strip, digits)")
     if len(funcs) == 1:

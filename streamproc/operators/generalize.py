@@ -7,7 +7,16 @@ Exactly one of:
 * ``prefix: N`` or ``until: " "`` -- strings cut to a prefix (postcode ``SW1A 1AA`` ->
   ``SW1A`` with ``until: " "``);
 * ``cidr: 24`` (and optionally ``cidr6: 48``) -- IP address strings to their network,
-  ``203.0.113.7`` -> ``203.0.113.0/24``.
+  ``203.0.113.7`` -> ``203.0.113.0/24``.  An IPv6 address that embeds an IPv4 address
+  (IPv4-mapped ``::ffff:0:0/96``, IPv4-compatible ``::/96``, NAT64 ``64:ff9b::/96``,
+  6to4 ``2002::/16``, Teredo ``2001::/32``) is generalized *as that IPv4 address*, with
+  ``cidr``: a ``/48`` of ``2002:cb00:7107::`` still holds all 32 bits of ``203.0.113.7``.
+
+The string modes fail closed (:func:`~streamproc.operators.base.fail_closed`): when the
+output would equal or contain the input -- ``prefix: 4`` of ``SW1A``, ``until: " "`` of
+``SW1A1AA``, ``cidr: 32`` -- the value is replaced by ``*`` (``on_failure: redact``, the
+default) or the record is quarantined as ``ineffective_transform``
+(``on_failure: quarantine``).
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from streamproc.operators.base import (
     OpContext,
     Operator,
     OperatorError,
+    check_on_failure,
     require_kind,
     value_kind,
 )
@@ -36,6 +46,31 @@ _MODES = ("to", "bucket", "prefix", "until", "cidr")
 _AF_INET = socket.AF_INET
 _pton = socket.inet_pton
 _ntop = socket.inet_ntop
+_STRING_MODES = ("prefix", "until", "cidr")
+
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+_COMPAT = ipaddress.IPv6Network("::/96")
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
+_6TO4 = ipaddress.IPv6Network("2002::/16")
+_TEREDO = ipaddress.IPv6Network("2001::/32")
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address carries, for the well-known embeddings.
+
+    IPv4-mapped and IPv4-compatible (RFC 4291), NAT64 well-known prefix (RFC 6052),
+    6to4 (RFC 3056: bits 16..47), Teredo (RFC 4380: the client address, obfuscated by
+    XOR in the last 32 bits).  ``::`` and ``::1`` are not IPv4-compatible addresses.
+    """
+    n = int(ip)
+    if ip in _MAPPED or ip in _NAT64 or (ip in _COMPAT and n > 1):
+        return ipaddress.IPv4Address(n & 0xFFFFFFFF)
+    if ip in _6TO4:
+        return ipaddress.IPv4Address((n >> 80) & 0xFFFFFFFF)
+    if ip in _TEREDO:
+        return ipaddress.IPv4Address(~n & 0xFFFFFFFF)
+    return None
 
 
 def _truncate_days(days: int, to: str) -> int:
@@ -55,6 +90,7 @@ class Generalize(Operator):
         "until": (str,),
         "cidr": (int,),
         "cidr6": (int,),
+        "on_failure": (str,),
     }
 
     def check_params(self, params: Mapping[str, Any]) -> None:
@@ -73,6 +109,12 @@ class Generalize(Operator):
             raise OperatorError("'cidr6' must be 0..128")
         if "cidr6" in params and "cidr" not in params:
             raise OperatorError("'cidr6' goes with 'cidr'")
+        check_on_failure(params)
+        if "on_failure" in params and not any(m in params for m in _STRING_MODES):
+            raise OperatorError("'on_failure' applies to prefix, until and cidr (numbers and dates cannot fail open)")
+
+    def guarded(self, params: Mapping[str, Any], t: AvroType) -> bool:
+        return any(m in params for m in _STRING_MODES)
 
     def output_type(self, params: Mapping[str, Any], t: AvroType) -> AvroType | None:
         if "to" in params:
@@ -145,6 +187,17 @@ class Generalize(Operator):
                     a &= mask4
                     return f"{a >> 24}.{(a >> 16) & 255}.{(a >> 8) & 255}.{a & 255}/{c4}"
             ip = ipaddress.ip_address(v.strip())
+            if ip.version == 6:
+                assert isinstance(ip, ipaddress.IPv6Address)
+                if ip in _NAT64_LOCAL:
+                    # RFC 8215 local-use NAT64: the IPv4 address sits at a position only
+                    # the network's own prefix length says, so no cut is known to remove
+                    # it.  Returning the input makes the fail-closed guard act (redact or
+                    # quarantine, as the rule says).
+                    return v
+                v4 = embedded_ipv4(ip)
+                if v4 is not None:
+                    ip = v4
             return str(ipaddress.ip_network(f"{ip}/{c4 if ip.version == 4 else c6}", strict=False))
 
         return network

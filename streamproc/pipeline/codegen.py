@@ -26,7 +26,8 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from streamproc.operators.base import canonical_bytes
+from streamproc.errors import Reason
+from streamproc.operators.base import Ineffective, canonical_bytes
 from streamproc.pipeline.plan import (
     Apply,
     ArrayNode,
@@ -46,7 +47,19 @@ class BadPayload(Exception):
 
 
 class TransformFailed(Exception):
-    """An operator raised; ``args[0]`` is the field path (never the value)."""
+    """An operator raised; ``args[0]`` is the field path (never the value).
+
+    ``reason`` is ``transform_failed``, or ``ineffective_transform`` when a guarded
+    operator refused to let its input through (``on_failure: quarantine``).
+    """
+
+    def __init__(self, path: str, reason: Reason = Reason.TRANSFORM_FAILED) -> None:
+        super().__init__(path)
+        self.reason = reason
+
+
+def _ineffective(path: str) -> TransformFailed:
+    return TransformFailed(path, Reason.INEFFECTIVE_TRANSFORM)
 
 
 # -- runtime helpers used by generated code ------------------------------------------------
@@ -165,6 +178,8 @@ class _Gen:
             "_skip_len": _skip_len,
             "_Bad": BadPayload,
             "_TF": TransformFailed,
+            "_TFI": _ineffective,
+            "_Ineff": Ineffective,
             "_F": _F.unpack_from,
             "_D": _D.unpack_from,
             "enc_long": enc_long,
@@ -364,12 +379,14 @@ class _Gen:
                 # failures inside the try (a non-str result or a lone surrogate).
                 k = self.var("k")
                 out.append(f"{ind}try: {w} = {fn}({args}).encode()")
+                out.append(f"{ind}except _Ineff: raise _TFI({path}) from None")
                 out.append(f"{ind}except Exception: raise _TF({path}) from None")
                 out.append(f"{ind}{k} = len({w})")
                 out.append(f"{ind}out.append(_LEN[{k}] if {k} < 64 else enc_long({k}))")
                 out.append(f"{ind}out.append({w})")
             else:
                 out.append(f"{ind}try: {w} = {enc}({fn}({args}))")
+                out.append(f"{ind}except _Ineff: raise _TFI({path}) from None")
                 out.append(f"{ind}except Exception: raise _TF({path}) from None")
                 out.append(f"{ind}out.append({w})")
             out.append(f"{ind}start = pos")
@@ -382,6 +399,10 @@ class _Gen:
             inner = n.items if isinstance(n, ArrayNode) else n.values
             c, sz = self.var("n"), self.var("sz")
             self.flush(ind, out)
+            seen = None
+            if isinstance(n, MapNode) and isinstance(n.keys, Apply):
+                seen = self.var("seen")
+                out.append(f"{ind}{seen} = set()")  # transformed keys, across blocks
             out.append(f"{ind}while True:")
             self.block_count(c, ind + "    ", out)
             out.append(f"{ind}    if {c} == 0: break")
@@ -394,9 +415,12 @@ class _Gen:
             out.append(f"{ind}    start = pos")
             out.append(f"{ind}    for _ in range({c}):")
             body: list[str] = []
-            if isinstance(n, MapNode):
-                self.skip(_STRING, ind + "        ", body)
             self.run_empty = False
+            if isinstance(n, MapNode):
+                if seen is None:
+                    self.skip(_STRING, ind + "        ", body)
+                else:
+                    self.map_key(n.keys, seen, ind + "        ", body)
             self.node(inner, ind + "        ", body)
             out.extend(body or [f"{ind}        pass"])
             out.append(f"{ind}    out.append(buf[start:pos])")
@@ -425,6 +449,30 @@ class _Gen:
             self.run_empty = False
         else:
             raise TypeError(n)
+
+    def map_key(self, n: Node, seen: str, ind: str, out: list[str]) -> None:
+        """A transformed map key: decode, transform, refuse a repeat, write.
+
+        Two keys that transform to one (``mask``, ``generalize``, normalization) would
+        merge two entries in every reader; the record fails instead (the reference
+        interpreter checks the same, in the same order).
+        """
+        assert isinstance(n, Apply)
+        self.flush(ind, out)
+        fn = self.const(n.fn, "_op")
+        path = self.const(n.path, "_path")
+        v, w, k = self.var("v"), self.var("w"), self.var("k")
+        self.decode(n.t, v, ind, out)
+        out.append(f"{ind}try: {w} = {fn}({v}).encode()")
+        out.append(f"{ind}except _Ineff: raise _TFI({path}) from None")
+        out.append(f"{ind}except Exception: raise _TF({path}) from None")
+        out.append(f"{ind}if {w} in {seen}: raise _TF({path})")
+        out.append(f"{ind}{seen}.add({w})")
+        out.append(f"{ind}{k} = len({w})")
+        out.append(f"{ind}out.append(_LEN[{k}] if {k} < 64 else enc_long({k}))")
+        out.append(f"{ind}out.append({w})")
+        out.append(f"{ind}start = pos")
+        self.run_empty = True
 
     def rec_func(self, n: RecordNode) -> str:
         name = self.rec_funcs.get(n.uid)

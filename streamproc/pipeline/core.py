@@ -374,7 +374,7 @@ class Pipeline:
                     else:
                         outs = [join(t[1].fn(plain)) for t in memo_targets]
                 except TransformFailed as exc:
-                    raise RecordError(Reason.TRANSFORM_FAILED, f"field {exc.args[0]}") from None
+                    raise RecordError(exc.reason, f"field {exc.args[0]}") from None
                 except (BadPayload, IndexError, UnicodeDecodeError, struct.error, ValueError, OverflowError):
                     raise RecordError(Reason.BAD_PAYLOAD, f"Avro does not match schema id {schema_id}") from None
             except SchemaNotFound:

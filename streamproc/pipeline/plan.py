@@ -22,10 +22,17 @@ from typing import Any
 
 from streamproc.crypto.pseudonym import PseudonymKeys
 from streamproc.errors import PolicyError, SchemaError
-from streamproc.operators import OpContext, Operator, OperatorError
+from streamproc.operators import OpContext, Operator, OperatorError, get_operator
 from streamproc.policy.model import Audience, Rule
 from streamproc.schema import avro
-from streamproc.schema.annotations import DOMAIN_HINT, records_in, subject_field
+from streamproc.schema.annotations import (
+    DOMAIN_HINT,
+    KEY_TAGS_HINT,
+    maps_in,
+    merge_tags,
+    records_in,
+    subject_field,
+)
 from streamproc.schema.avro import Array, AvroType, Field, Map, Primitive, Record, Union
 
 _ids = itertools.count(1)
@@ -75,6 +82,10 @@ class ArrayNode(Node):
 @dataclass(eq=False)
 class MapNode(Node):
     values: Node = field(default_factory=lambda: Keep(Primitive("null")))
+    keys: Node = field(default_factory=lambda: Keep(Primitive("string")))
+    """:class:`Keep` (keys copied) or :class:`Apply` from string to string.  Transformed
+    keys must stay distinct within one map, else the record fails (``transform_failed``):
+    merging two entries would silently lose one."""
 
 
 @dataclass(eq=False)
@@ -104,65 +115,113 @@ class _Builder:
     def __init__(self, audience: Audience, keys: PseudonymKeys | None, root: Record) -> None:
         self.audience = audience
         self.keys = keys
-        self.records: dict[str, RecordNode] = {}
+        self.records: dict[tuple[str, tuple[str, ...]], RecordNode] = {}
         self.transforms: dict[str, int] = {}
         self.subject_needed = False
         self.root = root
 
     # -- fields -------------------------------------------------------------------------
-    def record(self, r: Record, prefix: str) -> Node:
-        memo = self.records.get(r.fullname)
+    def record(self, r: Record, prefix: str, inherited: tuple[str, ...] = ()) -> Node:
+        key = (r.fullname, inherited)
+        memo = self.records.get(key)
         if memo is not None:
             return memo
         node = RecordNode(r)
-        self.records[r.fullname] = node
+        self.records[key] = node
         for f in r.fields:
-            node.fields.append((f, self.field(f, f"{prefix}{f.name}")))
+            node.fields.append((f, self.field(f, f"{prefix}{f.name}", inherited)))
         if all(is_keep(n) for _, n in node.fields):
-            del self.records[r.fullname]
+            del self.records[key]
             return Keep(r)
         return node
 
-    def field(self, f: Field, path: str) -> Node:
-        if f.tags:
-            rule = self.audience.rule_for(f.tags)
+    def field(self, f: Field, path: str, inherited: tuple[str, ...] = ()) -> Node:
+        """One field.  ``inherited``: the tags of the tagged containers around it.
+
+        A tag applies to everything inside the value it is on, so a field's tags are its
+        own plus its containers'; :meth:`Audience.rule_for` picks the strictest rule among
+        them.  A tagged container whose rule is ``drop`` or ``redact`` hides the whole
+        value (nothing inside can be stricter); under any other rule its records are walked
+        so that an inner ``EMAIL`` is never kept because the container is ``PUBLIC``.
+
+        Map keys are data too: they get the field's rule, or the rule of the tags in the
+        field's ``streamproc.key_tags`` hint when the schema classifies them separately.
+        """
+        tags = _merge(inherited, f.tags)
+        hint = f.props.get(KEY_TAGS_HINT)
+        krule: Rule | None = None
+        kdomain = ""
+        if hint is not None:
+            ktags = _merge(inherited, tuple(str(x) for x in hint))
+            krule = self.audience.rule_for(ktags) if ktags else None
+            if krule is None and maps_in(f.type):
+                return Drop(f.type)  # keys whose tags this audience does not mention
+            if krule is not None:
+                kdomain = str(krule.params.get("domain") or f.props.get(DOMAIN_HINT) or krule.tag)
+        if tags:
+            rule = self.audience.rule_for(tags)
             if rule is None:
                 return Drop(f.type)  # a tag this audience does not mention: minimize
             domain = str(rule.params.get("domain") or f.props.get(DOMAIN_HINT) or rule.tag)
-            return self.rule(rule, f.type, path, domain)
+            if hint is None:
+                krule, kdomain = rule, domain
+            if records_in(f.type) and rule.op not in ("drop", "redact"):
+                return self.container(f.type, path, tags, rule, domain, krule, kdomain)
+            return self.rule(rule, f.type, path, domain, krule, kdomain)
         if records_in(f.type):
-            return self.container(f.type, path)
+            return self.container(f.type, path, (), None, "", krule, kdomain)
         return Keep(f.type) if self.audience.untagged == "keep" else Drop(f.type)
 
-    def container(self, t: AvroType, path: str) -> Node:
-        """An untagged value that contains records: walk the records' own fields.
+    def container(
+        self,
+        t: AvroType,
+        path: str,
+        tags: tuple[str, ...],
+        rule: Rule | None,
+        domain: str,
+        krule: Rule | None,
+        kdomain: str,
+    ) -> Node:
+        """A value that contains records: walk the records' own fields.
 
-        Scalar values met on the way (the string branch of ``["null", "string", R]``)
-        are untagged data too, so they get the audience's ``untagged`` rule: kept, or,
-        under ``drop``, written as null when the union has a null branch.  When that is
-        impossible the whole field is dropped (:class:`Drop` propagates up to the field):
-        minimization wins over keeping a record half-visible.
+        Without a tag (``rule`` None), scalar values met on the way (the string branch of
+        ``["null", "string", R]``, the keys of a map) are untagged data and get the
+        audience's ``untagged`` rule: kept, or, under ``drop``, written as null when the
+        union has a null branch.  When that is impossible the whole field is dropped
+        (:class:`Drop` propagates up to the field): minimization wins over keeping a record
+        half-visible.  Under a tagged container's ``rule`` they get that rule.
         """
         if isinstance(t, Record):
-            return self.record(t, path + ".")
+            return self.record(t, path + ".", tags)
         if isinstance(t, Array):
-            items = self.container(t.items, path + "[]")
+            items = self.container(t.items, path + "[]", tags, rule, domain, krule, kdomain)
             if isinstance(items, Drop):
                 return Drop(t)
             return Keep(t) if is_keep(items) else ArrayNode(t, items)
         if isinstance(t, Map):
-            values = self.container(t.values, path + "{}")
+            values = self.container(t.values, path + "{}", tags, rule, domain, krule, kdomain)
             if isinstance(values, Drop):
                 return Drop(t)
-            return Keep(t) if is_keep(values) else MapNode(t, values)
+            if krule is not None:
+                keys = self.map_keys(krule, path, kdomain)
+            elif self.audience.untagged == "keep":
+                keys = Keep(_STRING)
+            else:
+                return Drop(t)  # unclassified keys under untagged: drop cannot stay
+            if is_keep(values) and is_keep(keys):
+                return Keep(t)
+            return MapNode(t, values, keys)
         if isinstance(t, Union):
             has_null = any(b.kind == "null" for b in t.branches)
             branches: list[Node] = []
             for b in t.branches:
                 if b.kind == "null" or records_in(b):
-                    node = self.container(b, path)
+                    node = self.container(b, path, tags, rule, domain, krule, kdomain)
+                elif rule is not None:
+                    node = self.rule(rule, b, path, domain, krule, kdomain)
                 elif self.audience.untagged == "keep":
-                    node = Keep(b)
+                    # untagged data is kept, but keys classified by the field's hint get their rule
+                    node = self.rule(_KEEP, b, path, domain, krule, kdomain) if krule is not None else Keep(b)
                 elif has_null:
                     node = Apply(b, Primitive("null"), _to_null, "redact", path, False, False)
                     self.transforms["redact"] = self.transforms.get("redact", 0) + 1
@@ -174,6 +233,8 @@ class _Builder:
             return self.union(t, branches)
         if t.kind == "null":
             return Keep(t)
+        if rule is not None:
+            return self.rule(rule, t, path, domain, krule, kdomain)
         return Keep(t) if self.audience.untagged == "keep" else Drop(t)
 
     def union(self, t: Union, branches: list[Node]) -> Node:
@@ -184,31 +245,68 @@ class _Builder:
         return UnionNode(t, branches)
 
     # -- rules --------------------------------------------------------------------------
-    def rule(self, rule: Rule, t: AvroType, path: str, domain: str) -> Node:
+    def rule(self, rule: Rule, t: AvroType, path: str, domain: str, krule: Rule | None, kdomain: str) -> Node:
+        """``rule`` on a value of type ``t``; ``krule`` for the keys of maps inside it."""
         op = rule.operator
-        if rule.op == "keep":
-            return Keep(t)
         if rule.op == "drop":
             return Drop(t)
+        if rule.op == "keep" and (krule is None or krule.op == "keep" or not maps_in(t)):
+            return Keep(t)
         # redact with a constant on a union, array or map applies per value (null stays
         # null); every other whole-value operator applies to the value as a whole.
         per_value = rule.op == "redact" and rule.params.get("value") is not None and isinstance(t, (Union, Array, Map))
-        if op.any_type and not per_value:
+        if op.any_type and not per_value and rule.op != "keep":
             return self.apply(op, rule, t, path, domain, decode=False)
         if isinstance(t, Union):
-            branches = [Keep(b) if b.kind == "null" else self.rule(rule, b, path, domain) for b in t.branches]
+            branches = [
+                Keep(b) if b.kind == "null" else self.rule(rule, b, path, domain, krule, kdomain) for b in t.branches
+            ]
             return self.union(t, branches)
         if isinstance(t, Array):
-            return ArrayNode(t, self.rule(rule, t.items, path + "[]", domain))
+            items = self.rule(rule, t.items, path + "[]", domain, krule, kdomain)
+            return Keep(t) if is_keep(items) else ArrayNode(t, items)
         if isinstance(t, Map):
-            return MapNode(t, self.rule(rule, t.values, path + "{}", domain))
+            assert krule is not None
+            values = self.rule(rule, t.values, path + "{}", domain, krule, kdomain)
+            keys = self.map_keys(krule, path, kdomain)
+            return Keep(t) if is_keep(values) and is_keep(keys) else MapNode(t, values, keys)
+        if rule.op == "keep":
+            return Keep(t)
         return self.apply(op, rule, t, path, domain, decode=True)
+
+    def map_keys(self, rule: Rule, path: str, domain: str) -> Node:
+        """The rule applied to the keys of a map it governs: keys are data too.
+
+        ``keep`` keeps them; an operator must turn a string into a string (``token``,
+        ``encrypt_deterministic``, ``mask``, string ``generalize``); anything else is
+        refused, as is ``redact`` with a constant (every key would become the same one).
+        ``drop`` and ``redact`` to null never get here: they take the whole map.
+        """
+        if rule.op == "keep":
+            return Keep(_STRING)
+        where = f"audience {self.audience.name!r}, field {path!r} (map keys), tag {rule.tag!r}"
+        if rule.op in ("drop", "redact"):
+            raise PolicyError(
+                f"{where}: {rule.op} cannot apply to the keys alone (redact with a constant would give "
+                "every key the same value); drop or redact the whole map, or classify its keys with "
+                f"\"{KEY_TAGS_HINT}\""
+            )
+        try:
+            out = rule.operator.output_type(rule.params, _STRING)
+        except OperatorError as exc:
+            raise PolicyError(
+                f"{where}: {exc}; map keys are strings: use an operator for strings, or classify "
+                f"the keys with \"{KEY_TAGS_HINT}\""
+            ) from None
+        if out is None or out.kind != "string":
+            raise PolicyError(f"{where}: {rule.op} does not turn a string key into a string")
+        return self.apply(rule.operator, rule, _STRING, path + "{}<key>", domain, decode=True)
 
     def apply(self, op: Operator, rule: Rule, t: AvroType, path: str, domain: str, decode: bool) -> Node:
         where = f"audience {self.audience.name!r}, field {path!r}, tag {rule.tag!r}"
         try:
             out = op.output_type(rule.params, t)
-            fn = op.bind(rule.params, t, OpContext(self.audience.name, domain, path, self.keys))
+            fn = op.bind_checked(rule.params, t, OpContext(self.audience.name, domain, path, self.keys))
         except OperatorError as exc:
             raise PolicyError(f"{where}: {exc}") from None
         assert out is not None
@@ -219,6 +317,14 @@ class _Builder:
                 raise PolicyError(f"{where}: subject_field {want!r} is not a top-level field")
         self.transforms[op.name] = self.transforms.get(op.name, 0) + 1
         return Apply(t, out, fn, op.name, path, op.needs_subject, decode)
+
+
+_STRING = Primitive("string")
+
+
+_KEEP = Rule("<untagged>", "keep", {}, get_operator("keep"))
+
+_merge = merge_tags
 
 
 def _to_null(_value: Any) -> None:
@@ -325,7 +431,7 @@ def _ops_in(n: Node, seen: set[int] | None = None) -> set[str]:
     if isinstance(n, ArrayNode):
         return _ops_in(n.items, seen)
     if isinstance(n, MapNode):
-        return _ops_in(n.values, seen)
+        return _ops_in(n.values, seen) | _ops_in(n.keys, seen)
     if isinstance(n, UnionNode):
         return set().union(*(_ops_in(b, seen) for b in n.branches))
     return set()

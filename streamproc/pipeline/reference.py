@@ -12,7 +12,8 @@ from typing import Any
 
 import fastavro
 
-from streamproc.operators.base import canonical_bytes
+from streamproc.errors import Reason
+from streamproc.operators.base import Ineffective, canonical_bytes
 from streamproc.pipeline.codegen import TransformFailed
 from streamproc.pipeline.plan import (
     Apply,
@@ -99,6 +100,8 @@ def _apply(n: Node, value: Any, subject: bytes | None) -> Any:
             if n.needs_subject:
                 return n.fn(value, subject)
             return n.fn(value if n.decode else None)
+        except Ineffective:
+            raise TransformFailed(n.path, Reason.INEFFECTIVE_TRANSFORM) from None
         except Exception:
             raise TransformFailed(n.path) from None
     if isinstance(n, RecordNode):
@@ -112,7 +115,18 @@ def _apply(n: Node, value: Any, subject: bytes | None) -> Any:
     if isinstance(n, ArrayNode):
         return [_apply(n.items, v, subject) for v in value]
     if isinstance(n, MapNode):
-        return {k: _apply(n.values, v, subject) for k, v in value.items()}
+        if isinstance(n.keys, Keep):
+            return {k: _apply(n.values, v, subject) for k, v in value.items()}
+        # Entry by entry, key first, as the generated code does (same first failure); two
+        # keys that transform to one fail the record rather than merge two entries.
+        entries: dict[str, Any] = {}
+        for k, v in value.items():
+            nk = _apply(n.keys, k, subject)
+            if nk in entries:
+                assert isinstance(n.keys, Apply)
+                raise TransformFailed(n.keys.path)
+            entries[nk] = _apply(n.values, v, subject)
+        return entries
     if isinstance(n, UnionNode):
         assert isinstance(n.t, Union)
         assert n.out is not None

@@ -8,9 +8,12 @@ It fails (non-zero exit) when:
 * a rule cannot apply to the field's type (``mask`` on a date, ``date_shift`` without a
   subject field, ...), found by compiling every (schema, audience) plan.
 
+Map keys are checked like fields: keys that are neither classified (the map field's
+tags, or its ``streamproc.key_tags`` hint) nor explicitly public are an error, and a rule
+that cannot apply to string keys is an error of the compiled plan.
+
 It warns when a field carries several tags whose rules disagree for an audience (the
-first rule in file order wins), when a rule's tag is used by no schema, and when an
-untagged map of records would pass its keys through unchanged.
+strictest rule wins), and when a rule's tag is used by no schema.
 
 Plans are compiled with a throw-away random pseudonym key, so the linter needs no access
 to real key material.
@@ -79,21 +82,18 @@ def check(policy: Policy, schemas: list[RegisteredSchema]) -> Report:
             report.findings.append(Finding("error", name, "top-level schema is not a record"))
             continue
         rows: dict[str, dict[str, str]] = {}
-        maps_seen: set[str] = set()
         for leaf in leaves(node):
-            if "{}." in leaf.path:
-                # Keys of an untagged map of records are structure, copied as they are.
-                prefix = leaf.path[: leaf.path.rindex("{}.")]
-                if prefix not in maps_seen:
-                    maps_seen.add(prefix)
-                    report.findings.append(Finding(
-                        "warning", name,
-                        f"map keys of {prefix!r} pass through unchanged for every audience; if "
-                        "they can identify a person, tag the map field itself",
-                    ))
             rows[leaf.path] = {}
             used_tags.update(leaf.tags)
-            if not leaf.tags:
+            if not leaf.tags and leaf.path.endswith("{}<key>"):
+                # Keys of an unclassified map would pass through unchanged: an error, like
+                # any unclassified field (they are often the identifying part).
+                report.findings.append(Finding(
+                    "error", name,
+                    f"map keys {leaf.path!r} are neither classified nor explicitly public (tag the "
+                    "map field, or classify its keys with \"streamproc.key_tags\", e.g. [\"PUBLIC\"])",
+                ))
+            elif not leaf.tags:
                 report.findings.append(Finding(
                     "error", name,
                     f"field {leaf.path!r} is neither classified nor explicitly public "
@@ -118,7 +118,7 @@ def check(policy: Policy, schemas: list[RegisteredSchema]) -> Report:
                     report.findings.append(Finding(
                         "warning", name,
                         f"audience {aud.name!r}: field {leaf.path!r} has tags with different rules "
-                        f"({sorted(ops)}); the first in file order ({rule.tag} -> {rule.op}) applies",
+                        f"({sorted(ops)}); the strictest ({rule.tag} -> {rule.op}) applies",
                     ))
         for aud in policy.audiences.values():
             try:

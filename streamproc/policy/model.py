@@ -17,9 +17,10 @@ Example (see docs/policy.md for the full reference)::
           BIRTH_DATE: {op: generalize, to: year}
           PII: drop
 
-A field carrying several tags is governed by the first of the audience's ``tags`` entries
-(in file order) that it carries; a tag the audience does not mention makes the field
-``drop`` for that audience.  The policy version is a hash of its canonical content, so it
+A field carrying several tags is governed by the *strictest* of the audience's rules for
+those tags (:data:`~streamproc.operators.base.STRICTNESS`; between rules of the same
+operator, the first in file order); tags the audience does not mention are ignored when
+another tag has a rule, and make the field ``drop`` when none has.  The policy version is a hash of its canonical content, so it
 changes exactly when the meaning changes, not when comments or formatting do.
 """
 
@@ -36,6 +37,7 @@ import yaml
 
 from streamproc.errors import PolicyError
 from streamproc.operators import Operator, OperatorError, get_operator
+from streamproc.operators.base import strictness
 
 RECORD_KEY_MODES = ("keep", "token", "drop")
 
@@ -57,11 +59,17 @@ class Audience:
     description: str = ""
 
     def rule_for(self, tags: tuple[str, ...]) -> Rule | None:
-        """The first rule (in file order) whose tag the field carries."""
+        """The strictest rule whose tag the field carries (ties: the first in file order).
+
+        Never the loosest: a field tagged ``PUBLIC`` and ``EMAIL`` (inline, from registry
+        metadata or from an enclosing record) gets EMAIL's ``token``, not PUBLIC's ``keep``,
+        whatever order the policy lists them in.
+        """
+        best: Rule | None = None
         for r in self.rules:
-            if r.tag in tags:
-                return r
-        return None
+            if r.tag in tags and (best is None or strictness(r.op) > strictness(best.op)):
+                best = r
+        return best
 
 
 @dataclass(frozen=True)

@@ -162,7 +162,10 @@ def run_scenario(tmp: Path) -> list[str]:
     log.info("long field", extra={"detail": secret * 100})
     kinds = {a.kind.value for a in metrics.detector.history} if metrics.detector else set()
     assert {"decryption_spike", "unknown_key", "revoked_key", "decryption_failure_burst", "unexpected_destination"} <= kinds, kinds
-    reasons = {r.value for r in Reason} - {"oversized", "malformed_envelope", "unsupported_version", "unsupported_schema"}
+    # ineffective_transform needs a rule with on_failure: quarantine (the shipped policy
+    # redacts instead); its path is covered in test_fail_closed.py.
+    reasons = {r.value for r in Reason} - {"oversized", "malformed_envelope", "unsupported_version", "unsupported_schema",
+                                           "ineffective_transform"}
     seen = {ln for ln in reasons if metrics.registry.get_sample_value("streamproc_records_quarantined_total", {"reason": ln})}
     assert seen == reasons
     return planted

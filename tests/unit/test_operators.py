@@ -225,6 +225,53 @@ def test_token_normalize(keys: PseudonymKeys) -> None:
     assert digits("+44 (0)20-7946 0000") == plain("440207946" + "0000")
 
 
+#: Known answers for the normalizers, worked out from the Unicode data by hand: case
+#: folding (CaseFolding.txt: U+00DF -> "ss", U+0130 -> "i" + U+0307, U+03A3/U+03C2 -> U+03C3,
+#: U+212A KELVIN SIGN -> "k") and NFKC (full-width forms U+FF01..U+FF5E -> ASCII,
+#: U+00B2 SUPERSCRIPT TWO -> "2", U+FB01 LIGATURE FI -> "fi").
+LOWER_VECTORS = [
+    ("Alice@Example.COM", "alice@example.com"),
+    ("Stra\u00dfe", "strasse"),
+    ("STRASSE", "strasse"),
+    ("\u0130stanbul", "i\u0307stanbul"),
+    ("\u03a3\u03bf\u03c6\u03bf\u03c2", "\u03c3\u03bf\u03c6\u03bf\u03c3"),  # final sigma folds too
+    ("\uff21\uff4c\uff49\uff43\uff45\uff20\uff45\uff58\uff0e\uff43\uff4f\uff4d", "alice@ex.com"),
+    ("\u212aelvin", "kelvin"),
+    ("\ufb01le", "file"),
+]
+DIGIT_VECTORS = [
+    ("+44 (0)20-7946 0000", "440207946" + "0000"),
+    ("\uff10\uff11\uff12", "012"),  # full-width digits are ASCII digits after NFKC
+    ("x\u00b2", "2"),  # NFKC maps the superscript to "2"
+    ("\u0663\u0664", ""),  # ARABIC-INDIC digits: not ASCII digits, not kept
+    ("\u096a2", "2"),  # DEVANAGARI FOUR is dropped, the ASCII 2 stays
+]
+
+
+@pytest.mark.parametrize(("raw", "folded"), LOWER_VECTORS)
+def test_lower_is_a_caseless_match(raw: str, folded: str) -> None:
+    from streamproc.operators.base import normalizer
+
+    norm = normalizer(["lower"])
+    assert norm is not None and norm(raw) == folded
+
+
+@pytest.mark.parametrize(("raw", "digits"), DIGIT_VECTORS)
+def test_digits_keeps_ascii_digits_only(raw: str, digits: str) -> None:
+    from streamproc.operators.base import normalizer
+
+    norm = normalizer("digits")
+    assert norm is not None and norm(raw) == digits
+
+
+def test_case_variants_tokenize_alike(keys: PseudonymKeys) -> None:
+    norm = bind("token", {"normalize": ["lower", "strip"]}, S, keys)
+    plain = bind("token", {}, S, keys)
+    for raw, folded in LOWER_VECTORS:
+        assert norm(raw) == plain(folded)
+    assert norm("Stra\u00dfe") == norm("STRASSE")  # str.lower left these two tokens apart
+
+
 def test_token_changes_with_master_version(keyring: LocalKeyring) -> None:
     k1 = PseudonymKeys(keyring, PSEUDONYM)
     before = bind("token", {}, S, k1)("alice")
@@ -311,7 +358,13 @@ def test_encrypt_deterministic_properties(shared_keys: PseudonymKeys, a: str, b:
         ({"keep_last": 4}, "abc", "***"),
         ({"keep_last": 4}, "", ""),
         ({"keep_first": 2, "keep_last": 2}, "abcd", "****"),
-        ({"keep_first": 2, "keep_last": 2}, "abcde", "ab*de"),
+        ({"keep_first": 2, "keep_last": 2}, "abcde", "*****"),  # 4 of 5 shown: too many
+        ({"keep_first": 2, "keep_last": 2}, "abcdefgh", "ab****gh"),  # exactly half shown
+        ({"keep_last": 4}, "12345", "*****"),  # was "*2345": all but one digit
+        ({"keep_last": 4}, "1234567", "*******"),
+        ({"keep_last": 4}, "12345678", "****5678"),
+        ({"keep_first": 1, "preserve": "@."}, "a@b.c", "*****"),  # separators count as shown
+        ({"keep_first": 1, "preserve": "@."}, "ab@cd.e", "a*@**.*"),
         ({"keep_first": 2, "preserve": "@."}, "john.doe@example.com", "jo**.***@*******.***"),
         ({"keep_first": 1, "char": "#"}, "secret", "s#####"),
         ({"fixed_length": 3}, "a very long secret", "***"),
@@ -335,7 +388,9 @@ def test_mask_numbers_become_strings() -> None:
 def test_mask_never_reveals_more_than_asked(v: str, first: int, last: int) -> None:
     out = bind("mask", {"keep_first": first, "keep_last": last}, S)(v)
     assert len(out) == len(v)
-    if first + last >= len(v):
+    # at least half of the characters are masked, whatever the rule asks
+    assert sum(a == b for a, b in zip(out, v, strict=True) if a != "*") * 2 <= len(v)
+    if (first + last) * 2 > len(v):
         assert out == "*" * len(v)
     else:
         assert out[:first] == v[:first] and out[len(v) - last :] == v[len(v) - last :]
@@ -490,7 +545,19 @@ def test_generalize_cidr_rejects_invalid_addresses(bad: str) -> None:
 
 
 def _slow_network(v: str, c4: int, c6: int) -> str:
-    ip = ipaddress.ip_address(v.strip())
+    """A second implementation: the embedded IPv4 through ipaddress's own properties."""
+    ip: Any = ipaddress.ip_address(v.strip())
+    if ip.version == 6:
+        if ip in ipaddress.ip_network("64:ff9b:1::/48"):
+            return v  # no safe cut: the input, which the fail-closed guard refuses
+        teredo = ip.teredo
+        v4 = ip.ipv4_mapped or ip.sixtofour or (teredo[1] if teredo else None)
+        if v4 is None and (ip in ipaddress.ip_network("64:ff9b::/96")
+                           or (ip in ipaddress.ip_network("::/96") and ip not in (ipaddress.ip_address("::"),
+                                                                                   ipaddress.ip_address("::1")))):
+            v4 = ipaddress.IPv4Address(ip.packed[12:])
+        if v4 is not None:
+            ip = v4
     return str(ipaddress.ip_network(f"{ip}/{c4 if ip.version == 4 else c6}", strict=False))
 
 

@@ -98,7 +98,7 @@ def test_unknown_audience_is_named() -> None:
         ("CARD_NUMBER: {op: mask, keep_last: 4}", "CARD_NUMBER: {op: mask, keep_last: four}",
          "audience 'analytics', tag 'CARD_NUMBER': parameter 'keep_last' must be int"),
         ("CARD_NUMBER: {op: mask, keep_last: 4}", "CARD_NUMBER: {op: mask, last: 4}",
-         "audience 'analytics', tag 'CARD_NUMBER': unknown parameter(s) ['last']; allowed: ['char', 'fixed_length', 'keep_first', 'keep_last', 'preserve']"),
+         "audience 'analytics', tag 'CARD_NUMBER': unknown parameter(s) ['last']; allowed: ['char', 'fixed_length', 'keep_first', 'keep_last', 'on_failure', 'preserve']"),
         ("CARD_NUMBER: {op: mask, keep_last: 4}", "CARD_NUMBER: {keep_last: 4}",
          "audience 'analytics', tag 'CARD_NUMBER': rule needs 'op' (one of the operators)"),
         ("CARD_NUMBER: {op: mask, keep_last: 4}", "CARD_NUMBER: [mask, 4]",
@@ -270,16 +270,45 @@ def _plan_ops(doc: dict[str, Any], keys: PseudonymKeys) -> dict[str, str]:
     }
 
 
-def test_first_matching_rule_in_file_order_wins(shared_keys: PseudonymKeys) -> None:
+def test_strictest_matching_rule_wins_whatever_the_file_order(shared_keys: PseudonymKeys) -> None:
     doc: dict[str, Any] = {"keys": {"pseudonym": "pseudonym-master"},
                            "audiences": {"a": {"untagged": "keep", "tags": {"PII": "drop", "EMAIL": "token", "PUBLIC": "keep"}}}}
     ops = _plan_ops(doc, shared_keys)
-    # PII comes first in the file: it governs both fields whatever their tag order
     assert ops["email_pii"] == ops["pii_email"] == "drop"
+    # Before: the first rule in file order won, so listing EMAIL first made these fields
+    # tokens although PII says drop.  The strictest rule wins in every order.
     doc["audiences"]["a"]["tags"] = {"EMAIL": "token", "PII": "drop", "PUBLIC": "keep"}
     ops = _plan_ops(doc, shared_keys)
-    assert ops["email_pii"] == ops["pii_email"] == "token"
+    assert ops["email_pii"] == ops["pii_email"] == "drop"
     assert ops["public"] == "keep" and ops["plain"] == "keep"
+    # keep never wins over anything: PUBLIC listed first still loses to EMAIL's token
+    doc["audiences"]["a"]["tags"] = {"PUBLIC": "keep", "EMAIL": "token"}
+    aud = parse_policy(doc).audience("a")
+    assert aud.rule_for(("PUBLIC", "EMAIL")).op == "token"  # type: ignore[union-attr]
+    assert aud.rule_for(("EMAIL", "PUBLIC")).op == "token"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("order", [tuple(range(8)), tuple(reversed(range(8))), (3, 0, 7, 1, 6, 2, 5, 4)])
+def test_strictness_order_is_total_and_documented(order: tuple[int, ...]) -> None:
+    """Every pair of operators: the stricter one (docs/policy.md's order, restated here on
+    purpose, as the contract) wins whatever the file order."""
+    contract = ["keep", "date_shift", "generalize", "mask", "encrypt_deterministic", "token", "redact", "drop"]
+    specs = {"keep": "keep", "date_shift": {"op": "date_shift"}, "generalize": {"op": "generalize", "prefix": 1},
+             "mask": {"op": "mask", "keep_last": 1}, "encrypt_deterministic": "encrypt_deterministic",
+             "token": "token", "redact": "redact", "drop": "drop"}
+    assert set(contract) == set(get_operator_names())
+    tags = {f"T{i}": specs[contract[i]] for i in order}
+    aud = parse_policy({"keys": {"pseudonym": "k"}, "audiences": {"a": {"tags": tags}}}).audience("a")
+    for i in range(8):
+        for j in range(8):
+            got = aud.rule_for((f"T{i}", f"T{j}"))
+            assert got is not None and got.op == contract[max(i, j)]
+
+
+def get_operator_names() -> list[str]:
+    from streamproc.operators import REGISTRY
+
+    return list(REGISTRY)
 
 
 def test_unknown_tags_drop_and_untagged_follows_the_audience(shared_keys: PseudonymKeys) -> None:

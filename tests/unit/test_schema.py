@@ -207,7 +207,8 @@ def test_leaves_paths_through_arrays_maps_and_unions() -> None:
     }
     assert _leaves(schema) == [
         ("plain", ()),
-        ("tagged_rec", ("PII",)),
+        ("tagged_rec.x", ("PII",)),  # a tagged container is walked; its tag is inherited
+        ("m{}<key>", ()),  # the keys of an untagged map: an unclassified leaf of their own
         ("m{}.v", ("T",)),
         ("aa[][].w", ()),
         ("u.v", ("T",)),
