@@ -116,6 +116,8 @@ class EventType(enum.StrEnum):
     """The genesis (``seq`` 0) of every chain: declares its ``integrity`` (MACs or not)."""
     SECRET_CREATED = "secret_created"
     SECRET_IMPORTED = "secret_imported"
+    SOURCE_TOPIC_READ = "source_topic_read"
+    """``streamproc consume --incident-response``: someone read plaintext outside the pipeline."""
 
 
 # -- attribute guard ----------------------------------------------------------------------
@@ -260,6 +262,7 @@ ALLOWED_ATTRIBUTES: Mapping[EventType, frozenset[str]] = {
     EventType.SECRET_IMPORTED: frozenset(
         {"kms", "key_id", "version", "count", "outcome", "error"}
     ),
+    EventType.SOURCE_TOPIC_READ: frozenset({"topic", "reason", "outcome", "count", "error"}),
 }
 
 
@@ -1626,6 +1629,23 @@ class AuditLog:
                 "instance": instance,
                 "count": count,
             },
+            actor=actor,
+        )
+
+    def source_topic_read(
+        self,
+        *,
+        actor: str,
+        topic: str,
+        reason: str,
+        outcome: str,
+        count: int | None = None,
+        error: str | None = None,
+    ) -> dict[str, Any]:
+        """An incident-response read of a topic outside the sanitized destinations."""
+        return self.emit(
+            EventType.SOURCE_TOPIC_READ,
+            {"topic": topic, "reason": reason, "outcome": outcome, "count": count, "error": error},
             actor=actor,
         )
 

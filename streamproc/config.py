@@ -361,6 +361,38 @@ class Config:
         return {**self.kafka, **self.producer, **extra}
 
 
+SUBSCRIBER_TOP_LEVEL = ("kafka", "consumer", "schemas", "kms", "audience", "topics")
+
+
+@dataclass(frozen=True)
+class SubscriberConfig:
+    """What a subscriber needs to read its audience's sanitized topics, and nothing more.
+
+    A subscriber has no business holding the processor's policy or pipelines (they say
+    what every other audience receives), so ``streamproc consume`` and the SDK examples
+    take this minimal file instead: ``kafka`` (+ ``consumer``), ``schemas``, ``kms`` (with
+    credentials for the audience's KEK only) and ``audience``; optionally ``topics``, the
+    sanitized topics it may read.  Loaded by :func:`load_subscriber_config`.
+    """
+
+    path: Path
+    kafka: Mapping[str, Any]
+    consumer: Mapping[str, Any]
+    schemas: Mapping[str, Any]
+    kms: Mapping[str, Any]
+    audience: str
+    topics: tuple[str, ...] = ()
+    insecure_transport: tuple[str, ...] = ()
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    def consumer_config(self, **extra: Any) -> dict[str, Any]:
+        """Common settings + ``consumer:`` + the caller's settings (which win)."""
+        return {**self.kafka, **self.consumer, **extra}
+
+
 # --------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------
@@ -424,6 +456,74 @@ def parse_config(
     raw = _interpolate(raw, env, ctx, "")
     _apply_overrides(raw, env, ctx)
     return _validate(raw, Path(base_dir).resolve() / name, ctx, check_policy)
+
+
+def load_subscriber_config(
+    path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None
+) -> SubscriberConfig:
+    """Read and validate a subscriber config (:class:`SubscriberConfig`).
+
+    Same conventions as :func:`load_config`: ``${VAR}`` interpolation, the
+    ``STREAMPROC_BOOTSTRAP_SERVERS`` / ``STREAMPROC_SCHEMA_REGISTRY_URL`` overrides,
+    paths relative to the file, errors naming the file and key.  A processor config is
+    refused with a pointer to the subscriber format rather than half-accepted.
+    """
+    p = Path(path).expanduser().resolve()
+    ctx = _Ctx(Path(path))
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or type(exc).__name__})") from None
+    except yaml.YAMLError:
+        raise ctx.error("", "not valid YAML") from None
+    if not isinstance(raw, dict):
+        raise ctx.error("", f"the top level must be a mapping, got {_tname(raw)}")
+    for k in raw:
+        if k not in SUBSCRIBER_TOP_LEVEL:
+            hint = (
+                " (this looks like a processor config; a subscriber config has only: "
+                if k in ("policy", "pipelines")
+                else f"{_did_you_mean(str(k), SUBSCRIBER_TOP_LEVEL)} (expected one of: "
+            )
+            raise ctx.error(str(k), f"unknown subscriber config key{hint}{', '.join(SUBSCRIBER_TOP_LEVEL)})")
+    env = os.environ if env is None else env
+    raw = _interpolate(raw, env, ctx, "")
+    _apply_overrides(raw, env, ctx)
+    raw.pop("metrics", None)  # STREAMPROC_METRICS_PORT means nothing to a subscriber
+    base = p.parent
+    kafka_raw = dict(_mapping(ctx, "kafka", raw.get("kafka")))
+    kafka_insecure = _bool(ctx, "kafka.insecure", kafka_raw.pop("insecure", False))
+    kafka = _kafka_section(ctx, "kafka", kafka_raw, base)
+    if "bootstrap.servers" not in kafka:
+        raise ctx.error("kafka.bootstrap.servers", f"is required (or set {ENV_BOOTSTRAP})")
+    _str(ctx, "kafka.bootstrap.servers", kafka["bootstrap.servers"])
+    consumer = _kafka_section(ctx, "consumer", raw.get("consumer"), base)
+    insecure = []
+    if _check_verification(ctx, {"kafka": kafka, "consumer": consumer}, kafka_insecure):
+        insecure.append("kafka")
+    schemas = _schemas_section(ctx, raw, base)
+    kms = _kms_section(ctx, raw, base)
+    if kms.get("verify") is False:
+        insecure.append("kms")
+    if "audience" not in raw:
+        raise ctx.error("audience", "is required (the audience whose sanitized topics this subscriber reads)")
+    audience = _str(ctx, "audience", raw["audience"])
+    topics_raw = raw.get("topics", [])
+    if isinstance(topics_raw, str):
+        topics_raw = [topics_raw]
+    if not isinstance(topics_raw, list):
+        raise ctx.error("topics", f"must be a list of topic names, got {_tname(topics_raw)}")
+    topics = tuple(_str(ctx, f"topics[{i}]", t) for i, t in enumerate(topics_raw))
+    return SubscriberConfig(
+        path=p,
+        kafka=kafka,
+        consumer=consumer,
+        schemas=schemas,
+        kms=kms,
+        audience=audience,
+        topics=topics,
+        insecure_transport=tuple(insecure),
+    )
 
 
 def _interpolate(value: Any, env: Mapping[str, str], ctx: _Ctx, where: str) -> Any:
@@ -678,6 +778,50 @@ def _topic_settings(ctx: _Ctx, where: str, v: Any) -> TopicSettings:
     return TopicSettings(parts, rf, conf)
 
 
+def _schemas_section(ctx: _Ctx, raw: Mapping[str, Any], base: Path) -> dict[str, Any]:
+    """``schemas:`` (processor and subscriber configs): a directory or a registry URL."""
+    if "schemas" not in raw:
+        raise ctx.error(
+            "schemas",
+            f"is required ({{directory: ./schemas}} or {{url: http://registry:8081}}; or set {ENV_REGISTRY})",
+        )
+    schemas = dict(_mapping(ctx, "schemas", raw["schemas"]))
+    if ("directory" in schemas) == ("url" in schemas):
+        raise ctx.error("schemas", "needs exactly one of 'directory' or 'url'")
+    if "directory" in schemas:
+        if set(schemas) != {"directory"}:
+            extra = sorted(set(schemas) - {"directory"})
+            raise ctx.error(
+                _join("schemas", extra[0]), "only applies to a registry ('url'), not to a directory"
+            )
+        d = Path(_resolve(base, _str(ctx, "schemas.directory", schemas["directory"])))
+        if not d.is_dir():
+            raise ctx.error("schemas.directory", f"{d} is not a directory")
+        schemas["directory"] = str(d)
+    else:
+        url = _str(ctx, "schemas.url", schemas["url"])
+        if not (url.startswith(("http://", "https://", "mock://"))):
+            raise ctx.error("schemas.url", f"must start with http:// or https:// (got {url!r})")
+    return schemas
+
+
+def _kms_section(ctx: _Ctx, raw: Mapping[str, Any], base: Path) -> dict[str, Any]:
+    """``kms:`` (processor and subscriber configs), paths resolved, provider checked."""
+    if "kms" not in raw:
+        raise ctx.error(
+            "kms", "is required (for example {provider: local, path: ./keys/keyring.json})"
+        )
+    kms = dict(_mapping(ctx, "kms", raw["kms"]))
+    provider = kms.get("provider")
+    if provider is None:
+        raise ctx.error("kms.provider", "is required (local, vault or aws)")
+    for key in ("path", "ca_cert", "client_cert", "client_key"):
+        if isinstance(kms.get(key), str) and (provider == "local" or key != "path"):
+            kms[key] = _resolve(base, kms[key])
+    _check_kms(ctx, str(provider), kms)
+    return kms
+
+
 def _validate(raw: dict[str, Any], path: Path, ctx: _Ctx, check_policy: bool) -> Config:
     base = path.parent
     for k in raw:
@@ -719,41 +863,9 @@ def _validate(raw: dict[str, Any], path: Path, ctx: _Ctx, check_policy: bool) ->
         else None
     )
 
-    if "schemas" not in raw:
-        raise ctx.error(
-            "schemas",
-            f"is required ({{directory: ./schemas}} or {{url: http://registry:8081}}; or set {ENV_REGISTRY})",
-        )
-    schemas = dict(_mapping(ctx, "schemas", raw["schemas"]))
-    if ("directory" in schemas) == ("url" in schemas):
-        raise ctx.error("schemas", "needs exactly one of 'directory' or 'url'")
-    if "directory" in schemas:
-        if set(schemas) != {"directory"}:
-            extra = sorted(set(schemas) - {"directory"})
-            raise ctx.error(
-                _join("schemas", extra[0]), "only applies to a registry ('url'), not to a directory"
-            )
-        d = Path(_resolve(base, _str(ctx, "schemas.directory", schemas["directory"])))
-        if not d.is_dir():
-            raise ctx.error("schemas.directory", f"{d} is not a directory")
-        schemas["directory"] = str(d)
-    else:
-        url = _str(ctx, "schemas.url", schemas["url"])
-        if not (url.startswith(("http://", "https://", "mock://"))):
-            raise ctx.error("schemas.url", f"must start with http:// or https:// (got {url!r})")
-
-    if "kms" not in raw:
-        raise ctx.error(
-            "kms", "is required (for example {provider: local, path: ./keys/keyring.json})"
-        )
-    kms = dict(_mapping(ctx, "kms", raw["kms"]))
-    provider = kms.get("provider")
-    if provider is None:
-        raise ctx.error("kms.provider", "is required (local, vault or aws)")
-    for key in ("path", "ca_cert", "client_cert", "client_key"):
-        if isinstance(kms.get(key), str) and (provider == "local" or key != "path"):
-            kms[key] = _resolve(base, kms[key])
-    _check_kms(ctx, str(provider), kms)
+    schemas = _schemas_section(ctx, raw, base)
+    kms = _kms_section(ctx, raw, base)
+    provider = kms["provider"]
     if kms.get("verify") is False:
         insecure.append("kms")  # refused by _check_kms unless kms.insecure: true
 
@@ -1211,10 +1323,12 @@ __all__ = [
     "PipelineConfig",
     "ProducerAcl",
     "PseudonymSecretsConfig",
+    "SubscriberConfig",
     "TopicSettings",
     "TopicsConfig",
     "disables_verification",
     "load_config",
     "load_kafka_properties",
+    "load_subscriber_config",
     "parse_config",
 ]

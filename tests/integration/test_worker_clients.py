@@ -60,8 +60,13 @@ def test_topics_apply_creates_with_overrides(
 
 
 def test_produce_consume_jsonl_round_trip(workspace_factory: Any, tmp_path: Any) -> None:
-    """consume prints ISO dates and base64; produce --from-jsonl accepts them back."""
-    ws = workspace_factory(sources=("orders",), partitions=1)
+    """consume prints ISO dates and base64; produce --from-jsonl accepts them back.
+
+    Reading the source topic is an (audited) incident-response read.
+    """
+    ws = workspace_factory(
+        sources=("orders",), partitions=1, extra={"audit": {"file": str(tmp_path / "audit.jsonl")}}
+    )
     produce_events(ws, "orders", 5, seed=41)
     runner = CliRunner()
     args = [
@@ -72,6 +77,9 @@ def test_produce_consume_jsonl_round_trip(workspace_factory: Any, tmp_path: Any)
         "--from-beginning",
         "--timeout",
         "3",
+        "--incident-response",
+        "--reason",
+        "TEST-1",
     ]
     first = runner.invoke(consume, args)
     assert first.exit_code == 0, first.output
@@ -97,14 +105,15 @@ def test_consume_reports_unopenable_records_without_their_bytes(workspace_factor
     from tests.integration.conftest import produce_raw
 
     ws = workspace_factory(sources=("orders",), partitions=1)
-    produce_raw(ws.bootstrap, ws.topic("orders"), [(b"k", b"\x01" + b"S" * 80, None)])
+    dest = ws.dest("orders", "analytics")
+    produce_raw(ws.bootstrap, dest, [(b"k", b"\x01" + b"S" * 80, None)], [("streamproc.audience", b"analytics")])
     res = CliRunner().invoke(
         consume,
         [
             "--config",
             str(ws.config_path),
             "--topic",
-            ws.topic("orders"),
+            dest,
             "--from-beginning",
             "--timeout",
             "3",

@@ -653,6 +653,7 @@ def test_helpers_cover_every_event_type() -> None:
     log.processor_stopped(reason="sigterm", count=10)
     log.emit(EventType.SECRET_CREATED, {"kms": "aws", "key_id": "pseudonym-master", "version": 1})
     log.emit(EventType.SECRET_IMPORTED, {"kms": "aws", "key_id": "pseudonym-master", "count": 2})
+    log.source_topic_read(actor="alice", topic="orders", reason="INC-1", outcome="success", count=3)
     assert {e["type"] for e in sink.events()} == {t.value for t in EventType}
     assert verify(sink.lines).ok
 
