@@ -1635,12 +1635,12 @@ class AuditLog:
     def source_topic_read(
         self,
         *,
-        actor: str,
         topic: str,
         reason: str,
         outcome: str,
         count: int | None = None,
         error: str | None = None,
+        actor: str | None = None,
     ) -> dict[str, Any]:
         """An incident-response read of a topic outside the sanitized destinations."""
         return self.emit(

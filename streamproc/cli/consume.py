@@ -38,7 +38,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import decimal
-import getpass
 import json
 import time
 import uuid
@@ -52,9 +51,6 @@ import yaml
 
 from streamproc.cli.options import config_option
 from streamproc.errors import ConfigError, RecordError, SchemaNotFound, StreamprocError
-
-INCIDENT_STREAM = "incident-response"
-"""Audit chain id of incident-response reads (its own file: the worker locks its own)."""
 
 
 def _json_default(o: Any) -> Any:
@@ -94,7 +90,6 @@ class _Access:
     audience: str | None
     """Records must carry ``streamproc.audience`` = this (``None``: incident response)."""
     audit: Any = None
-    actor: str = ""
 
 
 def _is_processor_config(path: str) -> bool:
@@ -103,30 +98,6 @@ def _is_processor_config(path: str) -> bool:
     except (OSError, yaml.YAMLError):
         return False  # the loader reports it properly
     return isinstance(raw, dict) and ("pipelines" in raw or "policy" in raw)
-
-
-def _incident_audit(config: Any) -> Any:
-    """An audit log for incident-response reads from the processor config's ``audit:``."""
-    from streamproc.audit import AuditLog, AuditSink, FileSink, KafkaSink, load_hmac_key
-
-    ac = config.audit
-    if ac is None:
-        raise click.ClickException(
-            "--incident-response needs an audit trail: the config has no 'audit:' section"
-        )
-    key = load_hmac_key(ac.hmac_key_file) if ac.hmac_key_file is not None else None
-    sinks: list[AuditSink] = []
-    if ac.file is not None:
-        # Its own file: the running worker holds the lock on the processor's file.
-        sinks.append(FileSink(ac.file.with_name(f"{ac.file.stem}-{INCIDENT_STREAM}{ac.file.suffix}"), fsync=ac.fsync))
-    if ac.kafka_topic is not None:
-        from confluent_kafka import Producer
-
-        from streamproc.runtime.factory import _AuditProducer
-
-        producer = Producer(config.producer_config(**{"enable.idempotence": True, "acks": "all", "linger.ms": 0}))
-        sinks.append(KafkaSink(_AuditProducer(producer), ac.kafka_topic))
-    return AuditLog(sinks, stream=INCIDENT_STREAM, actor=INCIDENT_STREAM, hmac_key=key)
 
 
 def _access(config_path: str, topic: str, incident: bool, reason: str | None) -> _Access:
@@ -158,12 +129,18 @@ def _access(config_path: str, topic: str, incident: bool, reason: str | None) ->
                 "topics; an incident responder may read it with --incident-response "
                 "--reason TEXT (audited)"
             )
-        actor = _os_actor()
+        from streamproc.audit import open_tool_log
+
         assert reason is not None
-        audit = _incident_audit(config)
+        # The tools' audit chain, with the caller's authenticated identity as the actor.
         # Audited before the first record is opened; a failed write refuses the read.
-        audit.source_topic_read(actor=actor, topic=topic, reason=reason, outcome="success")
-        return _Access(config.consumer_config, kms, schemas, None, audit, actor)
+        audit = open_tool_log(config)
+        try:
+            audit.source_topic_read(topic=topic, reason=reason, outcome="success")
+        except BaseException:
+            audit.close()
+            raise
+        return _Access(config.consumer_config, kms, schemas, None, audit)
 
     from streamproc.config import load_subscriber_config
 
@@ -179,17 +156,6 @@ def _access(config_path: str, topic: str, incident: bool, reason: str | None) ->
         )
     kms = build_kms(dict(sc.kms), base_dir=sc.base_dir)
     return _Access(sc.consumer_config, kms, build_schema_source(dict(sc.schemas)), sc.audience)
-
-
-def _os_actor() -> str:
-    """The operating-system user, recorded as such (the caller cannot type another name)."""
-    import re
-
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = "unknown"
-    return "os:" + (re.sub(r"[^A-Za-z0-9_.\-]", "_", user)[:64] or "unknown")
 
 
 @click.command("consume")
@@ -257,6 +223,7 @@ def consume(
 
     from streamproc.audit import AuditError
     from streamproc.client import RecordOpener
+    from streamproc.identity import IdentityError
     from streamproc.pipeline.core import H_AUDIENCE
 
     if incident and not reason:
@@ -266,7 +233,7 @@ def consume(
     try:
         access = _access(config_path, topic, incident, reason)
         opener = RecordOpener(access.kms, access.schemas)
-    except AuditError as exc:
+    except (AuditError, IdentityError) as exc:
         raise click.ClickException(f"audit trail unavailable, refusing to read: {exc}") from None
     except (ConfigError, StreamprocError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -394,7 +361,7 @@ def consume(
         if access.audit is not None:
             try:
                 access.audit.source_topic_read(
-                    actor=access.actor, topic=topic, reason=reason or "", outcome="success", count=n
+                    topic=topic, reason=reason or "", outcome="success", count=n
                 )
             except AuditError as exc:
                 refused = f"the closing audit event could not be written: {exc}"
