@@ -339,3 +339,22 @@ def test_in_process_pipeline_counters_and_anomaly_seen_by_prometheus(prometheus:
 
         burst_and_check(prometheus, port, metrics, clock, push,
                         lambda: registry_value(metrics, "streamproc_decryptions_total", topic="orders", kek_id="orders-kek"))
+
+
+def test_every_dashboard_query_is_valid_promql(prometheus: Prometheus) -> None:
+    """Grafana shows a broken query as an empty panel; a real Prometheus parses each one.
+
+    ``$job`` and ``$__rate_interval`` are substituted as Grafana would.
+    """
+    board = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / "streamproc.json").read_text())
+    exprs = [t["expr"] for p in board["panels"] for t in p.get("targets", []) if t.get("expr")]
+    assert len(exprs) >= 20
+    for expr in exprs:
+        q = expr.replace("$__rate_interval", "1m").replace("$job", "streamproc")
+        url = f"{prometheus.url}/api/v1/query?{urllib.parse.urlencode({'query': q})}"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                data = json.load(r)
+        except urllib.error.HTTPError as exc:  # 400 bad_data: the message says where
+            data = json.load(exc)
+        assert data["status"] == "success", (expr, data.get("error"))

@@ -184,6 +184,45 @@ def test_dashboard_covers_the_required_panels() -> None:
         assert metric in exprs, metric
 
 
+#: A vector selector: a metric name, optionally followed by its label matchers.
+SELECTOR_RE = re.compile(r"(?<![A-Za-z0-9_:])(streamproc_[a-z0-9_]+|up)(\{[^}]*\})?(?![A-Za-z0-9_:(])")
+
+
+def test_every_dashboard_query_follows_the_job_variable() -> None:
+    """A panel that ignores $job mixes every deployment into one line (the z-score panel did).
+
+    Recorded series are summed over ``job`` by the rules, so panels compute from raw series.
+    """
+    problems = []
+    for title, expr in panel_targets(dashboard()["panels"]):
+        if RECORDED_RE.search(expr):
+            problems.append(f"{title}: uses a recorded series, which has no job label: {expr}")
+        for m in SELECTOR_RE.finditer(expr):
+            if 'job=~"$job"' not in (m.group(2) or ""):
+                problems.append(f"{title}: {m.group(0)} does not filter on job=~\"$job\"")
+    assert problems == []
+
+
+def panel(title: str) -> dict[str, Any]:
+    return next(p for p in dashboard()["panels"] if p["title"] == title)
+
+
+def test_ready_live_panel_shows_both() -> None:
+    exprs = [t["expr"] for t in panel("Workers ready / live")["targets"]]
+    assert any("streamproc_ready{" in e for e in exprs) and any("streamproc_workers{" in e for e in exprs)
+
+
+def test_decryption_zscore_panel_plots_decryptions_only() -> None:
+    p = panel("Decryption rate z-score (vs. last day)")
+    exprs = " ".join(t["expr"] for t in p["targets"])
+    assert "egress" not in exprs
+    assert set(SELECTOR_RE.findall(exprs)) == {("streamproc_decryptions_total", '{job=~"$job"}')}
+    # The same formula as the recorded z-score the alert reads (rules.yml), term by term.
+    rule = next(r["expr"] for r in all_rules() if r.get("record") == "topic_kek_id:streamproc_decryptions:rate5m_zscore1d")
+    for term in ("avg_over_time", "stddev_over_time", "0.1 *", "+ 0.1"):
+        assert term in rule and term in exprs, term
+
+
 def test_dashboard_json_is_well_formed() -> None:
     d = dashboard()
     assert d["uid"] and d["title"] and d["schemaVersion"] >= 30
