@@ -1514,7 +1514,7 @@ class AuditLog:
         self,
         *,
         actor: str,
-        audience: str,
+        audience: str | None,
         outcome: str,
         domain: str | None = None,
         field: str | None = None,
@@ -1854,13 +1854,13 @@ def open_log(
 
                 producer_factory = Producer
             conf = {
+                "message.timeout.ms": 30_000,  # bounded: an outage fails the write
                 **config.producer_config(),
                 "client.id": client_id
                 or f"streamproc-{getattr(config, 'group_id', 'tools')}-audit",
                 "enable.idempotence": True,
                 "acks": "all",
                 "linger.ms": 0,
-                "message.timeout.ms": 30_000,
             }
             sinks.append(KafkaSink(_AuditProducer(producer_factory(conf)), ac.kafka_topic))
         return AuditLog(

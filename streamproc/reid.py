@@ -19,6 +19,15 @@ the audit log cannot be written the value is not returned: re-identification fai
 closed.  Failed attempts are audited too (``outcome`` = ``denied`` for requests refused
 before any decryption, ``failed`` when decryption fails), and raise
 :class:`~streamproc.crypto.pseudonym.ReidentificationError` without echoing the input.
+
+Why the policy is not optional
+------------------------------
+The key file alone would reverse any domain of its audience.  A :class:`Reidentifier`
+therefore needs the :class:`~streamproc.policy.model.Policy` the data was produced under,
+and denies a domain that no ``encrypt_deterministic`` rule of the audience produces
+(:func:`reidentifiable_domains`).  The command-line tools take it, the KMS identity of the
+actor and the audit trail from the processor config (:func:`export_audience_key_audited`,
+:func:`audit_refusal`, :func:`streamproc.audit.open_tool_log`).
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import json
 import os
 import re
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +49,11 @@ from streamproc.audit import (
     AuditAttributeError,
     AuditError,
     AuditLog,
+    EventType,
     check_actor,
 )
 from streamproc.crypto.pseudonym import PseudonymKeys, ReidentificationError, siv_decrypt
-from streamproc.errors import ConfigError
+from streamproc.errors import ConfigError, StreamprocError
 from streamproc.policy.model import Policy
 
 AUDIENCE_KEY_FORMAT = "streamproc-audience-key/1"
@@ -146,21 +157,45 @@ def _digest(value: str) -> str:
     return hashlib.sha256(value.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
+def reidentifiable_domains(policy: Policy, audience: str) -> set[str] | None:
+    """The domains in which ``audience``'s values may be re-identified, or ``None`` when the
+    audience is not in the policy.
+
+    A domain is re-identifiable when one of the audience's ``encrypt_deterministic`` rules
+    produces it: the rule's explicit ``domain``, else its tag (the default domain).  A
+    domain set only by a schema's ``streamproc.domain`` hint is not visible in the policy
+    and is therefore refused: name it in the rule (``domain:``) to make it reversible.
+    """
+    aud = policy.audiences.get(audience)
+    if aud is None:
+        return None
+    return {
+        str(r.params.get("domain") or r.tag) for r in aud.rules if r.op == "encrypt_deterministic"
+    }
+
+
 class Reidentifier:
     """Reverses one audience's deterministic ciphertexts, auditing every call.
 
-    ``policy`` (a :class:`~streamproc.policy.model.Policy` or its version string) names
-    the policy under which the data was produced; with a full policy the audience must
-    exist in it and have an ``encrypt_deterministic`` rule, otherwise the request is
-    denied.
+    ``policy`` is the :class:`~streamproc.policy.model.Policy` under which the data was
+    produced (the processor config's policy).  The check is always on: the audience must
+    exist in it, have an ``encrypt_deterministic`` rule, and the requested domain must be
+    one such a rule produces (:func:`reidentifiable_domains`); anything else is denied and
+    audited.  ``actor`` defaults to the audit log's actor (an authenticated identity when
+    the log comes from :func:`streamproc.audit.open_tool_log`).
     """
 
     def __init__(
         self,
         audience_key: AudienceKey | str | os.PathLike[str] | bytes,
         audit: AuditLog,
-        policy_version: str | Policy | None = None,
+        policy: Policy,
     ) -> None:
+        if not isinstance(policy, Policy):
+            raise ConfigError(
+                "re-identification needs the policy the data was produced under (a Policy); "
+                "the policy check cannot be turned off"
+            )
         if isinstance(audience_key, AudienceKey):
             self.key = audience_key
         elif isinstance(audience_key, bytes):
@@ -168,14 +203,8 @@ class Reidentifier:
         else:
             self.key = AudienceKey.load(audience_key)
         self.audit = audit
-        self.policy: Policy | None = policy_version if isinstance(policy_version, Policy) else None
-        self.policy_version = (
-            policy_version.version if isinstance(policy_version, Policy) else policy_version
-        )
-        if self.policy_version is not None and not ATTRIBUTE_RULES["policy_version"](
-            self.policy_version
-        ):
-            raise ConfigError("policy_version must be a policy hash such as 'sha256:0123abcd...'")
+        self.policy = policy
+        self.policy_version = policy.version
 
     @property
     def audience(self) -> str:
@@ -199,12 +228,13 @@ class Reidentifier:
             return "missing_reason"
         if not ATTRIBUTE_RULES["reason"](reason):
             return "invalid_reason"
-        if self.policy is not None:
-            aud = self.policy.audiences.get(self.audience)
-            if aud is None:
-                return "audience_not_in_policy"
-            if not any(r.op == "encrypt_deterministic" for r in aud.rules):
-                return "audience_has_no_encrypt_deterministic"
+        domains = reidentifiable_domains(self.policy, self.audience)
+        if domains is None:
+            return "audience_not_in_policy"
+        if not domains:
+            return "audience_has_no_encrypt_deterministic"
+        if domain not in domains:
+            return "domain_not_in_policy"
         return None
 
     _MESSAGES = {
@@ -219,6 +249,8 @@ class Reidentifier:
         "addresses or long digit runs); cite a ticket",
         "audience_not_in_policy": "the key's audience is not in the policy",
         "audience_has_no_encrypt_deterministic": "the key's audience has no encrypt_deterministic rule in the policy",
+        "domain_not_in_policy": "no encrypt_deterministic rule of the key's audience produces this domain "
+        "in the policy (a rule's `domain`, else its tag)",
     }
 
     def reidentify_bytes(
@@ -226,7 +258,7 @@ class Reidentifier:
         value: str,
         domain: str,
         *,
-        actor: str,
+        actor: str | None = None,
         field: str,
         subject: str | None = None,
         reason: str,
@@ -241,7 +273,7 @@ class Reidentifier:
         value: str,
         domain: str,
         *,
-        actor: str,
+        actor: str | None = None,
         field: str,
         subject: str | None = None,
         reason: str,
@@ -264,14 +296,14 @@ class Reidentifier:
         value: str,
         domain: str,
         *,
-        actor: str,
+        actor: str | None,
         field: str,
         subject: str | None,
         reason: str,
         text: bool,
     ) -> Any:
         try:
-            who = check_actor(actor)
+            who = check_actor(self.audit.actor if actor is None else actor)
         except AuditAttributeError:
             who, actor_bad = "unknown", True
         else:
@@ -329,3 +361,121 @@ class Reidentifier:
             raise ReidentificationError(
                 f"re-identification refused: the audit log could not be written ({type(exc).__name__})"
             ) from None
+
+
+# -- the audited paths used by the command-line tools ---------------------------------------------
+
+
+class ExportRefused(ConfigError):
+    """An audience-key export was refused (policy, existing file) or could not be audited."""
+
+
+def _safe(key: str, value: Any) -> Any:
+    return value if value is not None and ATTRIBUTE_RULES[key](value) else None
+
+
+def audit_refusal(
+    audit: AuditLog,
+    *,
+    error: str,
+    audience: str | None = None,
+    domain: str | None = None,
+    field: str | None = None,
+    subject: str | None = None,
+    reason: str | None = None,
+    policy_version: str | None = None,
+) -> None:
+    """One ``reidentification`` event with ``outcome: denied`` for a request refused before
+    a :class:`Reidentifier` exists (a key file others can read, an unreadable key).
+
+    docs/keys.md promises one event per attempt; a refusal is an attempt.  Raises
+    :class:`ReidentificationError` when the event cannot be written.
+    """
+    try:
+        audit.reidentification(
+            actor=audit.actor,
+            audience=_safe("audience", audience),
+            outcome="denied",
+            error=error,
+            domain=_safe("domain", domain),
+            field=_safe("field", field),
+            subject=_safe("subject", subject),
+            reason=_safe("reason", reason),
+            policy_version=_safe("policy_version", policy_version),
+        )
+    except AuditError as exc:
+        raise ReidentificationError(
+            f"re-identification refused: the audit log could not be written ({type(exc).__name__})"
+        ) from None
+
+
+def export_audience_key_audited(
+    keys: PseudonymKeys | Callable[[], PseudonymKeys],
+    audience: str,
+    out: str | os.PathLike[str],
+    *,
+    audit: AuditLog,
+    policy: Policy,
+    kms: str,
+    secret_id: str,
+    version: int | None = None,
+) -> AudienceKey:
+    """The only export path: policy check, ``audience_key_exported`` event, then the file.
+
+    Every attempt writes one event (``outcome`` ``success``, ``denied`` when the policy or
+    an existing file refuses it, ``failed`` when the master cannot be read or the file
+    cannot be written -- then a second event follows the success one).  The event is
+    written *before* the file exists; if it cannot be written, no file is created.
+    ``keys`` may be a callable, so a master that cannot be read is audited too.
+    """
+    base = {
+        "kms": _safe("kms", kms) or "unknown",
+        "key_id": _safe("key_id", secret_id),
+        "audience": _safe("audience", audience),
+    }
+
+    def event(outcome: str, error: str | None = None, key_version: int | None = None) -> None:
+        try:
+            audit.emit(
+                EventType.AUDIENCE_KEY_EXPORTED,
+                {
+                    **base,
+                    "outcome": outcome,
+                    "error": error,
+                    "key_version": key_version,
+                    "policy_version": policy.version,
+                },
+            )
+        except AuditError as exc:
+            raise ExportRefused(
+                f"export refused: the audit log could not be written ({type(exc).__name__})"
+            ) from None
+
+    domains = reidentifiable_domains(policy, audience)
+    if base["audience"] is None or domains is None:
+        event("denied", "audience_not_in_policy")
+        raise ExportRefused(f"export refused: no audience {audience!r} in {policy.source}")
+    if not domains:
+        event("denied", "audience_has_no_encrypt_deterministic")
+        raise ExportRefused(
+            f"export refused: audience {audience!r} has no encrypt_deterministic rule in "
+            f"{policy.source}; its values cannot be re-identified"
+        )
+    if Path(out).exists():
+        event("denied", "file_exists")
+        raise ExportRefused(f"{out} already exists; refusing to overwrite a key file")
+    try:
+        pk = keys() if callable(keys) else keys
+        blob = export_audience_key(pk, audience, version)
+    except StreamprocError as exc:
+        event("failed", "secret_unavailable")
+        raise ExportRefused(f"export failed: {exc}") from None
+    exported = AudienceKey.from_bytes(blob)
+    event("success", key_version=exported.master_version)
+    try:
+        write_audience_key(out, blob)
+    except (ConfigError, OSError) as exc:
+        event("failed", "write_failed", exported.master_version)
+        what = exc.strerror if isinstance(exc, OSError) else str(exc)
+        raise ExportRefused(f"export failed: cannot write {out} ({what})") from None
+    return exported

@@ -1,35 +1,74 @@
-"""``streamproc reidentify`` and ``streamproc keys export-audience``.
+"""``streamproc reidentify`` and ``streamproc keys export-audience``: the audited path only.
 
 Two commands, two roles, on purpose: the key custodian (who may read the pseudonym
 master) exports one audience's key; the investigator (who may not) reverses values with
-that file.  Every reversal is written to the audit file before the value is printed.
+that file.  Both take the processor config (``--config``), and nothing in it is optional:
+
+* the **policy** is the config's: the audience must have an ``encrypt_deterministic``
+  rule producing the requested domain, or the request is denied;
+* the **audit trail** is the config's ``audit:`` section (the tools' chain beside
+  ``audit.file``, and ``audit.kafka_topic``).  Every attempt -- value revealed, request
+  denied (a key file others can read, a reason with personal data), decryption failed,
+  key exported or refused -- is written *before* anything is printed or written; if the
+  event cannot be written, nothing is revealed or exported;
+* the **actor** is the caller's authenticated identity (:mod:`streamproc.identity`:
+  Vault/OpenBao token, AWS caller, else the OS user), recorded with its source.
+  ``--actor`` only adds a free-text note beside it.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
-import yaml
 
-from streamproc.audit import AuditError, AuditLog, FileSink, load_hmac_key
+from streamproc.audit import AuditError, AuditLog, open_tool_log
+from streamproc.cli.options import config_option
 from streamproc.crypto.pseudonym import PseudonymKeys, ReidentificationError
-from streamproc.errors import StreamprocError
-from streamproc.policy.model import load_policy
-from streamproc.reid import AudienceKey, Reidentifier, export_audience_key, write_audience_key
+from streamproc.errors import ConfigError, StreamprocError
+from streamproc.reid import (
+    AudienceKey,
+    ExportRefused,
+    Reidentifier,
+    audit_refusal,
+    export_audience_key_audited,
+)
 
-DEFAULT_AUDIT_FILE = "streamproc-reidentify-audit.jsonl"
+_NOTE = click.option(
+    "--actor",
+    "note",
+    envvar="STREAMPROC_ACTOR",
+    help="Free-text note recorded beside the authenticated actor (e.g. your ticket "
+    "handle); it never replaces the identity.",
+)
 
 
-def _open_audit(audit_file: Path, hmac_key_file: Path | None, stream: str, actor: str) -> AuditLog:
+def _load(config_path: str) -> tuple[Any, Any]:
+    """The config and its policy; errors here happen before anything could be revealed."""
+    from streamproc.config import load_config
+    from streamproc.policy.model import load_policy
+
     try:
-        key = load_hmac_key(hmac_key_file) if hmac_key_file else None
-        return AuditLog([FileSink(audit_file)], stream=stream, actor=actor, hmac_key=key)
+        config = load_config(config_path)
+        return config, load_policy(config.policy)
+    except StreamprocError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _open_audit(config: Any, note: str | None) -> AuditLog:
+    try:
+        return open_tool_log(config, note=note)
     except (AuditError, StreamprocError) as exc:
         raise click.ClickException(f"audit log unavailable, refusing to continue: {exc}") from None
+
+
+def _close(log: AuditLog) -> None:
+    try:
+        log.close()
+    except AuditError as exc:
+        click.echo(f"warning: closing the audit log: {exc}", err=True)
 
 
 def _values(values: tuple[str, ...]) -> list[str]:
@@ -41,6 +80,7 @@ def _values(values: tuple[str, ...]) -> list[str]:
 
 
 @click.command("reidentify")
+@config_option("Processor config: its policy, KMS identity and audit: section apply.")
 @click.option(
     "--key-file",
     required=True,
@@ -50,136 +90,72 @@ def _values(values: tuple[str, ...]) -> list[str]:
 @click.option(
     "--domain",
     required=True,
-    help="Pseudonym domain of the field (rule `domain`, "
-    "field hint `streamproc.domain`, else the tag name).",
+    help="Pseudonym domain of the field (the rule's `domain`, else the tag name).",
 )
 @click.option(
     "--field", "field_path", required=True, help="Field path, e.g. customer.email (audited)."
 )
-@click.option("--actor", required=True, envvar="STREAMPROC_ACTOR", help="Who is asking (audited).")
+@_NOTE
 @click.option(
     "--reason", required=True, help="Justification, e.g. a ticket id (audited; no personal data)."
 )
 @click.option(
     "--subject", help="Token or topic:partition:offset reference of the data subject (audited)."
 )
-@click.option(
-    "--audit-file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    envvar="STREAMPROC_AUDIT_FILE",
-    default=DEFAULT_AUDIT_FILE,
-    show_default=True,
-    help="Hash-chained audit file to append to.",
-)
-@click.option(
-    "--audit-hmac-key-file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Audit HMAC key: MAC every event.",
-)
-@click.option(
-    "--audit-stream", default="reidentify", show_default=True, help="Chain id in the audit file."
-)
-@click.option(
-    "--policy",
-    "policy_file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Policy the data was produced under: audited by version; the audience must use "
-    "encrypt_deterministic in it.",
-)
 @click.argument("values", nargs=-1)
 def reidentify(
+    config_path: str,
     key_file: Path,
     domain: str,
     field_path: str,
-    actor: str,
+    note: str | None,
     reason: str,
     subject: str | None,
-    audit_file: Path,
-    audit_hmac_key_file: Path | None,
-    audit_stream: str,
-    policy_file: Path | None,
     values: tuple[str, ...],
 ) -> None:
     """Print the plaintext of each deterministic ciphertext VALUE (or stdin lines), one per line.
 
     Stops at the first value that cannot be re-identified (exit 1); every attempt,
-    successful or not, is in the audit file.
+    successful or not, is in the audit trail first.
     """
+    config, policy = _load(config_path)
+    log = _open_audit(config, note)
     try:
-        key = AudienceKey.load(key_file)
-        policy: Any = load_policy(policy_file) if policy_file else None
-    except StreamprocError as exc:
-        raise click.ClickException(str(exc)) from None
-    log = _open_audit(audit_file, audit_hmac_key_file, audit_stream, "reidentify")
-    try:
+        try:
+            key = AudienceKey.load(key_file)
+        except ConfigError as exc:  # e.g. a key file others can read: refused, and audited
+            audit_refusal(
+                log,
+                error="key_file_refused",
+                domain=domain,
+                field=field_path,
+                subject=subject,
+                reason=reason,
+                policy_version=policy.version,
+            )
+            raise click.ClickException(str(exc)) from None
         reid = Reidentifier(key, log, policy)
         for i, value in enumerate(_values(values), 1):
             try:
                 plain = reid.reidentify(
-                    value, domain, actor=actor, field=field_path, subject=subject, reason=reason
+                    value, domain, field=field_path, subject=subject, reason=reason
                 )
             except ReidentificationError as exc:
                 click.echo(f"value #{i}: {exc}", err=True)
                 raise SystemExit(1) from None
             click.echo(plain)
-    except StreamprocError as exc:
+    except (StreamprocError, AuditError) as exc:
         raise click.ClickException(str(exc)) from None
     finally:
-        try:
-            log.close()
-        except AuditError as exc:
-            click.echo(f"warning: closing the audit log: {exc}", err=True)
-
-
-def _secret_source(keyring: Path | None, kms_config: Path | None) -> Any:
-    if (keyring is None) == (kms_config is None):
-        raise click.UsageError("give exactly one of --keyring or --kms-config")
-    if keyring is not None:
-        from streamproc.crypto.kms.local import LocalKeyring
-
-        return LocalKeyring(keyring)
-    from streamproc.crypto.kms.factory import build_kms
-
-    assert kms_config is not None
-    try:
-        raw = yaml.safe_load(kms_config.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise click.UsageError(f"{kms_config}: cannot read YAML ({type(exc).__name__})") from None
-    spec = raw.get("kms", raw) if isinstance(raw, dict) else raw
-    kms = build_kms(spec, base_dir=kms_config.parent)
-    wrapped = raw.get("pseudonym_secrets") if isinstance(raw, dict) else None
-    if isinstance(wrapped, dict) and wrapped.get("provider") == "wrapped_file":
-        # The same source the worker uses: the master wrapped under a pinned KEK.
-        from streamproc.crypto.wrapped_secrets import WrappedSecretFile
-
-        if not wrapped.get("path") or not wrapped.get("kek"):
-            raise click.UsageError("pseudonym_secrets: wrapped_file needs 'path' and 'kek'")
-        return WrappedSecretFile(kms_config.parent / str(wrapped["path"]), kms, kek=str(wrapped["kek"]))
-    if not hasattr(kms, "get_secret"):
-        raise click.UsageError(
-            f"KMS provider {getattr(kms, 'name', '?')!r} does not hold pseudonym secrets"
-        )
-    return kms
+        _close(log)
 
 
 @click.command("export-audience")
-@click.option(
-    "--keyring",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Local keyring holding the pseudonym master.",
-)
-@click.option(
-    "--kms-config",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="YAML with a `kms:` mapping (Vault/OpenBao KV, or with `pseudonym_secrets:` "
-    "{provider: wrapped_file, path, kek} for a wrapped secret file on any KMS).",
-)
+@config_option("Processor config: its KMS and pseudonym_secrets, policy and audit: section.")
 @click.option(
     "--secret",
     "secret_id",
-    default="pseudonym-master",
-    show_default=True,
-    help="Id of the pseudonym master secret.",
+    help="Id of the pseudonym master secret (default: the policy's keys.pseudonym).",
 )
 @click.option("--audience", required=True, help="Audience whose re-identification key to export.")
 @click.option(
@@ -194,60 +170,47 @@ def _secret_source(keyring: Path | None, kms_config: Path | None) -> Any:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Key file to create (mode 0600; never overwritten).",
 )
-@click.option(
-    "--policy",
-    "policy_file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Refuse unless the audience exists in this policy.",
-)
-@click.option(
-    "--actor",
-    envvar="STREAMPROC_ACTOR",
-    default=lambda: os.environ.get("USER", "unknown"),
-    help="Who exports (audited).",
-)
-@click.option(
-    "--audit-file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Record the export in this audit file.",
-)
-@click.option("--audit-hmac-key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--audit-stream", default="keys", show_default=True)
+@_NOTE
 def export_audience(
-    keyring: Path | None,
-    kms_config: Path | None,
-    secret_id: str,
+    config_path: str,
+    secret_id: str | None,
     audience: str,
     version: int | None,
     out: Path,
-    policy_file: Path | None,
-    actor: str,
-    audit_file: Path | None,
-    audit_hmac_key_file: Path | None,
-    audit_stream: str,
+    note: str | None,
 ) -> None:
-    """Export AUDIENCE's re-identification key for one master version into a 0600 file."""
+    """Export AUDIENCE's re-identification key for one master version into a 0600 file.
+
+    The file reverses every encrypt_deterministic value of that audience and version,
+    offline and without further audit: prefer a short-lived export, destroy it after use
+    (docs/keys.md, "What an exported key allows").
+    """
+    from streamproc.runtime.factory import build_kms, build_secret_source
+
+    config, policy = _load(config_path)
+    sid = secret_id or policy.pseudonym_key or "pseudonym-master"
+    log = _open_audit(config, note)
     try:
-        if policy_file is not None:
-            load_policy(policy_file).audience(audience)
-        source = _secret_source(keyring, kms_config)
-        keys = PseudonymKeys(source, secret_id)
-        blob = export_audience_key(keys, audience, version)
-        exported = AudienceKey.from_bytes(blob)
-        log = (
-            _open_audit(audit_file, audit_hmac_key_file, audit_stream, actor)
-            if audit_file
-            else None
+        kms = build_kms(config)
+
+        def keys() -> PseudonymKeys:
+            return PseudonymKeys(build_secret_source(config, kms), sid)
+
+        exported = export_audience_key_audited(
+            keys,
+            audience,
+            out,
+            audit=log,
+            policy=policy,
+            kms=getattr(kms, "name", "unknown"),
+            secret_id=sid,
+            version=version,
         )
-        try:
-            if log is not None:  # audited before the file exists
-                log.audience_key_exported(
-                    getattr(source, "name", "local"), secret_id, audience, exported.master_version
-                )
-            write_audience_key(out, blob)
-        finally:
-            if log is not None:
-                log.close()
     except (StreamprocError, AuditError) as exc:
         raise click.ClickException(str(exc)) from None
+    finally:
+        _close(log)
     click.echo(f"wrote {out}: audience {audience!r}, master version {exported.master_version}")
+
+
+__all__ = ["ExportRefused", "export_audience", "reidentify"]

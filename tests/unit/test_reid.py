@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import json
 import stat
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from click.testing import CliRunner
 
-from streamproc.audit import AuditLog, AuditSinkError, FileSink, MemorySink, verify, verify_file
+from streamproc.audit import (
+    AuditLog,
+    AuditSinkError,
+    MemorySink,
+    load_hmac_key,
+    verify,
+    verify_file,
+    write_hmac_key,
+)
 from streamproc.cli.reidentify import export_audience, reidentify
 from streamproc.crypto.kms.local import LocalKeyring
 from streamproc.crypto.pseudonym import PseudonymKeys, ReidentificationError
@@ -21,14 +31,32 @@ from streamproc.policy.model import parse_policy
 from streamproc.reid import (
     AUDIENCE_KEY_FORMAT,
     AudienceKey,
+    ExportRefused,
     Reidentifier,
     export_audience_key,
+    export_audience_key_audited,
     write_audience_key,
 )
 from streamproc.schema.avro import Primitive
 
 SECRET = "pseudonym-master"
-POLICY_VERSION = "sha256:00112233aabbccdd"
+POLICY_YAML = f"""keys: {{pseudonym: {SECRET}}}
+audiences:
+  fraud:
+    tags:
+      EMAIL: {{op: encrypt_deterministic, normalize: [lower, strip]}}
+      ACCT: {{op: encrypt_deterministic, domain: acct}}
+      BLOB: {{op: encrypt_deterministic, domain: blob}}
+      PHONE: {{op: encrypt_deterministic, domain: customer}}
+  support:
+    tags:
+      EMAIL: {{op: encrypt_deterministic, normalize: [lower, strip]}}
+  analytics:
+    tags:
+      EMAIL: token
+"""
+POLICY = parse_policy(yaml.safe_load(POLICY_YAML))
+POLICY_VERSION = POLICY.version
 NORMALIZE = {"normalize": ["lower", "strip"]}
 EMAIL = "Alice.Smith@Example.com "
 
@@ -63,7 +91,7 @@ def encryptor(
 
 
 def reidentifier(
-    keys: PseudonymKeys, audience: str, version: int | None = None, policy: Any = POLICY_VERSION
+    keys: PseudonymKeys, audience: str, version: int | None = None, policy: Any = POLICY
 ) -> tuple[Reidentifier, MemorySink]:
     sink = MemorySink()
     log = AuditLog([sink], stream="reidentify", clock=lambda: 1_700_000_000.0)
@@ -194,6 +222,7 @@ def test_version_mismatch_after_master_rotation(ring: LocalKeyring, pkeys: Pseud
         ({"reason": "customer alice@example.com asked"}, "denied", "invalid_reason"),
         ({"field": "not a field"}, "denied", "invalid_field"),
         ({"domain": "two words"}, "denied", "invalid_domain"),
+        ({"domain": "SSN"}, "denied", "domain_not_in_policy"),
         ({"actor": "Alice Smith"}, "denied", "invalid_actor"),
     ],
 )
@@ -233,7 +262,7 @@ def test_no_value_without_an_audit_trail(pkeys: PseudonymKeys) -> None:
     sink = Down()
     log = AuditLog([sink], stream="r")
     sink.down = True
-    reid = Reidentifier(export_audience_key(pkeys, "fraud"), log, POLICY_VERSION)
+    reid = Reidentifier(export_audience_key(pkeys, "fraud"), log, POLICY)
     with pytest.raises(ReidentificationError, match="audit log could not be written"):
         reid.reidentify(ct, "EMAIL", **CALL)
 
@@ -295,63 +324,90 @@ def test_audience_key_file(tmp_path: Path, pkeys: PseudonymKeys) -> None:
             AudienceKey.from_bytes(broken)
 
 
-# -- CLI -----------------------------------------------------------------------------------------------------
+# -- CLI: the audited path is the only path ----------------------------------------------------------------
+
+
+def os_user() -> str:
+    """The OS user as `id -un` reports it (not the code under test, not $USER)."""
+    return subprocess.run(["id", "-un"], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def make_config(
+    root: Path, ring: LocalKeyring, *, audit: str | None = "file", extra: str = ""
+) -> Path:
+    """A processor config over ``ring`` with POLICY_YAML and an audit file + key."""
+    (root / "schemas").mkdir(parents=True, exist_ok=True)
+    (root / "policy.yaml").write_text(POLICY_YAML)
+    write_hmac_key(root / "audit.key")
+    audit_section = (
+        "audit: {file: ./audit/processor.jsonl, hmac_key_file: ./audit.key}\n"
+        if audit == "file"
+        else ""
+    )
+    cfg = root / "streamproc.yaml"
+    cfg.write_text(
+        'kafka: {bootstrap.servers: "127.0.0.1:9"}\n'
+        "schemas: {directory: ./schemas}\n"
+        f"kms: {{provider: local, path: {ring.path}}}\n"
+        "policy: ./policy.yaml\n"
+        "pipelines:\n"
+        "  - sources: [orders]\n"
+        "    dead_letter_topic: orders.dlq\n"
+        "    destinations: [{topic: orders.fraud, audience: fraud, kek: fraud-kek}]\n"
+        + audit_section
+        + extra
+    )
+    return cfg
+
+
+def tool_events(root: Path) -> list[dict[str, Any]]:
+    path = root / "audit" / "processor-tools.jsonl"
+    r = verify_file(path, hmac_key=load_hmac_key(root / "audit.key"), require_hmac=True)
+    assert r.ok, r.report()
+    return [json.loads(x) for x in path.read_text().splitlines()]
 
 
 def test_cli_export_and_reidentify(
     tmp_path: Path, ring: LocalKeyring, pkeys: PseudonymKeys
 ) -> None:
     runner = CliRunner()
-    key_file, audit_file = tmp_path / "fraud.key", tmp_path / "audit.jsonl"
+    cfg = make_config(tmp_path, ring)
+    key_file = tmp_path / "fraud.key"
     res = runner.invoke(
         export_audience,
-        [
-            "--keyring",
-            str(ring.path),
-            "--secret",
-            SECRET,
-            "--audience",
-            "fraud",
-            "--out",
-            str(key_file),
-            "--actor",
-            "custodian",
-            "--audit-file",
-            str(tmp_path / "keys-audit.jsonl"),
-        ],
+        ["--config", str(cfg), "--audience", "fraud", "--out", str(key_file),
+         "--actor", "custodian on INC-77"],
     )
     assert res.exit_code == 0, res.output
     assert "master version 1" in res.output
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
-    exp = [json.loads(x) for x in (tmp_path / "keys-audit.jsonl").read_text().splitlines()]
-    assert exp[1]["type"] == "audience_key_exported" and exp[1]["actor"] == "custodian"
-    assert exp[1]["attrs"] == {
+    evs = tool_events(tmp_path)
+    assert evs[0]["type"] == "chain_started" and evs[0]["stream"] == "tools"
+    exp = evs[1]
+    assert exp["type"] == "audience_key_exported"
+    assert exp["actor"] == os_user()  # who really ran it, not what was typed
+    assert exp["attrs"] == {
         "kms": "local",
         "key_id": SECRET,
         "audience": "fraud",
         "key_version": 1,
+        "outcome": "success",
+        "policy_version": POLICY.version,
+        "actor_source": "os",
+        "note": "custodian on INC-77",
     }
+    # a second export to the same file is refused -- and audited
     res = runner.invoke(
-        export_audience,
-        ["--keyring", str(ring.path), "--audience", "fraud", "--out", str(key_file)],
+        export_audience, ["--config", str(cfg), "--audience", "fraud", "--out", str(key_file)]
     )
     assert res.exit_code == 1 and "already exists" in res.output
+    assert tool_events(tmp_path)[-1]["attrs"]["error"] == "file_exists"
 
     enc = encryptor(pkeys, "fraud", "EMAIL")
     cts = [enc("a@x.org"), enc("B@Y.org")]
     base = [
-        "--key-file",
-        str(key_file),
-        "--domain",
-        "EMAIL",
-        "--field",
-        "customer.email",
-        "--actor",
-        "bob",
-        "--reason",
-        "INC-77 fraud review",
-        "--audit-file",
-        str(audit_file),
+        "--config", str(cfg), "--key-file", str(key_file), "--domain", "EMAIL",
+        "--field", "customer.email", "--actor", "bob", "--reason", "INC-77 fraud review",
     ]
     res = runner.invoke(reidentify, [*base, *cts])
     assert res.exit_code == 0, res.output
@@ -364,141 +420,200 @@ def test_cli_export_and_reidentify(
     assert res.exit_code == 1
     assert res.stdout.splitlines() == ["a@x.org"]
     assert "value #2" in res.stderr and foreign not in res.stderr
-    r = verify_file(audit_file)
-    assert r.ok and r.count == 7
-    events = [json.loads(x) for x in audit_file.read_text().splitlines()][1:]
-    assert [e["attrs"]["outcome"] for e in events] == ["success"] * 5 + ["failed"]
-    assert {e["actor"] for e in events} == {"bob"} and all(
-        e["stream"] == "reidentify" for e in events
-    )
-    assert "@" not in audit_file.read_text().replace('"actor":"bob"', "")
+    reids = [e for e in tool_events(tmp_path) if e["type"] == "reidentification"]
+    assert [e["attrs"]["outcome"] for e in reids] == ["success"] * 5 + ["failed"]
+    assert {e["actor"] for e in reids} == {os_user()}
+    assert {(e["attrs"]["actor_source"], e["attrs"]["note"]) for e in reids} == {("os", "bob")}
+    text = (tmp_path / "audit" / "processor-tools.jsonl").read_text()
+    assert "x.org" not in text and "y.org" not in text and "z.org" not in text
 
 
-def test_cli_policy_and_errors(tmp_path: Path, ring: LocalKeyring, pkeys: PseudonymKeys) -> None:
+def test_cli_refuses_without_an_audit_section(
+    tmp_path: Path, ring: LocalKeyring, pkeys: PseudonymKeys
+) -> None:
     runner = CliRunner()
-    policy_file = tmp_path / "policy.yaml"
-    policy_file.write_text(
-        f"keys: {{pseudonym: {SECRET}}}\naudiences:\n  fraud:\n    tags:\n"
-        "      EMAIL: {op: encrypt_deterministic}\n"
-    )
-    key_file = tmp_path / "k.key"
+    cfg = make_config(tmp_path, ring, audit=None)
+    key_file = tmp_path / "fraud.key"
     res = runner.invoke(
-        export_audience,
-        [
-            "--keyring",
-            str(ring.path),
-            "--audience",
-            "nobody",
-            "--out",
-            str(key_file),
-            "--policy",
-            str(policy_file),
-        ],
+        export_audience, ["--config", str(cfg), "--audience", "fraud", "--out", str(key_file)]
     )
-    assert res.exit_code == 1 and "no audience 'nobody'" in res.output and not key_file.exists()
-    res = runner.invoke(export_audience, ["--audience", "fraud", "--out", str(key_file)])
-    assert res.exit_code == 2 and "--keyring or --kms-config" in res.output
-    kms_cfg = tmp_path / "kms.yaml"
-    kms_cfg.write_text(f"kms:\n  provider: local\n  path: {ring.path}\n")
+    assert res.exit_code == 1 and "no audit: section" in res.output
+    assert not key_file.exists()
+    write_audience_key(key_file, export_audience_key(pkeys, "fraud"))
+    ct = encryptor(pkeys, "fraud", "EMAIL")("dana@example.org")
     res = runner.invoke(
-        export_audience,
-        [
-            "--kms-config",
-            str(kms_cfg),
-            "--audience",
-            "fraud",
-            "--out",
-            str(key_file),
-            "--policy",
-            str(policy_file),
-        ],
+        reidentify,
+        ["--config", str(cfg), "--key-file", str(key_file), "--domain", "EMAIL",
+         "--field", "email", "--reason", "INC-1", ct],
+    )
+    assert res.exit_code == 1 and "audit log unavailable" in res.output
+    assert "dana" not in res.output
+
+
+def test_cli_policy_checks_are_always_on(
+    tmp_path: Path, ring: LocalKeyring, pkeys: PseudonymKeys
+) -> None:
+    runner = CliRunner()
+    cfg = make_config(tmp_path, ring)
+    out = tmp_path / "k.key"
+    for audience, error in [
+        ("nobody", "audience_not_in_policy"),
+        ("analytics", "audience_has_no_encrypt_deterministic"),
+    ]:
+        res = runner.invoke(
+            export_audience, ["--config", str(cfg), "--audience", audience, "--out", str(out)]
+        )
+        assert res.exit_code == 1 and not out.exists(), res.output
+        ev = tool_events(tmp_path)[-1]
+        assert (ev["type"], ev["attrs"]["outcome"], ev["attrs"]["error"]) == (
+            "audience_key_exported", "denied", error,
+        )
+    res = runner.invoke(
+        export_audience, ["--config", str(cfg), "--audience", "fraud", "--out", str(out)]
     )
     assert res.exit_code == 0, res.output
-    audit_file = tmp_path / "a.jsonl"
-    ct = encryptor(pkeys, "fraud", "EMAIL", {})("dana@example.org")
-    base = [
-        "--key-file",
-        str(key_file),
-        "--domain",
-        "EMAIL",
-        "--field",
-        "email",
-        "--actor",
-        "bob",
-        "--audit-file",
-        str(audit_file),
-        "--policy",
-        str(policy_file),
-        "--subject",
-        "orders:0:17",
-    ]
-    res = runner.invoke(reidentify, [*base, "--reason", "INC-1", ct])
+    ct = encryptor(pkeys, "fraud", "EMAIL")("dana@example.org")
+    base = ["--config", str(cfg), "--key-file", str(out), "--field", "email",
+            "--subject", "orders:0:17"]
+    res = runner.invoke(reidentify, [*base, "--domain", "EMAIL", "--reason", "INC-1", ct])
     assert res.exit_code == 0 and res.output.strip() == "dana@example.org"
-    ev = json.loads(audit_file.read_text().splitlines()[-1])
+    ev = tool_events(tmp_path)[-1]
     assert ev["attrs"]["subject"] == "orders:0:17"
-    assert ev["attrs"]["policy_version"].startswith("sha256:")
-    res = runner.invoke(reidentify, [*base, "--reason", "call 555 123 4567", ct])
+    assert ev["attrs"]["policy_version"] == POLICY.version
+    # a domain no encrypt_deterministic rule of the audience produces: denied, audited
+    res = runner.invoke(reidentify, [*base, "--domain", "SSN", "--reason", "INC-1", ct])
+    assert res.exit_code == 1 and "dana" not in res.output
+    assert tool_events(tmp_path)[-1]["attrs"]["error"] == "domain_not_in_policy"
+    res = runner.invoke(reidentify, [*base, "--domain", "EMAIL", "--reason", "call 555 123 4567", ct])
     assert res.exit_code == 1 and "personal data" in res.stderr
-    # a tampered audit file blocks re-identification altogether
-    audit_file.write_text(audit_file.read_text().replace('"bob"', '"eve"', 1))
-    res = runner.invoke(reidentify, [*base, "--reason", "INC-1", ct])
-    assert res.exit_code == 1 and "audit log unavailable" in res.output and "dana" not in res.output
-    # and so does a key file others can read
+    assert tool_events(tmp_path)[-1]["attrs"]["error"] == "invalid_reason"
+
+
+def test_cli_refusals_are_audited_and_fail_closed(
+    tmp_path: Path, ring: LocalKeyring, pkeys: PseudonymKeys
+) -> None:
+    runner = CliRunner()
+    cfg = make_config(tmp_path, ring)
+    key_file = tmp_path / "fraud.key"
+    write_audience_key(key_file, export_audience_key(pkeys, "fraud"))
+    ct = encryptor(pkeys, "fraud", "EMAIL")("dana@example.org")
+    base = ["--config", str(cfg), "--key-file", str(key_file), "--domain", "EMAIL",
+            "--field", "email", "--reason", "INC-1", ct]
+    # a key file others can read: refused, and the refusal is one audit event
     key_file.chmod(0o644)
-    res = runner.invoke(reidentify, [*base, "--reason", "INC-1", ct])
-    assert res.exit_code == 1 and "0600" in res.output
+    res = runner.invoke(reidentify, base)
+    assert res.exit_code == 1 and "0600" in res.output and "dana" not in res.output
+    ev = tool_events(tmp_path)[-1]
+    assert (ev["type"], ev["attrs"]["outcome"], ev["attrs"]["error"]) == (
+        "reidentification", "denied", "key_file_refused",
+    )
+    assert ev["actor"] == os_user() and ev["attrs"]["actor_source"] == "os"
+    key_file.chmod(0o600)
+    # a tampered tools chain blocks re-identification altogether
+    tools = tmp_path / "audit" / "processor-tools.jsonl"
+    tools.write_text(tools.read_text().replace('"key_file_refused"', '"key_file_refusex"', 1))
+    res = runner.invoke(reidentify, base)
+    assert res.exit_code == 1 and "audit log unavailable" in res.output
+    assert "dana" not in res.output
+    # ...and so does one that was emptied (its exported head knows better)
+    tools.write_text("")
+    res = runner.invoke(reidentify, base)
+    assert res.exit_code == 1 and "audit log unavailable" in res.output and "seq" in res.output
+    assert tools.read_text() == ""
+
+
+def test_cli_kafka_audit_failure_reveals_nothing(
+    tmp_path: Path, ring: LocalKeyring, pkeys: PseudonymKeys
+) -> None:
+    """An audit topic on a port nothing listens on: the event cannot be delivered, so the
+    export writes no file (librdkafka's own timeout, shortened for the test)."""
+    cfg = make_config(
+        tmp_path,
+        ring,
+        audit=None,
+        extra="producer: {message.timeout.ms: 1500}\naudit: {kafka_topic: streamproc.audit}\n",
+    )
+    out = tmp_path / "k.key"
+    res = CliRunner().invoke(
+        export_audience, ["--config", str(cfg), "--audience", "fraud", "--out", str(out)]
+    )
+    assert res.exit_code == 1 and "audit" in res.output, res.output
+    assert not out.exists()
 
 
 def test_wired_into_the_main_cli(tmp_path: Path, ring: LocalKeyring) -> None:
-    main = pytest.importorskip("streamproc.cli.main")
-    if (
-        "keys" not in main.cli.commands
-        or "export-audience" not in main.cli.commands["keys"].commands
-    ):
-        pytest.skip("main CLI does not attach export-audience yet")
+    from streamproc.cli import main
+
+    cfg = make_config(tmp_path, ring)
     res = CliRunner().invoke(
         main.cli,
-        [
-            "keys",
-            "export-audience",
-            "--keyring",
-            str(ring.path),
-            "--audience",
-            "fraud",
-            "--out",
-            str(tmp_path / "f.key"),
-        ],
+        ["keys", "export-audience", "--config", str(cfg), "--audience", "fraud",
+         "--out", str(tmp_path / "f.key")],
     )
     assert res.exit_code == 0, res.output
     assert "reidentify" in main.cli.commands and "audit" in main.cli.commands
-    with AuditLog([FileSink(tmp_path / "x.jsonl")], stream="s") as log:
-        log.anomaly("x")
-    res = CliRunner().invoke(main.cli, ["audit", "verify", str(tmp_path / "x.jsonl")])
-    assert res.exit_code == 0 and res.output.startswith("OK: 2 events")
+    res = CliRunner().invoke(
+        main.cli,
+        ["audit", "verify", str(tmp_path / "audit" / "processor-tools.jsonl"),
+         "--hmac-key-file", str(tmp_path / "audit.key"), "--require-hmac"],
+    )
+    assert res.exit_code == 0 and res.output.startswith("OK: 2 events"), res.output
 
 
 def test_cli_export_audience_from_a_wrapped_secret_file(tmp_path: Path, ring: LocalKeyring) -> None:
-    """--kms-config with pseudonym_secrets: wrapped_file exports the same key the worker uses."""
+    """pseudonym_secrets: wrapped_file exports the same key the worker uses."""
     from streamproc.crypto.wrapped_secrets import WrappedSecretFile
 
     ring.ensure_key("secrets-kek")
     wrapped = WrappedSecretFile(tmp_path / "pseudonym.json", ring, kek="secrets-kek")
     wrapped.create("pseudonym-master", "secrets-kek")
-    cfg = tmp_path / "kms.yaml"
-    cfg.write_text(
-        f"kms: {{provider: local, path: {ring.path}}}\n"
-        "pseudonym_secrets: {provider: wrapped_file, path: pseudonym.json, kek: secrets-kek}\n"
+    cfg = make_config(
+        tmp_path,
+        ring,
+        extra="pseudonym_secrets: {provider: wrapped_file, path: pseudonym.json, kek: secrets-kek}\n",
     )
     key_file = tmp_path / "fraud.key"
     res = CliRunner().invoke(
         export_audience,
-        ["--kms-config", str(cfg), "--secret", "pseudonym-master", "--audience", "fraud",
-         "--out", str(key_file), "--audit-file", str(tmp_path / "a.jsonl")],
+        ["--config", str(cfg), "--audience", "fraud", "--out", str(key_file)],
     )
     assert res.exit_code == 0, res.output
-    wkeys = PseudonymKeys(WrappedSecretFile(tmp_path / "pseudonym.json", ring, kek="secrets-kek"), "pseudonym-master")
+    wkeys = PseudonymKeys(
+        WrappedSecretFile(tmp_path / "pseudonym.json", ring, kek="secrets-kek"), "pseudonym-master"
+    )
     ct = encryptor(wkeys, "fraud", "EMAIL")("a@x.org")
     log = AuditLog([MemorySink()], stream="t")
-    assert Reidentifier(key_file, log, POLICY_VERSION).reidentify(
+    assert Reidentifier(key_file, log, POLICY).reidentify(
         ct, "EMAIL", actor="bob", field="email", reason="case-1"
     ) == "a@x.org"
+
+
+def test_no_key_file_without_an_audit_event(tmp_path: Path, pkeys: PseudonymKeys) -> None:
+    class Down(MemorySink):
+        down = False
+
+        def write(self, line: bytes) -> None:
+            if self.down:
+                raise AuditSinkError("disk full")
+            super().write(line)
+
+    sink = Down()
+    log = AuditLog([sink], stream="tools")
+    sink.down = True
+    out = tmp_path / "fraud.key"
+    with pytest.raises(ExportRefused, match="audit log could not be written"):
+        export_audience_key_audited(
+            pkeys, "fraud", out, audit=log, policy=POLICY, kms="local", secret_id=SECRET
+        )
+    assert not out.exists()
+    sink.down = False
+    exported = export_audience_key_audited(
+        pkeys, "fraud", out, audit=log, policy=POLICY, kms="local", secret_id=SECRET
+    )
+    assert AudienceKey.load(out) == exported
+    ev = sink.events()[-1]
+    assert (ev["type"], ev["attrs"]["outcome"], ev["attrs"]["key_version"]) == (
+        "audience_key_exported",
+        "success",
+        1,
+    )
