@@ -11,8 +11,7 @@ import click
 from streamproc.errors import PolicyError, SchemaError
 from streamproc.policy.check import check, render_text
 from streamproc.policy.model import load_policy
-from streamproc.schema import avro
-from streamproc.schema.registry import RegisteredSchema, content_id
+from streamproc.schema.registry import RegisteredSchema, load_document
 
 
 @click.group()
@@ -39,12 +38,14 @@ def check_cmd(policy_path: str, schema_paths: tuple[str, ...], show: bool, as_js
             # processor registers under registered/ are not linted.
             files = [Path(p)] if p.endswith(".avsc") else sorted(Path(p).glob("*.avsc"))
             for f in files:
+                # A plain schema or a document with external tags (metadata.tags), which
+                # classify fields as much as inline tags do.
                 try:
-                    obj = json.loads(f.read_text())
-                    avro.parse(obj)
-                except (ValueError, SchemaError) as exc:
-                    raise click.ClickException(f"{f}: invalid schema ({exc})") from None
-                schemas.append(RegisteredSchema(content_id(obj), avro.canonical_json(obj), str(f)))
+                    rs = load_document(f)
+                except SchemaError as exc:
+                    raise click.ClickException(str(exc)) from None
+                rs.subject = str(f)
+                schemas.append(rs)
     except (PolicyError, SchemaError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     report = check(pol, schemas)

@@ -81,6 +81,12 @@ def check(policy: Policy, schemas: list[RegisteredSchema]) -> Report:
         if not isinstance(node, Record):
             report.findings.append(Finding("error", name, "top-level schema is not a record"))
             continue
+        for pattern in rs.unmatched_tag_patterns:
+            report.findings.append(Finding(
+                "warning", name,
+                f"metadata.tags pattern {pattern!r} matches no field (the field it meant is classified "
+                "by its other tags only)",
+            ))
         rows: dict[str, dict[str, str]] = {}
         for leaf in leaves(node):
             rows[leaf.path] = {}

@@ -22,7 +22,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -32,20 +32,37 @@ import fastavro
 
 from streamproc.errors import SchemaError, SchemaNotFound, SchemaRegistryUnavailable
 from streamproc.schema import avro
+from streamproc.schema.annotations import apply_external_tags, metadata_tags, split_document
 
 
 @dataclass(eq=False)
 class RegisteredSchema:
-    """A schema with its id; parsed forms are computed once, on first use."""
+    """A schema with its id; parsed forms are computed once, on first use.
+
+    ``metadata_tags`` are the schema's external tags (Confluent ``metadata.tags``); they
+    are merged into the inline ``confluent:tags`` of :attr:`json`, so every reader (the
+    plan compiler, the linter, output schemas) sees one classification.
+    """
 
     schema_id: int
     text: str
     subject: str | None = None
+    metadata_tags: Mapping[str, Sequence[str]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @cached_property
+    def _tagged(self) -> tuple[Any, list[str]]:
+        return apply_external_tags(json.loads(self.text), self.metadata_tags)
+
+    @cached_property
     def json(self) -> Any:
-        return json.loads(self.text)
+        """The schema JSON, external tags merged into ``confluent:tags``."""
+        return self._tagged[0]
+
+    @property
+    def unmatched_tag_patterns(self) -> list[str]:
+        """``metadata.tags`` patterns that match no field of the schema."""
+        return self._tagged[1]
 
     @cached_property
     def node(self) -> avro.AvroType:
@@ -67,9 +84,31 @@ class RegisteredSchema:
 
 
 def content_id(schema: Any) -> int:
-    """Stable 31-bit id for a schema's canonical JSON (never 0)."""
+    """Stable 31-bit id for a schema's canonical JSON (never 0).
+
+    For a schema document with external tags (:func:`split_document`) the id is the
+    Avro schema's alone, so a producer that registers the bare schema gets the id under
+    which the processor knows its tags: tags cannot be lost by registering without them.
+    """
+    schema, _ = split_document(schema)
     digest = hashlib.sha256(avro.canonical_json(schema).encode()).digest()
     return (int.from_bytes(digest[:4], "big") & 0x7FFFFFFF) or 1
+
+
+def load_document(path: Path) -> RegisteredSchema:
+    """One ``.avsc`` file: a plain Avro schema or a document with ``metadata.tags``."""
+    try:
+        obj = json.loads(path.read_text())
+        schema, tags = split_document(obj)
+        avro.parse(schema)
+    except (ValueError, SchemaError) as exc:
+        raise SchemaError(f"{path}: invalid Avro schema ({exc})") from None
+    rs = RegisteredSchema(content_id(schema), avro.canonical_json(schema), path.stem, tags)
+    try:
+        avro.parse(rs.json)
+    except SchemaError as exc:
+        raise SchemaError(f"{path}: invalid after merging metadata.tags ({exc})") from None
+    return rs
 
 
 class SchemaSource(Protocol):
@@ -102,13 +141,16 @@ class DirectorySchemaSource:
                     continue
                 if self._scanned.get(p) == mtime:
                     continue
-                try:
-                    obj = json.loads(p.read_text())
-                    avro.parse(obj)
-                except (ValueError, SchemaError) as exc:
-                    raise SchemaError(f"{p}: invalid Avro schema ({exc})") from None
-                sid = content_id(obj)
-                self._by_id[sid] = RegisteredSchema(sid, avro.canonical_json(obj), p.stem)
+                rs = load_document(p)
+                old = self._by_id.get(rs.schema_id)
+                if old is not None and old.metadata_tags:
+                    # The same schema in several files (a tagged document and a bare copy
+                    # registered by a producer): external tags from any of them apply.
+                    merged = {k: list(v) for k, v in old.metadata_tags.items()}
+                    for k, v in rs.metadata_tags.items():
+                        merged[k] = sorted(set(merged.get(k, [])) | set(v))
+                    rs = RegisteredSchema(rs.schema_id, rs.text, old.subject or rs.subject, merged)
+                self._by_id[rs.schema_id] = rs
                 self._scanned[p] = mtime
 
     def get(self, schema_id: int) -> RegisteredSchema:
@@ -122,7 +164,8 @@ class DirectorySchemaSource:
 
     def register(self, subject: str, schema: Any) -> int:
         obj = json.loads(schema) if isinstance(schema, str) else schema
-        fastavro.parse_schema(obj)  # validity check before anything is written
+        bare, tags = split_document(obj)
+        fastavro.parse_schema(bare)  # validity check before anything is written
         sid = content_id(obj)
         if sid in self._by_id:
             return sid
@@ -134,7 +177,7 @@ class DirectorySchemaSource:
             json.dump(obj, fh, indent=2, sort_keys=True)
         os.replace(tmp, target)
         with self._lock:
-            self._by_id[sid] = RegisteredSchema(sid, avro.canonical_json(obj), subject)
+            self._by_id[sid] = RegisteredSchema(sid, avro.canonical_json(bare), subject, tags)
         return sid
 
     def schemas(self) -> list[RegisteredSchema]:
@@ -142,7 +185,7 @@ class DirectorySchemaSource:
         return list(self._by_id.values())
 
     def id_for_file(self, path: str | os.PathLike[str]) -> int:
-        return content_id(json.loads(Path(path).read_text()))
+        return load_document(Path(path)).schema_id
 
 
 #: Registry statuses that say "not now" rather than "never": expired or missing credentials
@@ -182,15 +225,29 @@ class ConfluentSchemaSource:
             raise
         if getattr(s, "schema_type", "AVRO") not in ("AVRO", None):
             raise SchemaNotFound(f"schema id {schema_id} is {s.schema_type}, not Avro")
-        return RegisteredSchema(schema_id, avro.canonical_json(s.schema_str))
+        try:
+            tags = metadata_tags(getattr(s, "metadata", None))
+        except ValueError:
+            raise SchemaError(f"schema id {schema_id}: malformed metadata.tags") from None
+        return RegisteredSchema(schema_id, avro.canonical_json(s.schema_str), None, tags)
 
     def register(self, subject: str, schema: Any) -> int:
         from confluent_kafka.schema_registry import Schema
         from confluent_kafka.schema_registry.error import SchemaRegistryError
 
-        text = schema if isinstance(schema, str) else json.dumps(schema)
+        obj = json.loads(schema) if isinstance(schema, str) else schema
+        bare, tags = split_document(obj)
+        metadata = None
+        if tags:
+            from confluent_kafka.schema_registry.schema_registry_client import (
+                Metadata,
+                MetadataTags,
+            )
+
+            metadata = Metadata(tags=MetadataTags(tags=dict(tags)), properties=None, sensitive=None)
+        text = json.dumps(bare)
         try:
-            return int(self.client.register_schema(subject, Schema(text, "AVRO")))
+            return int(self.client.register_schema(subject, Schema(text, "AVRO", metadata=metadata)))
         except SchemaRegistryError as exc:
             status = exc.http_status_code or 0
             if 400 <= status < 500 and status not in _RETRY:

@@ -19,6 +19,8 @@ from typing import Any
 
 import fastavro
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from streamproc.client import RecordSealer
 from streamproc.crypto.pseudonym import PseudonymKeys
@@ -326,3 +328,107 @@ def test_mask_through_the_pipeline_never_shows_more_than_half(shared_keys: Pseud
     for value, expected in [("12345", "*****"), ("4000123412341234", "************1234"), ("12345678", "****5678")]:
         _, out = run(schema, aud, shared_keys, {"card": value})
         assert out == {"card": expected}
+
+
+# -- 5. Confluent external tags (schema metadata.tags) ------------------------------------------
+
+UNTAGGED_ORDER = {"type": "record", "name": "Order", "namespace": "com.acme", "fields": [
+    {"name": "id", "type": "string", "confluent:tags": ["PUBLIC"]},
+    {"name": "email", "type": "string"},
+    {"name": "contact", "type": {"type": "record", "name": "Contact", "fields": [
+        {"name": "ssn", "type": "string", "confluent:tags": ["PUBLIC"]}]}},
+]}
+EXTERNAL = {"Order.email": ["PII", "EMAIL"], "**.ssn": ["SSN"]}
+
+
+def _tags_of(rs: RegisteredSchema) -> dict[str, tuple[str, ...]]:
+    from streamproc.schema.annotations import leaves
+
+    node = rs.node
+    assert isinstance(node, Record)
+    return {leaf.path: leaf.tags for leaf in leaves(node)}
+
+
+def test_directory_source_reads_metadata_tags(tmp_path: Any, shared_keys: PseudonymKeys) -> None:
+    import json
+
+    from streamproc.schema.registry import DirectorySchemaSource, content_id
+
+    doc = {"schema": json.dumps(UNTAGGED_ORDER), "schemaType": "AVRO", "metadata": {"tags": EXTERNAL}}
+    (tmp_path / "order.avsc").write_text(json.dumps(doc))
+    src = DirectorySchemaSource(tmp_path)
+    # a producer that registers the bare schema gets the id under which the tags are known
+    sid = src.register("orders-value", UNTAGGED_ORDER)
+    assert sid == content_id(UNTAGGED_ORDER) == src.id_for_file(tmp_path / "order.avsc")
+    rs = src.get(sid)
+    tags = _tags_of(rs)
+    assert set(tags["email"]) == {"PII", "EMAIL"}  # was: untagged
+    assert set(tags["contact.ssn"]) == {"PUBLIC", "SSN"}  # merged with the inline tags
+    plan = build_plan(rs.node, audience({"PUBLIC": "keep", "EMAIL": "token", "SSN": "drop"}), shared_keys)
+    ops = {f.name: n for f, n in plan.root.fields}  # type: ignore[attr-defined]
+    assert isinstance(ops["email"], Apply) and ops["email"].op == "token"
+    # the bare copy the producer registered does not hide the document's tags on rescan
+    src.rescan()
+    assert set(_tags_of(src.get(sid))["email"]) == {"PII", "EMAIL"}
+
+
+def test_confluent_source_reads_metadata_tags() -> None:
+    import json
+
+    from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+    from confluent_kafka.schema_registry.schema_registry_client import Metadata, MetadataTags
+
+    from streamproc.schema.registry import ConfluentSchemaSource
+
+    client = SchemaRegistryClient.new_client({"url": "mock://external-tags"})
+    sid = client.register_schema("orders-value", Schema(json.dumps(UNTAGGED_ORDER), "AVRO", metadata=Metadata(
+        tags=MetadataTags(tags=EXTERNAL), properties=None, sensitive=None)))
+    rs = ConfluentSchemaSource("mock://unused", client=client).get(sid)
+    assert set(_tags_of(rs)["email"]) == {"PII", "EMAIL"}
+    # and streamproc's own registration keeps them (a document with metadata round-trips)
+    src = ConfluentSchemaSource("mock://unused", client=client)
+    sid2 = src.register("copy-value", {"schema": UNTAGGED_ORDER, "metadata": {"tags": EXTERNAL}})
+    assert set(_tags_of(src.get(sid2))["email"]) == {"PII", "EMAIL"}
+
+
+def test_linter_counts_external_tags_and_warns_about_patterns_that_match_nothing(tmp_path: Any) -> None:
+    import json
+
+    from streamproc.schema.registry import load_document
+
+    doc = {"schema": UNTAGGED_ORDER, "metadata": {"tags": {**EXTERNAL, "Order.emial": ["EMAIL"]}}}
+    (tmp_path / "o.avsc").write_text(json.dumps(doc))
+    rs = load_document(tmp_path / "o.avsc")
+    pol = parse_policy({"keys": {"pseudonym": "k"}, "audiences": {"a": {"tags": {
+        "PUBLIC": "keep", "EMAIL": "token", "SSN": "drop", "PII": "drop"}}}})
+    findings = check(pol, [rs]).findings
+    assert not [f for f in findings if f.level == "error"], findings  # email is classified
+    assert any(f.level == "warning" and "'Order.emial'" in f.message for f in findings)
+
+
+@pytest.mark.parametrize("bad", [{"tags": {"Order.email": "EMAIL"}}, {"tags": ["EMAIL"]}, {"tags": {"x": [1]}}])
+def test_malformed_metadata_tags_are_refused_not_ignored(tmp_path: Any, bad: Any) -> None:
+    import json
+
+    from streamproc.errors import SchemaError
+    from streamproc.schema.registry import load_document
+
+    (tmp_path / "o.avsc").write_text(json.dumps({"schema": UNTAGGED_ORDER, "metadata": bad}))
+    with pytest.raises(SchemaError):
+        load_document(tmp_path / "o.avsc")
+
+
+_NAME = st.text("ab.", min_size=1, max_size=8)
+_PATTERN = st.lists(st.sampled_from(["a", "b", ".", "*", "**", "?", "**.*"]), min_size=1, max_size=6).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=_NAME, pattern=_PATTERN)
+def test_wildcards_match_like_confluents_own_matcher(name: str, pattern: str) -> None:
+    """A second implementation: confluent-kafka's serializers decide which fields a
+    metadata tag reaches, so ours must agree with theirs."""
+    from confluent_kafka.schema_registry.wildcard_matcher import wildcard_match as confluent_match
+
+    from streamproc.schema.annotations import wildcard_match
+
+    assert wildcard_match(name, pattern) == confluent_match(name, pattern)
