@@ -432,3 +432,20 @@ def test_wildcards_match_like_confluents_own_matcher(name: str, pattern: str) ->
     from streamproc.schema.annotations import wildcard_match
 
     assert wildcard_match(name, pattern) == confluent_match(name, pattern)
+
+
+def test_policy_check_cli_reads_documents(tmp_path: Any) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from streamproc.cli.main import cli
+
+    (tmp_path / "o.avsc").write_text(json.dumps({"schema": UNTAGGED_ORDER, "metadata": {"tags": EXTERNAL}}))
+    pol = tmp_path / "p.yaml"
+    pol.write_text("keys: {pseudonym: k}\naudiences:\n  a:\n    tags: {PUBLIC: keep, EMAIL: token, SSN: drop}\n")
+    res = CliRunner().invoke(cli, ["policy", "check", "--schemas", str(tmp_path), "--policy", str(pol)])
+    assert res.exit_code == 0, res.output  # before: 'email' neither classified nor public
+    (tmp_path / "o.avsc").write_text(json.dumps(UNTAGGED_ORDER))
+    res = CliRunner().invoke(cli, ["policy", "check", "--schemas", str(tmp_path), "--policy", str(pol)])
+    assert res.exit_code == 1 and "'email' is neither classified" in res.output
