@@ -13,6 +13,15 @@ exception message (a decoder's "invalid value ..."), could quote the data it cho
 
 The guard sits on the handler, not on a logger, so it also sees records propagated from
 every library logger.
+
+Dependencies log what they handle: at DEBUG, botocore prints whole KMS response bodies --
+``GenerateDataKey``'s ``Plaintext`` data key included -- and HTTP clients print request
+details.  So, whatever ``logging.level`` says, the loggers in :data:`PINNED_LOGGERS` are
+set to WARNING or above, and the :class:`DependencyGuard` on the handler drops their
+records below WARNING even if something lowers those levels later; it also rewrites the
+*message text* of every record (not only ``extra=`` fields) so that key-shaped values --
+a ``Plaintext``/``material``/token field, or any base64 string of exactly 32 bytes --
+read ``<redacted>``.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import re
 import sys
 import traceback
 from typing import IO, Any
@@ -48,6 +58,62 @@ REDACTED = "<redacted>"
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in record.__dict__.items() if k not in _STANDARD and k != "redacted_fields"}
+
+
+#: Third-party loggers held at WARNING or above whatever the configured level.
+PINNED_LOGGERS: tuple[str, ...] = (
+    "botocore", "boto3", "s3transfer", "urllib3", "requests", "hvac", "httpx", "httpcore",
+    "confluent_kafka",
+)
+PINNED_LEVEL = logging.WARNING
+
+# ``"Plaintext": "..."``, ``plaintext=...``, ``'material': b'...'``, tokens and AWS secrets.
+_SECRET_FIELD = re.compile(
+    r"""(?P<key>["']?(?:plaintext|material|secret_?access_?key|session_?token|client_token|"""
+    r"""x-vault-token|authorization)["']?\s*[:=]\s*)(?P<q>b?["']?)(?P<val>[^"',\s}\]]+)""",
+    re.IGNORECASE,
+)
+# Any standalone base64 (or base64url) rendering of exactly 32 bytes: a data key's shape.
+_KEY_B64 = re.compile(r"(?<![A-Za-z0-9+/_-])[A-Za-z0-9+/_-]{43}=(?![A-Za-z0-9+/=_-])")
+
+
+def redact_key_material(text: str) -> str:
+    """``text`` with key-shaped values replaced by ``<redacted>`` (see the module doc)."""
+    text = _SECRET_FIELD.sub(lambda m: f"{m['key']}{m['q']}{REDACTED}", text)
+    return _KEY_B64.sub(REDACTED, text)
+
+
+def _pinned(name: str) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in PINNED_LOGGERS)
+
+
+class DependencyGuard(logging.Filter):
+    """Drops dependency records below WARNING; redacts key material in message text.
+
+    On the handler, so it holds even when a library (or a test, or ``boto3.set_stream_
+    logger``) lowers a pinned logger's level after :func:`configure_logging`.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < PINNED_LEVEL and _pinned(record.name):
+            return False
+        try:
+            message = record.getMessage()
+        except Exception:
+            record.msg, record.args = "<unformattable log message>", None
+            return True
+        clean = redact_key_material(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
+def pin_dependency_loggers() -> None:
+    """Set every :data:`PINNED_LOGGERS` logger to WARNING or above (never lower)."""
+    for name in PINNED_LOGGERS:
+        lg = logging.getLogger(name)
+        if lg.level < PINNED_LEVEL:
+            lg.setLevel(PINNED_LEVEL)
 
 
 class RedactionGuard(logging.Filter):
@@ -153,12 +219,24 @@ def configure_logging(level: str | int = "INFO", format: str = "json", stream: I
             root.removeHandler(h)
     handler = logging.StreamHandler(stream or sys.stderr)
     setattr(handler, _HANDLER_FLAG, True)
+    handler.addFilter(DependencyGuard())
     handler.addFilter(RedactionGuard())
     handler.setFormatter(JsonFormatter() if fmt == "json" else HumanFormatter())
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
+    pin_dependency_loggers()  # after the root level: DEBUG must not reach botocore & co.
     logging.captureWarnings(True)
     return handler
 
 
-__all__ = ["ALLOWED_FIELDS", "HumanFormatter", "JsonFormatter", "RedactionGuard", "configure_logging"]
+__all__ = [
+    "ALLOWED_FIELDS",
+    "PINNED_LOGGERS",
+    "DependencyGuard",
+    "HumanFormatter",
+    "JsonFormatter",
+    "RedactionGuard",
+    "configure_logging",
+    "pin_dependency_loggers",
+    "redact_key_material",
+]
