@@ -13,8 +13,14 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from streamproc.crypto.kms import DataKey, KeyInfo, KmsProvider
-from streamproc.crypto.kms.local import FORMAT, LocalKeyring
-from streamproc.errors import ConfigError, KeyNotFound, KeyRevoked, UnwrapFailed
+from streamproc.crypto.kms.local import FORMAT, KeyringUnavailable, LocalKeyring
+from streamproc.errors import (
+    ConfigError,
+    KeyNotFound,
+    KeyRevoked,
+    KmsUnavailable,
+    UnwrapFailed,
+)
 
 CTX = {"topic": "orders"}
 
@@ -356,3 +362,80 @@ def test_admin_operations_start_from_the_file(kr: LocalKeyring) -> None:
         "from-second",
         "kek",
     ]
+
+
+# -- a running keyring fails closed when its file is loosened, deleted or damaged ----------
+
+
+def running(kr: LocalKeyring) -> tuple[LocalKeyring, FakeClock, DataKey]:
+    clock = FakeClock()
+    ring = LocalKeyring(kr.path, clock=clock, reload_interval=1.0)
+    dk = ring.generate_data_key("kek", CTX)
+    assert ring.unwrap("kek", 1, dk.wrapped, CTX) == dk.plaintext
+    return ring, clock, dk
+
+
+def assert_serves_nothing(ring: LocalKeyring, dk: DataKey, match: str) -> None:
+    with pytest.raises(KeyringUnavailable, match=match) as info:
+        ring.unwrap("kek", 1, dk.wrapped, CTX)
+    assert isinstance(info.value, KmsUnavailable)  # transient: pause, never dead-letter
+    with pytest.raises(KeyringUnavailable):
+        ring.generate_data_key("kek", CTX)
+    with pytest.raises(KeyringUnavailable):
+        ring.get_secret("pseudo")
+    assert ring.is_revoked("kek", 1)  # so that data keys cached elsewhere get evicted
+
+
+@pytest.mark.parametrize("loose", [0o644, 0o640, 0o604, 0o660, 0o601])
+def test_chmod_to_a_looser_mode_while_running_fails_closed(kr: LocalKeyring, loose: int) -> None:
+    kr.create_key("pseudo", "secret")
+    ring, clock, dk = running(kr)
+    os.chmod(kr.path, loose)  # the mtime does not change; the mode is what matters
+    clock.t += 1.0
+    assert_serves_nothing(ring, dk, f"mode {loose:04o}")
+    clock.t += 0.5  # still failing within the reload interval, without a new stat
+    assert_serves_nothing(ring, dk, "chmod 600")
+    os.chmod(kr.path, 0o600)
+    clock.t += 1.0
+    assert ring.unwrap("kek", 1, dk.wrapped, CTX) == dk.plaintext
+    assert not ring.is_revoked("kek", 1)
+
+
+def test_deleted_file_fails_closed_until_restored(kr: LocalKeyring) -> None:
+    kr.create_key("pseudo", "secret")
+    saved = kr.path.read_bytes()
+    ring, clock, dk = running(kr)
+    kr.path.unlink()
+    clock.t += 1.0
+    assert_serves_nothing(ring, dk, "was deleted")
+    kr.path.write_bytes(saved)
+    os.chmod(kr.path, 0o600)
+    clock.t += 1.0
+    assert ring.unwrap("kek", 1, dk.wrapped, CTX) == dk.plaintext
+
+
+def test_damaged_or_replaced_file_fails_closed(kr: LocalKeyring) -> None:
+    kr.create_key("pseudo", "secret")
+    ring, clock, dk = running(kr)
+    kr.path.write_text("{not json")  # write_text keeps the 0600 mode
+    clock.t += 1.0
+    assert_serves_nothing(ring, dk, "not readable JSON")
+    kr.path.unlink()
+    kr.path.mkdir()
+    clock.t += 1.0
+    assert_serves_nothing(ring, dk, "no longer a regular file")
+
+
+def test_failing_closed_is_logged_once_without_material(
+    kr: LocalKeyring, caplog: pytest.LogCaptureFixture
+) -> None:
+    ring, clock, dk = running(kr)
+    os.chmod(kr.path, 0o644)
+    for _ in range(3):
+        clock.t += 1.0
+        with pytest.raises(KeyringUnavailable):
+            ring.unwrap("kek", 1, dk.wrapped, CTX)
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "0644" in errors[0].getMessage()
+    for m in materials(kr.path):
+        assert m not in caplog.text

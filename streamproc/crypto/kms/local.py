@@ -15,12 +15,21 @@ Revocation marks a version unusable for unwrapping; the primary version cannot b
 revoked without rotating first, so producers never seal under a revoked key.  The file is
 re-read when its modification time changes, so a running processor sees a revocation
 made by ``streamproc keys revoke`` without a restart.
+
+The same check (every ``reload_interval`` seconds) fails closed: if the file was deleted,
+is no longer a regular file, got a group/world permission bit, or no longer parses, the
+keyring forgets every key it holds and each data-path call raises
+:class:`KeyringUnavailable` (a :class:`~streamproc.errors.KmsUnavailable`: the processor
+pauses, dead-letters nothing and seals nothing), while :meth:`LocalKeyring.is_revoked`
+answers ``True`` for every key so that data keys cached elsewhere are evicted at the next
+revocation sweep.  Restoring the file (``chmod 600``) ends it at the next check.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import stat
 import tempfile
@@ -28,13 +37,15 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from streamproc.crypto.kms import DataKey, KeyInfo, context_aad
-from streamproc.errors import ConfigError, KeyNotFound, KeyRevoked, UnwrapFailed
+from streamproc.errors import ConfigError, KeyNotFound, KeyRevoked, KmsUnavailable, UnwrapFailed
+
+log = logging.getLogger(__name__)
 
 FORMAT = "streamproc-keyring/1"
 KINDS = ("kek", "secret")
@@ -47,6 +58,14 @@ def _b64(b: bytes) -> str:
 
 def _unb64(s: str) -> bytes:
     return base64.b64decode(s.encode(), validate=True)
+
+
+class KeyringUnavailable(KmsUnavailable):
+    """The keyring file was deleted, loosened or damaged while running: serve no key.
+
+    Transient on purpose: nothing about a record is wrong, and the processor resumes by
+    itself once the file is restored.  The message names the file and its mode only.
+    """
 
 
 class LocalKeyring:
@@ -69,6 +88,8 @@ class LocalKeyring:
         self._mtime: float | None = None
         self._checked = 0.0
         self._aead: dict[tuple[str, int], AESGCM] = {}
+        #: Why the keyring is failing closed (None while the file is fine).
+        self._failed: str | None = None
         self._load()
 
     # -- creation -----------------------------------------------------------------------
@@ -111,21 +132,51 @@ class LocalKeyring:
         self._aead.clear()
 
     def _maybe_reload(self) -> None:
+        """Re-check the file every ``reload_interval``; raise :class:`KeyringUnavailable`
+        while it is missing, loosened or damaged (see the module docstring)."""
         now = self._clock()
         if now - self._checked < self._reload_interval:
+            if self._failed is not None:
+                raise KeyringUnavailable(self._failed)
             return
         self._checked = now
         try:
-            mtime = self.path.stat().st_mtime_ns
+            st = self.path.stat()
         except FileNotFoundError:
-            return
-        if mtime != self._mtime:
-            self._load()
+            self._fail(f"keyring {self.path} was deleted")
+        except OSError as exc:
+            self._fail(f"keyring {self.path} cannot be read ({exc.strerror})")
+        if not stat.S_ISREG(st.st_mode):
+            self._fail(f"keyring {self.path} is no longer a regular file")
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            self._fail(
+                f"keyring {self.path} has mode {stat.S_IMODE(st.st_mode):04o}; "
+                "it must be 0600 or stricter (chmod 600)"
+            )
+        if st.st_mtime_ns != self._mtime or self._failed is not None:
+            try:
+                self._load()
+            except ConfigError as exc:
+                self._fail(str(exc))
+        if self._failed is not None:
+            log.warning("keyring %s is usable again", self.path)
+            self._failed = None
+
+    def _fail(self, why: str) -> NoReturn:
+        """Forget every key and raise; logged once per failure, not per call."""
+        if self._failed is None:
+            log.error("%s; serving no keys until it is fixed", why)
+        self._failed = why
+        self._data = {"format": FORMAT, "keys": {}}
+        self._mtime = None
+        self._aead.clear()
+        raise KeyringUnavailable(why)
 
     def _save(self) -> None:
         _atomic_write(self.path, self._data)
         self._mtime = self.path.stat().st_mtime_ns
         self._aead.clear()
+        self._failed = None  # just loaded and rewritten with mode 0600
 
     def _key(self, key_id: str, kind: str | None = None) -> dict[str, Any]:
         entry = self._data["keys"].get(key_id)
@@ -224,8 +275,12 @@ class LocalKeyring:
             raise UnwrapFailed(f"wrapped key for {kek_id!r} v{kek_version} failed authentication") from None
 
     def is_revoked(self, kek_id: str, kek_version: int) -> bool:
+        """True for revoked or unknown versions, and for every key while failing closed."""
         with self._lock:
-            self._maybe_reload()
+            try:
+                self._maybe_reload()
+            except KeyringUnavailable:
+                return True
             entry = self._data["keys"].get(kek_id)
             if entry is None:
                 return True
