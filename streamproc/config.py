@@ -24,6 +24,7 @@ Format (every key; see ``docs/configuration.md`` for the prose)::
     pipelines:
       - sources: [orders]
         dead_letter_topic: orders.dlq
+        source_keks: [orders-kek]  # optional: the only KEKs that may seal these sources
         destinations:
           - {topic: orders.analytics, audience: analytics, kek: analytics-kek}
           - {topic: orders.fraud, audience: fraud, kek: fraud-kek}
@@ -144,6 +145,8 @@ class PipelineConfig:
     sources: tuple[str, ...]
     dead_letter_topic: str
     destinations: tuple[DestinationConfig, ...]
+    #: KEKs that may seal these sources; None: any KEK not configured for another role.
+    source_keks: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -345,6 +348,7 @@ class Config:
                 "destinations": [
                     {"topic": d.topic, "audience": d.audience, "kek": d.kek} for d in p.destinations
                 ],
+                **({} if p.source_keks is None else {"source_keks": list(p.source_keks)}),
             }
             for p in self.pipelines
         ]
@@ -923,6 +927,10 @@ def _validate(raw: dict[str, Any], path: Path, ctx: _Ctx, check_policy: bool) ->
                 f"{quarantine_kek!r} is also an audience KEK of pipelines[{i}]; dead letters "
                 "need a key of their own (only incident response may open them)",
             )
+        if quarantine_kek in (p.source_keks or ()):
+            raise ctx.error(
+                "dead_letter.kek", f"{quarantine_kek!r} is also in pipelines[{i}].source_keks"
+            )
     lg = _mapping(ctx, "logging", raw.get("logging"), allowed=("level", "format"))
     level = lg.get("level", "INFO")
     logging_cfg = LoggingConfig(
@@ -1174,6 +1182,11 @@ def _pseudonym_secrets(
                     f"{kek!r} is also the KEK of pipelines[{i}].destinations[{j}]; use a "
                     "dedicated KEK for the pseudonym master",
                 )
+        if kek in (p.source_keks or ()):
+            raise ctx.error(
+                "pseudonym_secrets.kek",
+                f"{kek!r} is also in pipelines[{i}].source_keks; use a dedicated KEK",
+            )
     return PseudonymSecretsConfig("wrapped_file", path, kek)
 
 
@@ -1232,7 +1245,9 @@ def _pipelines(ctx: _Ctx, v: Any) -> tuple[PipelineConfig, ...]:
     dest_settings: dict[str, tuple[str, str, str]] = {}
     for i, p in enumerate(v):
         where = f"pipelines[{i}]"
-        m = _mapping(ctx, where, p, allowed=("sources", "dead_letter_topic", "destinations"))
+        m = _mapping(
+            ctx, where, p, allowed=("sources", "dead_letter_topic", "destinations", "source_keks")
+        )
         srcs = m.get("sources")
         if isinstance(srcs, str):
             srcs = [srcs]
@@ -1275,7 +1290,7 @@ def _pipelines(ctx: _Ctx, v: Any) -> tuple[PipelineConfig, ...]:
                 )
             dest_settings.setdefault(dc.topic, (dc.audience, dc.kek, dw))
             dests.append(dc)
-        out.append(PipelineConfig(sources, dlq, tuple(dests)))
+        out.append(PipelineConfig(sources, dlq, tuple(dests), _source_keks(ctx, where, m)))
     # Topic roles must not overlap: a loop would re-process its own output.
     sources_set = set(seen_sources)
     for i, pc in enumerate(out):
@@ -1293,7 +1308,26 @@ def _pipelines(ctx: _Ctx, v: Any) -> tuple[PipelineConfig, ...]:
             raise ctx.error(
                 f"{where}.dead_letter_topic", f"{pc.dead_letter_topic!r} is also a source topic"
             )
+    dest_keks = {d.kek for pc in out for d in pc.destinations}
+    for i, pc in enumerate(out):
+        for j, k in enumerate(pc.source_keks or ()):
+            if k in dest_keks:
+                raise ctx.error(
+                    f"pipelines[{i}].source_keks[{j}]",
+                    f"{k!r} is a destination KEK; a source sealed under an audience's KEK "
+                    "must never be accepted as input",
+                )
     return tuple(out)
+
+
+def _source_keks(ctx: _Ctx, where: str, m: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """``source_keks``: the KEKs that may seal this pipeline's sources (docs/keys.md)."""
+    if "source_keks" not in m or m["source_keks"] is None:
+        return None
+    v = m["source_keks"]
+    if not isinstance(v, list) or not v:
+        raise ctx.error(f"{where}.source_keks", "must be a non-empty list of KEK ids")
+    return tuple(_str(ctx, f"{where}.source_keks[{j}]", k) for j, k in enumerate(v))
 
 
 def _check_audiences(ctx: _Ctx, pipelines: Sequence[PipelineConfig], policy_path: Path) -> None:

@@ -41,6 +41,14 @@ class Reason(str, enum.Enum):
     """The policy cannot be applied to this schema (an operator does not fit a field type)."""
     NO_ROUTE = "no_route"
     """The pipeline has no destination for the record's topic."""
+    KEK_NOT_ALLOWED = "kek_not_allowed"
+    """The envelope names a KEK that may not seal this source topic (``source_keks``).
+
+    Checked before any KMS call: a record sealed under a destination audience's KEK (or
+    any KEK outside the pipeline's allow-list) is never opened."""
+    KMS_ERROR = "kms_error"
+    """The KMS refused to unwrap the record's data key for a reason outside the other
+    classes (an error the provider does not map).  Never transient: those are retried."""
 
 
 class StreamprocError(Exception):
@@ -103,6 +111,20 @@ class UnwrapFailed(KmsError):
 
 class KmsUnavailable(KmsError, TransientError):
     """A transient KMS outage.  Not a bad record: the caller must pause and retry."""
+
+
+class SealingUnavailable(KmsUnavailable):
+    """A destination KEK cannot seal right now (revoked, disabled, denied, unknown...).
+
+    Not a property of any record, so never a dead letter; and not a reason to exit
+    either (a restart would meet the same key): the runtime pauses and retries until the
+    key is usable again.  ``detail`` names the destination topic, the configured KEK id
+    and the provider's error class, never a message the provider wrote.
+    """
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+        super().__init__(detail)
 
 
 class SchemaError(StreamprocError):

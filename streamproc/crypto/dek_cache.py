@@ -10,7 +10,11 @@ version was revoked and evicts its keys.
 Failures that are properties of the key (unknown, revoked, inauthentic) are cached for
 ``negative_ttl`` seconds so a flood of records under a dead key does not become a flood
 of KMS calls.  Transient outages (:class:`~streamproc.errors.KmsUnavailable`) are never
-cached.
+cached.  Any other exception a provider lets escape (an error it does not map, a
+``ConfigError`` about one key, a library bug) is a failure of *this* wrapped key: it is
+re-raised as a plain :class:`~streamproc.errors.KmsError` naming only its class and
+negatively cached like the others, so that a record can never turn a provider quirk into
+a crash of the processor (the pipeline dead-letters it as ``kms_error``).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from collections.abc import Callable, Mapping
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from streamproc.crypto.kms import KmsProvider
-from streamproc.errors import KeyNotFound, KeyRevoked, KmsError, KmsUnavailable, UnwrapFailed
+from streamproc.errors import KmsError, TransientError
 
 CacheKey = tuple[str, int, bytes, str]
 
@@ -88,18 +92,21 @@ class DekCache:
         outcome = "ok"
         try:
             dek = self.kms.unwrap(kek_id, kek_version, wrapped, ctx)
-        except KmsUnavailable:
+        except TransientError:
             outcome = "unavailable"
             raise
-        except (KeyNotFound, KeyRevoked, UnwrapFailed) as exc:
-            outcome = type(exc).__name__
+        except Exception as exc:
+            mapped = isinstance(exc, KmsError) and type(exc) is not KmsError
+            outcome = type(exc).__name__ if mapped else "error"
+            err = (
+                exc
+                if isinstance(exc, KmsError)
+                else KmsError(f"unwrap raised {type(exc).__name__}")
+            )
             if len(self._failures) > self.max_entries:
                 self._failures.clear()
-            self._failures[key] = (now + self.negative_ttl, exc)
-            raise
-        except KmsError:
-            outcome = "error"
-            raise
+            self._failures[key] = (now + self.negative_ttl, err)
+            raise err from None
         finally:
             if self.on_kms_call is not None:
                 self.on_kms_call("unwrap", outcome, time.perf_counter() - t0)
@@ -125,7 +132,7 @@ class DekCache:
     def _safe_is_revoked(self, kek_id: str, version: int) -> bool:
         try:
             return self.kms.is_revoked(kek_id, version)
-        except KmsError:
+        except Exception:
             return False  # an outage is not a revocation; TTL still bounds staleness
 
     def evict_kek(self, kek_id: str, kek_version: int | None = None) -> int:

@@ -20,6 +20,12 @@ authentication.  The fingerprint only lets us *say* ``wrong_topic`` instead of
 
 Every parse or authentication failure raises :class:`~streamproc.errors.EnvelopeError`
 with a reason class and a value-free detail, in the spirit of ``cryptography``'s Fernet.
+
+The KEK id in a header is *producer-supplied text*: anyone who can write to a source
+topic chooses it (an e-mail address, a phone number...).  Details therefore never quote
+it raw: :func:`kek_label` prints a configured ("known") id escaped and length-capped, and
+any other id as ``sha256:`` plus 12 hex digits of its digest -- enough to correlate, with
+``printf %s ID | sha256sum``, nothing to read.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -38,13 +44,12 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from streamproc.crypto.dek_cache import DekCache
-from streamproc.crypto.kms import DataKey, KmsProvider
+from streamproc.crypto.kms import DataKey, KmsProvider, kms_error_reason
 from streamproc.errors import (
     EnvelopeError,
-    KeyNotFound,
-    KeyRevoked,
+    KmsError,
     Reason,
-    UnwrapFailed,
+    TransientError,
 )
 
 VERSION = 0x01
@@ -59,6 +64,31 @@ MIN_LEN = 1 + 1 + 1 + 4 + 2 + 1 + 4 + NONCE_LEN + TAG_LEN
 #: SP 800-38D limit of 2**32 invocations per key; age bounds the blast radius of a leak.
 DEFAULT_MAX_RECORDS_PER_DEK = 1 << 24
 DEFAULT_MAX_DEK_AGE_S = 3600.0
+
+
+#: Longest KEK id shown in clear; longer (configured) ids are cut, with a digest suffix.
+KEK_LABEL_MAX = 64
+
+
+def kek_digest(kek_id: str) -> str:
+    """``sha256:`` + the first 12 hex digits of SHA-256 over the id's UTF-8 bytes."""
+    return "sha256:" + hashlib.sha256(kek_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+
+
+def kek_label(kek_id: str, known: Collection[str] = ()) -> str:
+    """How a KEK id from an envelope may appear in a log line, error, metric or header.
+
+    Only an id in ``known`` (the KEK ids the configuration names) is shown, quoted,
+    escaped to printable ASCII and capped at :data:`KEK_LABEL_MAX` characters; any other
+    id is producer-chosen text and is shown as :func:`kek_digest` only.  Escaping also
+    keeps a configured id from forging log structure (newlines, ANSI escapes).
+    """
+    if kek_id not in known:
+        return kek_digest(kek_id)
+    shown = ascii(kek_id)[1:-1].replace("'", "\\'")
+    if len(shown) > KEK_LABEL_MAX:
+        shown = shown[: KEK_LABEL_MAX - 15] + "..." + kek_digest(kek_id)[7:]
+    return f"'{shown}'"
 
 
 @lru_cache(maxsize=4096)
@@ -172,8 +202,14 @@ class Sealer:
         self.data_keys_generated += 1
 
     def rotate(self) -> None:
-        """Force a fresh data key (for example after the KEK was rotated)."""
+        """Force a fresh data key (for example after the KEK version was revoked).
+
+        The current data key is dropped first: if the KMS refuses a new one, the sealer
+        has no key to fall back to, and every later seal asks the KMS again.
+        """
         with self._lock:
+            self._dek = None
+            self._aead = None
             self._rotate(self._clock())
 
     def seal(self, plaintext: bytes) -> bytes:
@@ -222,10 +258,31 @@ class Opener:
 
     def __init__(self, cache: DekCache) -> None:
         self.cache = cache
+        #: KEK ids the configuration names: shown in clear in details (see kek_label).
+        self.known_keks: frozenset[str] = frozenset()
+        #: ``admit(topic, kek_id)``: may this KEK seal records of this topic?  Asked before
+        #: any KMS call; ``None`` admits every KEK (clients opening their own topics).
+        self.admit: Callable[[str, str], bool] | None = None
         #: topic -> {header -> (topic, header, kek id, kek version, wrapped key, AAD, header
         #: length)}, and the entry of the last record opened; see open_parts.
         self._memo: dict[str, dict[bytes, _MemoEntry]] = {}
         self._last: _MemoEntry | None = None
+
+    def configure_keks(
+        self, known: Collection[str], admit: Callable[[str, str], bool] | None
+    ) -> None:
+        """Set the configured KEK ids and the per-topic admission check (see attributes).
+
+        Forgets the header memo: a header admitted before must be checked again.
+        """
+        self.known_keks = frozenset(known)
+        self.admit = admit
+        self._memo.clear()
+        self._last = None
+
+    def label(self, kek_id: str) -> str:
+        """:func:`kek_label` against this opener's configured ids."""
+        return kek_label(kek_id, self.known_keks)
 
     @classmethod
     def for_kms(cls, kms: KmsProvider, **cache_options: float) -> Opener:
@@ -262,19 +319,26 @@ class Opener:
         if hit is not None:
             _, _, kek_id, kver, wrapped, aad, hl = hit
             if len(data) >= hl + _MIN_BODY:
-                try:
-                    aead = self.cache.get(kek_id, kver, wrapped, topic)
-                except (KeyRevoked, KeyNotFound, UnwrapFailed) as exc:
-                    raise _key_error(exc, kek_id, kver) from None
+                aead = self._aead(kek_id, kver, wrapped, topic)
                 try:
                     pt = aead.decrypt(data[hl : hl + NONCE_LEN], data[hl + NONCE_LEN :], aad)
                 except InvalidTag:
-                    raise EnvelopeError(Reason.TAMPERED, f"ciphertext under {kek_id!r} v{kver}") from None
+                    raise EnvelopeError(
+                        Reason.TAMPERED, f"ciphertext under {self.label(kek_id)} v{kver}"
+                    ) from None
                 self._last = hit
                 return pt, kek_id, kver
         h = parse_header(data)
+        if self.admit is not None and not self.admit(topic, h.kek_id):
+            raise EnvelopeError(
+                Reason.KEK_NOT_ALLOWED,
+                f"key {self.label(h.kek_id)} v{h.kek_version} may not seal this source topic",
+            )
         if h.fingerprint != topic_fingerprint(topic):
-            raise EnvelopeError(Reason.WRONG_TOPIC, f"key {h.kek_id!r} v{h.kek_version}; sealed for another topic")
+            raise EnvelopeError(
+                Reason.WRONG_TOPIC,
+                f"key {self.label(h.kek_id)} v{h.kek_version}; sealed for another topic",
+            )
         aead = self._aead(h.kek_id, h.kek_version, h.wrapped, topic)
         hl = h.header_len
         header = data[:hl]
@@ -282,7 +346,9 @@ class Opener:
         try:
             pt = aead.decrypt(data[hl : hl + NONCE_LEN], data[hl + NONCE_LEN :], aad)
         except InvalidTag:
-            raise EnvelopeError(Reason.TAMPERED, f"ciphertext under {h.kek_id!r} v{h.kek_version}") from None
+            raise EnvelopeError(
+                Reason.TAMPERED, f"ciphertext under {self.label(h.kek_id)} v{h.kek_version}"
+            ) from None
         memo = self._memo.get(topic)
         if memo is None:
             if len(self._memo) >= _MEMO_TOPICS:
@@ -294,19 +360,27 @@ class Opener:
         return pt, h.kek_id, h.kek_version
 
     def _aead(self, kek_id: str, kek_version: int, wrapped: bytes, topic: str) -> AESGCM:
+        """The data key's AEAD; every KMS failure becomes a reason class or stays transient.
+
+        Transient errors (outages) propagate for the runtime to retry; every other error
+        the provider raises -- mapped or not -- is a property of this record's key id or
+        wrapped key (both producer-chosen), so it becomes an :class:`EnvelopeError` through
+        :func:`~streamproc.crypto.kms.kms_error_reason`.  A record can therefore never
+        stop the processor.  The detail names the key by :meth:`label` and the error by
+        class; the provider's message (which may quote the key id) is dropped.
+        """
         try:
             return self.cache.get(kek_id, kek_version, wrapped, topic)
-        except (KeyRevoked, KeyNotFound, UnwrapFailed) as exc:
-            raise _key_error(exc, kek_id, kek_version) from None
-
-
-def _key_error(exc: Exception, kek_id: str, kek_version: int) -> EnvelopeError:
-    """The reason class for a data-key failure reported by the cache / KMS."""
-    if isinstance(exc, KeyRevoked):
-        return EnvelopeError(Reason.KEY_REVOKED, f"key {kek_id!r} v{kek_version}")
-    if isinstance(exc, KeyNotFound):
-        return EnvelopeError(Reason.UNKNOWN_KEY, f"key {kek_id!r} v{kek_version}")
-    return EnvelopeError(Reason.TAMPERED, f"wrapped key under {kek_id!r} v{kek_version}")
+        except TransientError:
+            raise
+        except KmsError as exc:
+            reason = kms_error_reason(exc) or Reason.KMS_ERROR
+            what = f"key {self.label(kek_id)} v{kek_version}"
+            if reason is Reason.TAMPERED:
+                what = f"wrapped key under {self.label(kek_id)} v{kek_version}"
+            elif reason is Reason.KMS_ERROR:
+                what += f" ({type(exc).__name__})"
+            raise EnvelopeError(reason, what) from None
 
 
 _MemoEntry = tuple[str, bytes, str, int, bytes, bytes, int]

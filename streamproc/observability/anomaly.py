@@ -23,7 +23,8 @@ at most once per interval.  Anomalous counts enter the baseline clamped to the t
 so a burst neither hides itself nor the next one, while a lasting shift is learnt.
 
 Some events need no baseline at all: any use of an unknown or revoked key
-(``unknown_key``, ``revoked_key``) and any egress to a destination the configuration does
+(``unknown_key``, ``revoked_key``), any source record sealed under a KEK its pipeline does
+not allow (``kek_not_allowed``: for example a destination audience's KEK) and any egress to a destination the configuration does
 not name (``unexpected_destination``) alert immediately, once per interval.
 
 Nothing here ever sees a record value: inputs are the bounded-label counts of
@@ -54,11 +55,15 @@ class AnomalyKind(str, enum.Enum):
     UNKNOWN_KEY = "unknown_key"
     REVOKED_KEY = "revoked_key"
     UNEXPECTED_DESTINATION = "unexpected_destination"
+    KEK_NOT_ALLOWED = "kek_not_allowed"
 
 
 #: Quarantine reasons that mean "the envelope could not be opened".
 ENVELOPE_REASONS: frozenset[str] = frozenset(
-    {"unknown_key", "key_revoked", "tampered", "malformed_envelope", "unsupported_version", "wrong_topic"}
+    {
+        "unknown_key", "key_revoked", "tampered", "malformed_envelope", "unsupported_version",
+        "wrong_topic", "kek_not_allowed", "kms_error",
+    }
 )
 
 
@@ -264,8 +269,12 @@ class AnomalyDetector:
                 if r not in ENVELOPE_REASONS or n <= 0:
                     continue
                 self._failures += n
-                if r in ("unknown_key", "key_revoked"):
-                    kind = AnomalyKind.UNKNOWN_KEY if r == "unknown_key" else AnomalyKind.REVOKED_KEY
+                if r in ("unknown_key", "key_revoked", "kek_not_allowed"):
+                    kind = {
+                        "unknown_key": AnomalyKind.UNKNOWN_KEY,
+                        "key_revoked": AnomalyKind.REVOKED_KEY,
+                        "kek_not_allowed": AnomalyKind.KEK_NOT_ALLOWED,
+                    }[r]
                     labels = {"reason": r}
                     if r in topics:
                         labels["topic"] = _names(topics[r])

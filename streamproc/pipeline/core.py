@@ -12,12 +12,27 @@ failures (:class:`~streamproc.errors.TransientError`: KMS or registry outages) a
 property of the record and propagate, so the runtime retries the batch.
 
 Caller data is never mutated: inputs are frozen and outputs are new objects.
+
+Keys.  Each route says which KEKs may seal its sources (``source_keks``; by default any
+KEK except those the configuration uses for another role: destination KEKs and
+``reserved_keks``).  The check runs on the envelope header before any KMS call, and a
+record that fails it is quarantined as ``kek_not_allowed``: a record sealed under a
+destination audience's KEK is never opened.  Every KMS error while opening is a reason
+class or transient (:meth:`Opener._aead <streamproc.crypto.envelope.Opener>`); every KMS
+error while sealing is :class:`~streamproc.errors.SealingUnavailable` (transient: the
+destination key is not the record's fault).  At most every ``revocation_check_interval``
+seconds, before sealing, each destination sealer's KEK version is checked with the KMS,
+and a sealer whose version was revoked takes a fresh data key under the primary version:
+no output is sealed under a version revoked longer ago than that interval (plus the
+provider's own state cache).
 """
 
 from __future__ import annotations
 
+import functools
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +48,8 @@ from streamproc.errors import (
     RecordError,
     SchemaError,
     SchemaNotFound,
+    SealingUnavailable,
+    TransientError,
 )
 from streamproc.pipeline.codegen import BadPayload, TransformFailed, compile_plan
 from streamproc.pipeline.plan import build_plan
@@ -80,6 +97,8 @@ class Destination:
 class Route:
     sources: tuple[str, ...]
     destinations: tuple[Destination, ...]
+    #: KEKs that may seal these sources; ``None``: any KEK not configured for another role.
+    source_keks: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +190,9 @@ class Pipeline:
         max_record_bytes: int = 1 << 20,
         sealer_factory: Callable[[KmsProvider, str, str], Sealer] | None = None,
         register_schemas: bool = True,
+        reserved_keks: Iterable[str] = (),
+        revocation_check_interval: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.policy = policy
         self.opener = opener
@@ -197,6 +219,12 @@ class Pipeline:
                     dests = self._routes.setdefault(src, [])
                     if state not in dests:
                         dests.append(state)
+        self._init_keks(routes, reserved_keks)
+        self.revocation_check_interval = revocation_check_interval
+        self._clock = clock
+        self._sealers_checked = clock()
+        #: Sealer moves off a revoked version, as (destination topic, KEK id, old version).
+        self.sealer_rotations: list[tuple[str, str, int]] = []
         self._plans: dict[tuple[int, str], _Compiled | PolicyError] = {}
         self._lock = threading.Lock()
         self._version_b = __version__.encode()
@@ -204,6 +232,82 @@ class Pipeline:
         # Shared, immutable header tuples (source topic and partition), built on first use.
         self._topic_hdrs: dict[str, tuple[str, bytes]] = {}
         self._part_hdrs: dict[int, tuple[str, bytes]] = {}
+
+    def _init_keks(self, routes: Sequence[Route], reserved: Iterable[str]) -> None:
+        """Per-source KEK admission, installed on the opener (checked before the KMS)."""
+        reserved_set = frozenset(reserved)
+        dest_keks = frozenset(s.dest.kek_id for s in self._dest_by_topic.values())
+        denied = dest_keks | reserved_set
+        allowed: dict[str, frozenset[str] | None] = {}
+        explicit: set[str] = set()
+        for route in routes:
+            if route.source_keks is None:
+                continue
+            keks = frozenset(route.source_keks)
+            clash = sorted(keks & denied)
+            if clash:
+                raise PolicyError(
+                    f"source_keks of {', '.join(route.sources)}: {clash[0]!r} is a destination "
+                    "or reserved KEK; records sealed under it must never be opened as input"
+                )
+            explicit |= keks
+            for src in route.sources:
+                allowed[src] = keks
+        self._allowed_keks = allowed
+        self._denied_keks = denied
+        self.known_keks = frozenset(explicit) | denied
+        configure = getattr(self.opener, "configure_keks", None)
+        if configure is not None:
+            configure(self.known_keks, self.kek_allowed)
+
+    def kek_allowed(self, topic: str, kek_id: str) -> bool:
+        """May ``kek_id`` seal records of source ``topic``?"""
+        allowed = self._allowed_keks.get(topic)
+        if allowed is not None:
+            return kek_id in allowed
+        return kek_id not in self._denied_keks
+
+    def check_sealers(self, *, force: bool = False) -> None:
+        """Move every sealer whose KEK version was revoked to a fresh data key.
+
+        Called before each batch is sealed; asks the KMS at most every
+        ``revocation_check_interval`` seconds (``force`` asks now).  A provider that cannot
+        answer for a sealer's version -- it may not read key state, or it is down -- makes
+        that sealer take a fresh data key anyway, so the KMS itself decides whether the
+        version may still seal; a failure to get one is :class:`SealingUnavailable`.
+        """
+        now = self._clock()
+        if not force and now - self._sealers_checked < self.revocation_check_interval:
+            return
+        for st in self._dest_by_topic.values():
+            sealer = st.sealer
+            version = sealer.kek_version
+            if version is None:
+                continue  # no data key yet: the next one comes from the primary version
+            try:
+                revoked = sealer.kms.is_revoked(st.dest.kek_id, version)
+            except Exception:
+                revoked = True
+            if revoked:
+                self.sealer_rotations.append((st.dest.topic, st.dest.kek_id, version))
+                self._guarded(st, sealer.rotate)
+        self._sealers_checked = now
+
+    @staticmethod
+    def _guarded(st: _DestState, call: Callable[[], Any]) -> Any:
+        """Run a sealing call; every KMS error becomes :class:`SealingUnavailable`."""
+        try:
+            return call()
+        except SealingUnavailable:
+            raise
+        except Exception as exc:
+            detail = (
+                f"destination {st.dest.topic!r}: KEK {st.dest.kek_id!r} cannot seal "
+                f"({type(exc).__name__})"
+            )
+            if isinstance(exc, TransientError):
+                raise SealingUnavailable(detail + "; KMS unavailable") from None
+            raise SealingUnavailable(detail) from None
 
     @property
     def source_topics(self) -> list[str]:
@@ -406,10 +510,12 @@ class Pipeline:
         transforms = stats.transforms
         topic_hdrs = self._topic_hdrs
         part_hdrs = self._part_hdrs
+        if pending:
+            self.check_sealers()
         for topic, (st, plains, recs, comps) in pending.items():
             if not plains:
                 continue
-            sealed_all = st.sealer.seal_many(plains)
+            sealed_all = self._guarded(st, functools.partial(st.sealer.seal_many, plains))
             key_mode, key_fn = st.key_mode, st.key_fn
             versions = st.version_hdrs
             last_comp: _Compiled | None = None
@@ -485,7 +591,8 @@ def build_routes(spec: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[
         dests = tuple(Destination(str(d["topic"]), str(d["audience"]), str(d["kek"])) for d in r.get("destinations", []))
         if not dests:
             raise PolicyError(f"pipeline #{i + 1}: needs at least one destination")
-        routes.append(Route(tuple(srcs), dests))
+        keks = r.get("source_keks")
+        routes.append(Route(tuple(srcs), dests, None if keks is None else tuple(str(k) for k in keks)))
     return routes
 
 

@@ -37,12 +37,30 @@ H_DLQ_DETAIL = "streamproc.dlq.detail"
 _VERSION = __version__.encode()
 
 
+#: Longest ``streamproc.dlq.detail`` value; details are short by contract.
+MAX_DETAIL = 256
+
+
+def _header_text(detail: str) -> bytes:
+    """The detail as printable ASCII, capped: defence in depth for a header consumers
+    print.  Details are value-free by contract (KEK ids from envelopes appear only as a
+    configured, escaped id or a digest); this only guarantees no control character, no
+    non-ASCII text and no unbounded length can ride along."""
+    out = []
+    for c in detail[:MAX_DETAIL]:
+        if " " <= c <= "~":
+            out.append(c)
+        else:
+            out.append(f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+    return "".join(out)[:MAX_DETAIL].encode("ascii")
+
+
 def dead_letter_headers(q: Quarantined) -> list[tuple[str, bytes | None]]:
     rec = q.record
     return [
         *rec.headers,
         (H_DLQ_REASON, q.reason.value.encode()),
-        (H_DLQ_DETAIL, q.detail.encode("utf-8", "replace")),
+        (H_DLQ_DETAIL, _header_text(q.detail)),
         (H_SOURCE_TOPIC, rec.topic.encode()),
         (H_SOURCE_PARTITION, str(rec.partition).encode()),
         (H_SOURCE_OFFSET, str(rec.offset).encode()),

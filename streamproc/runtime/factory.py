@@ -141,7 +141,10 @@ def build_pipeline(
         if policy.pseudonym_key
         else None
     )
-    opener = Opener.for_kms(kms)
+    from streamproc.crypto.kms.factory import revocation_check_interval
+
+    sweep = revocation_check_interval(config.kms)
+    opener = Opener.for_kms(kms, revocation_check_interval=sweep)
     provider = getattr(kms, "name", "unknown")
     opener.cache.on_kms_call = lambda op, outcome, s: observer.kms_call(provider, op, outcome, s)
     timed = _TimedKms(kms, observer)
@@ -159,6 +162,8 @@ def build_pipeline(
         # The worker lowers this to the limit it derives from the producer and topics.
         max_record_bytes=config.max_record_bytes or 1 << 20,
         sealer_factory=make_sealer,
+        reserved_keks=[k for k in (config.pseudonym_secrets.kek, config.dead_letter_kek) if k],
+        revocation_check_interval=sweep,
     )
 
 

@@ -96,6 +96,7 @@ from streamproc.errors import (
     ConfigError,
     KmsUnavailable,
     SchemaRegistryUnavailable,
+    SealingUnavailable,
     TransientError,
 )
 from streamproc.observability import Observer
@@ -455,7 +456,13 @@ class Worker:
                 log.warning(
                     "transient outage (%s); pausing and retrying the batch",
                     type(exc).__name__,
-                    extra={"dependency": dep, "attempt": attempt, "records": len(inputs)},
+                    extra={
+                        "dependency": dep,
+                        "attempt": attempt,
+                        "records": len(inputs),
+                        # value-free by construction (configured topic and KEK, error class)
+                        "detail": exc.detail if isinstance(exc, SealingUnavailable) else None,
+                    },
                 )
                 self.observer.retrying(dep, attempt)
                 self._deps_down.setdefault(dep, time.monotonic())

@@ -334,3 +334,41 @@ def test_max_record_bytes_is_optional(ws: Path) -> None:
     assert load_config(write(ws, cfg), env={}).max_record_bytes == 500_000
     cfg["max_record_bytes"] = 10
     assert "max_record_bytes" in error(ws, cfg)
+
+
+def test_source_keks_reach_the_routes(ws: Path) -> None:
+    from streamproc.pipeline.core import build_routes
+
+    cfg = base()
+    cfg["pipelines"][0]["source_keks"] = ["orders-kek", "orders-kek-2024"]
+    cfg["kms"]["revocation_check_interval"] = 2
+    c = load_config(write(ws, cfg), env={})
+    assert c.pipelines[0].source_keks == ("orders-kek", "orders-kek-2024")
+    (route,) = build_routes(c.routes_spec())
+    assert route.source_keks == ("orders-kek", "orders-kek-2024")
+    assert c.kms["revocation_check_interval"] == 2
+    del cfg["pipelines"][0]["source_keks"]
+    (route,) = build_routes(load_config(write(ws, cfg), env={}).routes_spec())
+    assert route.source_keks is None  # default: any KEK not configured for another role
+
+
+@pytest.mark.parametrize(
+    ("value", "what"),
+    [
+        (["analytics-kek"], "is a destination KEK"),
+        ([], "non-empty list"),
+        ("orders-kek", "non-empty list"),
+        ([""], "non-empty string"),
+    ],
+)
+def test_source_keks_errors(ws: Path, value: Any, what: str) -> None:
+    cfg = base()
+    cfg["pipelines"][0]["source_keks"] = value
+    msg = error(ws, cfg)
+    assert "pipelines[0].source_keks" in msg and what in msg, msg
+
+
+def test_revocation_check_interval_must_be_positive(ws: Path) -> None:
+    cfg = base()
+    cfg["kms"]["revocation_check_interval"] = 0
+    assert "kms.revocation_check_interval" in error(ws, cfg)

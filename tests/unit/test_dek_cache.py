@@ -12,10 +12,12 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from streamproc.crypto.dek_cache import DekCache
 from streamproc.crypto.kms.local import LocalKeyring
 from streamproc.errors import (
+    ConfigError,
     KeyNotFound,
     KeyRevoked,
     KmsError,
     KmsUnavailable,
+    TransientError,
     UnwrapFailed,
 )
 
@@ -214,12 +216,27 @@ def test_kms_unavailable_is_never_cached(kms: ScriptedKms, clock: FakeClock) -> 
     assert len(kms.calls) == 4
 
 
-def test_other_kms_errors_are_not_cached(kms: ScriptedKms, clock: FakeClock) -> None:
+@pytest.mark.parametrize(
+    "error", [KmsError("something odd"), ConfigError("derived key"), RuntimeError("library bug")]
+)
+def test_unmapped_errors_are_record_level_and_negatively_cached(
+    kms: ScriptedKms, clock: FakeClock, error: Exception
+) -> None:
+    """An error the provider does not map is a failure of this wrapped key (the record
+    chose it): re-raised as a plain KmsError naming only the class, cached like the
+    mapped ones so a flood of such records is not a flood of KMS calls."""
     cache = make(kms, clock)
-    kms.fail["kek"] = KmsError("something odd")
+    kms.fail["kek"] = error
     for _ in range(2):
-        with pytest.raises(KmsError):
+        with pytest.raises(KmsError) as info:
             cache.get("kek", 1, b"w", TOPIC)
+        assert not isinstance(info.value, TransientError)
+        if not isinstance(error, KmsError):
+            assert str(info.value) == f"unwrap raised {type(error).__name__}"
+    assert len(kms.calls) == 1
+    clock.t += 10.0  # past negative_ttl: asked again
+    with pytest.raises(KmsError):
+        cache.get("kek", 1, b"w", TOPIC)
     assert len(kms.calls) == 2
 
 

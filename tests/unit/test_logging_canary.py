@@ -12,6 +12,7 @@ exception quoting a value) to prove the redaction guard catches it.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -79,7 +80,8 @@ def run_scenario(tmp: Path) -> list[str]:
         k.create_key(kid)
     k.create_key("pseudonym-master", "secret")
     ghost = LocalKeyring.create(tmp / "ghost.json")
-    ghost.create_key("ghost-kek")
+    # The KEK id in an envelope is producer-chosen text: here, personal data.
+    ghost.create_key("canary.ghost@example.com")
     schemas = build_schema_source(str(tmp / "schemas"))
     order_schema = json.loads((ROOT / "schemas" / "order.avsc").read_text())
     gen = EventGenerator(seed=11)
@@ -99,7 +101,10 @@ def run_scenario(tmp: Path) -> list[str]:
     sealer = RecordSealer(k, "orders-kek", "orders", order_schema, schemas)
     good = sealer.seal_many(canaries(20))
     tampered = [v[:-5] + bytes(b ^ 0x55 for b in v[-5:]) for v in sealer.seal_many(canaries(3))]
-    ghost_vals = RecordSealer(ghost, "ghost-kek", "orders", order_schema, schemas).seal_many(canaries(3))
+    ghost_vals = RecordSealer(ghost, "canary.ghost@example.com", "orders", order_schema, schemas).seal_many(canaries(3))
+    ghost_wrong_topic = RecordSealer(ghost, "canary.ghost@example.com", "logins", order_schema, schemas).seal_many(canaries(1))
+    # Sealed under a destination audience's KEK: never opened as input.
+    not_allowed = RecordSealer(k, "analytics-kek", "orders", order_schema, schemas).seal_many(canaries(2))
     wrong_topic = RecordSealer(k, "orders-kek", "logins", order_schema, schemas).seal_many(canaries(2))
     garbage = [sealer.sealer.seal(frame_prefix(sealer.schema_id) + b"\xff\xff\xffCANARY garbage \x01\x02")]
     unknown_schema = [sealer.sealer.seal(frame_prefix(987654) + b"CANARY")]
@@ -149,7 +154,7 @@ def run_scenario(tmp: Path) -> list[str]:
     process([("orders", v) for v in good] * 2, off)
     clock.t += 1.0
     metrics.tick()
-    bad = [*revoked_vals, *tampered, *ghost_vals, *garbage, *unknown_schema, *transform_fail]
+    bad = [*revoked_vals, *tampered, *ghost_vals, *ghost_wrong_topic, *not_allowed, *garbage, *unknown_schema, *transform_fail]
     process([("orders", v) for v in bad] + [("orders", v) for v in wrong_topic] + [("payments", v) for v in no_route], 1000)
 
     # Deliberate leaks the guard must stop.
@@ -161,11 +166,12 @@ def run_scenario(tmp: Path) -> list[str]:
         log.exception("decoder failed", extra={"topic": "orders"})
     log.info("long field", extra={"detail": secret * 100})
     kinds = {a.kind.value for a in metrics.detector.history} if metrics.detector else set()
-    assert {"decryption_spike", "unknown_key", "revoked_key", "decryption_failure_burst", "unexpected_destination"} <= kinds, kinds
+    assert {"decryption_spike", "unknown_key", "revoked_key", "decryption_failure_burst", "unexpected_destination", "kek_not_allowed"} <= kinds, kinds
     # ineffective_transform needs a rule with on_failure: quarantine (the shipped policy
-    # redacts instead); its path is covered in test_fail_closed.py.
+    # redacts instead); its path is covered in test_fail_closed.py.  kms_error needs a
+    # provider that misbehaves: tests/unit/test_key_hardening.py.
     reasons = {r.value for r in Reason} - {"oversized", "malformed_envelope", "unsupported_version", "unsupported_schema",
-                                           "ineffective_transform"}
+                                           "ineffective_transform", "kms_error"}
     seen = {ln for ln in reasons if metrics.registry.get_sample_value("streamproc_records_quarantined_total", {"reason": ln})}
     assert seen == reasons
     return planted
@@ -193,7 +199,14 @@ def test_no_canary_value_in_any_log_line(fmt: str, tmp_path: Path, restore_loggi
         exc = next(o for o in objs if o["message"] == "decoder failed")
         assert exc["exc_type"] == "ValueError" and "exc_message" not in exc and exc["topic"] == "orders"
         dl = [o for o in objs if o["message"].startswith("record dead-lettered")]
-        assert {o["reason"] for o in dl} >= {"tampered", "unknown_key", "key_revoked", "bad_payload", "transform_failed"}
+        assert {o["reason"] for o in dl} >= {"tampered", "unknown_key", "key_revoked", "bad_payload", "transform_failed", "kek_not_allowed"}
+        # unconfigured KEK ids appear as a digest only (computed here with hashlib)
+        ghost = "sha256:" + hashlib.sha256(b"canary.ghost@example.com").hexdigest()[:12]
+        assert {o["detail"] for o in dl if o["reason"] == "unknown_key"} == {f"key {ghost} v1"}
+        assert f"key {ghost} v1; sealed for another topic" in {o["detail"] for o in dl}
+        assert {o["detail"] for o in dl if o["reason"] == "kek_not_allowed"} == {
+            "key 'analytics-kek' v1 may not seal this source topic"
+        }
         assert all(isinstance(o["offset"], int) for o in dl)
         assert next(o for o in objs if o["message"] == "long field")["detail"] == "<redacted>"
         # The anomaly lines the runbook points to name the source topic (a configured name).
@@ -202,7 +215,7 @@ def test_no_canary_value_in_any_log_line(fmt: str, tmp_path: Path, restore_loggi
         assert anomalies["revoked_key"]["topic"] == "orders"
         burst = anomalies["decryption_failure_burst"]
         assert burst["topic"] == "orders"
-        assert set(burst["reason"].split(",")) == {"key_revoked", "tampered", "unknown_key", "wrong_topic"}
+        assert set(burst["reason"].split(",")) == {"key_revoked", "tampered", "unknown_key", "wrong_topic", "kek_not_allowed"}
         assert anomalies["unexpected_destination"]["destination"] == "orders.support"
 
 

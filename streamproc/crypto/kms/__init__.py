@@ -22,6 +22,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
+from streamproc.errors import KmsError, Reason, TransientError
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class DataKey:
@@ -71,3 +73,31 @@ def context_aad(kek_id: str, kek_version: int, context: Mapping[str, str]) -> by
     parts = [f"kek={kek_id}", f"v={kek_version}"]
     parts.extend(f"{k}={context[k]}" for k in sorted(context))
     return "\x1f".join(parts).encode()
+
+
+def kms_error_reason(exc: BaseException) -> Reason | None:
+    """Classify an error raised by a provider's ``unwrap``: a reason class, or ``None``.
+
+    ``None`` means transient (:class:`~streamproc.errors.TransientError`, e.g.
+    :class:`~streamproc.errors.KmsUnavailable`): not the record's fault, pause and retry.
+    Everything else is record-level, because the key id and wrapped key that caused it
+    came from the record:
+
+    ==========================================  =======================================
+    error                                       reason class
+    ==========================================  =======================================
+    ``KeyNotFound`` (incl. ``KeyAccessDenied``)  ``unknown_key``
+    ``KeyRevoked``                              ``key_revoked``
+    ``UnwrapFailed``                            ``tampered``
+    any other ``KmsError`` (unmapped by the     ``kms_error``
+    provider), or any other exception the
+    provider let escape
+    ==========================================  =======================================
+
+    The per-provider tables (which server answer becomes which error) are in the
+    provider modules and docs/keys.md.
+    """
+    if isinstance(exc, TransientError):
+        return None
+    reason = getattr(type(exc), "reason", None) if isinstance(exc, KmsError) else None
+    return reason if isinstance(reason, Reason) else Reason.KMS_ERROR

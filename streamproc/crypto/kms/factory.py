@@ -105,6 +105,20 @@ _SCHEMAS: dict[str, dict[str, _Check]] = {
     },
 }
 
+#: Settings every provider accepts; they configure the processor around the provider.
+#: ``revocation_check_interval``: seconds between revocation sweeps (cached data keys
+#: of revoked source versions are evicted; sealers move off revoked destination
+#: versions), default :data:`DEFAULT_REVOCATION_CHECK_INTERVAL`.
+_COMMON: dict[str, _Check] = {"revocation_check_interval": _number}
+DEFAULT_REVOCATION_CHECK_INTERVAL = 5.0
+
+
+def revocation_check_interval(spec: Mapping[str, Any]) -> float:
+    """The ``kms.revocation_check_interval`` of a (validated) spec, or the default."""
+    v = spec.get("revocation_check_interval")
+    return DEFAULT_REVOCATION_CHECK_INTERVAL if v is None else _number("kms.revocation_check_interval", v)
+
+
 _AWS_SECRET_KEYS = frozenset(
     {
         "access_key_id",
@@ -131,10 +145,13 @@ def _validated(provider: str, spec: Mapping[str, Any]) -> dict[str, Any]:
                 f"kms.{key}: AWS credentials do not belong in the configuration; use "
                 "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, or a role"
             )
+        if key in _COMMON:
+            _COMMON[key](f"kms.{key}", value)  # validated here, used by the runtime
+            continue
         if key not in schema:
             raise ConfigError(
                 f"kms.{key}: unknown setting for provider {provider!r} "
-                f"(expected one of: {', '.join(sorted(schema))})"
+                f"(expected one of: {', '.join(sorted({*schema, *_COMMON}))})"
             )
         out[key] = schema[key](f"kms.{key}", value)
     if out.get("verify") is False and not out.get("insecure", False):
