@@ -121,7 +121,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("streamproc_ready", "gauge", (), "1 when the worker reports ready (partitions assigned, broker and KMS reachable); one series per live worker in multiprocess mode.", "liveall"),
     MetricSpec("streamproc_workers", "gauge", (), "Live worker processes (1 per process, summed).", "livesum"),
     MetricSpec("streamproc_insecure_transport", "gauge", ("component",), "1 when TLS certificate verification is switched off for a component (kafka, kms) by an explicit insecure: true; 0 otherwise.", "max"),
-    MetricSpec("streamproc_anomalies_total", "counter", ("kind",), "Anomalies found by the in-process detector, by kind (decryption_spike, egress_spike, decryption_failure_burst, unknown_key, revoked_key, unexpected_destination)."),
+    MetricSpec("streamproc_anomalies_total", "counter", ("kind",), "Anomalies found by the in-process detector, by kind (decryption_spike, egress_spike, decryption_failure_burst, unknown_key, revoked_key, unexpected_destination, kek_not_allowed)."),
 )
 
 METRICS_BY_NAME: dict[str, MetricSpec] = {m.name: m for m in METRICS}
