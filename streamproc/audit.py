@@ -1913,3 +1913,25 @@ def open_tool_log(
         context={"actor_source": who.source, "note": note},
         producer_factory=producer_factory,
     )
+
+
+def run_audited(
+    log: AuditLog,
+    event_type: EventType | str,
+    attrs: Mapping[str, Any],
+    action: Callable[[], Any],
+) -> Any:
+    """Write the event (``outcome: success``) *then* run ``action``; return its result.
+
+    Fail closed: when the event cannot be written the action does not run.  When the
+    action fails after its event was written, a second event of the same type with
+    ``outcome: failed`` and ``error`` (the exception class) follows, and the exception
+    propagates.  Used by the key and secret commands; any operator action fits.
+    """
+    log.emit(event_type, {**attrs, "outcome": "success"})
+    try:
+        return action()
+    except BaseException as exc:
+        with contextlib.suppress(AuditError):
+            log.emit(event_type, {**attrs, "outcome": "failed", "error": type(exc).__name__})
+        raise

@@ -2,17 +2,24 @@
 
 For Vault/OpenBao and AWS KMS, keys are managed with those systems' own tools
 (docs/keys.md); these commands only touch the local keyring file.
+
+``rotate`` and ``revoke`` change what can be decrypted, so they are audited like
+re-identification: they take the processor config (``--config``), write ``key_rotated`` /
+``key_revoked`` to its ``audit:`` trail (the tools' chain) with the caller's authenticated
+identity *before* changing the keyring, and refuse to act when the event cannot be
+written.  A change that then fails is followed by an ``outcome: failed`` event.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+from typing import Any
 
 import click
 
 from streamproc.crypto.kms.local import KINDS, LocalKeyring
-from streamproc.errors import ConfigError, KmsError
+from streamproc.errors import ConfigError, KmsError, StreamprocError
 
 _KEYRING = click.option(
     "--keyring",
@@ -55,29 +62,127 @@ def create(keyring_path: str, kind: str, if_missing: bool, key_ids: tuple[str, .
         _fail(exc)
 
 
-@keys.command("rotate")
-@_KEYRING
-@click.argument("key_id")
-def rotate(keyring_path: str, key_id: str) -> None:
-    """Add a new primary version; older versions still decrypt."""
+def _audited_keyring(config_path: str, keyring_path: str | None, note: str | None) -> Any:
+    """The config's audit trail and the keyring to change (``--keyring``, else the config's
+    local ``kms.path``); raises ``click`` errors before anything changes."""
+    from streamproc.audit import AuditError, open_tool_log
+    from streamproc.config import load_config
+
     try:
-        v = LocalKeyring(keyring_path).rotate(key_id)
-    except (ConfigError, KmsError) as exc:
+        config = load_config(config_path, check_policy=False)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    if keyring_path is None:
+        if config.kms.get("provider") != "local" or not config.kms.get("path"):
+            raise click.UsageError(
+                "--keyring is required: the config's kms: is not a local keyring (for "
+                "Vault/OpenBao and AWS, rotate and revoke with their own tools)"
+            )
+        keyring_path = str(config.kms["path"])
+    try:
+        log = open_tool_log(config, note=note)
+    except (AuditError, StreamprocError) as exc:
+        raise click.ClickException(f"audit log unavailable, refusing to continue: {exc}") from None
+    return log, keyring_path
+
+
+_AUDIT_CONFIG = click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Processor config: the change is written to its audit: trail first (fail closed).",
+)
+_KEYRING_OPT = click.option(
+    "--keyring",
+    "keyring_path",
+    envvar="STREAMPROC_KEYRING",
+    type=click.Path(dir_okay=False),
+    help="Keyring file (default: the config's local kms.path). Env: STREAMPROC_KEYRING.",
+)
+_NOTE = click.option(
+    "--actor", "note", help="Free-text note beside the authenticated actor (audited)."
+)
+
+
+def _key_info(ring: LocalKeyring, key_id: str) -> Any:
+    for i in ring.list_keys():
+        if i.kek_id == key_id:
+            return i
+    return None
+
+
+@keys.command("rotate")
+@_AUDIT_CONFIG
+@_KEYRING_OPT
+@_NOTE
+@click.argument("key_id")
+def rotate(config_path: str, keyring_path: str | None, note: str | None, key_id: str) -> None:
+    """Add a new primary version; older versions still decrypt (audited: key_rotated)."""
+    from streamproc.audit import AuditError, EventType, run_audited
+
+    log, path = _audited_keyring(config_path, keyring_path, note)
+    try:
+        ring = LocalKeyring(path)
+        info = _key_info(ring, key_id)
+        base = {"kms": "local", "key_id": key_id, "kind": getattr(info, "kind", None)}
+        if info is None:
+            log.emit(
+                EventType.KEY_ROTATED, {**base, "outcome": "denied", "error": "KeyNotFound"}
+            )
+            raise KmsError(f"no key {key_id!r} in {path}")
+        nxt = max(info.versions) + 1
+        attrs = {**base, "version": nxt, "previous_version": info.primary_version}
+        v = run_audited(log, EventType.KEY_ROTATED, attrs, lambda: ring.rotate(key_id))
+    except (ConfigError, KmsError, AuditError) as exc:
         _fail(exc)
+    finally:
+        _close(log)
     click.echo(f"{key_id}: rotated, primary version {v}")
 
 
 @keys.command("revoke")
-@_KEYRING
+@_AUDIT_CONFIG
+@_KEYRING_OPT
+@_NOTE
 @click.argument("key_id")
 @click.argument("version", type=int)
-def revoke(keyring_path: str, key_id: str, version: int) -> None:
-    """Revoke VERSION of KEY_ID: records under it go to the dead-letter topic."""
+def revoke(
+    config_path: str, keyring_path: str | None, note: str | None, key_id: str, version: int
+) -> None:
+    """Revoke VERSION of KEY_ID: records under it go to the dead-letter topic (audited)."""
+    from streamproc.audit import AuditError, EventType, run_audited
+
+    log, path = _audited_keyring(config_path, keyring_path, note)
     try:
-        LocalKeyring(keyring_path).revoke(key_id, version)
-    except (ConfigError, KmsError) as exc:
+        ring = LocalKeyring(path)
+        info = _key_info(ring, key_id)
+        attrs = {
+            "kms": "local",
+            "key_id": key_id,
+            "kind": getattr(info, "kind", None),
+            "version": version if version >= 0 else None,
+        }
+        if info is None or version not in info.versions:
+            log.emit(
+                EventType.KEY_REVOKED, {**attrs, "outcome": "denied", "error": "KeyNotFound"}
+            )
+            raise KmsError(f"no version {version} of key {key_id!r} in {path}")
+        run_audited(log, EventType.KEY_REVOKED, attrs, lambda: ring.revoke(key_id, version))
+    except (ConfigError, KmsError, AuditError) as exc:
         _fail(exc)
+    finally:
+        _close(log)
     click.echo(f"{key_id}: version {version} revoked")
+
+
+def _close(log: Any) -> None:
+    from streamproc.audit import AuditError
+
+    try:
+        log.close()
+    except AuditError as exc:
+        click.echo(f"warning: closing the audit log: {exc}", err=True)
 
 
 @keys.command("list")

@@ -101,7 +101,7 @@ def revoked_orders(ws: Workspace, n: int) -> list[bytes]:
     sealer = ws.sealer("orders")
     values = sealer.seal_many(list(EventGenerator(99).events("order", n)))
     for args in (("rotate", "orders-kek"), ("revoke", "orders-kek", "1")):
-        r = cli("keys", args[0], "--keyring", str(ws.keyring_path), *args[1:])
+        r = cli("keys", args[0], "--config", str(ws.config_path), *args[1:])
         assert r.returncode == 0, r.stderr
     return values
 
@@ -193,6 +193,19 @@ def test_worker_audit_trail_verifies_in_file_and_topic(
     for v in [*good.records.values(), *logins.records.values()]:
         assert v["customer_id"] not in text and v.get("email", "@@") not in text
 
+    # The key commands wrote key_rotated / key_revoked to the tools' chain first.
+    tools = file.with_name(f"{file.stem}-tools{file.suffix}")
+    r = cli("audit", "verify", str(tools), "--hmac-key-file", key_file, "--require-hmac")
+    assert r.returncode == 0, r.stdout + r.stderr
+    ops = [e for e in events(tools) if e["type"] in ("key_rotated", "key_revoked")]
+    assert [(e["type"], e["attrs"]["version"], e["attrs"]["outcome"]) for e in ops] == [
+        ("key_rotated", 2, "success"),
+        ("key_revoked", 1, "success"),
+    ]
+    assert ops[0]["attrs"]["previous_version"] == 1 and ops[0]["attrs"]["key_id"] == "orders-kek"
+    user = subprocess.run(["id", "-un"], capture_output=True, text=True, check=True).stdout
+    assert {(e["actor"], e["attrs"]["actor_source"]) for e in ops} == {(user.strip(), "os")}
+
     # A restart continues the same chain, in the file and on the topic.
     w2 = WorkerProcess(ws, name="worker2")
     workers.append(w2)
@@ -224,14 +237,15 @@ def test_worker_audit_trail_verifies_in_file_and_topic(
     assert topic is not None
     recs = read_topics(ws.bootstrap, [topic], until=lambda r: len(r[topic]) >= len(again))[topic]
     results = verify_records([(r.key, r.value) for r in recs], hmac_key=load_hmac_key(key_file))
-    assert set(results) == {stream}
+    assert set(results) == {stream, "tools"}  # the key commands' chain goes there too
     assert results[stream].ok, results[stream].report()
+    assert results["tools"].ok and results["tools"].count == len(events(tools))
     assert results[stream].count == len(again)
     lines = file.read_bytes().splitlines()
-    values = [r.value for r in recs if r.value is not None]
-    assert sorted(v for v in values if not is_head_record(v)) == sorted(lines)
+    proc = [r.value for r in recs if r.value is not None and r.key == stream.encode()]
+    assert sorted(v for v in proc if not is_head_record(v)) == sorted(lines)
     # the heads on the topic are signed and name the file's final event
-    topic_heads = [Head.from_json(v) for v in values if is_head_record(v)]
+    topic_heads = [Head.from_json(v) for v in proc if is_head_record(v)]
     assert topic_heads[-1].seq == again[-1]["seq"] and topic_heads[-1].signed_by(
         load_hmac_key(key_file)
     )

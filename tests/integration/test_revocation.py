@@ -215,6 +215,16 @@ def revocation_story(
     return {"out": out, "dest": dest}
 
 
+def audited_ops_config(ws: Any) -> Path:
+    """The workspace config plus an audit: section: key and secret commands refuse to
+    change anything without one (their events go to ``ops-audit/processor-tools.jsonl``)."""
+    ops = yaml.safe_load(ws.config_path.read_text())
+    ops["audit"] = {"file": "./ops-audit/processor.jsonl"}
+    path = ws.config_path.with_name("ops.yaml")
+    path.write_text(yaml.safe_dump(ops))
+    return Path(path)
+
+
 # -- local keyring ------------------------------------------------------------------------------
 
 
@@ -225,10 +235,12 @@ def test_local_keyring_revocation(
     apply_topics(ws.load_config())
     kms = ws.kms()
 
+    ops_config = audited_ops_config(ws)
+
     def cli(*args: str) -> None:
         r = subprocess.run(
-            [sys.executable, "-m", "streamproc.cli.main", "keys", args[0], "--keyring",
-             str(ws.keyring_path), *args[1:]],
+            [sys.executable, "-m", "streamproc.cli.main", "keys", args[0], "--config",
+             str(ops_config), "--keyring", str(ws.keyring_path), *args[1:]],
             capture_output=True, text=True, cwd=str(REPO), timeout=60, check=False,
         )  # fmt: skip
         assert r.returncode == 0, r.stderr
@@ -378,7 +390,7 @@ def test_aws_disabled_key_with_a_wrapped_pseudonym_secret(
     # the key custodian creates the master with the CLI, against (mock) AWS KMS
     r = subprocess.run(
         [sys.executable, "-m", "streamproc.cli.main", "secrets", "create", "--kms-config",
-         str(ws.config_path)],
+         str(audited_ops_config(ws))],
         capture_output=True, text=True, cwd=str(REPO), timeout=60, check=False,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from streamproc.audit import verify_file
 from streamproc.cli.secrets import secrets as secrets_cli
 from streamproc.config import load_config
 from streamproc.crypto.kms.local import LocalKeyring
@@ -343,8 +345,13 @@ def test_unreadable_master_stops_the_worker_as_a_config_error(ws: Path, ring: Lo
 
 def test_cli_create_rotate_list_import(ws: Path, ring: LocalKeyring) -> None:
     ps = {"provider": "wrapped_file", "path": "./keys/pseudonym.json", "kek": "secret-kek"}
-    cfg = str(_config(ws, pseudonym_secrets=ps))
     run = CliRunner().invoke
+    # without an audit trail nothing changes
+    bare = str(_config(ws, pseudonym_secrets=ps))
+    r = run(secrets_cli, ["create", "--kms-config", bare])
+    assert r.exit_code == 1 and "no audit: section" in r.output
+    assert not (ws / "keys" / "pseudonym.json").exists()
+    cfg = str(_config(ws, pseudonym_secrets=ps, audit={"file": "./audit/processor.jsonl"}))
     r = run(secrets_cli, ["create", "--kms-config", cfg])  # file, kek and id from the config
     assert r.exit_code == 0, r.output
     assert "pseudonym-master: created version 1 under secret-kek" in r.output
@@ -374,6 +381,24 @@ def test_cli_create_rotate_list_import(ws: Path, ring: LocalKeyring) -> None:
     )
     assert r.exit_code == 0, r.output
     assert WrappedSecretFile(other, ring).get_secret(SID) == ring.get_secret(SID)
+    # every change is in the tools' chain, written before it happened, by the OS user
+    tools = ws / "audit" / "processor-tools.jsonl"
+    assert verify_file(tools).ok
+    evs = [json.loads(x) for x in tools.read_text().splitlines()]
+    user = subprocess.run(["id", "-un"], capture_output=True, text=True, check=True).stdout
+    assert [
+        (e["type"], e["attrs"].get("version"), e["attrs"]["outcome"], e["attrs"].get("error"))
+        for e in evs[1:]
+    ] == [
+        ("secret_created", 1, "success", None),
+        ("secret_created", 1, "success", None),  # the attempt on an existing secret...
+        ("secret_created", 1, "failed", "ConfigError"),  # ...and its failure
+        ("key_rotated", 2, "success", None),
+        ("secret_imported", 1, "success", None),
+    ]
+    assert evs[4]["attrs"]["previous_version"] == 1 and evs[4]["attrs"]["kind"] == "secret"
+    assert evs[5]["attrs"]["count"] == 1
+    assert {(e["actor"], e["attrs"]["actor_source"]) for e in evs[1:]} == {(user.strip(), "os")}
     r = run(secrets_cli, ["create", "--file", str(other)])
     assert r.exit_code == 2 and "--kms-config is required" in r.output
     r = run(secrets_cli, ["create", "--kms-config", str(_config(ws)), "--file", str(other)])
