@@ -81,6 +81,20 @@ def _truncate_days(days: int, to: str) -> int:
     return d.toordinal() - _EPOCH_ORD
 
 
+def _floor_long(step: int, lo: int) -> Any:
+    """``v -> v - v % step``, refusing results below the type's range: flooring the most
+    negative values could leave it, and such a value cannot be written (it would wrap or
+    corrupt the varint), so the record fails (quarantined) instead."""
+
+    def floor(v: int) -> int:
+        out = v - v % step
+        if out < lo:
+            raise OverflowError("below the type's range")
+        return out
+
+    return floor
+
+
 class Generalize(Operator):
     name = "generalize"
     params = {
@@ -136,18 +150,14 @@ class Generalize(Operator):
             if kind == "date":
                 return lambda v: _truncate_days(v, to)
             unit = _UNITS[kind]
-            if to == "hour":
-                step = 3600 * unit
-                return lambda v: v - v % step
             day = 86400 * unit
-            if to == "day":
-                return lambda v: v - v % day
+            if to in ("hour", "day"):
+                return _floor_long(3600 * unit if to == "hour" else day, -(2**63))
             return lambda v: _truncate_days(v // day, to) * day
         if "bucket" in params:
             b = params["bucket"]
             if kind in ("int", "long"):
-                b = int(b)
-                return lambda v: v - v % b
+                return _floor_long(int(b), -(2**31) if kind == "int" else -(2**63))
             return lambda v: math.floor(v / b) * b
         if "prefix" in params:
             n = params["prefix"]

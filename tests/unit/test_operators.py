@@ -637,3 +637,16 @@ def test_date_shift_properties(shared_keys: PseudonymKeys, subject: bytes, v: in
     d = shift(v, subject) - v
     assert d != 0 and abs(d) <= max_days
     assert shift(v + 1, subject) - (v + 1) == d
+
+
+@pytest.mark.parametrize(
+    ("params", "t", "value"),
+    [
+        ({"bucket": 1000}, LONG, -(2**63) + 807),  # -...775001 floors to -...776000 < -2**63
+        ({"bucket": 7}, INT, -(2**31)),
+        ({"to": "hour"}, Primitive("long", {"logicalType": "timestamp-millis"}), -(2**63) + 1),
+    ],
+)
+def test_generalize_never_floors_out_of_the_type_range(params: dict[str, Any], t: AvroType, value: int) -> None:
+    with pytest.raises(OverflowError):
+        bind("generalize", params, t)(value)
