@@ -4,7 +4,8 @@ The ACLs are derived from the pipelines and the ``acls:`` principals
 (:mod:`streamproc.runtime.acls`).  Changing ACLs needs cluster rights the processor must
 not have, so the admin connection takes its own credentials from ``--admin-config``: a
 Java-style client properties file (the ``--command-config`` of ``kafka-acls.sh``),
-whose settings replace those of the config's ``kafka:`` section.
+whose settings replace those of the config's ``kafka:`` section (only
+``bootstrap.servers`` is inherited).
 """
 
 from __future__ import annotations
@@ -14,25 +15,13 @@ from typing import Any
 
 import click
 
-from streamproc.cli.options import config_option
+from streamproc.cli.options import admin_client_config, admin_config_option, config_option
 from streamproc.errors import ConfigError
 
 
 @click.group("acls")
 def acls() -> None:
     """Derive, show and apply the least-privilege Kafka ACLs of a config."""
-
-
-def _admin_option(f: Any) -> Any:
-    return click.option(
-        "--admin-config",
-        "admin_config",
-        type=click.Path(exists=True, dir_okay=False),
-        default=None,
-        help="Client properties (key=value lines; ${VAR} read the environment) for a "
-        "principal allowed to describe and create ACLs; they replace the config's kafka: "
-        "settings.",
-    )(f)
 
 
 def _timeout_option(f: Any) -> Any:
@@ -46,13 +35,11 @@ def _timeout_option(f: Any) -> Any:
 
 
 def _load(config_path: str, admin_config: str | None) -> tuple[Any, dict[str, Any]]:
-    from streamproc.config import load_config, load_kafka_properties
+    from streamproc.config import load_config
 
     try:
         config = load_config(config_path, check_policy=True)
-        conf = config.admin_config()
-        if admin_config is not None:
-            conf = {**conf, **load_kafka_properties(admin_config)}
+        conf = admin_client_config(config.admin_config(), admin_config)
     except ConfigError as exc:
         raise click.ClickException(f"configuration error: {exc}") from None
     if config.acls is None:
@@ -74,7 +61,7 @@ def _fail(what: str, exc: BaseException) -> None:
 
 @acls.command("plan")
 @config_option()
-@_admin_option
+@admin_config_option()
 @_timeout_option
 def plan_cmd(config_path: str, admin_config: str | None, timeout: float) -> None:
     """Show the ACLs to add and the existing ones that grant more than needed."""
@@ -94,7 +81,7 @@ def plan_cmd(config_path: str, admin_config: str | None, timeout: float) -> None
 
 @acls.command("apply")
 @config_option()
-@_admin_option
+@admin_config_option()
 @_timeout_option
 @click.option(
     "--prune",

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from streamproc.cli.options import config_option
+from streamproc.cli.options import admin_client_config, admin_config_option, config_option
 from streamproc.errors import ConfigError
 
 
@@ -17,6 +17,7 @@ def topics() -> None:
 
 @topics.command("apply")
 @config_option()
+@admin_config_option()
 @click.option(
     "--timeout",
     type=float,
@@ -24,19 +25,21 @@ def topics() -> None:
     show_default=True,
     help="Seconds to wait for the cluster.",
 )
-def apply(config_path: str, timeout: float) -> None:
+def apply(config_path: str, admin_config: str | None, timeout: float) -> None:
     """Create source, destination and dead-letter topics; report those that exist."""
     from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
 
     from streamproc.config import load_config
     from streamproc.runtime.topics import apply_topics
 
     try:
         config = load_config(config_path, check_policy=False)
+        conf = admin_client_config(config.admin_config(), admin_config)
     except ConfigError as exc:
         raise click.ClickException(f"configuration error: {exc}") from None
     try:
-        results = apply_topics(config, timeout=timeout)
+        results = apply_topics(config, admin=AdminClient(conf), timeout=timeout)
     except KafkaException as exc:
         click.echo(f"streamproc: topic creation failed: {exc}", err=True)
         sys.exit(1)

@@ -34,7 +34,8 @@ def apply_topics(
     config: Config, *, admin: AdminClient | None = None, timeout: float = 30.0
 ) -> list[TopicResult]:
     """Create every topic of ``config`` that does not exist; raise on any other error."""
-    admin = admin or AdminClient(config.admin_config())
+    if admin is None:  # not `admin or ...`: a client with an empty queue has len() 0
+        admin = AdminClient(config.admin_config())
     wanted = config.all_topics()
     existing = admin.list_topics(timeout=timeout).topics
     results: dict[str, TopicResult] = {}

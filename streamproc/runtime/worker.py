@@ -71,6 +71,7 @@ by the transaction timeout, and its records are re-read from the committed offse
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import re
@@ -213,6 +214,8 @@ class Worker:
         self._last_lag = 0.0
         self._dlq_for = {s: p.dead_letter_topic for p in config.pipelines for s in p.sources}
         self._delivery_errors: list[str] = []
+        #: A broker refusal (authentication, a missing ACL) seen anywhere: exit 78.
+        self._security_error: str | None = None
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
         #: Counters for tests and the final log line.
@@ -257,6 +260,8 @@ class Worker:
             self._start()
             while not self._stop.is_set():
                 self._step()
+            if self._security_error is not None:
+                raise ConfigError(self._security_error)
             if self._fatal_error is not None:
                 raise FatalWorkerError(self._fatal_error)
         except ConfigError as exc:
@@ -264,6 +269,10 @@ class Worker:
             self._close(clean=False)
             return EXIT_CONFIG
         except FatalWorkerError as exc:
+            if self._security_error is not None:  # the root cause, e.g. behind a timeout
+                log.error("configuration error: %s", self._security_error)
+                self._close(clean=False)
+                return EXIT_CONFIG
             # Value-free: every FatalWorkerError message is built here from names, ids and
             # librdkafka error names (see _describe), never from a third-party message.
             log.error("fatal %s: %s", type(exc).__name__, exc)
@@ -319,6 +328,10 @@ class Worker:
         conf["error_cb"] = self._on_client_error
         if self.exactly_once:
             conf["transactional.id"] = self.transactional_id
+            # Only failed deliveries call back (no per-record cost): a commit that fails
+            # because a topic refused a write then names the topic (_denied_write).
+            conf.setdefault("delivery.report.only.error", True)
+            conf["on_delivery"] = self._on_txn_delivery
         else:
             conf["enable.idempotence"] = True
             conf.setdefault("acks", "all")
@@ -345,8 +358,11 @@ class Worker:
             # Fences any earlier instance with the same transactional.id and aborts what it
             # left open, so a restarted worker never races its own zombie.
             producer = self.producer
+            # Short attempts: init_transactions serves no callbacks while it blocks, and an
+            # authentication failure only surfaces through error_cb (see _retry_kafka).
             self._retry_kafka(
-                "init_transactions", lambda: producer.init_transactions(self.kafka_timeout)
+                "init_transactions",
+                lambda: producer.init_transactions(min(self.kafka_timeout, 5.0)),
             )
         self.consumer = self._client(self._consumer_factory, self._consumer_conf(), "consumer")
         sources = self.pipeline.source_topics
@@ -407,6 +423,9 @@ class Worker:
             return True
         if err.code() == KafkaError._PARTITION_EOF:
             return False
+        if err.code() in _AUTHZ_OPERATION:
+            self._deny(err, m.topic())
+            raise ConfigError(cast(str, self._security_error))
         if _is_fatal(err):
             raise FatalWorkerError(f"consumer: {err.name()}")
         log.warning(
@@ -561,6 +580,8 @@ class Worker:
             self._txn_call("commit_transaction", lambda: p.commit_transaction(self.kafka_timeout))
         except _Abort:
             self._abort()
+            if self._security_error is not None:  # aborted: nothing of the batch is visible
+                raise ConfigError(self._security_error) from None
             raise
         except InvariantViolation:
             self._abort()
@@ -598,6 +619,11 @@ class Worker:
     def _classify(self, exc: KafkaException, what: str) -> None:
         """Raise FatalWorkerError for fatal errors; log abortable ones."""
         err = _err(exc)
+        if err is not None and err.code() in _AUTHZ_OPERATION:
+            self._deny(err, None, produce=True)  # transactional calls are the producer's
+            if err.txn_requires_abort() and self._txn_open:
+                raise _Abort  # aborted by the caller, then a ConfigError (exit 78)
+            raise ConfigError(cast(str, self._security_error))
         if err is None or _is_fatal(err) or not (err.txn_requires_abort() or err.retriable()):
             hint = ""
             if err is not None and err.code() in _FENCED_CODES:
@@ -656,9 +682,82 @@ class Worker:
             log.warning("offset commit failed (%s); re-processing the batch", _describe(exc))
             raise _Abort from None
 
-    def _on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None:
             self._delivery_errors.append(err.name())
+            if err.code() in _AUTHZ_OPERATION:
+                self._deny(err, msg.topic(), produce=True)
+
+    def _on_txn_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        """Producer-wide delivery callback (failures only) of the transactional producer."""
+        if err is not None and err.code() in _AUTHZ_OPERATION:
+            self._deny(err, msg.topic(), produce=True)
+
+    # -- security: authentication and authorization ------------------------------------------
+    def _principal(self) -> str:
+        """Who we are to the broker, for messages: never a password."""
+        acls = getattr(self.config, "acls", None)
+        if acls is not None:
+            return str(acls.processor)
+        user = self.config.producer_config().get("sasl.username")
+        return f"User:{user}" if user else "the client's principal"
+
+    def _deny(self, err: KafkaError, topic: str | None, *, produce: bool = False) -> None:
+        """Record the first broker refusal, as a message naming principal, operation, resource."""
+        if self._security_error is not None:
+            return
+        code = err.code()
+        if code == KafkaError.TOPIC_AUTHORIZATION_FAILED:
+            op = "WRITE" if produce else "READ"
+            names = [topic] if topic else self._hidden_outputs() if produce else []
+            res = f"TOPIC {', '.join(repr(t) for t in names)}" if names else "a topic"
+        elif code == KafkaError.GROUP_AUTHORIZATION_FAILED:
+            op, res = "READ", f"GROUP {self.config.group_id!r}"
+        elif code == KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED:
+            op, res = "WRITE", f"TRANSACTIONAL_ID {self.transactional_id!r}"
+        else:  # CLUSTER_AUTHORIZATION_FAILED
+            op, res = _AUTHZ_OPERATION[code], "the CLUSTER"
+        self._security_error = (
+            f"{self._principal()} is not authorized to {op} {res} ({err.name()}); "
+            "grant it with `streamproc acls apply` (docs/configuration.md#acls)"
+        )
+        self.stop()  # run() logs it once and returns EXIT_CONFIG
+
+    def _hidden_outputs(self) -> list[str]:
+        """Output topics the broker will not even describe to us: the ones missing WRITE.
+
+        A refused transaction says "Topic authorization failed" without naming the topic;
+        Kafka implies DESCRIBE from WRITE, so a topic our principal cannot see in the
+        metadata is one it cannot write.
+        """
+        if self.producer is None:
+            return []
+        try:
+            visible = self.producer.list_topics(timeout=min(self.kafka_timeout, 10.0)).topics
+        except KafkaException:
+            return []
+        outputs = [*self.config.destination_topics, *self.config.dead_letter_topics]
+        if self.config.audit is not None and self.config.audit.kafka_topic:
+            outputs.append(self.config.audit.kafka_topic)
+        return [t for t in dict.fromkeys(outputs) if t not in visible or visible[t].error]
+
+    def _authentication_failed(self, err: KafkaError) -> None:
+        if self._security_error is not None:
+            return
+        conf = self.config.producer_config()
+        mech = conf.get("sasl.mechanisms") or conf.get("sasl.mechanism") or "SASL"
+        if err.code() == KafkaError._AUTHENTICATION:
+            what = (
+                f"authentication of {self._principal()} failed ({mech}, {err.name()}); "
+                "check sasl.username and sasl.password"
+            )
+        else:
+            what = (
+                f"the broker's TLS certificate was not accepted ({err.name()}); check that "
+                "ssl.ca.location holds the cluster's CA and the broker name matches it"
+            )
+        self._security_error = what
+        self.stop()
 
     # -- shared helpers ------------------------------------------------------------------------
     def _produce_all(
@@ -805,6 +904,13 @@ class Worker:
                 return
             except KafkaException as exc:
                 err = _err(exc)
+                if err is not None and err.code() in _AUTHZ_OPERATION:
+                    self._deny(err, None)
+                if self._security_error is None and self.producer is not None:
+                    with contextlib.suppress(KafkaException):  # a fatal producer raises here
+                        self.producer.poll(0)  # serve error_cb: an authentication failure?
+                if self._security_error is not None:
+                    raise ConfigError(self._security_error) from None
                 if err is None or _is_fatal(err) or not err.retriable():
                     raise FatalWorkerError(f"{what}: {_describe(exc)}") from None
                 attempt += 1
@@ -819,6 +925,14 @@ class Worker:
     # -- broker health -----------------------------------------------------------------------
     def _on_client_error(self, err: KafkaError) -> None:
         """librdkafka's error callback: transport-level trouble (it reconnects by itself)."""
+        if err.code() == KafkaError._AUTHENTICATION or (
+            err.code() == KafkaError._SSL and "certificate" in (err.str() or "")
+        ):
+            self._authentication_failed(err)  # a restart cannot fix it: exit 78
+            return
+        if err.code() in _AUTHZ_OPERATION:
+            self._deny(err, None)
+            return
         if _is_fatal(err):
             log.error("fatal client error: %s", err.name())
             self._fatal_error = f"client: {err.name()}"
@@ -1020,6 +1134,17 @@ _FENCED_CODES = frozenset(
         KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
     }
 )
+
+
+#: Broker authorization refusals and the operation each one means.  Not retried: an ACL
+#: does not appear by waiting, and a worker that keeps trying looks alive while it does
+#: nothing.  TRANSACTIONAL_ID_AUTHORIZATION_FAILED is also in _FENCED_CODES (never retry).
+_AUTHZ_OPERATION = {
+    KafkaError.TOPIC_AUTHORIZATION_FAILED: "READ",
+    KafkaError.GROUP_AUTHORIZATION_FAILED: "READ",
+    KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED: "WRITE",
+    KafkaError.CLUSTER_AUTHORIZATION_FAILED: "IDEMPOTENT_WRITE",
+}
 
 
 def _err(exc: BaseException) -> KafkaError | None:
