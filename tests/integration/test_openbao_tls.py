@@ -1,0 +1,166 @@
+"""The Vault/OpenBao KMS over TLS: a real OpenBao whose only listener is TLS.
+
+The server's certificate comes from a CA generated now (``streamproc.devtls.DevCA``, the
+same kind as the test Kafka broker's) and names 127.0.0.1, so the client checks the
+hostname too.  Shown here:
+
+* the KMS provider built from config (``kms.ca_cert``) wraps and unwraps data keys, and
+  the worker processes records end to end with its Vault KMS over verified TLS;
+* a client that does not pin the CA (system trust) or pins another CA is refused: the
+  TLS handshake fails, no request is made (so no token is sent);
+* ``verify: false`` is refused without ``insecure: true``; with it the connection works
+  and a warning says so.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+hvac = pytest.importorskip("hvac")
+devtls = pytest.importorskip("streamproc.devtls")
+
+from streamproc.crypto.kms.factory import build_kms  # noqa: E402
+from streamproc.errors import ConfigError, KmsError  # noqa: E402
+from tests.integration.conftest import (  # noqa: E402
+    AUDIENCES,
+    WorkerProcess,
+    make_workspace,
+    produce_raw,
+    read_topics,
+)
+from tests.integration.servers import OpenBaoServer, start_openbao_tls  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+KEKS = ["streamproc-src-orders", *(f"streamproc-dst-{a}" for a in AUDIENCES)]
+
+
+@pytest.fixture(scope="module")
+def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBaoServer]:
+    ca = devtls.DevCA("streamproc test OpenBao CA")
+    with start_openbao_tls(ca, tmp_path_factory.mktemp("bao-tls")) as server:
+        assert server.url.startswith("https://127.0.0.1:")
+        server.enable_transit()
+        root = server.client()
+        for name in KEKS:
+            root.secrets.transit.create_key(name, key_type="aes256-gcm96")
+        yield server
+
+
+def spec(bao: OpenBaoServer, **extra: Any) -> dict[str, Any]:
+    return {"provider": "vault", "url": bao.url, "token": bao.root_token, **extra}
+
+
+def roundtrip(kms: Any) -> None:
+    ctx = {"topic": "orders"}
+    dk = kms.generate_data_key("streamproc-src-orders", ctx)
+    assert len(dk.plaintext) == 32
+    assert kms.unwrap(dk.kek_id, dk.kek_version, dk.wrapped, ctx) == dk.plaintext
+
+
+def test_kms_with_the_pinned_ca_works(bao: OpenBaoServer) -> None:
+    assert bao.ca_file is not None
+    roundtrip(build_kms(spec(bao, ca_cert=str(bao.ca_file)), env={}))
+
+
+def refused(kms: Any) -> KmsError:
+    with pytest.raises(KmsError) as info:
+        kms.generate_data_key("streamproc-src-orders", {"topic": "orders"})
+    return info.value
+
+
+def test_system_trust_does_not_accept_the_private_ca(bao: OpenBaoServer) -> None:
+    err = refused(build_kms(spec(bao), env={}))
+    assert "SSLError" in str(err), err
+
+
+def test_another_ca_is_refused(bao: OpenBaoServer, tmp_path: Path) -> None:
+    other = devtls.DevCA("some other CA").write_ca(tmp_path / "other.pem")
+    err = refused(build_kms(spec(bao, ca_cert=str(other)), env={}))
+    assert "SSLError" in str(err), err
+    assert bao.root_token not in str(err)
+
+
+def test_verify_false_needs_insecure_and_says_so(
+    bao: OpenBaoServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with pytest.raises(ConfigError, match=r"kms\.insecure: true"):
+        build_kms(spec(bao, verify=False), env={})
+    with caplog.at_level("WARNING", logger="streamproc.crypto.kms.factory"):
+        kms = build_kms(spec(bao, verify=False, insecure=True), env={})
+    assert any(
+        "verification is OFF" in r.getMessage() and bao.url in r.getMessage()
+        for r in caplog.records
+    )
+    roundtrip(kms)  # it does connect, unverified -- which is why it must be explicit
+
+
+def test_worker_end_to_end_with_vault_over_tls(
+    bao: OpenBaoServer,
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    unique: str,
+    workers: list[WorkerProcess],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from streamproc.client import RecordSealer
+    from streamproc.client.generator import EventGenerator
+    from streamproc.crypto.envelope import parse_header
+    from streamproc.runtime.topics import apply_topics
+
+    n = 20
+    bao.client().secrets.kv.v2.create_or_update_secret(
+        path="streamproc/pseudonym-master",
+        secret={"material": base64.b64encode(os.urandom(32)).decode()},
+    )
+    ws = make_workspace(tmp_path / "ws", kafka_bootstrap, unique, sources=("orders",), partitions=2)
+    cfg = yaml.safe_load(ws.config_path.read_text())
+    cfg["kms"] = {"provider": "vault", "url": bao.url, "ca_cert": str(bao.ca_file)}
+    for d in cfg["pipelines"][0]["destinations"]:
+        d["kek"] = f"streamproc-dst-{d['audience']}"
+    ws.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    apply_topics(ws.load_config())
+    for k in ("VAULT_TOKEN", "VAULT_ADDR", "BAO_ADDR", "VAULT_NAMESPACE", "VAULT_CACERT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("BAO_TOKEN", bao.root_token)
+
+    kms = build_kms(spec(bao, ca_cert=str(bao.ca_file)), env={})
+    sealer = RecordSealer(
+        kms,
+        "streamproc-src-orders",
+        ws.topic("orders"),
+        ws.schema_json("orders"),
+        ws.schema_source(),
+    )
+    recs = list(EventGenerator(3).events("order", n))
+    produce_raw(
+        ws.bootstrap,
+        ws.topic("orders"),
+        [
+            (r["customer_id"].encode(), v, r)
+            for r, v in zip(recs, sealer.seal_many(recs), strict=True)
+        ],
+    )
+    w = WorkerProcess(ws)
+    workers.append(w)
+    dests = {a: ws.dest("orders", a) for a in AUDIENCES}
+    out = read_topics(
+        ws.bootstrap,
+        [*dests.values(), ws.dlq("orders")],
+        until=lambda r: all(len(r[t]) >= n for t in dests.values()),
+        timeout=60,
+    )
+    assert w.alive(), w.log()[-3000:]
+    for a, t in dests.items():
+        assert len(out[t]) == n, (a, w.log()[-3000:])
+        assert {parse_header(r.value).kek_id for r in out[t] if r.value} == {f"streamproc-dst-{a}"}
+    assert out[ws.dlq("orders")] == []
+    w.terminate()
+    assert w.wait(30) == 0, w.log()[-3000:]
