@@ -20,7 +20,13 @@ Threat model (also in ``docs/keys.md``):
   over the canonical JSON of the event without ``hash`` and ``mac`` (``hash`` then
   covers ``mac``).  An attacker who can rewrite the whole file but does not
   hold the key cannot produce valid MACs, so even a fully recomputed chain is detected.
-  Tail truncation still needs anchoring (a MAC cannot vouch for events that are absent).
+  The genesis event (``chain_started``) declares ``integrity: hmac-sha256``, so stripped
+  MACs are a break even for a verifier without the key; ``require_hmac`` also refuses a
+  rewritten genesis.
+* **Signed heads** (:class:`Head`): a MAC cannot vouch for events that are absent, so tail
+  truncation and emptied files are caught by comparing with a signed head exported
+  outside the log (``<file>.head``, the audit topic, the shutdown log line, an operator's
+  copy); writers refuse to continue a file that no longer reaches its exported head.
 * Neither variant *prevents* writing; they make changes evident.  Keep audit files on an
   append-only medium (``chattr +a``, object lock) and ship them off-host.
 
@@ -33,6 +39,18 @@ keys outside a per-type allow-list and values that do not look like identifiers 
 e-mail address, a long run of digits, free text with spaces outside ``reason``).  The
 guard is a seat belt against programming mistakes, not a DLP engine: callers pass
 identifiers (topic names, key ids, versions, field paths, tokens) and nothing else.
+
+The API for commands that must be audited
+-----------------------------------------
+``log = open_tool_log(config, note=...)`` opens the configured trail (``audit:`` of a
+:class:`streamproc.config.Config`; the tools' chain beside ``audit.file`` and the audit
+topic) with the caller's authenticated identity as actor (:mod:`streamproc.identity`).
+``log.emit(EventType.X, {...})`` writes one event (attributes allow-listed per type in
+:data:`ALLOWED_ATTRIBUTES`); ``run_audited(log, EventType.X, attrs, action)`` writes the
+event and only then acts; ``log.close()`` exports the signed head.  Every step raises
+:class:`AuditError` (or :class:`~streamproc.errors.StreamprocError`) on failure: the
+caller must then do nothing.  A new event type is a new :class:`EventType` member plus its
+``ALLOWED_ATTRIBUTES`` entry.  :func:`open_log` is the lower level (any stream, any file).
 
 Sinks
 -----
@@ -1047,9 +1065,19 @@ class FileSink:
             items, hmac_key=hmac_key, anchor=self.start, stream=stream, from_genesis=from_genesis
         )
         if not result.ok:
+            legacy = any(
+                b.kind is BreakKind.MISSING_GENESIS and b.index == 0 and b.seq == 0
+                for b in result.breaks
+            )
+            hint = (
+                "\n(a file written before chains began with chain_started: verify it with "
+                "the version that wrote it, move it aside and start a new file)"
+                if legacy
+                else ""
+            )
             raise AuditChainError(
                 f"audit file {self.path} does not verify; refusing to append "
-                f"(run: streamproc audit verify {self.path})\n{result.report()}"
+                f"(run: streamproc audit verify {self.path})\n{result.report()}{hint}"
             )
         if exported is not None:
             reach = verify(
@@ -1904,9 +1932,12 @@ def open_tool_log(
             "the note must be short printable text without personal data (no e-mail "
             "addresses or long digit runs)"
         )
+    # With a file the tools share one chain; with only a topic each run is its own chain,
+    # named by a random run id as well as the start time, so two runs cannot collide.
+    stream = TOOLS_STREAM if file is not None else f"{TOOLS_STREAM}-{os.urandom(4).hex()}"
     return open_log(
         config,
-        stream=TOOLS_STREAM,
+        stream=stream,
         actor=who.principal,
         file=file,
         wait=30.0,

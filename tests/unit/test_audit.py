@@ -983,3 +983,49 @@ def test_head_is_exported_periodically_and_on_close() -> None:
     log.anomaly("c")
     log.close()
     assert sink.heads[-1].seq == 3 and all(h.signed_by(KEY) for h in sink.heads)
+
+
+def test_topic_only_tool_chains_are_distinct_and_verify(tmp_path: Path) -> None:
+    """With only audit.kafka_topic every tool run is its own chain on the topic."""
+    import types
+
+    from streamproc.audit import open_tool_log
+    from streamproc.config import AuditConfig
+
+    class Producer(FakeProducer):
+        def produce(self, topic: str, key: bytes | None = None, value: bytes | None = None,
+                    on_delivery: Any = None) -> None:  # fmt: skip
+            super().produce(topic, key=key, value=value)
+
+        def flush(self, timeout: float = 0) -> int:
+            return 0
+
+    prod = Producer()
+    cfg = types.SimpleNamespace(
+        kms={"provider": "local"},
+        audit=AuditConfig(kafka_topic="streamproc.audit"),
+        producer_config=lambda: {},
+        group_id="g",
+    )
+    for _ in range(2):
+        log = open_tool_log(cfg, producer_factory=lambda conf: prod)
+        log.emit(EventType.KEY_REVOKED, {"kms": "local", "key_id": "k", "version": 1})
+        log.close()
+    results = verify_records([(k, v) for _, k, v in prod.records])
+    assert len(results) == 2 and all(r.ok and r.count == 2 for r in results.values())
+    assert all(s.startswith("tools-") for s in results)
+
+
+def test_a_chain_without_genesis_is_refused_with_a_hint(tmp_path: Path) -> None:
+    """Files written before chains began with chain_started: named, not silently extended."""
+    legacy = [
+        {"v": 1, "stream": "w1", "seq": 0, "ts": "2025-01-01T00:00:00.000000Z",
+         "type": "anomaly", "actor": "processor", "attrs": {"kind": "x"}}
+    ]  # fmt: skip
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(_attacker_rechain(legacy))
+    r = verify_file(path)
+    assert [b.kind for b in r.breaks] == [BreakKind.MISSING_GENESIS]
+    with pytest.raises(AuditChainError, match="before chains began with chain_started"):
+        AuditLog([FileSink(path)], stream="w1")
+    assert verify_file(path).count == 1  # nothing appended
