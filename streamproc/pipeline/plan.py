@@ -386,7 +386,9 @@ def node_out_type(n: Node) -> AvroType | None:
                     continue
                 props = dict(f.props)
                 if not isinstance(child, Keep):
-                    ops = sorted(_ops_in(child))
+                    # Only operators applied to this field's own values: a container's
+                    # inner fields carry their own property.
+                    ops = sorted(_ops_in(child, into_records=False))
                     if ops:
                         props[TRANSFORM_PROP] = ops[0] if len(ops) == 1 else ops
                     _fix_default(props, ot)
@@ -419,7 +421,7 @@ def node_out_type(n: Node) -> AvroType | None:
     raise TypeError(n)
 
 
-def _ops_in(n: Node, seen: set[int] | None = None) -> set[str]:
+def _ops_in(n: Node, seen: set[int] | None = None, *, into_records: bool = True) -> set[str]:
     seen = set() if seen is None else seen
     if id(n) in seen:
         return set()
@@ -427,13 +429,15 @@ def _ops_in(n: Node, seen: set[int] | None = None) -> set[str]:
     if isinstance(n, Apply):
         return {n.op}
     if isinstance(n, RecordNode):
+        if not into_records:
+            return set()
         return set().union(*(_ops_in(c, seen) for _, c in n.fields))
     if isinstance(n, ArrayNode):
-        return _ops_in(n.items, seen)
+        return _ops_in(n.items, seen, into_records=into_records)
     if isinstance(n, MapNode):
-        return _ops_in(n.values, seen) | _ops_in(n.keys, seen)
+        return _ops_in(n.values, seen, into_records=into_records) | _ops_in(n.keys, seen, into_records=into_records)
     if isinstance(n, UnionNode):
-        return set().union(*(_ops_in(b, seen) for b in n.branches))
+        return set().union(*(_ops_in(b, seen, into_records=into_records) for b in n.branches))
     return set()
 
 
@@ -441,14 +445,13 @@ def _fix_default(props: dict[str, Any], t_out: AvroType) -> None:
     """A transformed field keeps no default: it may be plaintext or no longer fit the type.
 
     A nullable output whose first branch is null gets ``default: null`` (schema-evolution
-    friendly and reveals nothing); any other default is removed.
+    friendly and reveals nothing), whether or not the input had a default: a field
+    redacted to null is documented to carry it; any other default is removed.
     """
-    if "default" not in props:
-        return
     if isinstance(t_out, Union) and t_out.branches and t_out.branches[0].kind == "null":
         props["default"] = None
     else:
-        del props["default"]
+        props.pop("default", None)
 
 
 def output_schema(schema: Record, root: Node) -> Any:

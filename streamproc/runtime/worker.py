@@ -78,7 +78,7 @@ import re
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -346,7 +346,7 @@ class Worker:
         except KafkaException as exc:
             err = _err(exc)
             if err is not None and err.code() == KafkaError._INVALID_ARG:
-                raise ConfigError(f"{what} settings: {_setting_error(err.str())}") from None
+                raise ConfigError(f"{what} settings: {_setting_error(err.str(), conf)}") from None
             raise
 
     def _start(self) -> None:
@@ -1065,17 +1065,25 @@ class Worker:
 _PROPERTY = re.compile(r'property:? "([A-Za-z0-9._-]+)"')
 
 
-def _setting_error(message: str) -> str:
+def _setting_error(message: str, keys: Iterable[str] = ()) -> str:
     """librdkafka's complaint about a setting, without the value it quotes.
 
     librdkafka says ``Invalid value "<value>" for configuration property "<name>"``; the
-    value may be a SASL password or an SSL key, so only the property name is kept.
+    value may be a SASL password or an SSL key, so only the property name is kept.  Some
+    failures name the property unquoted (``ssl.ca.location failed: ...``) or not at all
+    (``No provider for SASL mechanism GSSAPI``): then the configured key (``keys``) the
+    message mentions is named, or the setting the message is about.
     """
     names = _PROPERTY.findall(message)
     if names and "No such configuration property" in message:
         return f"unknown librdkafka property {names[-1]!r}"
     if names:
         return f"invalid or unsupported value for librdkafka property {names[-1]!r}"
+    for k in sorted((k for k in keys if isinstance(k, str)), key=len, reverse=True):
+        if re.search(rf"(?<![\w.]){re.escape(k)}(?![\w.])", message):
+            return f"librdkafka cannot use the value of {k!r} (a file it cannot read, an unsupported choice)"
+    if "SASL mechanism" in message:
+        return "unsupported SASL mechanism: set 'sasl.mechanisms' (e.g. SCRAM-SHA-512, PLAIN) for security.protocol SASL_*"
     return "invalid librdkafka setting (see librdkafka CONFIGURATION.md)"
 
 

@@ -2,11 +2,13 @@
 
 Two implementations share one small interface:
 
-* :class:`DirectorySchemaSource` -- the embedded default: a directory of ``.avsc`` files.
-  A schema's id is derived from its content (the first 31 bits of SHA-256 over its
-  canonical JSON, annotations included), so producers, the processor and subscribers
-  that share the directory agree on ids with no index file and no coordination.
-  Registering writes ``<subject>-<id>.avsc`` atomically.
+* :class:`DirectorySchemaSource` -- the embedded default: a directory of ``.avsc`` files
+  (searched recursively).  A schema's id is derived from its content
+  (:func:`content_id`: the first 4 bytes of SHA-256 over its canonical JSON, big-endian,
+  top bit cleared, 0 mapped to 1; inline annotations included, external
+  ``metadata.tags`` not), so producers, the processor and subscribers that share the
+  directory agree on ids with no index file and no coordination (docs/wire-format.md,
+  section 5).  Registering writes ``registered/<subject>-<id>.avsc`` atomically.
 * :class:`ConfluentSchemaSource` -- any Confluent-compatible Schema Registry through
   ``confluent_kafka.schema_registry`` (including its ``mock://`` client in tests).
 
@@ -85,6 +87,10 @@ class RegisteredSchema:
 
 def content_id(schema: Any) -> int:
     """Stable 31-bit id for a schema's canonical JSON (never 0).
+
+    SHA-256 over :func:`~streamproc.schema.avro.canonical_json` (sorted keys, no
+    whitespace); the first 4 bytes big-endian with the top bit cleared, so the id is a
+    positive Java int like a Confluent registry's; a result of 0 becomes 1.
 
     For a schema document with external tags (:func:`split_document`) the id is the
     Avro schema's alone, so a producer that registers the bare schema gets the id under
