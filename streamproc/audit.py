@@ -995,9 +995,12 @@ class FileSink:
         start: Anchor | None = None,
         clock: Callable[[], float] = time.monotonic,
         wait: float = 0.0,
+        known_head: Head | None = None,
     ) -> None:
         self.path = Path(path)
         self.head_path = head_file_for(self.path)
+        self.known_head = known_head
+        """A head exported elsewhere (the audit topic), used when ``<file>.head`` is gone."""
         try:
             self.fsync = Fsync(fsync)
         except ValueError:
@@ -1044,7 +1047,7 @@ class FileSink:
             if exported is not None:
                 raise AuditChainError(
                     f"audit file {self.path} is empty, but its exported head "
-                    f"({self.head_path}) shows chain {exported.stream!r} reached seq "
+                    f"({self._head_source()}) shows chain {exported.stream!r} reached seq "
                     f"{exported.seq}: refusing to start a new chain; the next event must be "
                     f"seq {exported.seq + 1}. Restore the file from a copy (or move both "
                     "files aside to start a new chain deliberately)"
@@ -1090,7 +1093,7 @@ class FileSink:
             if not reach.ok:
                 raise AuditChainError(
                     f"audit file {self.path} ends at seq {result.head_seq}, but its exported "
-                    f"head ({self.head_path}) shows the chain reached seq {exported.seq}: "
+                    f"head ({self._head_source()}) shows the chain reached seq {exported.seq}: "
                     f"events were removed; refusing to append (the next event must be seq "
                     f"{exported.seq + 1}). Restore the file from a copy"
                 )
@@ -1100,7 +1103,13 @@ class FileSink:
         try:
             data = self.head_path.read_bytes()
         except FileNotFoundError:
-            return None
+            h = self.known_head
+            if h is not None and hmac_key is not None and not h.signed_by(hmac_key):
+                raise AuditChainError(
+                    f"the exported head of {stream!r} on the audit topic is not signed by "
+                    "the audit key: refusing to trust it or the file"
+                ) from None
+            return h if h is not None and h.stream == stream else None
         except OSError as exc:
             raise AuditChainError(f"cannot read {self.head_path} ({exc.strerror})") from None
         try:
@@ -1119,6 +1128,9 @@ class FileSink:
                 "or run with the same --instance"
             )
         return h
+
+    def _head_source(self) -> str:
+        return str(self.head_path) if self.head_path.exists() else "the audit topic"
 
     def export_head(self, head: Head) -> None:
         """Atomically replace ``<file>.head`` (write, fsync, rename) with ``head``."""
@@ -1822,6 +1834,84 @@ class _AuditProducer:
         return left
 
 
+def read_topic_heads(
+    consumer_conf: Mapping[str, Any],
+    topic: str,
+    *,
+    timeout: float = 30.0,
+    consumer_factory: Callable[[dict[str, Any]], Any] | None = None,
+) -> dict[str, Head]:
+    """The latest exported :class:`Head` of every stream on an audit topic.
+
+    Reads every partition from its low to its high watermark (no consumer group, nothing
+    committed).  A topic that does not exist yet has no heads.  Raises
+    :class:`AuditUnavailable` when the topic cannot be read to its end within
+    ``timeout``: a writer that cannot learn how far its chain had got must not start.
+    """
+    from confluent_kafka import KafkaError, TopicPartition
+
+    if consumer_factory is None:
+        from confluent_kafka import Consumer
+
+        consumer_factory = Consumer
+    c = consumer_factory(
+        {
+            **consumer_conf,
+            "group.id": f"streamproc-audit-heads-{os.urandom(4).hex()}",
+            "enable.auto.commit": False,
+            "enable.partition.eof": False,
+            "auto.offset.reset": "earliest",
+        }
+    )
+    heads: dict[str, Head] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        md = c.list_topics(topic, timeout=timeout).topics.get(topic)
+        if md is None or (
+            md.error is not None and md.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART
+        ):
+            return heads
+        if md.error is not None:
+            raise AuditUnavailable(f"cannot read audit topic {topic!r} ({md.error.name()})")
+        todo: dict[int, int] = {}
+        assign = []
+        for p in md.partitions:
+            low, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
+            if high > low:
+                todo[p] = high
+                assign.append(TopicPartition(topic, p, low))
+        c.assign(assign)
+        while todo:
+            if time.monotonic() > deadline:
+                raise AuditUnavailable(
+                    f"cannot read audit topic {topic!r} to its end within {timeout:.0f} s"
+                )
+            for m in c.consume(1000, 0.5):
+                if m.error() is not None:
+                    continue
+                v, k = m.value(), m.key()
+                if v is not None and is_head_record(v):
+                    with contextlib.suppress(ValueError):
+                        h = Head.from_json(v)
+                        if k is not None and h.stream == k.decode("utf-8", "replace"):
+                            old = heads.get(h.stream)
+                            if old is None or h.seq >= old.seq:
+                                heads[h.stream] = h
+                part, off = m.partition(), m.offset()
+                if part is not None and off is not None and off + 1 >= todo.get(part, 0):
+                    todo.pop(part, None)
+    except AuditUnavailable:
+        raise
+    except Exception as exc:  # KafkaException and friends: name the class only
+        raise AuditUnavailable(
+            f"cannot read audit topic {topic!r} ({type(exc).__name__})"
+        ) from None
+    finally:
+        with contextlib.suppress(Exception):
+            c.close()
+    return heads
+
+
 TOOLS_STREAM = "tools"
 """The chain of the command-line tools (re-identification, key and secret commands, ...)."""
 
@@ -1847,12 +1937,15 @@ def open_log(
     producer_factory: Callable[[dict[str, Any]], Any] | None = None,
     head_interval: float = 30.0,
     client_id: str | None = None,
+    consumer_factory: Callable[[dict[str, Any]], Any] | None = None,
 ) -> AuditLog:
     """The audit trail of ``config.audit`` (a :class:`streamproc.config.Config`).
 
     Sinks: ``file`` (default ``audit.file``) and/or ``audit.kafka_topic`` (its own
     idempotent, non-transactional producer).  With only a topic (a sink that cannot read
-    back) the stream id gets the start time appended: each run is its own chain.  Raises
+    back) the stream id gets the start time appended: each run is its own chain.  With
+    both, and no ``<file>.head`` beside the file, the latest head exported to the topic
+    (:func:`read_topic_heads`) is what the file must reach.  Raises
     :class:`AuditUnavailable` when ``audit:`` is missing, :class:`AuditError` when a sink
     cannot be opened (locked, not verifying, cut short) and
     :class:`~streamproc.errors.ConfigError` for a bad key file -- callers fail closed.
@@ -1868,10 +1961,22 @@ def open_log(
     if path is None:
         stream = f"{stream}:{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
     sinks: list[AuditSink] = []
+    known: Head | None = None
+    if path is not None and ac.kafka_topic is not None and not head_file_for(path).exists():
+        # No head beside the file (first start, or deleted with the file): the topic's copy
+        # decides whether this file may start or continue a chain.
+        consumer_conf = getattr(config, "consumer_config", config.producer_config)()
+        known = read_topic_heads(
+            {k: v for k, v in consumer_conf.items() if not callable(v)},
+            ac.kafka_topic,
+            consumer_factory=consumer_factory,
+        ).get(stream)
     try:
         if path is not None:
             try:
-                sinks.append(FileSink(path, fsync=ac.fsync, wait=wait))
+                sinks.append(
+                    FileSink(path, fsync=ac.fsync, wait=wait, known_head=known)
+                )
             except OSError as exc:
                 raise AuditUnavailable(
                     f"cannot open audit file {path} ({exc.strerror})"

@@ -117,7 +117,14 @@ def verify_cmd(
 
 @audit.command("head")
 @click.argument(
-    "files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+    "files", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Instead of FILEs: print the latest head of every stream exported to the config's "
+    "audit.kafka_topic (checked against --hmac-key-file when given).",
 )
 @click.option(
     "--hmac-key-file",
@@ -130,17 +137,28 @@ def verify_cmd(
     metavar="SEQ:HASH",
     help="The chain continues a rotated file whose last event was SEQ:HASH.",
 )
-def head_cmd(files: tuple[Path, ...], hmac_key_file: Path | None, anchor_text: str | None) -> None:
+def head_cmd(
+    files: tuple[Path, ...],
+    config_path: str | None,
+    hmac_key_file: Path | None,
+    anchor_text: str | None,
+) -> None:
     """Print the signed head of a verified chain (STREAM@SEQ:HASH:MAC), for --expect-head.
 
     Store the line where the writer of the log cannot change it (a ticket, a WORM bucket,
-    another host).  Refuses (exit 1) when the chain does not verify.
+    another host).  Refuses (exit 1) when the chain does not verify.  With --config, prints
+    the heads the writers exported to the audit topic instead (one line per stream).
     """
+    if bool(files) == bool(config_path):
+        raise click.UsageError("give FILE... or --config (the audit topic), not both")
     try:
         key = load_hmac_key(hmac_key_file) if hmac_key_file else None
         anchor = Anchor.parse(anchor_text) if anchor_text else None
     except (ConfigError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
+    if config_path:
+        _topic_heads(config_path, key)
+        return
     result = verify_files(list(files), hmac_key=key, anchor=anchor)
     if not result.ok or result.head is None or result.head_seq is None:
         click.echo(result.report(), err=True)
@@ -198,3 +216,22 @@ def keygen_cmd(out: Path) -> None:
             f"{out} already exists; refusing to overwrite a key file"
         ) from None
     click.echo(f"wrote {out}")
+
+
+def _topic_heads(config_path: str, key: bytes | None) -> None:
+    from streamproc.audit import AuditError, read_topic_heads
+    from streamproc.config import load_config
+
+    try:
+        config = load_config(config_path, check_policy=False)
+        if config.audit is None or config.audit.kafka_topic is None:
+            raise click.UsageError(f"{config_path} has no audit.kafka_topic")
+        heads = read_topic_heads(config.consumer_config(), config.audit.kafka_topic)
+    except (AuditError, ConfigError) as exc:
+        raise click.ClickException(str(exc)) from None
+    bad = [h for h in heads.values() if key is not None and not h.signed_by(key)]
+    for stream in sorted(heads):
+        click.echo(str(heads[stream]))
+    for h in bad:
+        click.echo(f"{h.stream}: head not signed by the audit key", err=True)
+    raise SystemExit(1 if bad else 0)

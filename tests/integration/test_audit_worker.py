@@ -250,6 +250,15 @@ def test_worker_audit_trail_verifies_in_file_and_topic(
         load_hmac_key(key_file)
     )
 
+    # `audit head --config` reads the same heads back from the topic, for --expect-head
+    r = cli("audit", "head", "--config", str(ws.config_path), "--hmac-key-file", key_file)
+    assert r.returncode == 0, r.stdout + r.stderr
+    printed = {Head.parse(x).stream: x for x in r.stdout.splitlines()}
+    assert set(printed) == {stream, "tools"} and Head.parse(printed[stream]) == topic_heads[-1]
+    r = cli("audit", "verify", str(file), "--hmac-key-file", key_file, "--require-hmac",
+            "--expect-head", printed[stream])  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+
     # Another --instance on the same file: the error names the real cause.
     w4 = WorkerProcess(ws, "--instance", "someone-else", name="worker4")
     workers.append(w4)
@@ -265,6 +274,15 @@ def test_worker_audit_trail_verifies_in_file_and_topic(
     assert w3.wait(60) == 1
     log3 = w3.log()
     assert str(file) in log3 and f"seq {again[-1]['seq'] + 1}" in log3, log3[-2000:]
+    assert file.read_bytes() == b""
+    # ...even when the head beside it is deleted too: the topic's copy of the head decides
+    head_file_for(file).unlink()
+    file.unlink()
+    w5 = WorkerProcess(ws, name="worker5")
+    workers.append(w5)
+    assert w5.wait(60) == 1
+    log5 = w5.log()
+    assert "the audit topic" in log5 and f"seq {again[-1]['seq'] + 1}" in log5, log5[-2000:]
     assert file.read_bytes() == b""
 
 
