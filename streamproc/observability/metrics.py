@@ -185,8 +185,9 @@ class KnownLabels:
     def from_config(cls, config: Config) -> KnownLabels:
         """Every topic (sources, destinations, dead-letter, audit), audience and KEK id the config names.
 
-        KEK ids: each destination's ``kek`` and the pseudonym-secret ``kek``.  A source
-        KEK that the config does not name is reported as ``_other``.
+        KEK ids: each pipeline's ``source_keks``, each destination's ``kek`` and the
+        pseudonym-secret ``kek``.  A source KEK the config does not name (a pipeline
+        without ``source_keks``) is reported as ``_other``.
         """
         keks: set[str] = set()
         audiences: set[str] = set()
@@ -194,6 +195,7 @@ class KnownLabels:
             for d in p.destinations:
                 keks.add(d.kek)
                 audiences.add(d.audience)
+            keks.update(p.source_keks or ())
         if config.pseudonym_secrets.kek:
             keks.add(config.pseudonym_secrets.kek)
         return cls.of(topics=config.all_topics(), audiences=audiences, kek_ids=keks)

@@ -314,7 +314,7 @@ def test_known_labels_from_the_shipped_config() -> None:
         "logins.analytics", "logins.fraud", "orders.dlq", "logins.dlq",
     }
     assert known.audiences == {"analytics", "fraud", "support"}
-    assert {"analytics-kek", "fraud-kek", "support-kek"} <= known.kek_ids
+    assert {"orders-kek", "logins-kek", "analytics-kek", "fraud-kek", "support-kek"} <= known.kek_ids
 
 
 def test_anomalies_are_counted() -> None:
