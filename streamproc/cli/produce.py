@@ -172,7 +172,7 @@ def _jsonl(source: str) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 @click.command("produce")
-@config_option("Config (kafka, kms, schemas).")
+@config_option("Processor config (YAML; its kafka, producer, kms and schemas sections are used).")
 @click.option("--topic", required=True, help="Source topic to produce to.")
 @click.option(
     "--schema",
