@@ -1001,6 +1001,7 @@ class FileSink:
         self.head_path = head_file_for(self.path)
         self.known_head = known_head
         """A head exported elsewhere (the audit topic), used when ``<file>.head`` is gone."""
+        self.start_path = self.path.with_name(self.path.name + ".start")
         try:
             self.fsync = Fsync(fsync)
         except ValueError:
@@ -1041,16 +1042,20 @@ class FileSink:
         only guards against appending to a broken chain; ``streamproc audit verify``
         checks the start against the genesis or an ``--anchor``.
         """
+        if self.start is None:
+            rotated = self._read_start(stream, hmac_key)
+            if rotated is not None:  # `streamproc audit rotate`: continue after the old file
+                self.start = rotated.anchor
         exported = self._exported_head(stream, hmac_key)
         items = read_lines(self.path)
         if not items:
-            if exported is not None:
+            if exported is not None and (self.start is None or exported.seq > self.start.seq):
                 raise AuditChainError(
                     f"audit file {self.path} is empty, but its exported head "
                     f"({self._head_source()}) shows chain {exported.stream!r} reached seq "
                     f"{exported.seq}: refusing to start a new chain; the next event must be "
-                    f"seq {exported.seq + 1}. Restore the file from a copy (or move both "
-                    "files aside to start a new chain deliberately)"
+                    f"seq {exported.seq + 1}. Restore the file from a copy (to continue the "
+                    "chain in a new file deliberately, use `streamproc audit rotate`)"
                 )
             return self.start
         owner = _first_stream(items[0])
@@ -1099,10 +1104,29 @@ class FileSink:
                 )
         return result.anchor
 
+    def _read_start(self, stream: str, hmac_key: bytes | None) -> Head | None:
+        """The head ``<file>.start`` says this file continues (written by ``audit rotate``)."""
+        try:
+            h = Head.from_json(self.start_path.read_bytes().strip())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            raise AuditChainError(f"{self.start_path} is not an exported audit head") from None
+        if hmac_key is not None and not h.signed_by(hmac_key):
+            raise AuditChainError(f"{self.start_path} is not signed by the audit key")
+        if h.stream != stream:
+            raise AuditChainError(
+                f"{self.start_path} continues the chain of another writer ({h.stream!r}), "
+                f"not {stream!r}"
+            )
+        return h
+
     def _exported_head(self, stream: str, hmac_key: bytes | None) -> Head | None:
         try:
             data = self.head_path.read_bytes()
         except FileNotFoundError:
+            if self.start_path.exists():  # rotated deliberately: the .start head rules
+                return None
             h = self.known_head
             if h is not None and hmac_key is not None and not h.signed_by(hmac_key):
                 raise AuditChainError(
@@ -1962,7 +1986,12 @@ def open_log(
         stream = f"{stream}:{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
     sinks: list[AuditSink] = []
     known: Head | None = None
-    if path is not None and ac.kafka_topic is not None and not head_file_for(path).exists():
+    if (
+        path is not None
+        and ac.kafka_topic is not None
+        and not head_file_for(path).exists()
+        and not path.with_name(path.name + ".start").exists()
+    ):
         # No head beside the file (first start, or deleted with the file): the topic's copy
         # decides whether this file may start or continue a chain.
         consumer_conf = getattr(config, "consumer_config", config.producer_config)()
@@ -2071,3 +2100,54 @@ def run_audited(
         with contextlib.suppress(AuditError):
             log.emit(event_type, {**attrs, "outcome": "failed", "error": type(exc).__name__})
         raise
+
+
+def rotate_file(
+    path: str | os.PathLike[str],
+    *,
+    hmac_key: bytes | None = None,
+    new_hmac_key: bytes | None = None,
+    clock: Callable[[], float] = time.time,
+) -> tuple[Path, Head]:
+    """Move a verified audit file aside so its chain continues in a fresh file.
+
+    The deliberate counterpart of the writers' refusal to restart a chain: the file (and
+    its ``.head``/``.start``) become ``<stem>.<UTC time><suffix>``, and ``<file>.start``
+    holds the signed head the next writer continues from (seq + 1, same stream).  Holds
+    the file's lock throughout, so it fails while a writer runs.  ``new_hmac_key`` signs
+    the start head for a rotated audit key (the old file keeps verifying with the old one).
+    Returns the moved file and the start head.
+    """
+    p = Path(path)
+    items = read_lines(p) if p.exists() else []
+    stream = _first_stream(items[0]) if items else None
+    if stream is None:
+        raise AuditChainError(f"{p} holds no events: nothing to rotate")
+    sink = FileSink(p, fsync=Fsync.ALWAYS)
+    try:
+        anchor = sink.head(stream, hmac_key)  # verifies, also against its exported head
+        if anchor is None:
+            raise AuditChainError(f"{p} holds no events: nothing to rotate")
+        head = Head.make(stream, anchor.seq, anchor.hash, new_hmac_key or hmac_key)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(clock()))
+        old = p.with_name(f"{p.stem}.{stamp}{p.suffix}")
+        if old.exists():
+            raise AuditChainError(f"{old} already exists; try again in a second")
+        for src, dst in (
+            (sink.head_path, head_file_for(old)),
+            (sink.start_path, old.with_name(old.name + ".start")),
+        ):
+            if src.exists():
+                os.replace(src, dst)
+        os.replace(p, old)
+        tmp = sink.start_path.with_name(sink.start_path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, head.to_json() + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, sink.start_path)
+    finally:
+        sink.close()
+    return old, head

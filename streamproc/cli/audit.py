@@ -89,6 +89,13 @@ def verify_cmd(
         heads = [Head.parse(h) for h in expect_heads]
     except (ConfigError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
+    start_file = files[0].with_name(files[0].name + ".start")
+    if anchor is None and start_file.is_file():  # a file that continues a rotated one
+        try:
+            anchor = Head.from_json(start_file.read_bytes().strip()).anchor
+        except ValueError:
+            click.echo(f"{start_file}: not an exported audit head", err=True)
+            raise SystemExit(1) from None
     sidecar = head_file_for(files[-1])
     if sidecar.is_file():  # the writer's own exported head: catches a file cut short
         try:
@@ -235,3 +242,36 @@ def _topic_heads(config_path: str, key: bytes | None) -> None:
     for h in bad:
         click.echo(f"{h.stream}: head not signed by the audit key", err=True)
     raise SystemExit(1 if bad else 0)
+
+
+@audit.command("rotate")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--hmac-key-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Audit HMAC key the file was written with (checked before anything moves).",
+)
+@click.option(
+    "--new-hmac-key-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The new audit key, when the key is rotated too: signs the continuation head.",
+)
+def rotate_cmd(file: Path, hmac_key_file: Path | None, new_hmac_key_file: Path | None) -> None:
+    """Move FILE aside (stop its writer first); the chain continues in a fresh FILE.
+
+    Writers never restart a chain on their own, so this is how a file is rotated, archived
+    or moved to a new audit key on purpose.  Verify both afterwards with
+    `streamproc audit verify OLD FILE`.
+    """
+    from streamproc.audit import AuditError, rotate_file
+
+    try:
+        key = load_hmac_key(hmac_key_file) if hmac_key_file else None
+        new_key = load_hmac_key(new_hmac_key_file) if new_hmac_key_file else None
+        old, head = rotate_file(file, hmac_key=key, new_hmac_key=new_key)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    except AuditError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"moved {file} -> {old}; the chain continues at seq {head.seq + 1}")
+    click.echo(f"verify both with: streamproc audit verify {old} {file}")

@@ -1029,3 +1029,44 @@ def test_a_chain_without_genesis_is_refused_with_a_hint(tmp_path: Path) -> None:
     with pytest.raises(AuditChainError, match="before chains began with chain_started"):
         AuditLog([FileSink(path)], stream="w1")
     assert verify_file(path).count == 1  # nothing appended
+
+
+def test_rotation_is_the_deliberate_way_to_continue_in_a_new_file(
+    tmp_path: Path, keyed_chain: tuple[Path, Path, str]
+) -> None:
+    path, keyfile, _ = keyed_chain
+    key = load_hmac_key(keyfile)
+    runner = CliRunner()
+    holder = FileSink(path)  # a running writer: nothing moves
+    res = runner.invoke(audit_cli, ["rotate", str(path), "--hmac-key-file", str(keyfile)])
+    assert res.exit_code == 1 and "in use" in res.output
+    holder.close()
+    new_keyfile = tmp_path / "new.key"
+    write_hmac_key(new_keyfile)
+    res = runner.invoke(
+        audit_cli,
+        ["rotate", str(path), "--hmac-key-file", str(keyfile),
+         "--new-hmac-key-file", str(new_keyfile)],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "continues at seq 13" in res.output
+    (old,) = [p for p in path.parent.glob("audit.*.jsonl")]
+    assert not path.exists() and head_file_for(old).exists()
+    # the next writer (with the new key) continues the chain: no genesis, seq 13
+    new_key = load_hmac_key(new_keyfile)
+    with AuditLog([FileSink(path)], stream="w1", clock=Clock(), hmac_key=new_key) as log:
+        assert log.head is not None and log.head.seq == 12
+        log.anomaly("after-rotation")
+    (ev,) = [json.loads(x) for x in path.read_bytes().splitlines()]
+    assert ev["seq"] == 13 and ev["prev"] == json.loads(old.read_bytes().splitlines()[-1])["hash"]
+    assert verify_file(old, hmac_key=key, require_hmac=True).ok
+    for args in (
+        ["verify", str(path), "--hmac-key-file", str(new_keyfile), "--require-hmac"],
+        ["verify", str(old), str(path)],
+    ):
+        res = runner.invoke(audit_cli, args)
+        assert res.exit_code == 0, res.output
+    # a rotated-and-continued file that is then emptied is still refused
+    path.write_bytes(b"")
+    with pytest.raises(AuditChainError, match="seq 14"):
+        AuditLog([FileSink(path)], stream="w1", hmac_key=new_key)
