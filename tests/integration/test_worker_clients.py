@@ -181,3 +181,27 @@ def test_serializer_adapters_with_confluent_kafka(workspace_factory: Any) -> Non
     des = OpeningDeserializer(ws.opener())
     with pytest.raises(SerializationError, match=r"tampered|malformed"):
         des(b"\x01" + b"\x00" * 60, SerializationContext(topic, MessageField.VALUE))
+
+
+def test_produce_bad_line_after_good_ones_delivers_them_and_exits_65(workspace_factory: Any, tmp_path: Any) -> None:
+    """Records before the bad line are delivered and counted; the bad value is never echoed."""
+    from streamproc.client.generator import EventGenerator
+    from tests.integration.conftest import read_topics
+
+    ws = workspace_factory(sources=("orders",), partitions=1)
+    gen = EventGenerator(9)
+    good = [gen.order() for _ in range(3)]
+    lines = [json.dumps(r, default=str) for r in good]
+    bad = {**good[0], "birth_date": "CANARY-31-02-1990"}
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_text("\n".join([*lines, json.dumps(bad, default=str), *lines]) + "\n")
+    res = CliRunner().invoke(
+        produce,
+        ["--config", str(ws.config_path), "--topic", ws.topic("orders"), "--schema",
+         str(ws.schemas / "order.avsc"), "--kek", "orders-kek", "--from-jsonl", str(jsonl)],
+    )  # fmt: skip
+    assert res.exit_code == 65, res.output
+    assert "line 4: field birth_date: not an ISO-8601 date" in res.output
+    assert "(3 earlier record(s) produced)" in res.output and "CANARY" not in res.output
+    got = read_topics(ws.bootstrap, [ws.topic("orders")], until=lambda r: len(r[ws.topic("orders")]) >= 3)
+    assert len(got[ws.topic("orders")]) == 3  # the lines after the bad one were not produced
