@@ -44,6 +44,7 @@ from prometheus_client import (
 )
 
 from streamproc import __version__
+from streamproc.crypto.kms.factory import PROVIDERS as _KMS_PROVIDERS
 from streamproc.errors import Reason
 from streamproc.observability import Observer
 from streamproc.observability.anomaly import (
@@ -155,9 +156,8 @@ KMS_OUTCOMES = {
 KMS_OPERATIONS = frozenset({"unwrap", "generate_data_key", "is_revoked", "get_secret", "encrypt", "decrypt", "describe"})
 DEPENDENCIES = frozenset({"kms", "schema_registry", "broker"})
 TX_OUTCOMES = frozenset({"committed", "aborted"})
-#: KMS provider names (``kms.provider`` of the config); kept here rather than imported
-#: from the KMS factory so that observability does not pull in every provider's client.
-KMS_PROVIDERS = frozenset({"local", "vault", "aws"})
+#: KMS provider names (``kms.provider`` of the config): the factory's closed list.
+KMS_PROVIDERS = frozenset(_KMS_PROVIDERS)
 #: Partitions are Kafka integers, never text; above this a value is not a partition.
 MAX_PARTITION = 100_000
 
