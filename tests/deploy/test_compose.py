@@ -26,6 +26,16 @@ import yaml
 from tests.deploy.conftest import ROOT, compose, load_yaml
 
 OUR_IMAGE = re.compile(r"^streamproc:(?P<tag>[A-Za-z0-9_.-]+)$")
+#: A compose variable reference that fails when unset: ``${NAME:?message}``.
+ENV_REF = re.compile(r"\$\{[A-Z0-9_]+:\?[^}]*\}")
+#: What every client of the compose Kafka uses: the settings the integration suite proves
+#: on real Kafka (tests/integration/test_kafka_security.py, streamproc.devkafka).
+PROVEN_CLIENT = {
+    "security.protocol": "SASL_SSL",
+    "sasl.mechanisms": "SCRAM-SHA-512",
+    "ssl.endpoint.identification.algorithm": "https",
+}
+DUMMY_ENV = {"KAFKA_SASL_USERNAME": "streamproc", "KAFKA_SASL_PASSWORD": "x", "KAFKA_ADMIN_PASSWORD": "x"}
 
 
 def services() -> dict[str, Any]:
@@ -81,7 +91,7 @@ def test_compose_matches_the_compose_spec() -> None:
 
 def test_the_stack_has_every_service() -> None:
     assert set(services()) == {
-        "kafka", "schema-registry", "streamproc-init", "streamproc", "producer", "prometheus", "grafana",
+        "kafka-tls", "kafka", "schema-registry", "streamproc-init", "streamproc", "producer", "prometheus", "grafana",
     }
 
 
@@ -145,6 +155,8 @@ def test_our_containers_are_hardened(name: str) -> None:
         else:
             assert source == "keys" and not read_only, "the init service writes the keyring"
     for value in (svc.get("environment") or {}).values():
+        if ENV_REF.fullmatch(str(value)):
+            continue  # a reference to the operator's environment (.env), not a value
         assert not re.search(r"(?i)token|password|secret", str(value)), "no secrets in compose"
 
 
@@ -175,7 +187,7 @@ def test_config_is_valid_and_every_path_it_names_is_mounted(tmp_path: Path) -> N
         # Validate with the processor's own loader, paths mapped to the repository.
         raw["policy"] = str(policy)
         raw["kms"]["path"] = str(tmp_path / "keyring.json")
-        cfg = config_mod.parse_config(raw, base_dir=tmp_path)
+        cfg = config_mod.parse_config(raw, base_dir=tmp_path, env=DUMMY_ENV)
         assert cfg.schemas == {"url": "http://schema-registry:8081"}
         assert cfg.processing_guarantee == "exactly_once"
     assert urlparse(load_yaml(ROOT / "deploy/compose/streamproc.yaml")["schemas"]["url"]).hostname in services()
@@ -290,3 +302,102 @@ def test_compose_yaml_has_no_duplicate_keys() -> None:
 
     Strict.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct)
     yaml.load((ROOT / "docker-compose.yml").read_text(), Loader=Strict)
+
+
+# ----------------------------------------------------------------------------------------
+# Kafka security: the settings the integration suite proves, and the ACL bootstrap
+# ----------------------------------------------------------------------------------------
+def _kafka_script() -> str:
+    svc = services()["kafka"]
+    assert svc["entrypoint"][:2] == ["/bin/sh", "-ec"]
+    return "\n".join(command(svc)).replace("$$", "$")
+
+
+def test_broker_runs_sasl_ssl_scram_with_the_standard_authorizer_and_no_default_allow() -> None:
+    script = _kafka_script()
+    env = services()["kafka"]["environment"]
+    assert set(env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(",")) == {
+        "CLIENT:SASL_SSL", "HOST:SASL_SSL", "CONTROLLER:PLAINTEXT"
+    }
+    assert "CONTROLLER://127.0.0.1:9093" in env["KAFKA_LISTENERS"], "the controller is loopback-only"
+    for line in (
+        "sasl.enabled.mechanisms=SCRAM-SHA-512",
+        "sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512",
+        "ssl.endpoint.identification.algorithm=https",
+        "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+        "allow.everyone.if.no.acl.found=false",
+        "ssl.keystore.location=/var/run/kafka-tls/kafka-keystore.pem",
+        "ssl.truststore.location=/var/run/kafka-tls/ca.pem",
+    ):
+        assert line in script.splitlines() or any(ln.strip() == line for ln in script.splitlines()), line
+    assert "kafka-tls" in services()["kafka"]["depends_on"]
+
+
+def test_every_principal_of_the_config_is_a_scram_user_and_each_service_uses_its_own() -> None:
+    config_mod = pytest.importorskip("streamproc.config")
+    script = _kafka_script()
+    users = set(re.findall(r"\[name=([A-Za-z0-9._-]+),password=", script))
+    raw = load_yaml(ROOT / "deploy" / "compose" / "streamproc.yaml")
+    raw["policy"] = str(ROOT / "policy.yaml")
+    cfg = config_mod.parse_config(raw, base_dir=ROOT, env=DUMMY_ENV)
+    assert cfg.acls is not None
+    principals = {p.split(":", 1)[1] for p in cfg.acls.principals()}
+    assert principals <= users, principals - users
+    svcs = services()
+    assert f"User:{svcs['streamproc']['environment']['KAFKA_SASL_USERNAME']}" == cfg.acls.processor
+    producer = f"User:{svcs['producer']['environment']['KAFKA_SASL_USERNAME']}"
+    assert producer in {p.principal for p in cfg.acls.producers}
+    topic = command(svcs["producer"])[command(svcs["producer"]).index("--topic") + 1]
+    assert topic in next(p.topics for p in cfg.acls.producers if p.principal == producer)
+    # the registry talks to Kafka over SASL_SSL too, pinning the same CA
+    sr = svcs["schema-registry"]["environment"]
+    assert sr["SCHEMA_REGISTRY_KAFKASTORE_SECURITY_PROTOCOL"] == "SASL_SSL"
+    assert sr["SCHEMA_REGISTRY_KAFKASTORE_SSL_ENDPOINT_IDENTIFICATION_ALGORITHM"] == "https"
+
+
+def test_clients_use_the_proven_settings_and_pin_the_cluster_ca() -> None:
+    config_mod = pytest.importorskip("streamproc.config")
+    kafka = load_yaml(ROOT / "deploy" / "compose" / "streamproc.yaml")["kafka"]
+    assert {k: kafka[k] for k in PROVEN_CLIENT} == PROVEN_CLIENT
+    admin = config_mod.load_kafka_properties(ROOT / "deploy" / "compose" / "admin.properties", env=DUMMY_ENV)
+    assert {k: admin[k] for k in PROVEN_CLIENT} == PROVEN_CLIENT
+    ca = "/var/run/streamproc/kafka-tls/ca.pem"
+    assert kafka["ssl.ca.location"] == ca and admin["ssl.ca.location"].endswith(ca)
+    for name in ("streamproc-init", "streamproc", "producer"):
+        assert covered(services()[name], ca), f"{name} does not mount the cluster CA"
+        assert mounts(services()[name])["/var/run/streamproc/kafka-tls"] == ("kafka-tls", True)
+
+
+def test_init_creates_topics_before_acls_both_as_admin() -> None:
+    lines = [ln for ln in _init_script().splitlines() if ln.startswith("streamproc ")]
+    topics = next(i for i, ln in enumerate(lines) if ln.startswith("streamproc topics apply"))
+    acls = next(i for i, ln in enumerate(lines) if ln.startswith("streamproc acls apply"))
+    assert topics < acls
+    for i in (topics, acls):
+        args = shlex.split(lines[i])
+        admin = args[args.index("--admin-config") + 1]
+        assert host_path(services()["streamproc-init"], admin) == ROOT / "deploy/compose/admin.properties"
+
+
+def test_kafka_tls_script_makes_a_ca_and_a_broker_key_for_the_service_names(tmp_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    svc = services()["kafka-tls"]
+    assert svc["cap_add"] == ["CHOWN"] and svc["cap_drop"] == ["ALL"] and svc["read_only"] is True
+    script = host_path(svc, svc["entrypoint"][1])
+    assert script is not None and script.is_file()
+    out = tmp_path / "tls"
+    for expected in ("created", "kept"):  # idempotent: a second run keeps the CA
+        proc = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, check=True)
+        assert expected in proc.stdout
+    ca = x509.load_pem_x509_certificate((out / "ca.pem").read_bytes())
+    ks = (out / "kafka-keystore.pem").read_bytes()
+    assert (out / "kafka-keystore.pem").stat().st_mode & 0o777 == 0o600
+    assert b"PRIVATE KEY" in ks and b"PRIVATE KEY" not in (out / "ca.pem").read_bytes()
+    leaf = x509.load_pem_x509_certificates(ks)[0]
+    ca.public_key().verify(  # type: ignore[union-attr]
+        leaf.signature, leaf.tbs_certificate_bytes, padding.PKCS1v15(), leaf.signature_hash_algorithm
+    )
+    names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"kafka", "localhost"} <= set(names.get_values_for_type(x509.DNSName))

@@ -612,3 +612,39 @@ def test_acl_removed_while_running_stops_without_loss_or_duplicates(secure: Secu
         **dict.fromkeys(dests, base + n1 + n2),
         dlq: 0,
     }
+
+
+# -- deployment consistency ---------------------------------------------------------------------------
+def test_compose_tls_material_serves_real_kafka(tmp_path: Path) -> None:
+    """The CA and broker key that docker-compose's kafka-tls service makes work on Kafka.
+
+    The broker loads ``deploy/compose/kafka_tls.py``'s PEM keystore; a client pinning its
+    ``ca.pem`` (and nothing else) connects with hostname verification on and the client
+    settings of ``deploy/compose/streamproc.yaml``.
+    """
+    ok, why = devkafka.kafka_available()
+    if not ok:
+        pytest.skip(why)
+    tls = tmp_path / "tls"
+    subprocess.run(
+        [sys.executable, str(REPO / "deploy" / "compose" / "kafka_tls.py"), str(tls)], check=True
+    )
+    settings = {
+        "ssl.keystore.location": str(tls / "kafka-keystore.pem"),
+        "ssl.truststore.location": str(tls / "ca.pem"),
+    }
+    broker = devkafka.KafkaBroker(tmp_path / "broker", security="sasl_ssl", settings=settings)
+    test_ca = broker.ca_file
+    broker.ca_file = tls / "ca.pem"  # what its own clients (and readiness probe) pin now
+    with broker as k:
+        compose_kafka = yaml.safe_load((REPO / "deploy/compose/streamproc.yaml").read_text())[
+            "kafka"
+        ]
+        proven = ("security.protocol", "sasl.mechanisms", "ssl.endpoint.identification.algorithm")
+        conf = {**k.client_config(), **{key: compose_kafka[key] for key in proven}}
+        assert conf["ssl.ca.location"] == str(tls / "ca.pem")
+        md = AdminClient(conf).list_topics(timeout=20)
+        assert md.brokers, "no metadata over the compose TLS material"
+        # the suite's own test CA is not accepted for this broker
+        errs = connect_errors({**conf, "ssl.ca.location": str(test_ca)})
+        assert any(e.code() == KafkaError._SSL for e in errs), errs
