@@ -630,10 +630,74 @@ def test_prod_config_differs_from_base_only_where_documented() -> None:
     base = load_yaml(K8S / "base" / "streamproc.yaml")
     prod = load_yaml(K8S / "overlays" / "prod" / "streamproc.yaml")
     differing = {k for k in base.keys() | prod.keys() if base.get(k) != prod.get(k)}
-    assert differing <= {"kafka", "kms", "topics", "pipelines"}
+    assert differing <= {"kafka", "kms", "topics", "pipelines", "acls"}
     # Pipelines differ only in KEK names (Vault naming convention of deploy/vault/*.hcl).
     strip = [{**p, "destinations": [{k: v for k, v in d.items() if k != "kek"} for d in p["destinations"]]}
              for p in base["pipelines"]]
     assert strip == [{**p, "destinations": [{k: v for k, v in d.items() if k != "kek"} for d in p["destinations"]]}
                      for p in prod["pipelines"]]
     assert all(d["kek"].startswith("streamproc-dst-") for p in prod["pipelines"] for d in p["destinations"])
+
+
+# ----------------------------------------------------------------------------------------
+# Kafka security in prod: the proven client settings, the pinned CA, the ACL Job
+# ----------------------------------------------------------------------------------------
+#: The client settings the integration suite proves on real Kafka
+#: (tests/integration/test_kafka_security.py); compose uses the same (test_compose.py).
+PROVEN_CLIENT = {
+    "security.protocol": "SASL_SSL",
+    "sasl.mechanisms": "SCRAM-SHA-512",
+    "ssl.endpoint.identification.algorithm": "https",
+}
+
+
+def _mounted_from(pod: dict[str, Any], container: dict[str, Any], path: str) -> dict[str, Any]:
+    """The volume that provides ``path`` in ``container``."""
+    for m in sorted(container.get("volumeMounts", []), key=lambda m: -len(m["mountPath"])):
+        if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/"):
+            return next(v for v in pod["volumes"] if v["name"] == m["name"])
+    raise AssertionError(f"{path} is not mounted in {container['name']}")
+
+
+@needs_kubectl
+def test_prod_kafka_uses_the_proven_settings_and_pins_the_cluster_ca() -> None:
+    objs = render("overlays/prod")
+    config = rendered_config(objs)
+    kafka = config["kafka"]
+    assert {k: kafka[k] for k in PROVEN_CLIENT} == PROVEN_CLIENT
+    assert config["acls"]["processor"] == f"User:{kafka['sasl.username']}"
+    pod, main = processor(objs)
+    job = only(objs, "Job", "streamproc-acls")["spec"]["template"]["spec"]
+    for p, c in ((pod, main), (job, job["containers"][0])):
+        vol = _mounted_from(p, c, kafka["ssl.ca.location"])
+        assert vol["configMap"]["name"] == "streamproc-kafka-ca", "the CA is public: a ConfigMap"
+
+
+@needs_kubectl
+def test_prod_acls_job_applies_topics_then_acls_as_admin(tmp_path: Path) -> None:
+    from streamproc.config import load_kafka_properties
+
+    objs = render("overlays/prod")
+    job = only(objs, "Job", "streamproc-acls")
+    pod = job["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    lines = [ln for ln in c["args"][0].splitlines() if ln.strip()]
+    assert [ln.split()[:3] for ln in lines] == [["streamproc", "topics", "apply"], ["streamproc", "acls", "apply"]]
+    for ln in lines:
+        args = ln.split()
+        admin_path = args[args.index("--admin-config") + 1]
+        vol = _mounted_from(pod, c, admin_path)
+        cm = next(o for o in of_kind(objs, "ConfigMap") if o["metadata"]["name"] == vol["configMap"]["name"])
+        f = tmp_path / "admin.properties"
+        f.write_text(cm["data"][posixpath.basename(admin_path)])
+        admin = load_kafka_properties(f, env={"KAFKA_ADMIN_PASSWORD": "x"})
+        assert {k: admin[k] for k in PROVEN_CLIENT} == PROVEN_CLIENT
+        assert admin["sasl.username"] != rendered_config(objs)["kafka"]["sasl.username"], "admin != processor"
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"]}
+    assert env["KAFKA_ADMIN_PASSWORD"] == "streamproc-kafka-admin"
+    assert pod["restartPolicy"] == "Never" and job["spec"]["ttlSecondsAfterFinished"] > 0
+    # its own egress: DNS and Kafka only
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    ports = {p["port"] for pol in of_kind(objs, "NetworkPolicy") if pol["spec"]["podSelector"]
+             and _applies_to(pol, labels) for r in pol["spec"].get("egress", []) for p in r["ports"]}
+    assert ports == {53, 9093}
