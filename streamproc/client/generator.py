@@ -28,7 +28,11 @@ class EventGenerator:
     def _customer(self) -> str:
         return self.rng.choice(self._customers)
 
-    def order(self, canary: bool = False) -> dict[str, Any]:
+    def order(self, canary: bool = False, edge: bool = False) -> dict[str, Any]:
+        """One order.  ``canary``: marker strings in every sensitive field; ``edge`` (with
+        ``canary``) uses the forms that defeat reducing operators: a postcode without its
+        separator, and the canary IPv4 address inside an IPv6 form (6to4, IPv4-mapped,
+        NAT64, IPv4-compatible)."""
         f, r = self.fake, self.rng
         items: list[dict[str, Any]] = [
             {"sku": f"SKU-{r.randrange(10**5):05d}", "quantity": r.randint(1, 4), "unit_price_cents": r.randint(199, 19999)}
@@ -65,6 +69,17 @@ class EventGenerator:
             )
             rec["shipping_address"]["street"] = f"{CANARY_PREFIX}STREET{n}"
             rec["shipping_address"]["postcode"] = f"{CANARY_PREFIX}PC{n} 1AA"
+            if edge:
+                rec["shipping_address"]["postcode"] = f"{CANARY_PREFIX}PC{n}1AA"
+                v4 = rec["ip_address"]
+                a, b, c, d = (int(x) for x in v4.split("."))
+                rec["ip_address"] = r.choice([
+                    f"2002:{a:02x}{b:02x}:{c:02x}{d:02x}::{n % 65535 + 1:x}",  # 6to4
+                    f"2002:{a:02x}{b:02x}:{c:02x}{d:02x}::{n % 65535 + 1:x}",
+                    f"::ffff:{v4}",
+                    f"64:ff9b::{v4}",
+                    f"::{v4}",
+                ])
         return rec
 
     def login(self, canary: bool = False) -> dict[str, Any]:

@@ -207,6 +207,8 @@ class Generalize(Operator):
                     return v
                 v4 = embedded_ipv4(ip)
                 if v4 is not None:
+                    if c4 == 32:
+                        return v  # the /32 is the embedded address itself: fail closed
                     ip = v4
             return str(ipaddress.ip_network(f"{ip}/{c4 if ip.version == 4 else c6}", strict=False))
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import io
+import ipaddress
 import json
 import logging
 import traceback
@@ -168,11 +169,34 @@ class Run:
                 self.plans[(kind, aud)] = build_plan(node, kit.policy.audience(aud), kit.keys)
 
 
-def test_canaries_do_not_survive_transforms(make_pipeline: Maker, json_log: io.StringIO, caplog: pytest.LogCaptureFixture) -> None:
+def embedded_needles(value: str) -> list[str]:
+    """Texts that give away the IPv4 address inside an IPv6 canary: its dotted quad and,
+    for 6to4, the /48 that carries it in hex (what a /48 generalization used to output)."""
+    try:
+        ip = ipaddress.ip_address(value)
+    except ValueError:
+        return []
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return []
+    v4 = ip.ipv4_mapped or ip.sixtofour
+    if v4 is None and (ip in ipaddress.ip_network("64:ff9b::/96") or ip in ipaddress.ip_network("::/96")):
+        v4 = ipaddress.IPv4Address(ip.packed[12:])
+    if v4 is None:
+        return []
+    needles = [str(v4)]
+    if ip.sixtofour:
+        needles.append(str(ipaddress.ip_network(f"{ip}/48", strict=False)).split("::")[0])
+    return needles
+
+
+@pytest.mark.parametrize("edge", [False, True], ids=["plain", "edge-values"])
+def test_canaries_do_not_survive_transforms(make_pipeline: Maker, json_log: io.StringIO, caplog: pytest.LogCaptureFixture,
+                                            edge: bool) -> None:
     kit = make_pipeline()
     run = Run(kit)
     gen = EventGenerator(2024)
-    records = [("order", gen.order(canary=True)) for _ in range(12)] + [("login", gen.login(canary=True)) for _ in range(12)]
+    records = [("order", gen.order(canary=True, edge=edge)) for _ in range(12)] + [
+        ("login", gen.login(canary=True)) for _ in range(12)]
     originals = copy.deepcopy(records)
     batch = []
     for i, (kind, rec) in enumerate(records):
@@ -212,6 +236,8 @@ def test_canaries_do_not_survive_transforms(make_pipeline: Maker, json_log: io.S
             else:
                 for s in out_strings:
                     assert value not in s, f"{aud}: canary at {path} ({what}) leaked into the output: {s!r}"
+                    for needle in embedded_needles(value):
+                        assert needle not in s, f"{aud}: embedded IPv4 of {path} ({what}) in the output: {s!r}"
                 checked["transformed"] += 1
     # every audience transforms something and keeps something: the test is not vacuous
     assert checked["transformed"] > 100 and checked["kept"] > 20

@@ -220,6 +220,11 @@ def test_ipv6_with_embedded_ipv4_generalizes_as_ipv4(value: str, expected: str) 
     assert ip.exploded not in out and str(ip) not in out
 
 
+def test_cidr_32_of_an_embedded_ipv4_is_suppressed() -> None:
+    assert guarded({"op": "generalize", "cidr": 32})("2002:cb00:7107::1") == "*"
+    assert guarded({"op": "generalize", "cidr": 32})("::ffff:203.0.113.7") == "*"
+
+
 def test_local_use_nat64_cannot_be_cut_safely() -> None:
     assert guarded({"op": "generalize", "cidr": 24})("64:ff9b:1:cb00:7107::1") == "*"
     with pytest.raises(TransformFailed):

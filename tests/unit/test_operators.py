@@ -557,6 +557,8 @@ def _slow_network(v: str, c4: int, c6: int) -> str:
                                                                                    ipaddress.ip_address("::1")))):
             v4 = ipaddress.IPv4Address(ip.packed[12:])
         if v4 is not None:
+            if c4 == 32:
+                return v  # the whole embedded address: refused by the guard
             ip = v4
     return str(ipaddress.ip_network(f"{ip}/{c4 if ip.version == 4 else c6}", strict=False))
 

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import copy
 import io
+import ipaddress
 import itertools
 import json
 import math
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import fastavro
@@ -411,8 +412,21 @@ def _audience(rules: list[tuple[str, Any]], untagged: str) -> Audience:
     return parse_policy(_policy_doc(rules, untagged), "<prop>").audience("aud")
 
 
+def _reducing(draw: st.DrawFn) -> list[Any]:
+    """The operators that reduce a string to a part of itself, in a random order: tried
+    first by the leak property, so that the fail-closed paths are exercised often."""
+    return list(draw(st.permutations([
+        {"op": "generalize", "prefix": draw(st.integers(0, 8))},
+        {"op": "generalize", "until": draw(st.sampled_from([" ", "@", "."]))},
+        {"op": "generalize", "cidr": draw(st.sampled_from([8, 24, 32])), "cidr6": draw(st.sampled_from([48, 128]))},
+        {"op": "mask", "keep_first": draw(st.integers(0, 4)), "keep_last": draw(st.integers(0, 4))},
+        {"op": "mask", "keep_first": draw(st.integers(0, 3)), "preserve": "@."},
+        {"op": "token", "normalize": ["lower", "strip", "digits"]},
+    ])))
+
+
 @st.composite
-def audiences(draw: st.DrawFn, node: Record, keys: PseudonymKeys) -> Audience:
+def audiences(draw: st.DrawFn, node: Record, keys: PseudonymKeys, reducing_first: bool = False) -> Audience:
     """Tags in a random order, each with a random operator that fits (tried incrementally:
     a later rule never changes which fields an earlier rule governs)."""
     untagged = draw(st.sampled_from(["keep", "drop"]))
@@ -420,7 +434,8 @@ def audiences(draw: st.DrawFn, node: Record, keys: PseudonymKeys) -> Audience:
     n_rules = draw(st.integers(0, len(TAGS)))
     rules: list[tuple[str, Any]] = []
     for tag in order[:n_rules]:
-        for spec in _candidates(draw):
+        first = _reducing(draw) if reducing_first and draw(st.booleans()) else []
+        for spec in first + _candidates(draw):
             try:
                 build_plan(node, _audience([*rules, (tag, spec)], untagged), keys)
             except PolicyError:
@@ -923,3 +938,239 @@ def test_huge_block_count_fails_fast(shared_keys: PseudonymKeys, items: Any, rul
     good = encode(schema, {"a": [{"x": 1.0, "y": 2.0} if isinstance(items, dict) and items["type"] == "record"
                                 else (b"abc" if isinstance(items, dict) else 1.5)] * 3})
     assert b"".join(fn(good))
+
+
+# ---------------------------------------------------------------------------------------
+# No protected value leaves: random schemas, random policies, adversarial values
+# ---------------------------------------------------------------------------------------
+
+
+def _ip_forms(a: int) -> st.SearchStrategy[str]:
+    """One IPv4 address (as an int) written as every IPv6 form that embeds it."""
+    v4 = ipaddress.IPv4Address(a)
+    n = int(v4)
+    return st.sampled_from([
+        str(v4),
+        f"::ffff:{v4}",  # IPv4-mapped
+        f"::{v4}",  # IPv4-compatible
+        f"64:ff9b::{v4}",  # NAT64
+        str(ipaddress.IPv6Address((0x2002 << 112) | (n << 80) | 0x1234)),  # 6to4
+        str(ipaddress.IPv6Address((0x20010000 << 96) | (0x4136E378 << 64) | (0x8000 << 48) | (0x63BF << 32)
+                                  | (~n & 0xFFFFFFFF))),  # Teredo (client obfuscated)
+        str(ipaddress.IPv6Address((0x0064FF9B0001 << 80) | (n << 40))),  # local-use NAT64
+    ])
+
+
+#: Values chosen to defeat reducing operators and normalizers: shorter than any prefix,
+#: without the separator, separators only, mask characters, case and digit variants from
+#: other scripts, and IPv4 addresses inside IPv6 forms.
+ADVERSARIAL = st.one_of(
+    st.sampled_from(["SW1A1AA", "SW1A 1AA", "EC1", "ab", "x", "", "@.", "****", "####", "a@b.c", "12345",
+                     "ALICE@EXAMPLE.COM", "alice@example.com", "Stra\u00dfe", "STRASSE",
+                     "\uff21\uff22\uff23@ex.com", "\u0663\u0664\u0665\u0666\u0667", "\uff10\uff11\uff12\uff13\uff14",
+                     "+44 20 7946 0000", "x\u00b2\u00b3", "\u0130stanbul", "192.0.2.1/32"]),
+    st.integers(0, 2**32 - 1).flatmap(_ip_forms),
+    st.text(max_size=3),
+    st.text(alphabet="ABCDEFXYZ0123456789", min_size=4, max_size=10),  # separator-free
+)
+
+
+def _adversarial_values(t: AvroType, depth: int = 0) -> st.SearchStrategy[Any]:
+    """``values(t)`` with every string drawn from :data:`ADVERSARIAL` (map keys too)."""
+    if t.kind == "string":
+        return ADVERSARIAL
+    if isinstance(t, Array):
+        return st.lists(_adversarial_values(t.items, depth + 1), max_size=3 if depth < 4 else 0)
+    if isinstance(t, Map):
+        return st.dictionaries(ADVERSARIAL, _adversarial_values(t.values, depth + 1), max_size=3 if depth < 4 else 0)
+    if isinstance(t, Record):
+        return st.fixed_dictionaries({f.name: _adversarial_values(f.type, depth + 1) for f in t.fields})
+    if isinstance(t, Union):
+        options = []
+        for b in t.branches:
+            if depth >= 4 and b.kind != "null" and any(x.kind == "null" for x in t.branches):
+                continue
+            if isinstance(b, Record):
+                options.append(_adversarial_values(b, depth + 1).map(lambda v, n=b.fullname: (n, v)))
+            else:
+                options.append(_adversarial_values(b, depth + 1))
+        return st.one_of(options)
+    return values(t, depth)
+
+
+def _atoms(v: Any) -> Iterator[Any]:
+    """Every string, bytes and int in a decoded value, map keys included."""
+    if isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str):
+        yield from _atoms(v[1])  # union tuple notation
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            yield k
+            yield from _atoms(x)
+    elif isinstance(v, list):
+        for x in v:
+            yield from _atoms(x)
+    elif isinstance(v, (str, bytes)) or (isinstance(v, int) and not isinstance(v, bool)):
+        yield v
+
+
+def _as_bytes(a: Any) -> bytes:
+    from streamproc.pipeline.codegen import enc_long
+
+    if isinstance(a, str):
+        return a.encode("utf-8", "surrogatepass")
+    if isinstance(a, bytes):
+        return a
+    return enc_long(a)  # the Avro varint: how an int appears in the output bytes
+
+
+#: The strictness order of docs/policy.md, restated as the contract (loosest first).
+STRICTNESS_CONTRACT = ("keep", "date_shift", "generalize", "mask", "encrypt_deterministic", "token", "redact", "drop")
+
+
+def _governing(aud: Audience, tags: frozenset[str]) -> str:
+    """What the documented semantics say governs a value with these effective tags: the
+    strictest rule among them; none mentioned -> drop; no tags -> ``untagged``.
+    Computed from the policy's rules, independently of the plan compiler."""
+    if not tags:
+        return aud.untagged
+    ops = [r.op for r in aud.rules if r.tag in tags]
+    return max(ops, key=STRICTNESS_CONTRACT.index) if ops else "drop"
+
+
+def _classify(aud: Audience, t: AvroType, v: Any, tags: frozenset[str], ktags: frozenset[str],
+              protected: list[tuple[Any, str]], kept: list[Any]) -> None:
+    """Along the *schema* (not the plan): every atom of the input with the rule the policy
+    says governs it.  A tag applies to everything inside the value it is on; map keys are
+    governed by the field's ``streamproc.key_tags`` if present, else by the field's tags."""
+    from streamproc.pipeline.reference import _branch_index, _unwrap
+
+    if isinstance(t, Record):
+        v = _unwrap(v)
+        for f in t.fields:
+            ft = tags | set(f.tags)
+            hint = f.props.get("streamproc.key_tags")
+            fk = tags | {str(x) for x in hint} if hint is not None else ft
+            _classify(aud, f.type, v[f.name], frozenset(ft), frozenset(fk), protected, kept)
+    elif isinstance(t, Union):
+        i = _branch_index(t, v)
+        _classify(aud, t.branches[i], _unwrap(v), tags, ktags, protected, kept)
+    elif isinstance(t, Array):
+        for x in v:
+            _classify(aud, t.items, x, tags, ktags, protected, kept)
+    elif isinstance(t, Map):
+        for k, x in v.items():
+            op = _governing(aud, ktags)
+            (kept.append(k) if op == "keep" else protected.append((k, op)))
+            _classify(aud, t.values, x, tags, ktags, protected, kept)
+    else:
+        op = _governing(aud, tags)
+        for a in _atoms(v):
+            (kept.append(a) if op == "keep" else protected.append((a, op)))
+
+
+#: Operators whose output is meant to reveal a part or a coarsening of the value.
+PARTIAL = frozenset({"mask", "generalize", "date_shift"})
+
+
+def _embedded_v4(s: str) -> ipaddress.IPv4Address | None:
+    """The IPv4 address inside an IPv6 string, found with ipaddress's own properties."""
+    try:
+        ip = ipaddress.ip_address(s.strip())
+    except ValueError:
+        return None
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return None
+    if ip.ipv4_mapped or ip.sixtofour:
+        return ip.ipv4_mapped or ip.sixtofour
+    if ip.teredo:
+        return ip.teredo[1]
+    if ip in ipaddress.ip_network("64:ff9b::/96"):
+        return ipaddress.IPv4Address(ip.packed[12:])
+    return None  # local-use NAT64 (64:ff9b:1::/48) has no fixed position: always suppressed
+
+
+@settings(PROPS, max_examples=int(300 * SCALE))
+@given(data=st.data())
+def test_no_protected_value_leaves_in_any_audience_output(shared_keys: PseudonymKeys, data: st.DataObject) -> None:
+    """Whatever the schema (nested records, arrays, maps and their keys, unions), the
+    policy (two audiences, random operators) and the values (adversarial): a value under a
+    non-keep rule never appears in an audience's output bytes -- as UTF-8 or as its Avro
+    encoding -- and no output position holds its own input under a reducing operator."""
+    schema = data.draw(schemas(3))
+    node = avro.parse(schema)
+    assert isinstance(node, Record)
+    record = data.draw(_adversarial_values(node))
+    data_in = encode(schema, record)
+    vin = fastavro.schemaless_reader(io.BytesIO(data_in), fastavro.parse_schema(avro.strip_logical(schema)), None,
+                                     return_named_type=True)
+    for _ in range(2):
+        aud = data.draw(audiences(node, shared_keys, reducing_first=True))
+        plan = make_plan(node, aud, shared_keys)
+        note(repr(aud.rules))
+        gen, ref = run_both(plan, node, schema, data_in)
+        assert gen == ref
+        if isinstance(gen, tuple):
+            event("leak check: record refused")
+            continue  # quarantined: this audience gets nothing
+        protected: list[tuple[Any, str]] = []
+        kept: list[Any] = []
+        _classify(aud, node, vin, frozenset(), frozenset(), protected, kept)
+        kept_bytes = [_as_bytes(k) for k in kept]
+        partial_texts = [a for a, op in protected if op in PARTIAL and isinstance(a, str)]
+        vout = decode_named(plan.out_schema, gen)
+        out_strings = [a for a in _atoms(vout) if isinstance(a, str)]
+        for value, op in protected:
+            if isinstance(value, int) and (op in PARTIAL or abs(value) < 2**28):
+                continue  # coarsened numbers may equal their input; short varints are noise
+            p = _as_bytes(value)
+            if len(p) < 4 or len(set(p)) == 1:
+                continue  # too short to be told apart from chance (checked per position below)
+            if any(p in k for k in kept_bytes):
+                continue  # the same value is legitimately kept elsewhere in the record
+            if any(isinstance(value, str) and value != q and value in q for q in partial_texts):
+                continue  # a substring of a value whose rule reveals a part of it
+            event(f"leak check: {op}")
+            assert p not in gen, f"protected value under {op} in the output: {value!r}"
+            if isinstance(value, str) and op == "generalize":
+                v4 = _embedded_v4(value)
+                if v4 is not None:
+                    # an embedded IPv4 address is generalized as IPv4 (never kept inside an
+                    # IPv6 network), and never to a /32 that pins it down
+                    for s in out_strings:
+                        if "/" not in s:
+                            continue
+                        try:
+                            net = ipaddress.ip_network(s, strict=False)
+                        except ValueError:
+                            continue
+                        if net.version == 6:
+                            assert ipaddress.ip_address(value.strip()) not in net, (value, s)
+                        else:
+                            assert v4 not in net or net.prefixlen < 32, (value, s)
+        _check_positions(plan.root, vin, vout)
+
+
+def _check_positions(n: Node, vin: Any, vout: Any) -> None:
+    """Per position: a string under a guarded operator is never output unchanged."""
+    from streamproc.pipeline.reference import _branch_index, _unwrap
+
+    if isinstance(n, Apply):
+        a, b = _unwrap(vin), _unwrap(vout)
+        if n.op in ("mask", "generalize") and isinstance(a, str) and isinstance(b, str) and a:
+            assert a != b and (len(a) < 4 or a not in b), (n.path, a, b)
+    elif isinstance(n, RecordNode):
+        vin, vout = _unwrap(vin), _unwrap(vout)
+        for f, child in n.fields:
+            if not isinstance(child, Drop):
+                _check_positions(child, vin[f.name], vout[f.name])
+    elif isinstance(n, ArrayNode):
+        for x, y in zip(vin, vout, strict=True):
+            _check_positions(n.items, x, y)
+    elif isinstance(n, MapNode):
+        for (k, x), (k2, y) in zip(vin.items(), vout.items(), strict=True):
+            if isinstance(n.keys, Apply):
+                _check_positions(n.keys, k, k2)
+            _check_positions(n.values, x, y)
+    elif isinstance(n, UnionNode):
+        assert isinstance(n.t, Union)
+        _check_positions(n.branches[_branch_index(n.t, vin)], _unwrap(vin), vout)
