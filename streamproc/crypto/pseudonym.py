@@ -1,19 +1,30 @@
 """Keys derived from the pseudonym master secret, and the formats they produce.
 
 One versioned master secret (a ``secret`` key in the KMS or keyring) yields, through
-HKDF-SHA256 with distinct salts and infos, every key the operators need:
+HKDF-SHA256 (RFC 5869) with distinct salts and infos, every key the operators need.  The
+*scope* of a key (:func:`scope_info`) is the audience and the pseudonym domain: two
+audiences never share a key unless the policy names the domain as shared between them
+(``keys.shared_domains``), so their outputs cannot be joined on tokens by default.
 
-* token keys, one per *pseudonym domain*: ``HKDF(master, salt="streamproc/token/v1",
-  info=domain)``.  Tokens are deterministic within a domain and unlinkable across domains.
+* token keys, one per (audience, domain): ``HKDF(master, salt="streamproc/token/v2",
+  info=scope_info(domain, audience))``.  Tokens are deterministic within one audience's
+  domain and unlinkable across domains and across audiences.  The record-key token is a
+  token of the ``record_key`` domain (or the rule's ``domain``), so it is per audience too.
 * deterministic-encryption keys, one per *audience*: ``HKDF(master,
   salt="streamproc/siv/v1", info=audience)``, 64 bytes for AES-SIV (RFC 5297) with the
   domain as associated data.  Whoever holds an audience's key can reverse that audience's
-  ciphertexts and no other's.
-* date-shift keys, one per (audience, domain).
+  ciphertexts and no other's.  (Unchanged since v1: old ciphertexts stay reversible.)
+* date-shift keys, one per (audience, date-shift domain), salt ``streamproc/dateshift/v2``.
+* provenance keys, one per audience (:data:`PROVENANCE_SALT`): the reference that
+  replaces the source topic/partition/offset headers (see :mod:`streamproc.provenance`).
 
 Output formats embed the master version so keys can rotate: ``tk<v>_<22 base64url>``
 for tokens (128-bit truncated HMAC-SHA256) and ``de<v>_<base64url>`` for deterministic
-ciphertexts.
+ciphertexts.  The known-answer vectors of docs/keys.md pin every derivation.
+
+Salt history: ``streamproc/token/v1`` (info = domain alone, shared by every audience) and
+``streamproc/dateshift/v1`` (domain defaulted to the tag) were replaced by the v2 salts;
+tokens are one-way, so no stored value needs the v1 keys to be resolved.
 """
 
 from __future__ import annotations
@@ -32,10 +43,23 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from streamproc.errors import StreamprocError
 
-TOKEN_SALT = b"streamproc/token/v1"
+TOKEN_SALT = b"streamproc/token/v2"
 SIV_SALT = b"streamproc/siv/v1"
-SHIFT_SALT = b"streamproc/dateshift/v1"
+SHIFT_SALT = b"streamproc/dateshift/v2"
+PROVENANCE_SALT = b"streamproc/provenance/v1"
 TOKEN_BYTES = 16
+
+
+def scope_info(domain: str, audience: str | None) -> str:
+    """The HKDF info of a per-scope key: the audience and the domain.
+
+    ``audience`` is ``None`` for a domain the policy shares across named audiences (the
+    only way two audiences get equal tokens).  Audience names never contain NUL, so the
+    encoding is unambiguous for any domain text.
+    """
+    if audience is None:
+        return f"shared\x00{domain}"
+    return f"audience\x00{audience}\x00{domain}"
 
 
 class SecretSource(Protocol):
@@ -84,17 +108,28 @@ class PseudonymKeys:
                 self._masters[v] = m
         return v, m
 
-    def token_key(self, domain: str, version: int | None = None) -> tuple[int, bytes]:
+    def token_key(self, domain: str, version: int | None = None, *, audience: str | None) -> tuple[int, bytes]:
+        """The token key of ``domain`` for ``audience`` (``None``: a policy-shared domain).
+
+        ``audience`` has no default: every caller states whose key it derives, so no code
+        path falls back to a key that several audiences share.
+        """
         v, m = self.master(version)
-        return v, hkdf(m, TOKEN_SALT, domain)
+        return v, hkdf(m, TOKEN_SALT, scope_info(domain, audience))
 
     def siv_key(self, audience: str, version: int | None = None) -> tuple[int, bytes]:
         v, m = self.master(version)
         return v, hkdf(m, SIV_SALT, audience, 64)
 
-    def shift_key(self, audience: str, domain: str, version: int | None = None) -> tuple[int, bytes]:
+    def shift_key(self, domain: str, version: int | None = None, *, audience: str | None) -> tuple[int, bytes]:
+        """The date-shift key of ``domain`` for ``audience`` (``None``: a shared domain)."""
         v, m = self.master(version)
-        return v, hkdf(m, SHIFT_SALT, f"{audience}\x00{domain}")
+        return v, hkdf(m, SHIFT_SALT, scope_info(domain, audience))
+
+    def provenance_key(self, audience: str, version: int | None = None) -> tuple[int, bytes]:
+        """The AES-256 key of an audience's provenance references (never shared)."""
+        v, m = self.master(version)
+        return v, hkdf(m, PROVENANCE_SALT, audience)
 
 
 def _hmac_states(key: bytes) -> tuple[Any, Any]:

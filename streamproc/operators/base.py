@@ -68,6 +68,12 @@ class OpContext:
     """Pseudonym domain: the rule's ``domain``, the field's ``streamproc.domain`` hint, or the tag."""
     path: str
     keys: PseudonymKeys | None
+    shared_domains: frozenset[str] = frozenset()
+    """Domains the policy shares between this audience and others (``keys.shared_domains``)."""
+
+    def key_audience(self, domain: str) -> str | None:
+        """Whose keys to derive for ``domain``: the audience, or ``None`` if the policy shares it."""
+        return None if domain in self.shared_domains else self.audience
 
 
 def value_kind(t: AvroType) -> str:

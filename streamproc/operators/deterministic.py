@@ -24,6 +24,13 @@ class EncryptDeterministic(KeyedScalarOperator):
     def bind(self, params: Mapping[str, Any], t: AvroType, ctx: OpContext) -> Any:
         if ctx.keys is None:
             raise OperatorError("encrypt_deterministic needs pseudonym keys (policy 'keys.pseudonym')")
+        if ctx.key_audience(ctx.domain) is None:
+            # Re-identification is scoped to one audience's exported key: a ciphertext two
+            # audiences could both reverse would make either key open the other's values.
+            raise OperatorError(
+                f"domain {ctx.domain!r} is shared between audiences; encrypt_deterministic keys "
+                "are per audience (use token for a joinable shared domain)"
+            )
         version, key = ctx.keys.siv_key(ctx.audience)
         siv = AESSIV(key)
         ad = ctx.domain.encode()

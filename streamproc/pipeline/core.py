@@ -40,6 +40,7 @@ from typing import Any
 from streamproc import __version__
 from streamproc.crypto.envelope import Opener, Sealer, fast_dataclass_constructor
 from streamproc.crypto.kms import KmsProvider
+from streamproc.crypto.provenance import H_PROVENANCE, header_prefix, make_referencer
 from streamproc.crypto.pseudonym import PseudonymKeys, make_tokenizer
 from streamproc.errors import (
     EnvelopeError,
@@ -57,6 +58,10 @@ from streamproc.policy.model import Audience, Policy
 from streamproc.schema.framing import HEADER_LEN, MAGIC, frame_prefix
 from streamproc.schema.registry import SchemaSource
 
+# Sanitized outputs carry one header, H_PROVENANCE (streamproc.crypto.provenance): an
+# audience-keyed reference instead of the source coordinates, which would join audiences.
+# The names below are the dead-letter headers (operators only) and the pre-0.2 output
+# headers, kept as names for readers of old records.
 H_SOURCE_TOPIC = "streamproc.source.topic"
 H_SOURCE_PARTITION = "streamproc.source.partition"
 H_SOURCE_OFFSET = "streamproc.source.offset"
@@ -148,31 +153,34 @@ class _Compiled:
 
     fn: Callable[[bytes], list[bytes]]
     out_schema_id: int
-    const_headers: Headers
+    prov_prefix: bytes
+    """The constant part of the streamproc.prov value; the per-record reference follows."""
     transforms: tuple[tuple[str, int], ...]
 
 
 class _DestState:
-    def __init__(self, dest: Destination, audience: Audience, sealer: Sealer, key_fn: Callable[[bytes | None], bytes | None]) -> None:
+    def __init__(
+        self,
+        dest: Destination,
+        audience: Audience,
+        sealer: Sealer,
+        key_fn: Callable[[bytes | None], bytes | None],
+        prov_key: tuple[int, bytes] | None,
+    ) -> None:
         self.dest = dest
         self.audience = audience
         self.sealer = sealer
         self.key_fn = key_fn
-        self.kek_id_b = dest.kek_id.encode()
-        self.versions: dict[bytes, bytes] = {}
-        #: raw u32 KEK version -> the (name, value) header tuple shared by all its records.
-        self.version_hdrs: dict[bytes, tuple[str, bytes]] = {}
         #: The record-key rule's op ("keep", "drop" or "token"): keep/drop need no call.
         self.key_mode = audience.record_key.op
+        #: (pseudonym version, AES key) of this audience's provenance references, or None
+        #: without a pseudonym key (then outputs carry no reference at all).
+        self.prov_key = prov_key
+        self.references = None if prov_key is None else make_referencer(prov_key[1])
 
-    def kek_version_header(self, sealed: bytes) -> bytes:
-        n = sealed[1]
-        raw = sealed[2 + n : 6 + n]
-        v = self.versions.get(raw)
-        if v is None:
-            v = str(_U32.unpack(raw)[0]).encode()
-            self.versions[raw] = v
-        return v
+    def prov_prefix(self, policy_version: str, schema_id: int | None) -> bytes:
+        kv = None if self.prov_key is None else self.prov_key[0]
+        return header_prefix(self.dest.audience, policy_version, schema_id, kv)
 
 
 class Pipeline:
@@ -211,7 +219,8 @@ class Pipeline:
                         raise PolicyError(f"destination topic {d.topic!r} is configured twice with different settings")
                 else:
                     aud = policy.audience(d.audience)
-                    state = _DestState(d, aud, make_sealer(kms, d.kek_id, d.topic), self._key_fn(aud))
+                    prov = None if keys is None else keys.provenance_key(aud.name)
+                    state = _DestState(d, aud, make_sealer(kms, d.kek_id, d.topic), self._key_fn(aud), prov)
                     self._dest_by_topic[d.topic] = state
                 for src in route.sources:
                     if src in self._dest_by_topic:
@@ -229,9 +238,6 @@ class Pipeline:
         self._lock = threading.Lock()
         self._version_b = __version__.encode()
         self._policy_b = policy.version.encode()
-        # Shared, immutable header tuples (source topic and partition), built on first use.
-        self._topic_hdrs: dict[str, tuple[str, bytes]] = {}
-        self._part_hdrs: dict[int, tuple[str, bytes]] = {}
 
     def _init_keks(self, routes: Sequence[Route], reserved: Iterable[str]) -> None:
         """Per-source KEK admission, installed on the opener (checked before the KMS)."""
@@ -325,7 +331,11 @@ class Pipeline:
             return lambda k: None
         if self.keys is None:
             raise PolicyError(f"audience {aud.name!r}: record_key token needs keys.pseudonym")
-        version, key = self.keys.token_key(str(rule.params.get("domain", "record_key")))
+        domain = str(rule.params.get("domain", "record_key"))
+        # Per audience like every token (unless the policy shares the domain): a record key
+        # equal across audiences would join their outputs.
+        audience = None if domain in aud.shared_domains else aud.name
+        version, key = self.keys.token_key(domain, audience=audience)
         tok = make_tokenizer(version, key)
         return lambda k: None if k is None else tok(k).encode()
 
@@ -364,15 +374,8 @@ class Pipeline:
 
             out_id = content_id(plan.out_schema)
         fn, _src = compile_plan(plan, rs.node, offset=HEADER_LEN, prefix=frame_prefix(out_id))  # type: ignore[arg-type]
-        headers: Headers = [
-            (H_INPUT_SCHEMA, str(schema_id).encode()),
-            (H_OUTPUT_SCHEMA, str(out_id).encode()),
-            (H_POLICY, self._policy_b),
-            (H_AUDIENCE, state.dest.audience.encode()),
-            (H_KEK_ID, state.kek_id_b),
-            (H_PROCESSOR, self._version_b),
-        ]
-        return _Compiled(fn, out_id, headers, tuple(plan.transforms.items()))
+        prefix = state.prov_prefix(self.policy.version, out_id)
+        return _Compiled(fn, out_id, prefix, tuple(plan.transforms.items()))
 
     def explain(self, schema_id: int, destination_topic: str) -> tuple[Any, int]:
         """The output schema JSON and id for (schema, destination); compiles if needed."""
@@ -408,9 +411,8 @@ class Pipeline:
         # * the plans of the last (source topic, schema id) are memoized for the batch;
         # * per destination, plaintexts, inputs and plans go to three parallel lists (no
         #   per-record tuple), sealed with one ``seal_many`` call, in input order;
-        # * output headers share immutable (name, value) tuples: source topic, partition,
-        #   the plan's constant headers and the KEK version are cached; only the offset is
-        #   formatted per record;
+        # * one output header: the plan's constant prefix plus one AES block (the
+        #   audience-keyed provenance reference) per record;
         # * statistics are counted per run or per batch, not per record.
         outputs: list[OutputRecord] = []
         quarantined: list[Quarantined] = []
@@ -442,7 +444,7 @@ class Pipeline:
                 # A tombstone carries no data; forward it so deletions propagate.
                 stats.tombstones += 1
                 for st in dests:
-                    outputs.append(OutputRecord(st.dest.topic, st.key_fn(rec.key), None, self._tomb_headers(rec), rec))
+                    outputs.append(OutputRecord(st.dest.topic, st.key_fn(rec.key), None, self._tomb_headers(st, rec), rec))
                 continue
             try:
                 if len(value) > max_bytes:
@@ -508,8 +510,6 @@ class Pipeline:
             decryptions[dk] = decryptions.get(dk, 0) + run_n
         # Seal per destination in one go (one lock round trip per data key).
         transforms = stats.transforms
-        topic_hdrs = self._topic_hdrs
-        part_hdrs = self._part_hdrs
         if pending:
             self.check_sealers()
         for topic, (st, plains, recs, comps) in pending.items():
@@ -517,30 +517,18 @@ class Pipeline:
                 continue
             sealed_all = self._guarded(st, functools.partial(st.sealer.seal_many, plains))
             key_mode, key_fn = st.key_mode, st.key_fn
-            versions = st.version_hdrs
+            refs = None if st.references is None else st.references(recs)
             last_comp: _Compiled | None = None
             n_comp = 0
-            for sealed, rec, compiled in zip(sealed_all, recs, comps, strict=True):
+            prefix = b""
+            for i, (sealed, rec, compiled) in enumerate(zip(sealed_all, recs, comps, strict=True)):
                 if compiled is not last_comp:
                     if n_comp:
                         _count_transforms(transforms, last_comp, n_comp)  # type: ignore[arg-type]
-                    last_comp, n_comp, const = compiled, 0, compiled.const_headers
+                    last_comp, n_comp, prefix = compiled, 0, compiled.prov_prefix
                 n_comp += 1
-                # KEK version: bytes 2+n..6+n of the envelope (n = KEK id length).
-                n = sealed[1]
-                raw = sealed[2 + n : 6 + n]
-                kver = versions.get(raw)
-                if kver is None:
-                    kver = versions[raw] = (H_KEK_VERSION, st.kek_version_header(sealed))
-                src = rec.topic
-                th = topic_hdrs.get(src)
-                if th is None:
-                    th = topic_hdrs[src] = (H_SOURCE_TOPIC, src.encode())
-                part = rec.partition
-                ph = part_hdrs.get(part)
-                if ph is None:
-                    ph = part_hdrs[part] = (H_SOURCE_PARTITION, str(part).encode())
-                headers = [th, ph, (H_SOURCE_OFFSET, str(rec.offset).encode()), *const, kver]
+                # One header: the constant fields, then the audience-keyed reference.
+                headers = [(H_PROVENANCE, prefix if refs is None else prefix + refs[i])]
                 if key_mode == "keep":
                     key = rec.key
                 elif key_mode == "drop":
@@ -560,14 +548,12 @@ class Pipeline:
             failures[fk] = failures.get(fk, 0) + 1
         return BatchResult(outputs, quarantined, stats)
 
-    def _tomb_headers(self, rec: InputRecord) -> Headers:
-        return [
-            (H_SOURCE_TOPIC, rec.topic.encode()),
-            (H_SOURCE_PARTITION, str(rec.partition).encode()),
-            (H_SOURCE_OFFSET, str(rec.offset).encode()),
-            (H_POLICY, self._policy_b),
-            (H_PROCESSOR, self._version_b),
-        ]
+    def _tomb_headers(self, st: _DestState, rec: InputRecord) -> Headers:
+        """A tombstone's provenance: as a record's, without an output schema."""
+        value = st.prov_prefix(self.policy.version, None)
+        if st.references is not None:
+            value += st.references([rec])[0]
+        return [(H_PROVENANCE, value)]
 
 
 def _count_transforms(transforms: dict[str, int], compiled: _Compiled, records: int) -> None:

@@ -306,7 +306,9 @@ class _Builder:
         where = f"audience {self.audience.name!r}, field {path!r}, tag {rule.tag!r}"
         try:
             out = op.output_type(rule.params, t)
-            fn = op.bind_checked(rule.params, t, OpContext(self.audience.name, domain, path, self.keys))
+            fn = op.bind_checked(
+                rule.params, t, OpContext(self.audience.name, domain, path, self.keys, self.audience.shared_domains)
+            )
         except OperatorError as exc:
             raise PolicyError(f"{where}: {exc}") from None
         assert out is not None

@@ -6,7 +6,9 @@ It fails (non-zero exit) when:
 * a tag used by a schema has no rule for some audience (that audience would silently
   lose the field: say so explicitly with ``drop``);
 * a rule cannot apply to the field's type (``mask`` on a date, ``date_shift`` without a
-  subject field, ...), found by compiling every (schema, audience) plan.
+  subject field, ...), found by compiling every (schema, audience) plan;
+* an audience derives keys in a domain that ``keys.shared_domains`` shares between other
+  audiences (its tokens would silently not join theirs; list it or rename the domain).
 
 Map keys are checked like fields: keys that are neither classified (the map field's
 tags, or its ``streamproc.key_tags`` hint) nor explicitly public are an error, and a rule
@@ -32,6 +34,22 @@ from streamproc.policy.model import Policy
 from streamproc.schema.annotations import leaves
 from streamproc.schema.avro import Record
 from streamproc.schema.registry import RegisteredSchema
+
+
+class _RecordingKeys(PseudonymKeys):
+    """Throw-away keys that remember every (domain, key audience) a plan derives."""
+
+    def __init__(self, source: _ThrowawySecrets, secret_id: str) -> None:
+        super().__init__(source, secret_id)
+        self.derived: set[tuple[str, str | None]] = set()
+
+    def token_key(self, domain: str, version: int | None = None, *, audience: str | None) -> tuple[int, bytes]:
+        self.derived.add((domain, audience))
+        return super().token_key(domain, version, audience=audience)
+
+    def shift_key(self, domain: str, version: int | None = None, *, audience: str | None) -> tuple[int, bytes]:
+        self.derived.add((domain, audience))
+        return super().shift_key(domain, version, audience=audience)
 
 
 class _ThrowawySecrets:
@@ -73,7 +91,7 @@ class Report:
 
 def check(policy: Policy, schemas: list[RegisteredSchema]) -> Report:
     report = Report()
-    keys = PseudonymKeys(_ThrowawySecrets(), policy.pseudonym_key or "lint")
+    keys = _RecordingKeys(_ThrowawySecrets(), policy.pseudonym_key or "lint")
     used_tags: set[str] = set()
     for rs in sorted(schemas, key=lambda s: s.name):
         node = rs.node
@@ -127,10 +145,19 @@ def check(policy: Policy, schemas: list[RegisteredSchema]) -> Report:
                         f"({sorted(ops)}); the strictest ({rule.tag} -> {rule.op}) applies",
                     ))
         for aud in policy.audiences.values():
+            keys.derived.clear()
             try:
                 build_plan(node, aud, keys)
             except PolicyError as exc:
                 report.findings.append(Finding("error", name, str(exc)))
+            for domain, key_audience in sorted(keys.derived, key=str):
+                if key_audience is not None and domain in policy.shared_domains:
+                    report.findings.append(Finding(
+                        "error", name,
+                        f"audience {aud.name!r} uses pseudonym domain {domain!r}, which "
+                        f"keys.shared_domains shares only by {list(policy.shared_domains[domain])}: "
+                        f"its values would not join theirs; add {aud.name!r} or use another domain",
+                    ))
         report.matrix[name] = rows
     for tag in sorted(policy.tags - used_tags):
         report.findings.append(Finding("warning", "*", f"tag {tag!r} has rules but no schema uses it"))

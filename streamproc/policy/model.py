@@ -5,6 +5,8 @@ Example (see docs/policy.md for the full reference)::
     name: acme-privacy
     keys:
       pseudonym: pseudonym-master      # secret key that token/encrypt/date_shift derive from
+      shared_domains:                  # opt-in: these audiences get equal tokens in 'customer'
+        customer: [analytics, fraud]
     defaults:
       untagged: drop                   # data minimization is the default
       record_key: token
@@ -16,6 +18,12 @@ Example (see docs/policy.md for the full reference)::
           CARD_NUMBER: {op: mask, keep_last: 4}
           BIRTH_DATE: {op: generalize, to: year}
           PII: drop
+
+Keys are derived per audience: two audiences get unrelated tokens for the same value
+unless ``keys.shared_domains`` names the domain and both audiences (see docs/keys.md).
+``date_shift`` moves every date of one subject in one record by one shift: an audience's
+``date_shift`` rules share one subject field (``subject:`` at the audience, or the rule's
+``subject_field``), one ``domain`` and one ``max_days``.
 
 A field carrying several tags is governed by the *strictest* of the audience's rules for
 those tags (:data:`~streamproc.operators.base.STRICTNESS`; between rules of the same
@@ -40,6 +48,8 @@ from streamproc.operators import Operator, OperatorError, get_operator
 from streamproc.operators.base import strictness
 
 RECORD_KEY_MODES = ("keep", "token", "drop")
+#: The pseudonym domain of a record-key token or a date_shift rule that names none.
+_DEFAULT_DOMAIN = {"token": "record_key", "date_shift": "subject"}
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,8 @@ class Audience:
     record_key: Rule
     rules: tuple[Rule, ...]
     description: str = ""
+    shared_domains: frozenset[str] = frozenset()
+    """Pseudonym domains whose keys this audience shares with others (``keys.shared_domains``)."""
 
     def rule_for(self, tags: tuple[str, ...]) -> Rule | None:
         """The strictest rule whose tag the field carries (ties: the first in file order).
@@ -79,6 +91,8 @@ class Policy:
     pseudonym_key: str | None
     audiences: Mapping[str, Audience]
     source: str = "<policy>"
+    shared_domains: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """Pseudonym domain -> the audiences that share its keys (explicit opt-in)."""
 
     def audience(self, name: str) -> Audience:
         try:
@@ -127,11 +141,12 @@ def parse_policy(raw: Any, source: str = "<policy>") -> Policy:
     if not isinstance(defaults, Mapping) or set(defaults) - {"untagged", "record_key"}:
         raise PolicyError(f"{source}: 'defaults' may set only 'untagged' and 'record_key'")
     keys = raw.get("keys") or {}
-    if not isinstance(keys, Mapping) or set(keys) - {"pseudonym"}:
-        raise PolicyError(f"{source}: 'keys' may set only 'pseudonym'")
+    if not isinstance(keys, Mapping) or set(keys) - {"pseudonym", "shared_domains"}:
+        raise PolicyError(f"{source}: 'keys' may set only 'pseudonym' and 'shared_domains'")
     auds = raw.get("audiences")
     if not isinstance(auds, Mapping) or not auds:
         raise PolicyError(f"{source}: 'audiences' must be a non-empty mapping")
+    shared = _shared_domains(source, keys.get("shared_domains"), auds)
     audiences: dict[str, Audience] = {}
     needs_keys: Rule | None = None
     needs_keys_where = ""
@@ -142,7 +157,7 @@ def parse_policy(raw: Any, source: str = "<policy>") -> Policy:
         spec = spec or {}
         if not isinstance(spec, Mapping):
             raise PolicyError(f"{where}: must be a mapping")
-        bad = set(spec) - {"untagged", "record_key", "tags", "description"}
+        bad = set(spec) - {"untagged", "record_key", "tags", "description", "subject"}
         if bad:
             raise PolicyError(f"{where}: unknown key(s) {sorted(bad)}")
         untagged = spec.get("untagged", defaults.get("untagged", "drop"))
@@ -151,12 +166,20 @@ def parse_policy(raw: Any, source: str = "<policy>") -> Policy:
         tags = spec.get("tags") or {}
         if not isinstance(tags, Mapping):
             raise PolicyError(f"{where}: 'tags' must map tag names to rules")
-        rules = tuple(_rule(source, name, str(t), r) for t, r in tags.items())
+        rules = _date_shift_rules(where, spec.get("subject"), tuple(_rule(source, name, str(t), r) for t, r in tags.items()))
         rk = _record_key(source, name, spec.get("record_key", defaults.get("record_key", "token")))
+        mine = frozenset(d for d, members in shared.items() if name in members)
+        for r in (*rules, rk):
+            d = r.params.get("domain", _DEFAULT_DOMAIN.get(r.op) if r is rk or r.op == "date_shift" else None)
+            if r.operator.needs_keys and d in shared and name not in shared[d]:
+                raise PolicyError(
+                    f"{where}, tag {r.tag!r}: domain {d!r} is shared only by {list(shared[d])}; "
+                    f"add {name!r} to keys.shared_domains.{d} or use another domain"
+                )
         keyed = next((r for r in (*rules, rk) if r.operator.needs_keys), None)
         if keyed is not None and needs_keys is None:
             needs_keys, needs_keys_where = keyed, f"{where}, tag {keyed.tag!r}"
-        audiences[name] = Audience(name, untagged, rk, rules, str(spec.get("description", "")))
+        audiences[name] = Audience(name, untagged, rk, rules, str(spec.get("description", "")), mine)
     pseudonym = keys.get("pseudonym")
     if needs_keys is not None and not pseudonym:
         raise PolicyError(
@@ -165,7 +188,67 @@ def parse_policy(raw: Any, source: str = "<policy>") -> Policy:
         )
     canonical = json.dumps(_ordered_tags(raw), sort_keys=True, separators=(",", ":"), default=str)
     version = "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()[:16]
-    return Policy(str(raw.get("name", "policy")), version, pseudonym, audiences, source)
+    return Policy(str(raw.get("name", "policy")), version, pseudonym, audiences, source, shared)
+
+
+def _shared_domains(source: str, spec: Any, auds: Mapping[Any, Any]) -> dict[str, tuple[str, ...]]:
+    """``keys.shared_domains``: domain -> two or more known audiences.
+
+    Sharing is the one way two audiences' outputs become joinable, so it is spelled out
+    per domain and per audience; a name that is not an audience is an error, not ignored.
+    """
+    if spec is None:
+        return {}
+    where = f"{source}: keys.shared_domains"
+    if not isinstance(spec, Mapping):
+        raise PolicyError(f"{where}: must map pseudonym domains to lists of audiences")
+    out: dict[str, tuple[str, ...]] = {}
+    for domain, members in spec.items():
+        if not isinstance(domain, str) or not domain:
+            raise PolicyError(f"{where}: domain names are non-empty strings")
+        if (
+            not isinstance(members, list)
+            or not all(isinstance(m, str) for m in members)
+            or len(set(members)) != len(members)
+            or len(members) < 2
+        ):
+            raise PolicyError(f"{where}.{domain}: a list of two or more distinct audience names")
+        unknown = [m for m in members if m not in auds]
+        if unknown:
+            raise PolicyError(f"{where}.{domain}: unknown audience(s) {unknown} (have: {', '.join(map(str, auds))})")
+        out[domain] = tuple(members)
+    return out
+
+
+def _date_shift_rules(where: str, subject: Any, rules: tuple[Rule, ...]) -> tuple[Rule, ...]:
+    """One shift per subject and record: an audience's date_shift rules must agree.
+
+    Two dates of one subject shifted by different amounts lose the interval between them
+    (a 5-day stay becoming 27 or -12 days), so the subject field, the date-shift domain
+    and ``max_days`` are one per audience.  The audience-level ``subject`` is folded into
+    each rule as ``subject_field``.
+    """
+    if subject is not None and not (isinstance(subject, str) and subject):
+        raise PolicyError(f"{where}: 'subject' names a top-level field")
+    shifts = [r for r in rules if r.op == "date_shift"]
+    for param, default in (("domain", None), ("max_days", None)):
+        values = {r.params.get(param, default) for r in shifts}
+        if len(values) > 1:
+            raise PolicyError(
+                f"{where}: date_shift rules name different {param} values; one subject's dates "
+                "must move by one shift"
+            )
+    fields = {r.params["subject_field"] for r in shifts if "subject_field" in r.params}
+    if subject is not None:
+        fields.add(subject)
+    if len(fields) > 1:
+        raise PolicyError(f"{where}: date_shift rules and 'subject' name different subject fields {sorted(fields)}")
+    if subject is None:
+        return rules
+    return tuple(
+        Rule(r.tag, r.op, {**r.params, "subject_field": subject}, r.operator) if r.op == "date_shift" else r
+        for r in rules
+    )
 
 
 def _ordered_tags(raw: Mapping[str, Any]) -> Any:

@@ -176,7 +176,7 @@ def test_processor_and_subscribers_on_the_shipped_policies(
     # the pseudonym master came from KV v2, latest version
     keys = PseudonymKeys(VaultTransitKms(bao.url, bao.root_token), "pseudonym-master")
     assert keys.primary_version == 2 and keys.master() == (2, masters[1])
-    tok = make_text_tokenizer(*keys.token_key("customer"))
+    tok = make_text_tokenizer(*keys.token_key("customer", audience=A))
 
     # subscriber A opens A's topic ...
     sub = RecordOpener(VaultTransitKms(bao.url, subscriber_token), ws.schema_source())

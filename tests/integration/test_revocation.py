@@ -410,7 +410,7 @@ def test_aws_disabled_key_with_a_wrapped_pseudonym_secret(
         WrappedSecretFile(ws.root / "keys" / "pseudonym.json", producer, kek=secret_kek),
         "pseudonym-master",
     )
-    v, k = keys.token_key("customer")
+    v, k = keys.token_key("customer", audience="analytics")
     tok = make_text_tokenizer(v, k)
     opener = RecordOpener(producer, ws.schema_source())
     outs = res["out"][res["dest"]["logins"]]

@@ -20,6 +20,7 @@ import fastavro
 import pytest
 
 from streamproc.client import RecordOpener
+from streamproc.crypto import provenance
 from streamproc.crypto.pseudonym import b64u, hmac_sha256_fn, make_text_tokenizer, make_tokenizer
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_core.py"
@@ -96,9 +97,13 @@ def test_pipeline_outputs_open_and_match_the_policy(bench: ModuleType, setup: ob
             "/24" if out.topic.endswith("a1") else "/16"
         )  # generalize
         assert rec["items"] == src["items"] and rec["shipping"] == src["shipping"]  # PUBLIC: kept
-        hdrs = dict(out.headers)
-        assert hdrs["streamproc.source.offset"] == str(out.source.offset).encode()
-        assert hdrs["streamproc.source.partition"] == str(out.source.partition).encode()
+        [(name, value)] = out.headers  # one compact provenance header
+        prov = provenance.parse_header(value)
+        assert name == provenance.H_PROVENANCE and prov.audience == out.topic.rsplit(".", 1)[1]
+        keys = s.pipelines[2].keys  # type: ignore[attr-defined]
+        assert prov.ref is not None and provenance.resolve_reference(
+            keys.provenance_key(prov.audience)[1], prov.ref, [out.source.topic]
+        ) == (out.source.topic, out.source.partition, out.source.offset)
 
 
 def test_plan_fn_output_is_valid_avro(bench: ModuleType, setup: object) -> None:

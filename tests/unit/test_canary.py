@@ -36,7 +36,8 @@ from streamproc.crypto.envelope import Opener
 from streamproc.errors import EnvelopeError, Reason
 from streamproc.observability.logging import JsonFormatter, RedactionGuard
 from streamproc.pipeline.codegen import TransformFailed, compile_plan
-from streamproc.pipeline.core import H_AUDIENCE, InputRecord, Quarantined
+from streamproc.crypto.provenance import from_headers
+from streamproc.pipeline.core import InputRecord, Quarantined
 from streamproc.pipeline.plan import (
     Apply,
     ArrayNode,
@@ -211,7 +212,7 @@ def test_canaries_do_not_survive_transforms(make_pipeline: Maker, json_log: io.S
     checked = {"transformed": 0, "kept": 0}
     for o in res.outputs:
         kind, rec = records[o.source.offset]
-        aud = dict(o.headers)[H_AUDIENCE].decode()
+        aud = from_headers(o.headers).audience
         plan = run.plans[(kind, aud)]
         cans = canaries(kind, rec)
         all_canaries = list(cans.values())

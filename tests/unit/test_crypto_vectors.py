@@ -407,3 +407,155 @@ def test_wire_format_doc_shows_the_pinned_example() -> None:
     aad_block = doc.split("The AAD, 64 bytes:")[1].split("```")[1]
     aad_lines = [line.split()[0] for line in aad_block.splitlines() if line.strip()]
     assert "".join(aad_lines) == KAT_AAD_HEX
+
+
+# ---------------------------------------------------------------------------------------
+# streamproc's own derivations: token, record-key token, shared-domain token,
+# deterministic encryption, date shift, provenance reference (docs/keys.md, "Known-answer
+# vectors").  Each expected value is (1) a literal pinned here and in the docs and (2)
+# recomputed below from primitives -- HKDF per RFC 5869 written with hmac/hashlib (checked
+# against RFC 5869 first), HMAC-SHA256, `cryptography`'s AESSIV and AES -- never with
+# streamproc's functions.  Changing a salt, an info layout, a truncation or an encoding
+# in streamproc/crypto breaks test_streamproc_derivations_match_the_pinned_vectors.
+# ---------------------------------------------------------------------------------------
+KAT_MASTER = bytes(range(32))  # pseudonym master, version 1
+KAT_MASTER_VERSION = 1
+
+PINNED = {
+    "token_key": "d3e36dffc2473ad627398fc87f7fb55c7ed1ba613f0267b3c066163e926b8eeb",
+    "token": "tk1_3ssmE3NeBAGT8x-tbhOMTA",
+    "shared_token_key": "c8e96c72a6accfccdc236db1c988db20779ecbc8d881cb4a79b1a2159b65964e",
+    "shared_token": "tk1_R6_3ACgvPpE1UV3vgHS4gw",
+    "record_key_token_key": "5e5caaf3765b42e1f233c0827ccea42218bc0ebe2456a94115490a024a1ec0ec",
+    "record_key_token": "tk1_5-L-PX1nf0R-Z5LBW2-UwQ",
+    "siv_key": (
+        "a2f00bc6be783b629283615792c5945b1dcdc6871b4029d9278387a9c65462f1"
+        "7debcc09368aedec2559f5a5b0462f24f62bb8b928af7a4007839dc8c77ff874"
+    ),
+    "ciphertext": "de1_r3Bv1aYXyFTPj5L8CrIJtNmXnIlYq2hCqbUINbm1xWY1",
+    "shift_key": "9a6656edb59c23887db2ddc794fea090c34de5e3e4b6f89e3c038959dd48da0e",
+    "shift_days": "-14",
+    "provenance_key": "0054ca69b0cc6d6369614ab47553076ba115d55126f47e31f22f204aafd1505c",
+    "provenance_block": "1c168adb00000003000000000000002a",
+    "provenance_ref": "u5oWGdGfiQq2GPNMSlu75Q",
+}
+
+
+def hkdf_stdlib(ikm: bytes, salt: bytes, info: bytes, length: int = 32) -> bytes:
+    """RFC 5869 section 2 with the standard library only (no `cryptography`)."""
+    prk = hmac.new(salt or bytes(32), ikm, hashlib.sha256).digest()
+    okm, t = b"", b""
+    for i in range(1, -(-length // 32) + 1):
+        t = hmac.new(prk, t + info + bytes([i]), hashlib.sha256).digest()
+        okm += t
+    return okm[:length]
+
+
+@pytest.mark.parametrize(("ikm", "salt", "info", "length", "prk", "okm"), HKDF_VECTORS)
+def test_stdlib_hkdf_matches_rfc5869(ikm: bytes, salt: bytes, info: bytes, length: int, prk: bytes, okm: bytes) -> None:
+    assert hkdf_stdlib(ikm, salt, info, length) == okm
+
+
+def _b64u(data: bytes) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def independent_vectors() -> dict[str, str]:
+    """Every vector from primitives and the layout docs/keys.md documents."""
+    m = KAT_MASTER
+    out: dict[str, str] = {}
+    k = hkdf_stdlib(m, b"streamproc/token/v2", b"audience\x00analytics\x00customer")
+    out["token_key"] = k.hex()
+    out["token"] = "tk1_" + _b64u(hmac.new(k, b"cust-42", hashlib.sha256).digest()[:16])
+    k = hkdf_stdlib(m, b"streamproc/token/v2", b"shared\x00customer")
+    out["shared_token_key"] = k.hex()
+    out["shared_token"] = "tk1_" + _b64u(hmac.new(k, b"cust-42", hashlib.sha256).digest()[:16])
+    k = hkdf_stdlib(m, b"streamproc/token/v2", b"audience\x00analytics\x00record_key")
+    out["record_key_token_key"] = k.hex()
+    out["record_key_token"] = "tk1_" + _b64u(hmac.new(k, b"cust-42", hashlib.sha256).digest()[:16])
+    k = hkdf_stdlib(m, b"streamproc/siv/v1", b"fraud", 64)
+    out["siv_key"] = k.hex()
+    out["ciphertext"] = "de1_" + _b64u(AESSIV(k).encrypt(b"alice@example.com", [b"EMAIL"]))
+    k = hkdf_stdlib(m, b"streamproc/dateshift/v2", b"audience\x00research\x00subject")
+    out["shift_key"] = k.hex()
+    x = int.from_bytes(hmac.new(k, b"patient-7", hashlib.sha256).digest()[:8], "big")
+    days = (x >> 1) % 30 + 1
+    out["shift_days"] = str(days if x & 1 else -days)
+    k = hkdf_stdlib(m, b"streamproc/provenance/v1", b"analytics")
+    out["provenance_key"] = k.hex()
+    block = hashlib.sha256(b"orders").digest()[:4] + (3).to_bytes(4, "big") + (42).to_bytes(8, "big")
+    out["provenance_block"] = block.hex()
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    enc = Cipher(algorithms.AES(k), modes.ECB()).encryptor()
+    out["provenance_ref"] = _b64u(enc.update(block) + enc.finalize())
+    return out
+
+
+def test_independent_derivations_match_the_pinned_vectors() -> None:
+    assert independent_vectors() == PINNED
+
+
+class _FixedMaster:
+    def get_secret(self, key_id: str, version: int | None = None) -> tuple[int, bytes]:
+        assert version in (None, KAT_MASTER_VERSION)
+        return KAT_MASTER_VERSION, KAT_MASTER
+
+
+def streamproc_vectors() -> dict[str, str]:
+    """The same vectors through streamproc's operators, pipeline and provenance code."""
+    import yaml
+
+    from streamproc.crypto import provenance
+    from streamproc.crypto.pseudonym import PseudonymKeys
+    from streamproc.operators import get_operator
+    from streamproc.operators.base import OpContext
+    from streamproc.pipeline.core import Pipeline
+    from streamproc.policy.model import parse_policy
+    from streamproc.schema.avro import Primitive
+
+    keys = PseudonymKeys(_FixedMaster(), "kat")
+    s, date = Primitive("string"), Primitive("int", {"logicalType": "date"})
+
+    def bound(op: str, audience: str, domain: str, t: Any = s, shared: frozenset[str] = frozenset()) -> Any:
+        return get_operator(op).bind({}, t, OpContext(audience, domain, "f", keys, shared))
+
+    policy = parse_policy(yaml.safe_load("keys: {pseudonym: kat}\naudiences: {analytics: {record_key: token}}"))
+    pipe = Pipeline(routes=[], policy=policy, opener=None, kms=None, schemas=None, keys=keys)  # type: ignore[arg-type]
+    return {
+        "token_key": keys.token_key("customer", audience="analytics")[1].hex(),
+        "token": bound("token", "analytics", "customer")("cust-42"),
+        "shared_token_key": keys.token_key("customer", audience=None)[1].hex(),
+        "shared_token": bound("token", "fraud", "customer", shared=frozenset({"customer"}))("cust-42"),
+        "record_key_token_key": keys.token_key("record_key", audience="analytics")[1].hex(),
+        "record_key_token": (pipe._key_fn(policy.audience("analytics"))(b"cust-42") or b"").decode(),
+        "siv_key": keys.siv_key("fraud")[1].hex(),
+        "ciphertext": bound("encrypt_deterministic", "fraud", "EMAIL")("alice@example.com"),
+        "shift_key": keys.shift_key("subject", audience="research")[1].hex(),
+        "shift_days": str(bound("date_shift", "research", "BIRTH_DATE", date)(0, b"patient-7")),
+        "provenance_key": keys.provenance_key("analytics")[1].hex(),
+        "provenance_block": (provenance.topic_tag("orders") + bytes.fromhex("00000003000000000000002a")).hex(),
+        "provenance_ref": provenance.reference(keys.provenance_key("analytics")[1], "orders", 3, 42),
+    }
+
+
+def test_streamproc_derivations_match_the_pinned_vectors() -> None:
+    assert streamproc_vectors() == PINNED
+
+
+def test_provenance_reference_resolves_to_the_pinned_coordinates() -> None:
+    from streamproc.crypto import provenance
+
+    key = bytes.fromhex(PINNED["provenance_key"])
+    assert provenance.resolve_reference(key, PINNED["provenance_ref"], ["logins", "orders"]) == ("orders", 3, 42)
+
+
+def test_keys_doc_shows_the_pinned_vectors() -> None:
+    """docs/keys.md prints every vector; a changed derivation must change the docs too."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "keys.md").read_text()
+    section = doc.split("## Known-answer vectors", 1)[1].split("\n## ", 1)[0]
+    flat = "".join(section.split())
+    for name, value in PINNED.items():
+        assert value in flat, name

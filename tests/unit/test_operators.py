@@ -51,11 +51,11 @@ TOKEN_RE = re.compile(r"^tk(\d+)_[A-Za-z0-9_-]{22}$")
 
 
 def bind(op: str, params: dict[str, Any], t: AvroType, keys: PseudonymKeys | None = None,
-         audience: str = "aud", domain: str = "dom") -> Any:
+         audience: str = "aud", domain: str = "dom", shared: frozenset[str] = frozenset()) -> Any:
     o = get_operator(op)
     o.validate(params)
     o.output_type(params, t)
-    return o.bind(params, t, OpContext(audience, domain, "field", keys))
+    return o.bind(params, t, OpContext(audience, domain, "field", keys, shared))
 
 
 def days(d: dt.date) -> int:
@@ -198,13 +198,25 @@ def test_token_format_and_determinism(keys: PseudonymKeys) -> None:
     assert "alice" not in a
 
 
-def test_token_domains_are_unlinkable_and_audience_independent(keys: PseudonymKeys) -> None:
+def test_token_domains_and_audiences_are_unlinkable_unless_shared(keys: PseudonymKeys) -> None:
     v = "cust-0042"
     t_customer = bind("token", {}, S, keys, domain="customer")(v)
     t_other = bind("token", {}, S, keys, domain="orders")(v)
     assert t_customer != t_other
-    # tokens are per domain, not per audience: two audiences can join on them
-    assert bind("token", {}, S, keys, audience="other", domain="customer")(v) == t_customer
+    # tokens are per audience by default: two audiences cannot join on them
+    assert bind("token", {}, S, keys, audience="other", domain="customer")(v) != t_customer
+    # ... unless the policy shares the domain between them (keys.shared_domains)
+    shared = frozenset({"customer"})
+    a = bind("token", {}, S, keys, audience="aud", domain="customer", shared=shared)(v)
+    b = bind("token", {}, S, keys, audience="other", domain="customer", shared=shared)(v)
+    assert a == b and a not in (t_customer, t_other)
+    # sharing one domain shares nothing else
+    assert bind("token", {}, S, keys, audience="other", domain="orders", shared=shared)(v) != t_other
+
+
+def test_encrypt_deterministic_refuses_a_shared_domain(keys: PseudonymKeys) -> None:
+    with pytest.raises(OperatorError, match="domain 'customer' is shared between audiences"):
+        bind("encrypt_deterministic", {}, S, keys, domain="customer", shared=frozenset({"customer"}))
 
 
 def test_token_joins_across_types_by_canonical_value(keys: PseudonymKeys) -> None:
@@ -283,7 +295,7 @@ def test_token_changes_with_master_version(keyring: LocalKeyring) -> None:
     assert before[4:] != after[4:]
     assert version_of(before) == 1 and version_of(after) == 2
     # the old version stays derivable, and derives the same key as before
-    assert k2.token_key("dom", 1) == k1.token_key("dom")
+    assert k2.token_key("dom", 1, audience="aud") == k1.token_key("dom", audience="aud")
 
 
 @settings(max_examples=100, deadline=None)
@@ -626,10 +638,27 @@ def test_date_shift_is_keyed(keyring: LocalKeyring, tmp_path: Any) -> None:
     b = [bind("date_shift", {}, DATE, k2)(0, s) for s in subjects]
     assert a != b
     assert sum(x == y for x, y in zip(a, b, strict=True)) < 10
-    # and bound to audience and domain
+    # and bound to audience and to the date-shift domain (the rule's ``domain``)
     c = [bind("date_shift", {}, DATE, k1, audience="other")(0, s) for s in subjects]
-    d = [bind("date_shift", {}, DATE, k1, domain="other")(0, s) for s in subjects]
+    d = [bind("date_shift", {"domain": "other"}, DATE, k1)(0, s) for s in subjects]
     assert a != c and a != d
+    # a shared date-shift domain moves both audiences' dates alike
+    sh = frozenset({"subject"})
+    e = [bind("date_shift", {}, DATE, k1, shared=sh)(0, s) for s in subjects]
+    f = [bind("date_shift", {}, DATE, k1, audience="other", shared=sh)(0, s) for s in subjects]
+    assert e == f and e != a
+
+
+def test_date_shift_ignores_the_tag_and_field_domain(keys: PseudonymKeys) -> None:
+    """Point 9: one subject's dates of different tags move by one shift (the field's
+    domain, which defaults to its tag, plays no part), so intervals survive."""
+    subjects = [f"cust-{i}".encode() for i in range(40)]
+    admit = bind("date_shift", {}, DATE, keys, domain="ADMISSION_DATE")
+    leave = bind("date_shift", {}, TS_MS, keys, domain="DISCHARGE_DATE")
+    for s in subjects:
+        a, b = days(dt.date(2024, 3, 1)), millis(dt.datetime(2024, 3, 6, tzinfo=dt.UTC))
+        stay = (leave(b, s) - admit(a, s) * 86_400_000)
+        assert stay == 5 * 86_400_000
 
 
 @settings(max_examples=100, deadline=None)

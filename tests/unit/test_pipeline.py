@@ -17,21 +17,13 @@ import pytest
 from streamproc import __version__
 from streamproc.client import RecordOpener, RecordSealer
 from streamproc.client.generator import EventGenerator
+from streamproc.crypto import envelope, provenance
 from streamproc.crypto.kms.local import LocalKeyring
+from streamproc.crypto.provenance import H_PROVENANCE
 from streamproc.crypto.pseudonym import make_tokenizer, siv_decrypt
 from streamproc.errors import PolicyError, Reason
 from streamproc.pipeline import core
 from streamproc.pipeline.core import (
-    H_AUDIENCE,
-    H_INPUT_SCHEMA,
-    H_KEK_ID,
-    H_KEK_VERSION,
-    H_OUTPUT_SCHEMA,
-    H_POLICY,
-    H_PROCESSOR,
-    H_SOURCE_OFFSET,
-    H_SOURCE_PARTITION,
-    H_SOURCE_TOPIC,
     BatchResult,
     Destination,
     InputRecord,
@@ -43,6 +35,7 @@ from streamproc.schema.framing import frame
 from tests.unit.conftest import (
     DESTINATIONS,
     LOGIN_SCHEMA,
+    POLICY_FILE,
     ORDER_SCHEMA,
     Maker,
     PipelineKit,
@@ -115,31 +108,36 @@ def test_fan_out_provenance_and_decoding(make_pipeline: Maker) -> None:
     assert all(len(v) == 5 for v in by_topic.values())
 
     opener = RecordOpener(kit.keyring, kit.schemas)
+    refs: dict[tuple[str, int, int], set[str]] = {}
     for o in res.outputs:
         h = headers(o)
         src = o.source
         assert src in batch
         aud = "analytics" if o.topic.endswith("analytics") else "fraud"
-        assert h[H_SOURCE_TOPIC] == src.topic.encode()
-        assert h[H_SOURCE_PARTITION] == str(src.partition).encode()
-        assert h[H_SOURCE_OFFSET] == str(src.offset).encode()
-        sealer = s_order if src.topic == "orders" else s_login
-        assert h[H_INPUT_SCHEMA] == str(sealer.schema_id).encode()
-        assert h[H_POLICY] == kit.policy.version.encode()
-        assert h[H_AUDIENCE] == aud.encode()
-        assert h[H_KEK_ID] == f"{aud}-kek".encode()
-        assert h[H_KEK_VERSION] == b"1"
-        assert h[H_PROCESSOR] == __version__.encode()
-        assert set(h) == {H_SOURCE_TOPIC, H_SOURCE_PARTITION, H_SOURCE_OFFSET, H_INPUT_SCHEMA, H_OUTPUT_SCHEMA,
-                          H_POLICY, H_AUDIENCE, H_KEK_ID, H_KEK_VERSION, H_PROCESSOR}
+        # one header: format, audience, policy version, output schema, pseudonym version, ref
+        assert set(h) == {H_PROVENANCE}
+        prov = provenance.parse_header(h[H_PROVENANCE])
+        assert (prov.format, prov.audience, prov.policy_version, prov.key_version) == (
+            1, aud, kit.policy.version, kit.keys.primary_version)
+        assert prov.ref is not None
+        # the reference resolves, with this audience's key only, to exactly this source record
+        key = kit.keys.provenance_key(aud)[1]
+        assert provenance.resolve_reference(key, prov.ref, ["logins", "orders"]) == (src.topic, src.partition, src.offset)
+        other = kit.keys.provenance_key("fraud" if aud == "analytics" else "analytics")[1]
+        with pytest.raises(provenance.ProvenanceError):
+            provenance.resolve_reference(other, prov.ref, ["logins", "orders"])
+        refs.setdefault((src.topic, src.partition, src.offset), set()).add(prov.ref)
         # the output opens with the audience's KEK and decodes with the registered output schema
         rs, decoded = opener.open(o.topic, o.value)
-        assert h[H_OUTPUT_SCHEMA] == str(rs.schema_id).encode()
+        assert prov.schema_id == rs.schema_id
         assert rs.json == kit.schemas.get(rs.schema_id).json
+        assert envelope.parse_header(o.value).kek_id == f"{aud}-kek"
         if src.topic == "orders":
             _check_order(aud, orders[batch.index(src)], decoded, kit)
         else:
             _check_login(aud, logins[batch.index(src) - 3], decoded)
+    # no two audiences share a reference to one source record: nothing to join them on
+    assert len(refs) == 5 and all(len(r) == 2 for r in refs.values())
     assert res.stats.egress_records == {("sanitized.analytics", "analytics"): 5, ("sanitized.fraud", "fraud"): 5}
     assert res.stats.decryptions == {("orders", "orders-kek"): 3, ("logins", "logins-kek"): 2}
     assert res.stats.transforms["token"] > 0 and res.stats.quarantined == {}
@@ -193,18 +191,41 @@ def _check_login(aud: str, src: dict[str, Any], out: dict[str, Any]) -> None:
             assert out["device"]["geo"] == {k: float(int(v // 1)) for k, v in src["device"]["geo"].items()}
 
 
-def test_same_customer_joins_across_schemas_and_audiences(make_pipeline: Maker) -> None:
-    kit = make_pipeline()
+def _customer_tokens(kit: PipelineKit) -> dict[tuple[str, str], str]:
     s_order, s_login = sealers(kit)
     res = kit.pipeline.process([
-        inp("orders", s_order.seal(order(1, customer_id="cust-42"))),
-        inp("logins", s_login.seal(login(2, customer_id="cust-42"))),
+        inp("orders", s_order.seal(order(1, customer_id="cust-42")), key=b"cust-42"),
+        inp("logins", s_login.seal(login(2, customer_id="cust-42")), key=b"cust-42"),
     ])
     opener = RecordOpener(kit.keyring, kit.schemas)
-    tokens = {(o.source.topic, o.topic): opener.decode(o.topic, o.value)["customer_id"] for o in res.outputs}
-    # streamproc.domain "customer" on both schemas: one token for analytics and fraud, both schemas
-    assert len({v for (_, t), v in tokens.items() if not t.endswith("support")}) == 1
+    out = {(o.source.topic, o.topic): opener.decode(o.topic, o.value)["customer_id"] for o in res.outputs}
+    out.update({(o.source.topic, o.topic + "#key"): (o.key or b"").decode() for o in res.outputs})
+    return out
+
+
+def test_same_customer_joins_across_schemas_but_not_across_audiences(make_pipeline: Maker) -> None:
+    """Point 8: tokens (field and record key) are per audience unless the policy shares."""
+    kit = make_pipeline()
+    tokens = _customer_tokens(kit)
+    # streamproc.domain "customer" on both schemas: one token per audience, across schemas
+    for aud in ("analytics", "fraud"):
+        assert tokens[("orders", f"sanitized.{aud}")] == tokens[("logins", f"sanitized.{aud}")]
+    assert tokens[("orders", "sanitized.analytics")] != tokens[("orders", "sanitized.fraud")]
+    assert tokens[("orders", "sanitized.analytics#key")] != tokens[("orders", "sanitized.fraud#key")]
     assert tokens[("orders", "sanitized.support")] == "cust-42"  # support keeps CUSTOMER_ID
+
+
+def test_shared_domain_joins_only_the_named_audiences(make_pipeline: Maker) -> None:
+    import yaml
+
+    raw = yaml.safe_load(POLICY_FILE.read_text())
+    raw["keys"]["shared_domains"] = {"customer": ["analytics", "fraud"]}
+    kit = make_pipeline(policy_obj=parse_policy(raw, "shared.yaml"))
+    tokens = _customer_tokens(kit)
+    shared = {tokens[(s, f"sanitized.{a}")] for s in ("orders", "logins") for a in ("analytics", "fraud")}
+    assert len(shared) == 1 and TOKEN_RE.match(shared.pop())
+    # the record-key domain is not shared: those tokens stay per audience
+    assert tokens[("orders", "sanitized.analytics#key")] != tokens[("orders", "sanitized.fraud#key")]
 
 
 # -- tombstones and record keys ---------------------------------------------------------------
@@ -239,9 +260,9 @@ def test_record_key_keep_token_drop(make_pipeline: Maker) -> None:
     tok = keys[("out.tokener", 0)]
     assert tok is not None and TOKEN_RE.match(tok.decode())
     assert keys[("out.tokener", 1)] == tok  # deterministic: partitioning by key survives
-    expected = make_tokenizer(*kit.keys.token_key("record_key"))(b"cust-42").encode()
+    expected = make_tokenizer(*kit.keys.token_key("record_key", audience="tokener"))(b"cust-42").encode()
     assert tok == expected
-    custom = make_tokenizer(*kit.keys.token_key("accounts"))(b"cust-42").encode()
+    custom = make_tokenizer(*kit.keys.token_key("accounts", audience="custom"))(b"cust-42").encode()
     assert keys[("out.custom", 0)] == custom != tok
     assert all(keys[(t, 2)] is None for t in ("out.keeper", "out.tokener", "out.dropper", "out.custom"))
 
@@ -254,12 +275,14 @@ def test_tombstones_are_forwarded_with_transformed_keys(make_pipeline: Maker) ->
     assert sorted(o.topic for o in res.outputs) == ["out.custom", "out.dropper", "out.keeper", "out.tokener"]
     for o in res.outputs:
         assert o.value is None
-        h = headers(o)
-        assert h[H_SOURCE_TOPIC] == b"orders" and h[H_SOURCE_OFFSET] == b"9" and h[H_SOURCE_PARTITION] == b"3"
-        assert h[H_POLICY] == kit.policy.version.encode() and h[H_PROCESSOR] == __version__.encode()
+        prov = provenance.parse_header(headers(o)[H_PROVENANCE])
+        assert prov.policy_version == kit.policy.version and prov.schema_id is None
+        assert prov.audience == o.topic[4:] and prov.ref is not None
+        key = kit.keys.provenance_key(prov.audience)[1]
+        assert provenance.resolve_reference(key, prov.ref, ["orders"]) == ("orders", 3, 9)
     keys = {o.topic: o.key for o in res.outputs}
     assert keys["out.keeper"] == b"cust-42" and keys["out.dropper"] is None
-    assert keys["out.tokener"] == make_tokenizer(*kit.keys.token_key("record_key"))(b"cust-42").encode()
+    assert keys["out.tokener"] == make_tokenizer(*kit.keys.token_key("record_key", audience="tokener"))(b"cust-42").encode()
     assert kit.kms.calls["unwrap"] == 0 and kit.kms.calls["generate_data_key"] == 0  # nothing to open or seal
 
 
@@ -438,13 +461,13 @@ def test_kms_called_once_per_data_key(make_pipeline: Maker) -> None:
     assert len({v[: v.index(b"fraud-kek") + 9 + 4 + 2 + 60] for v in fraud}) == 1
 
 
-def test_key_version_header_follows_rotation(make_pipeline: Maker) -> None:
+def test_envelope_kek_version_follows_rotation(make_pipeline: Maker) -> None:
     kit = make_pipeline()
     s_order, _ = sealers(kit)
     kit.keyring.rotate("fraud-kek")
     res = single(kit, inp("orders", s_order.seal(order())))
-    versions = {o.topic: headers(o)[H_KEK_VERSION] for o in res.outputs}
-    assert versions == {"sanitized.analytics": b"1", "sanitized.fraud": b"2", "sanitized.support": b"1"}
+    versions = {o.topic: envelope.parse_header(o.value).kek_version for o in res.outputs}
+    assert versions == {"sanitized.analytics": 1, "sanitized.fraud": 2, "sanitized.support": 1}
     opener = RecordOpener(kit.keyring, kit.schemas)
     for o in res.outputs:
         opener.decode(o.topic, o.value)

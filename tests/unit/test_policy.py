@@ -158,7 +158,7 @@ def test_missing_pseudonym_key_names_audience_and_tag(tmp_path: Path) -> None:
         (BASE.replace("defaults:\n  untagged: drop", "defaults:\n  untagged: drop\n  tags: {}"),
          "'defaults' may set only 'untagged' and 'record_key'"),
         (BASE.replace("  pseudonym: pseudonym-master", "  pseudonym: pseudonym-master\n  kek: x"),
-         "'keys' may set only 'pseudonym'"),
+         "'keys' may set only 'pseudonym' and 'shared_domains'"),
         ("name: x\naudiences: {}\n", "'audiences' must be a non-empty mapping"),
         ("name: x\n", "'audiences' must be a non-empty mapping"),
         ("- just\n- a list\n", "a policy is a mapping with 'audiences'"),

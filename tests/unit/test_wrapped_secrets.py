@@ -100,9 +100,9 @@ def test_pseudonym_keys_over_a_wrapped_file(ring: LocalKeyring, path: Path) -> N
     store.rotate(SID)
     keys = PseudonymKeys(WrappedSecretFile(path, ring, kek="secret-kek"), SID)
     assert keys.primary_version == 2
-    v, k = keys.token_key("EMAIL")
+    v, k = keys.token_key("EMAIL", audience="analytics")
     assert v == 2 and len(k) == 32
-    assert keys.token_key("EMAIL", 1)[1] != k  # older versions stay derivable
+    assert keys.token_key("EMAIL", 1, audience="analytics")[1] != k  # older versions stay derivable
 
 
 def test_import_keeps_versions_and_tokens(ring: LocalKeyring, path: Path) -> None:
@@ -119,7 +119,7 @@ def test_import_keeps_versions_and_tokens(ring: LocalKeyring, path: Path) -> Non
     with pytest.raises(KeyNotFound):  # revoked versions are not carried over
         reader.get_secret(SID, 1)
     a, b = PseudonymKeys(ring, SID), PseudonymKeys(reader, SID)
-    assert a.token_key("EMAIL") == b.token_key("EMAIL")
+    assert a.token_key("EMAIL", audience="x") == b.token_key("EMAIL", audience="x")
     assert _raw(path)["secrets"][SID]["versions"]["3"].get("sealed")
     [info] = reader.list_secrets()
     assert info.imported == (2, 3)
