@@ -32,7 +32,9 @@ On one fresh local Tansu (:class:`streamproc.devbroker.DevBroker`), or ``--boots
    * ``raw-alo``          -- the same loop without transactions (idempotent producer,
      ``flush()``, then a synchronous offset commit: what ``at_least_once`` does);
    * ``raw-eos-headers``  -- ``raw-eos`` plus 10 headers per copy shaped like the worker's
-     provenance headers (isolates what the headers cost the client and the broker);
+     provenance headers before 0.2 (isolates what the headers cost the client and the broker);
+   * ``raw-eos-prov``     -- ``raw-eos`` plus the one ``streamproc.prov`` header the worker
+     writes now (same length, a per-record 22-character reference);
    * ``raw-eos-2``        -- the transactional copy loop writing each record to 2 topics.
 
 3. Clocks, per run: ``launch`` (subprocess started), ``assigned`` (its "partitions
@@ -96,8 +98,9 @@ class Case:
     guarantee: str  # "exactly_once" | "at_least_once"
     audiences: int
     label: str
-    headers: bool = False
-    """Raw copy only: attach 10 provenance-like headers to every copy, as the worker does."""
+    headers: str = ""
+    """Raw copy only: ``"ten"`` attaches the 10 provenance headers of 0.1 to every copy,
+    ``"prov"`` the one ``streamproc.prov`` header of today's worker."""
 
 
 CASES: dict[str, Case] = {
@@ -125,7 +128,15 @@ CASES: dict[str, Case] = {
             "exactly_once",
             1,
             "raw copy loop, transactional, + 10 headers",
-            True,
+            "ten",
+        ),
+        Case(
+            "raw-eos-prov",
+            "raw",
+            "exactly_once",
+            1,
+            "raw copy loop, transactional, + 1 provenance header",
+            "prov",
         ),
         Case(
             "streamproc-eos-2",
@@ -143,6 +154,7 @@ DEFAULT_CASES = (
     "raw-eos",
     "raw-alo",
     "raw-eos-headers",
+    "raw-eos-prov",
     "streamproc-eos-2",
     "raw-eos-2",
 )
@@ -151,6 +163,8 @@ RATIOS = (
     ("streamproc-eos", "raw-eos"),
     ("streamproc-eos", "raw-eos-headers"),
     ("raw-eos-headers", "raw-eos"),
+    ("raw-eos-prov", "raw-eos"),
+    ("streamproc-eos", "raw-eos-prov"),
     ("streamproc-alo", "raw-alo"),
     ("streamproc-eos", "streamproc-alo"),
     ("raw-eos", "raw-alo"),
@@ -440,7 +454,7 @@ def command_for(case: Case, config: Path) -> list[str]:
         str(Path(__file__).resolve()),
         "--copy-loop",
         str(config),
-        *(["--headers"] if case.headers else []),
+        *([f"--headers={case.headers}"] if case.headers else []),
     ]
 
 
@@ -569,14 +583,15 @@ def _last_line(log_path: Path) -> tuple[int | None, dict[str, float] | None]:
 # -- the raw copy loop (runs as ``bench_e2e.py --copy-loop CONFIG``) --------------------------------------
 
 
-def copy_loop(config_path: str, headers: bool = False) -> int:
+def copy_loop(config_path: str, headers: str = "") -> int:
     """Consume -> produce the same bytes -> commit, with the worker's client settings.
 
     Exactly-once: one transaction per ``consume()`` batch with
     ``send_offsets_to_transaction``; at-least-once: idempotent producer, ``flush()``,
-    synchronous ``commit``.  No crypto, no transform; with ``headers``, every copy gets 10
-    headers shaped like the worker's provenance headers (same names, similar values, the
-    source offset formatted per record), otherwise none.  SIGTERM stops it.  The last log
+    synchronous ``commit``.  No crypto, no transform; with ``headers="ten"``, every copy gets
+    10 headers shaped like the worker's provenance headers of 0.1 (same names, similar
+    values, the source offset formatted per record); with ``"prov"`` the one header of
+    today's worker (constant prefix plus a per-record 22-character reference); otherwise none.  SIGTERM stops it.  The last log
     line gives the batches and the mean time per batch of each phase.
     """
     import threading
@@ -621,6 +636,7 @@ def copy_loop(config_path: str, headers: bool = False) -> int:
         ("streamproc.processor.version", b"0.1.0"),
         ("streamproc.kek.version", b"1"),
     ]
+    prov_prefix = b"f=1;a=a1;p=sha256:2619d2547546b4d2;s=1268439637;k=1;r="
 
     def on_assign(_c: Any, parts: list[Any]) -> None:
         print(json.dumps({"message": ASSIGNED_MARK, "count": len(parts)}), flush=True)
@@ -642,16 +658,18 @@ def copy_loop(config_path: str, headers: bool = False) -> int:
         for m in msgs:
             k, v = m.key(), m.value()
             topic, part, off = cast(str, m.topic()), cast(int, m.partition()), cast(int, m.offset())
-            hdrs: Any = (
-                [
+            hdrs: Any = None
+            if headers == "ten":
+                hdrs = [
                     ("streamproc.source.topic", topic.encode()),
                     ("streamproc.source.partition", str(part).encode()),
                     ("streamproc.source.offset", str(off).encode()),
                     *const,
                 ]
-                if headers
-                else None
-            )
+            elif headers == "prov":
+                # The worker's value: constant prefix + a 22-character per-record reference
+                # (here the offset, padded: the header's cost, not the AES that makes it).
+                hdrs = [("streamproc.prov", prov_prefix + b"%022d" % off)]
             for d in dests:
                 while True:
                     try:
@@ -847,7 +865,8 @@ def run_bench(
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--copy-loop"]:
-        return copy_loop(argv[1], headers="--headers" in argv[2:])
+        flag = next((a for a in argv[2:] if a.startswith("--headers=")), "")
+        return copy_loop(argv[1], headers=flag.partition("=")[2])
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )

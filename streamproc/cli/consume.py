@@ -17,8 +17,8 @@ class>`` instead of a value -- its bytes are never printed.
 the processor's config.  Either way the command opens only records sanitized for one
 audience: with a processor config the topic must be one of its destinations (and only
 that destination's KEK is used); with a subscriber config the topic must be listed under
-``topics`` if that is given, and a record without the audience's ``streamproc.audience``
-header is never decrypted -- the command stops.  Reading anything else (a source topic:
+``topics`` if that is given, and a record whose ``streamproc.prov`` header does not name
+the audience is never decrypted -- the command stops.  Reading anything else (a source topic:
 plaintext under the producers' keys) takes ``--incident-response --reason TEXT`` and a
 processor config with an ``audit:`` section; the read is audited before the first record
 is opened and again at the end, and fails closed when the audit cannot be written.
@@ -88,7 +88,7 @@ class _Access:
     kms: Any
     schemas: Any
     audience: str | None
-    """Records must carry ``streamproc.audience`` = this (``None``: incident response)."""
+    """Records' ``streamproc.prov`` header must name this audience (``None``: incident response)."""
     audit: Any = None
 
 
@@ -166,7 +166,7 @@ def _access(config_path: str, topic: str, incident: bool, reason: str | None) ->
 @click.option("--topic", required=True, help="Sanitized topic to read.")
 @click.option(
     "--audience",
-    help="Only records sanitized for this audience (streamproc.audience header); others are skipped.",
+    help="Only records sanitized for this audience (streamproc.prov header, a=); others are skipped.",
 )
 @click.option("--max", "max_records", type=click.IntRange(1), help="Stop after this many records.")
 @click.option(
@@ -224,7 +224,7 @@ def consume(
     from streamproc.audit import AuditError
     from streamproc.client import RecordOpener
     from streamproc.identity import IdentityError
-    from streamproc.pipeline.core import H_AUDIENCE
+    from streamproc.crypto.provenance import H_PROVENANCE
 
     if incident and not reason:
         raise click.UsageError("--incident-response needs --reason (a ticket id; audited)")
@@ -303,12 +303,11 @@ def consume(
                     pending.discard(part)  # produced after the start: beyond "the end"
                     continue
                 hs: list[tuple[str, Any]] = list(m.headers() or [])  # type: ignore[arg-type]
-                hdr = dict(hs).get(H_AUDIENCE)
-                hdr_b = hdr.encode() if isinstance(hdr, str) else hdr
+                hdr_b = _audience_of(hs)
                 if required is not None and hdr_b is None and m.value() is not None:
                     refused = (
                         f"the record at partition {part} offset {offset} of {topic!r} carries no "
-                        f"{H_AUDIENCE} header: not a sanitized record, so it was not opened "
+                        f"{H_PROVENANCE} header: not a sanitized record, so it was not opened "
                         "(consume opens sanitized destination topics only; see --incident-response)"
                     )
                     break
@@ -385,3 +384,14 @@ def consume(
             f"no record for {idle_limit:g}s before the end of the partitions (their high "
             "watermarks at start): the output is incomplete"
         )
+
+
+def _audience_of(headers: list[tuple[str, Any]]) -> bytes | None:
+    """The audience a record was sanitized for (its ``streamproc.prov`` header), or None
+    for a record without a readable one (not a sanitized record)."""
+    from streamproc.crypto.provenance import ProvenanceError, from_headers
+
+    try:
+        return from_headers(headers).audience.encode()
+    except ProvenanceError:
+        return None

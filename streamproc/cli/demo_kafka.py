@@ -81,7 +81,8 @@ def run_kafka_demo(console: Console, ws: d.Workspace, events: int, show_n: int, 
     from streamproc.client.generator import EventGenerator
     from streamproc.config import load_config
     from streamproc.crypto.kms.local import LocalKeyring
-    from streamproc.pipeline.core import H_SOURCE_OFFSET, H_SOURCE_PARTITION
+    from streamproc.crypto.provenance import from_headers, resolve_reference
+    from streamproc.crypto.pseudonym import PseudonymKeys
     from streamproc.runtime.topics import apply_topics
     from streamproc.schema.registry import build_schema_source
 
@@ -108,6 +109,8 @@ def run_kafka_demo(console: Console, ws: d.Workspace, events: int, show_n: int, 
                       f"metrics on http://127.0.0.1:{metrics_port}/metrics")
 
         kms = LocalKeyring(ws.keyring)
+        pkeys = PseudonymKeys(kms, d.PSEUDONYM_SECRET)
+        prov_keys = {a: pkeys.provenance_key(a)[1] for a in d.AUDIENCES}
         schemas = build_schema_source(str(ws.schemas))
         gen = EventGenerator(seed)
         quiet = {"log.connection.close": False}  # the broker stops before our clients are collected
@@ -166,7 +169,10 @@ def run_kafka_demo(console: Console, ws: d.Workspace, events: int, show_n: int, 
                         dead[reason] = dead.get(reason, 0) + 1
                         continue
                     src, audience = mtopic.rsplit(".", 1)
-                    ref = (src, int(h[H_SOURCE_PARTITION]), int(h[H_SOURCE_OFFSET]))
+                    # Lineage through the audience-keyed reference (the demo holds the master).
+                    prov = from_headers(list(h.items()))
+                    assert prov.ref is not None
+                    ref = resolve_reference(prov_keys[audience], prov.ref, [src])
                     out_ref = (mtopic, ref[1], ref[2])
                     if out_ref in seen:
                         continue  # a duplicate would be visible here; none is expected

@@ -28,6 +28,7 @@ _COMMANDS = [
     ("streamproc.cli.secrets", "secrets"),
     ("streamproc.cli.policy", "policy"),
     ("streamproc.cli.reidentify", "reidentify"),
+    ("streamproc.cli.provenance", "provenance"),
     ("streamproc.cli.audit", "audit"),
 ]
 

@@ -4,6 +4,9 @@
   (Confluent wire format) and seal it under the source topic's KEK.
 * :class:`RecordOpener` -- subscribers: open a sanitized record with their audience's KEK
   access, and decode it with the output schema (found by id in the schema source).
+* :func:`provenance_of` -- subscribers: the record's ``streamproc.prov`` header (audience,
+  policy version, output schema id, pseudonym-master version, and an opaque reference
+  that only the lineage team can resolve; see docs/wire-format.md).
 
 Both are plain objects usable with any Kafka client; :mod:`streamproc.client.kafka`
 adapts them to confluent-kafka's Serializer/Deserializer interface.
@@ -18,6 +21,8 @@ import fastavro
 
 from streamproc.crypto.envelope import Opener, Sealer
 from streamproc.crypto.kms import KmsProvider
+from streamproc.crypto.provenance import Provenance, ProvenanceError
+from streamproc.crypto.provenance import from_headers as provenance_of
 from streamproc.schema.framing import frame_prefix, unframe
 from streamproc.schema.registry import RegisteredSchema, SchemaSource
 
@@ -79,4 +84,4 @@ class RecordOpener:
         return self.open(topic, value)[1]
 
 
-__all__ = ["RecordOpener", "RecordSealer"]
+__all__ = ["Provenance", "ProvenanceError", "RecordOpener", "RecordSealer", "provenance_of"]

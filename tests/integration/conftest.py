@@ -197,6 +197,21 @@ class Workspace:
 
         return load_config(self.config_path)
 
+    def resolver(self) -> Any:
+        """The provenance resolver of the current config (rebuilt when the config changes)."""
+        from streamproc.cli.provenance import Resolver
+
+        stamp = self.config_path.stat().st_mtime_ns
+        cached = _RESOLVERS.get(self.config_path)
+        if cached is None or cached[0] != stamp:
+            cached = _RESOLVERS[self.config_path] = (stamp, Resolver(self.config_path))
+        return cached[1]
+
+
+#: Workspaces made in this session (Rec.source finds a record's workspace by topic suffix).
+_WORKSPACES: list[Workspace] = []
+_RESOLVERS: dict[Path, tuple[int, Any]] = {}
+
 
 def make_workspace(
     root: Path,
@@ -258,6 +273,7 @@ def make_workspace(
     for k, v in (extra or {}).items():
         cfg[k] = v
     ws.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    _WORKSPACES.append(ws)
     return ws
 
 
@@ -428,17 +444,16 @@ class Rec:
 
     @property
     def source(self) -> tuple[str, int, int]:
-        from streamproc.pipeline.core import H_SOURCE_OFFSET, H_SOURCE_PARTITION, H_SOURCE_TOPIC
+        """The source record behind this output, resolved from its audience-keyed
+        ``streamproc.prov`` reference with the workspace's config, exactly as the lineage
+        team does (``streamproc provenance resolve``): outputs carry no clear coordinates."""
+        from streamproc.crypto.provenance import H_PROVENANCE
 
-        t, p, o = (
-            self.header(H_SOURCE_TOPIC),
-            self.header(H_SOURCE_PARTITION),
-            self.header(H_SOURCE_OFFSET),
-        )
-        assert t is not None and p is not None and o is not None, (
-            f"missing provenance on {self.topic}[{self.partition}]@{self.offset}"
-        )
-        return t, int(p), int(o)
+        value = self.header(H_PROVENANCE)
+        assert value is not None, f"missing provenance on {self.topic}[{self.partition}]@{self.offset}"
+        ws = next((w for w in reversed(_WORKSPACES) if self.topic.endswith(f"-{w.suffix}")), None)
+        assert ws is not None, f"no workspace owns {self.topic}"
+        return ws.resolver().resolve_header(value)
 
 
 def read_topics(

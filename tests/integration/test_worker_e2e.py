@@ -18,15 +18,10 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from streamproc import __version__
 from streamproc.cli.consume import consume
 from streamproc.cli.produce import produce
-from streamproc.pipeline.core import (
-    H_AUDIENCE,
-    H_KEK_ID,
-    H_POLICY,
-    H_PROCESSOR,
-)
+from streamproc.crypto import envelope
+from streamproc.crypto.provenance import H_PROVENANCE, parse_header
 from tests.integration.conftest import (
     AUDIENCES,
     WorkerProcess,
@@ -179,19 +174,23 @@ def test_orders_and_logins_end_to_end(workspace_factory: Any, workers: list[Work
     opener = ws.opener()
     policy_versions: set[str | None] = set()
     toks = {a: Tokens() for a in AUDIENCES}
+    refs: defaultdict[tuple[str, int, int], set[str]] = defaultdict(set)
     for source, check in (("orders", check_order), ("logins", check_login)):
         for aud in AUDIENCES:
             topic = ws.dest(source, aud)
             seen: Counter[tuple[int, int]] = Counter()
             for rec in out[topic]:
+                # One compact header; the source is resolved from its audience-keyed reference.
+                assert [k for k, _ in rec.headers] == [H_PROVENANCE]
+                prov = parse_header(rec.header(H_PROVENANCE) or "")
                 src_topic, part, off = rec.source
                 assert src_topic == ws.topic(source)
                 seen[(part, off)] += 1
                 key_in, inp = inputs[source][(part, off)]
-                assert rec.header(H_AUDIENCE) == aud
-                assert rec.header(H_KEK_ID) == f"{aud}-kek"
-                assert rec.header(H_PROCESSOR) == __version__
-                policy_versions.add(rec.header(H_POLICY))
+                assert prov.audience == aud and prov.key_version == 1 and prov.ref is not None
+                refs[(source, part, off)].add(prov.ref)
+                assert rec.value is not None and envelope.parse_header(rec.value).kek_id == f"{aud}-kek"
+                policy_versions.add(prov.policy_version)
                 if aud == "support":
                     assert rec.key == key_in
                 else:
@@ -199,6 +198,8 @@ def test_orders_and_logins_end_to_end(workspace_factory: Any, workers: list[Work
                 check(aud, inp, opener.decode(topic, rec.value), toks[aud])
             assert set(seen) == set(inputs[source]) and max(seen.values()) == 1, topic
     assert len(policy_versions) == 1 and next(iter(policy_versions)).startswith("sha256:")
+    # No two audiences' copies of one source record share a reference (nothing to join on).
+    assert all(len(r) == len(AUDIENCES) for r in refs.values()) and len(refs) == 2 * N
     dlq = read_topics(ws.bootstrap, [ws.dlq("orders"), ws.dlq("logins")], idle=0.5)
     assert all(not v for v in dlq.values())
 
@@ -215,7 +216,7 @@ def test_orders_and_logins_end_to_end(workspace_factory: Any, workers: list[Work
         assert TOKEN.match(line["value"]["customer_id"])
         dt.date.fromisoformat(line["value"]["birth_date"])
         dt.datetime.fromisoformat(line["value"]["placed_at"])
-        assert line["headers"][H_AUDIENCE] == "analytics"
+        assert parse_header(line["headers"][H_PROVENANCE]).audience == "analytics"
         assert "card_number" not in line["value"]
 
     # SIGTERM: drains and exits 0.

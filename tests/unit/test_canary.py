@@ -33,10 +33,10 @@ import pytest
 from streamproc.client import RecordOpener, RecordSealer
 from streamproc.client.generator import CANARY_PREFIX, EventGenerator
 from streamproc.crypto.envelope import Opener
+from streamproc.crypto.provenance import from_headers
 from streamproc.errors import EnvelopeError, Reason
 from streamproc.observability.logging import JsonFormatter, RedactionGuard
 from streamproc.pipeline.codegen import TransformFailed, compile_plan
-from streamproc.crypto.provenance import from_headers
 from streamproc.pipeline.core import InputRecord, Quarantined
 from streamproc.pipeline.plan import (
     Apply,

@@ -259,3 +259,84 @@ def test_shipped_policy_has_no_shared_domains() -> None:
 
     raw = yaml.safe_load(Path(POLICY_FILE).read_text())
     assert "shared_domains" not in raw.get("keys", {})
+
+
+# -- provenance resolve (the lineage team's path) ------------------------------------------
+
+
+def test_provenance_resolve_cli(tmp_path: Path) -> None:
+    """``streamproc provenance resolve`` inverts the references the pipeline writes, with
+    the config's KMS; another audience's key, or a forged reference, resolves to nothing."""
+    from click.testing import CliRunner
+
+    from streamproc.cli.main import cli
+    from streamproc.crypto import provenance
+    from streamproc.crypto.kms.local import LocalKeyring
+
+    ring = LocalKeyring.create(tmp_path / "keys" / "ring.json")
+    ring.create_key("pseudonym-master", "secret")
+    ring.create_key("a-kek")
+    ring.create_key("src-kek")
+    (tmp_path / "policy.yaml").write_text(SHARED.replace("pseudonym: m", "pseudonym: pseudonym-master"))
+    (tmp_path / "schemas").mkdir()
+    cfg = {
+        "kafka": {"bootstrap.servers": "127.0.0.1:1"},
+        "group_id": "g",
+        "schemas": {"directory": "./schemas"},
+        "kms": {"provider": "local", "path": "./keys/ring.json"},
+        "policy": "./policy.yaml",
+        "pipelines": [{"sources": ["orders", "logins"], "dead_letter_topic": "dlq",
+                       "destinations": [{"topic": f"out.{a}", "audience": a, "kek": "a-kek"}
+                                        for a in ("analytics", "fraud")]}],
+    }
+    (tmp_path / "streamproc.yaml").write_text(yaml.safe_dump(cfg))
+    keys = PseudonymKeys(ring, "pseudonym-master")
+    ref = provenance.reference(keys.provenance_key("analytics")[1], "logins", 2, 1234)
+    header = provenance.header_prefix("analytics", "sha256:0", 7, 1).decode() + ref
+    run = CliRunner().invoke
+    args = ["provenance", "resolve", "--config", str(tmp_path / "streamproc.yaml")]
+    res = run(cli, [*args, "--audience", "analytics", ref])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.split() == [ref, "logins", "2", "1234"]
+    res = run(cli, [*args, "--json"], input=f"streamproc.prov={header}\n")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout) == {"ref": ref, "audience": "analytics", "topic": "logins", "partition": 2,
+                                      "offset": 1234}
+    # fraud's key does not resolve analytics' reference; nothing is echoed
+    res = run(cli, [*args, "--audience", "fraud", ref])
+    assert res.exit_code == 1 and ref not in res.output
+    assert "does not resolve to a configured source topic" in res.output
+    forged = ("A" if ref[0] != "A" else "B") + ref[1:]
+    assert run(cli, [*args, "--audience", "analytics", forged]).exit_code == 1
+
+
+def test_date_shift_version_is_carried_and_old_shifts_recompute(make_pipeline: Any, keyring: Any) -> None:
+    """Point 9, versioning: the shift follows the master version named by the output's
+    ``k=`` (rotation visible), and each version's shift recomputes from that version."""
+    from streamproc.client import RecordOpener, RecordSealer, provenance_of
+    from streamproc.client.generator import EventGenerator
+    from streamproc.pipeline.core import InputRecord
+    from tests.unit.conftest import ORDER_SCHEMA, PSEUDONYM
+
+    rec = EventGenerator(5).order()
+    seen = {}
+    for version in (1, 2):
+        if version == 2:
+            assert keyring.rotate(PSEUDONYM) == 2
+        kit = make_pipeline()
+        sealed = RecordSealer(keyring, "orders-kek", "orders", ORDER_SCHEMA, kit.schemas).seal(rec)
+        [out] = [o for o in kit.pipeline.process([InputRecord("orders", 0, 7, b"k", sealed)]).outputs
+                 if o.topic == "sanitized.fraud"]
+        assert provenance_of(out.headers).key_version == version
+        decoded = RecordOpener(keyring, kit.schemas).decode(out.topic, out.value)["birth_date"]
+        shifted = (decoded - dt.date(1970, 1, 1)).days
+        master = keyring.get_secret(PSEUDONYM, version)[1]
+        info = b"audience\x00fraud\x00subject"
+        key = hkdf_sha256(master, b"streamproc/dateshift/v2", info)
+        x = int.from_bytes(hmac.new(key, rec["customer_id"].encode(), hashlib.sha256).digest()[:8], "big")
+        days = (x >> 1) % 30 + 1
+        birth = rec["birth_date"]
+        birth = birth if isinstance(birth, int) else (birth - dt.date(1970, 1, 1)).days
+        assert shifted == birth + (days if x & 1 else -days)
+        seen[version] = shifted
+    assert len(seen) == 2

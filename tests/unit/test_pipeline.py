@@ -14,7 +14,6 @@ from typing import Any
 import fastavro
 import pytest
 
-from streamproc import __version__
 from streamproc.client import RecordOpener, RecordSealer
 from streamproc.client.generator import EventGenerator
 from streamproc.crypto import envelope, provenance
@@ -35,8 +34,8 @@ from streamproc.schema.framing import frame
 from tests.unit.conftest import (
     DESTINATIONS,
     LOGIN_SCHEMA,
-    POLICY_FILE,
     ORDER_SCHEMA,
+    POLICY_FILE,
     Maker,
     PipelineKit,
     new_keyring,
