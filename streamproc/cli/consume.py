@@ -223,8 +223,8 @@ def consume(
 
     from streamproc.audit import AuditError
     from streamproc.client import RecordOpener
-    from streamproc.identity import IdentityError
     from streamproc.crypto.provenance import H_PROVENANCE
+    from streamproc.identity import IdentityError
 
     if incident and not reason:
         raise click.UsageError("--incident-response needs --reason (a ticket id; audited)")

@@ -2,7 +2,7 @@
 the subscriber config, and the refusal to open source topics unless audited.
 
 Sanitized topics are filled directly (sealed under the audience's KEK with the
-``streamproc.audience`` header, through a transactional producer like the processor's,
+``streamproc.prov`` header naming the audience, through a transactional producer like the processor's,
 so the end of each partition is a commit marker) -- the worker is not needed to test
 the reader.
 """
@@ -26,7 +26,7 @@ from streamproc.audit import read_lines, verify
 from streamproc.cli.consume import consume
 from streamproc.client import RecordSealer
 from streamproc.client.generator import EventGenerator
-from streamproc.pipeline.core import H_AUDIENCE
+from streamproc.crypto.provenance import H_PROVENANCE, header_prefix
 from tests.integration.conftest import produce_events
 
 pytestmark = pytest.mark.integration
@@ -42,7 +42,7 @@ def fill_sanitized(ws: Any, topic: str, audience: str, n: int, *, seed: int = 3)
     p.init_transactions(30)
     p.begin_transaction()
     for r, v in zip(recs, sealer.seal_many(recs), strict=True):
-        p.produce(topic, key=r["customer_id"].encode(), value=v, headers=[(H_AUDIENCE, audience.encode())])
+        p.produce(topic, key=r["customer_id"].encode(), value=v, headers=[(H_PROVENANCE, header_prefix(audience, "sha256:0", None, None))])
         p.poll(0)
     p.commit_transaction(30)
     return recs

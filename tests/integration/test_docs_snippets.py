@@ -109,7 +109,7 @@ def fill_analytics(root: Path, bootstrap: str, topic: str) -> None:
     from streamproc.client import RecordSealer
     from streamproc.client.generator import EventGenerator
     from streamproc.crypto.kms.local import LocalKeyring
-    from streamproc.pipeline.core import H_AUDIENCE
+    from streamproc.crypto.provenance import H_PROVENANCE, header_prefix
     from streamproc.schema.registry import build_schema_source
 
     schemas = build_schema_source(str(root / "schemas"))
@@ -118,7 +118,7 @@ def fill_analytics(root: Path, bootstrap: str, topic: str) -> None:
     order = EventGenerator(5).order()
     order["customer_id"] = "tk1_" + "A" * 43  # what a token looks like; the snippet prints it
     p = Producer({"bootstrap.servers": bootstrap})
-    p.produce(topic, key=order["customer_id"].encode(), value=sealer.seal(order), headers=[(H_AUDIENCE, b"analytics")])
+    p.produce(topic, key=order["customer_id"].encode(), value=sealer.seal(order), headers=[(H_PROVENANCE, header_prefix("analytics", "sha256:0", None, None))])
     assert p.flush(30) == 0
 
 

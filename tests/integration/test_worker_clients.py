@@ -106,7 +106,7 @@ def test_consume_reports_unopenable_records_without_their_bytes(workspace_factor
 
     ws = workspace_factory(sources=("orders",), partitions=1)
     dest = ws.dest("orders", "analytics")
-    produce_raw(ws.bootstrap, dest, [(b"k", b"\x01" + b"S" * 80, None)], [("streamproc.audience", b"analytics")])
+    produce_raw(ws.bootstrap, dest, [(b"k", b"\x01" + b"S" * 80, None)], [("streamproc.prov", b"f=1;a=analytics;p=sha256:0")])
     res = CliRunner().invoke(
         consume,
         [
