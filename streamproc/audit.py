@@ -1157,7 +1157,12 @@ class FileSink:
         return str(self.head_path) if self.head_path.exists() else "the audit topic"
 
     def export_head(self, head: Head) -> None:
-        """Atomically replace ``<file>.head`` (write, fsync, rename) with ``head``."""
+        """Atomically replace ``<file>.head`` (write, fsync, rename) with ``head``.
+
+        The log is synced first, so after a crash the head on disk never claims events the
+        log lost (which would make the next writer refuse a file that was not tampered with).
+        """
+        self._sync()
         tmp = self.head_path.with_name(self.head_path.name + ".tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

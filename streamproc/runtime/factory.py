@@ -326,7 +326,7 @@ class WorkerAudit:
         self._call("the final flush", self.log.close)
         head = self.log.signed_head
         if head is not None:
-            _log.info("audit head %s", head, extra={"audit_head": str(head)})
+            _log.info("audit head %s", head)
 
     def abandon(self) -> None:
         """Close without an event (fatal paths); errors are swallowed, the exit is non-zero."""

@@ -426,7 +426,8 @@ def test_fsync_policy(
         real(fd)
 
     monkeypatch.setattr(os, "fsync", counting_fsync)
-    mono = iter([0.0, 0.05, 0.1, 1.5, 1.6, 5.0, 5.1, 5.2])
+    # init, genesis write, its head export's sync, then the three events at 0.1, 1.5, 1.6
+    mono = iter([0.0, 0.05, 0.08, 0.1, 1.5, 1.6, 5.0, 5.1, 5.2, 5.3])
     sink = FileSink(
         tmp_path / "a.jsonl", fsync=policy, fsync_interval=1.0, clock=lambda: next(mono)
     )
@@ -1070,3 +1071,24 @@ def test_rotation_is_the_deliberate_way_to_continue_in_a_new_file(
     path.write_bytes(b"")
     with pytest.raises(AuditChainError, match="seq 14"):
         AuditLog([FileSink(path)], stream="w1", hmac_key=new_key)
+
+
+def test_the_head_is_never_on_disk_before_the_events_it_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fsync=interval: exporting the head syncs the log first, so a crash cannot leave a
+    head that claims events the log lost (the next writer would refuse an honest file)."""
+    sink = FileSink(tmp_path / "a.jsonl", fsync="interval", fsync_interval=3600)
+    log = AuditLog([sink], stream="s", head_interval=3600)
+    log.anomaly("x")  # written, not yet synced (interval)
+    synced: list[str] = []
+    real = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append("log" if fd == sink._fd else "head")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    log.export_head()
+    assert synced == ["log", "head"]
+    log.close()
