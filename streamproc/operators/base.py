@@ -132,6 +132,11 @@ class Operator(ABC):
         """
         return False
 
+    def guard_contains(self, params: Mapping[str, Any]) -> bool:
+        """Whether the guard also refuses an output that merely *contains* the input
+        (``mask``: kept characters around preserved ones), or only an equal one."""
+        return True
+
     def suppressed(self, params: Mapping[str, Any]) -> str:
         """The value written instead when ``on_failure: redact`` (the default) applies.
 
@@ -149,7 +154,10 @@ class Operator(ABC):
         fn = self.bind(params, t, ctx)
         if fn is None or not self.guarded(params, t):
             return fn
-        return fail_closed(fn, params.get("on_failure", "redact"), self.suppressed(params), value_kind(t) == "string")
+        return fail_closed(
+            fn, params.get("on_failure", "redact"), self.suppressed(params), value_kind(t) == "string",
+            self.guard_contains(params),
+        )
 
 
 def check_on_failure(params: Mapping[str, Any]) -> None:
@@ -158,35 +166,43 @@ def check_on_failure(params: Mapping[str, Any]) -> None:
         raise OperatorError(f"on_failure must be {' or '.join(ON_FAILURE)}, not {v!r}")
 
 
-def fail_closed(fn: ValueFn, on_failure: str, suppressed: str, text_input: bool) -> ValueFn:
-    """Wrap a string-producing ``fn`` so that an output equal to or containing its input
-    never leaves: it becomes ``suppressed`` (``redact``), or :class:`Ineffective` is raised
-    (``quarantine``: the record goes to the dead-letter topic with ``ineffective_transform``).
+def fail_closed(fn: ValueFn, on_failure: str, suppressed: str, text_input: bool, contains: bool = True) -> ValueFn:
+    """Wrap a string-producing ``fn`` so that an output equal to (or, with ``contains``,
+    containing) its input never leaves: it becomes ``suppressed`` (``redact``), or
+    :class:`Ineffective` is raised (``quarantine``: the record goes to the dead-letter topic
+    with ``ineffective_transform``).
 
-    "Contains" is the general form of "equal": ``203.0.113.7/32`` holds the whole address.
-    The empty string is contained in everything, so an empty input is always suppressed
-    (it had nothing to hide, and ``*`` hides that too).
+    "Contains" is the general form of "equal" for operators whose output keeps the input's
+    characters around others (``mask`` of a value made of separators).  The empty string is
+    contained in everything, so under ``contains`` an empty input is always suppressed (it
+    had nothing to hide, and ``*`` hides that too).
     """
     quarantine = on_failure == "quarantine"
-    if text_input:
+
+    def fail() -> Any:
+        if quarantine:
+            raise Ineffective()
+        return suppressed
+
+    if text_input and contains:
 
         def guard_text(v: str) -> Any:
             out = fn(v)
-            if v in out:
-                if quarantine:
-                    raise Ineffective()
-                return suppressed
-            return out
+            return fail() if v in out else out
 
         return guard_text
+    if text_input:
+
+        def guard_equal(v: str) -> Any:
+            out = fn(v)
+            return fail() if out == v else out
+
+        return guard_equal
 
     def guard(v: Any) -> Any:
         out = fn(v)
-        if str(v) in out:
-            if quarantine:
-                raise Ineffective()
-            return suppressed
-        return out
+        s = str(v)
+        return fail() if (s in out if contains else out == s) else out
 
     return guard
 

@@ -13,8 +13,8 @@ Exactly one of:
   ``cidr``: a ``/48`` of ``2002:cb00:7107::`` still holds all 32 bits of ``203.0.113.7``.
 
 The string modes fail closed (:func:`~streamproc.operators.base.fail_closed`): when the
-output would equal or contain the input -- ``prefix: 4`` of ``SW1A``, ``until: " "`` of
-``SW1A1AA``, ``cidr: 32`` -- the value is replaced by ``*`` (``on_failure: redact``, the
+output would equal the input -- ``prefix: 4`` of ``SW1A``, ``until: " "`` of ``SW1A1AA``,
+a ``cidr: 32`` (or ``cidr6: 128``) network, which is the address itself -- the value is replaced by ``*`` (``on_failure: redact``, the
 default) or the record is quarantined as ``ineffective_transform``
 (``on_failure: quarantine``).
 """
@@ -130,6 +130,13 @@ class Generalize(Operator):
     def guarded(self, params: Mapping[str, Any], t: AvroType) -> bool:
         return any(m in params for m in _STRING_MODES)
 
+    def guard_contains(self, params: Mapping[str, Any]) -> bool:
+        # A prefix contains its input only when it equals it; a network's text may contain
+        # its address by coincidence (203.0.113.0 in 203.0.113.0/24) while hiding the host
+        # bits, so networks that reveal the whole address are signalled by returning the
+        # input itself (the /32, local-use NAT64).
+        return False
+
     def output_type(self, params: Mapping[str, Any], t: AvroType) -> AvroType | None:
         if "to" in params:
             kind = require_kind(self.name, t, TEMPORAL)
@@ -212,4 +219,15 @@ class Generalize(Operator):
                     ip = v4
             return str(ipaddress.ip_network(f"{ip}/{c4 if ip.version == 4 else c6}", strict=False))
 
-        return network
+        if c4 < 32 and c6 < 128:
+            return network
+
+        def full_prefix(v: str) -> str:
+            # A /32 (IPv4) or /128 (IPv6) network is the address itself: hand the input
+            # back so that the fail-closed guard acts, as for every other non-reduction.
+            out = network(v)
+            if (c4 == 32 and out.endswith("/32") and "." in out) or (c6 == 128 and out.endswith("/128")):
+                return v
+            return out
+
+        return full_prefix

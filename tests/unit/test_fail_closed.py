@@ -187,7 +187,8 @@ def guarded(params: dict[str, Any]) -> Any:
         ({"op": "generalize", "until": " "}, "SW1A1AA", "*"),  # no separator
         ({"op": "generalize", "until": " "}, "SW1A 1AA", "SW1A"),
         ({"op": "generalize", "until": " "}, "", "*"),
-        ({"op": "generalize", "cidr": 32}, "203.0.113.7", "*"),  # the /32 holds the address
+        ({"op": "generalize", "cidr": 32}, "203.0.113.7", "*"),  # the /32 is the address
+        ({"op": "generalize", "cidr": 24}, "203.0.113.0", "203.0.113.0/24"),  # text coincidence, 24 bits
         ({"op": "generalize", "cidr": 24, "cidr6": 128}, "2001:db8::1", "*"),
         ({"op": "mask", "preserve": "@."}, "@.", "**"),  # separators would be all: masked too
         ({"op": "mask"}, "", "*"),  # nothing to mask
