@@ -40,7 +40,7 @@ import json
 import os
 import re
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +174,40 @@ def reidentifiable_domains(policy: Policy, audience: str) -> set[str] | None:
     }
 
 
+def reidentifiable_fields(
+    policy: Policy, audience: str, schemas: Iterable[Any]
+) -> dict[str, set[str]]:
+    """Field path -> the domains in which ``audience``'s plan encrypts it deterministically.
+
+    ``schemas`` are :class:`~streamproc.schema.registry.RegisteredSchema` objects (the
+    processor's source schemas).  A field counts when the audience's rule for its tags
+    (:meth:`~streamproc.policy.model.Audience.rule_for`, over the tags the linter sees,
+    container tags included) is ``encrypt_deterministic``; its domain is the rule's
+    ``domain``, else the field's ``streamproc.domain`` hint, else the tag -- as the plan
+    compiler derives it.
+    """
+    from streamproc.schema.annotations import DOMAIN_HINT, leaves
+    from streamproc.schema.avro import Record
+
+    aud = policy.audiences.get(audience)
+    out: dict[str, set[str]] = {}
+    if aud is None:
+        return out
+    for rs in schemas:
+        node = rs.node
+        if not isinstance(node, Record):
+            continue
+        for leaf in leaves(node):
+            rule = aud.rule_for(leaf.tags) if leaf.tags else None
+            if rule is None or rule.op != "encrypt_deterministic":
+                continue
+            domain = str(
+                rule.params.get("domain") or leaf.field.props.get(DOMAIN_HINT) or rule.tag
+            )
+            out.setdefault(leaf.path, set()).add(domain)
+    return out
+
+
 class Reidentifier:
     """Reverses one audience's deterministic ciphertexts, auditing every call.
 
@@ -183,6 +217,10 @@ class Reidentifier:
     one such a rule produces (:func:`reidentifiable_domains`); anything else is denied and
     audited.  ``actor`` defaults to the audit log's actor (an authenticated identity when
     the log comes from :func:`streamproc.audit.open_tool_log`).
+
+    ``fields`` (:func:`reidentifiable_fields` over the source schemas) makes the check
+    field-exact: the field must be one the audience's plan encrypts deterministically,
+    in the requested domain (which may then come from a schema's domain hint).
     """
 
     def __init__(
@@ -190,6 +228,7 @@ class Reidentifier:
         audience_key: AudienceKey | str | os.PathLike[str] | bytes,
         audit: AuditLog,
         policy: Policy,
+        fields: Mapping[str, set[str]] | None = None,
     ) -> None:
         if not isinstance(policy, Policy):
             raise ConfigError(
@@ -205,6 +244,7 @@ class Reidentifier:
         self.audit = audit
         self.policy = policy
         self.policy_version = policy.version
+        self.fields = fields
 
     @property
     def audience(self) -> str:
@@ -233,6 +273,12 @@ class Reidentifier:
             return "audience_not_in_policy"
         if not domains:
             return "audience_has_no_encrypt_deterministic"
+        if self.fields is not None:
+            if field not in self.fields:
+                return "field_not_reidentifiable"
+            if domain not in self.fields[field]:
+                return "domain_not_in_policy"
+            return None
         if domain not in domains:
             return "domain_not_in_policy"
         return None
@@ -251,6 +297,8 @@ class Reidentifier:
         "audience_has_no_encrypt_deterministic": "the key's audience has no encrypt_deterministic rule in the policy",
         "domain_not_in_policy": "no encrypt_deterministic rule of the key's audience produces this domain "
         "in the policy (a rule's `domain`, else its tag)",
+        "field_not_reidentifiable": "the key's audience does not encrypt this field deterministically in "
+        "any source schema (check the field path, e.g. customer.email)",
     }
 
     def reidentify_bytes(

@@ -4,8 +4,10 @@ Two commands, two roles, on purpose: the key custodian (who may read the pseudon
 master) exports one audience's key; the investigator (who may not) reverses values with
 that file.  Both take the processor config (``--config``), and nothing in it is optional:
 
-* the **policy** is the config's: the audience must have an ``encrypt_deterministic``
-  rule producing the requested domain, or the request is denied;
+* the **policy** is the config's, applied to the processor's source schemas (the
+  ``schemas:`` directory, or the registry's ``<source>-value`` subjects): the field must
+  be one the key's audience encrypts deterministically, in the requested domain, or the
+  request is denied;
 * the **audit trail** is the config's ``audit:`` section (the tools' chain beside
   ``audit.file``, and ``audit.kafka_topic``).  Every attempt -- value revealed, request
   denied (a key file others can read, a reason with personal data), decryption failed,
@@ -34,6 +36,7 @@ from streamproc.reid import (
     Reidentifier,
     audit_refusal,
     export_audience_key_audited,
+    reidentifiable_fields,
 )
 
 _NOTE = click.option(
@@ -55,6 +58,55 @@ def _load(config_path: str) -> tuple[Any, Any]:
         return config, load_policy(config.policy)
     except StreamprocError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def source_schemas(config: Any, audience: str, registry_client: Any = None) -> list[Any]:
+    """The schemas the processor reads for ``audience``: what ``--field`` is checked against.
+
+    ``schemas: {directory}``: every top-level ``.avsc`` there (as ``policy check`` reads
+    them).  A registry: the latest ``<topic>-value`` schema of every source topic of a
+    pipeline with a destination for ``audience`` (a subject that does not exist is skipped;
+    an unreachable registry raises, and the caller refuses).
+    """
+    from streamproc.schema import avro
+    from streamproc.schema.annotations import metadata_tags
+    from streamproc.schema.registry import (
+        ConfluentSchemaSource,
+        RegisteredSchema,
+        SchemaRegistryUnavailable,
+        load_document,
+    )
+
+    spec = dict(config.schemas)
+    if "directory" in spec:
+        return [load_document(f) for f in sorted(Path(spec["directory"]).glob("*.avsc"))]
+    source = ConfluentSchemaSource(
+        {k: v for k, v in spec.items() if k != "type"}, client=registry_client
+    )
+    topics = sorted(
+        {
+            t
+            for p in config.pipelines
+            if any(d.audience == audience for d in p.destinations)
+            for t in p.sources
+        }
+    )
+    out: list[Any] = []
+    for topic in topics:
+        subject = f"{topic}-value"
+        try:
+            v = source.client.get_latest_version(subject)
+        except Exception as exc:
+            if getattr(exc, "http_status_code", None) == 404:
+                continue
+            raise SchemaRegistryUnavailable(
+                f"registry: cannot read subject {subject!r} ({type(exc).__name__})"
+            ) from None
+        tags = metadata_tags(getattr(v.schema, "metadata", None))
+        out.append(
+            RegisteredSchema(v.schema_id, avro.canonical_json(v.schema.schema_str), subject, tags)
+        )
+    return out
 
 
 def _open_audit(config: Any, note: str | None) -> AuditLog:
@@ -90,7 +142,8 @@ def _values(values: tuple[str, ...]) -> list[str]:
 @click.option(
     "--domain",
     required=True,
-    help="Pseudonym domain of the field (the rule's `domain`, else the tag name).",
+    help="Pseudonym domain of the field (the rule's `domain`, else the field's "
+    "`streamproc.domain` hint, else the tag name).",
 )
 @click.option(
     "--field", "field_path", required=True, help="Field path, e.g. customer.email (audited)."
@@ -134,7 +187,21 @@ def reidentify(
                 policy_version=policy.version,
             )
             raise click.ClickException(str(exc)) from None
-        reid = Reidentifier(key, log, policy)
+        try:
+            fields = reidentifiable_fields(policy, key.audience, source_schemas(config, key.audience))
+        except StreamprocError as exc:  # no schemas, no field check: refuse, audited
+            audit_refusal(
+                log,
+                error="schemas_unavailable",
+                audience=key.audience,
+                domain=domain,
+                field=field_path,
+                subject=subject,
+                reason=reason,
+                policy_version=policy.version,
+            )
+            raise click.ClickException(str(exc)) from None
+        reid = Reidentifier(key, log, policy, fields)
         for i, value in enumerate(_values(values), 1):
             try:
                 plain = reid.reidentify(

@@ -35,9 +35,11 @@ from streamproc.reid import (
     Reidentifier,
     export_audience_key,
     export_audience_key_audited,
+    reidentifiable_fields,
     write_audience_key,
 )
 from streamproc.schema.avro import Primitive
+from streamproc.schema.registry import load_document
 
 SECRET = "pseudonym-master"
 POLICY_YAML = f"""keys: {{pseudonym: {SECRET}}}
@@ -332,11 +334,37 @@ def os_user() -> str:
     return subprocess.run(["id", "-un"], capture_output=True, text=True, check=True).stdout.strip()
 
 
+ORDER_SCHEMA = {
+    "type": "record",
+    "name": "Order",
+    "namespace": "test",
+    "fields": [
+        {"name": "email", "type": "string", "confluent:tags": ["EMAIL"]},
+        {
+            "name": "customer",
+            "type": {
+                "type": "record",
+                "name": "Customer",
+                "fields": [{"name": "email", "type": "string", "confluent:tags": ["EMAIL"]}],
+            },
+        },
+        {
+            "name": "contact",
+            "type": "string",
+            "confluent:tags": ["EMAIL"],
+            "streamproc.domain": "contact",
+        },
+        {"name": "note", "type": "string", "confluent:tags": ["PUBLIC"]},
+    ],
+}
+
+
 def make_config(
     root: Path, ring: LocalKeyring, *, audit: str | None = "file", extra: str = ""
 ) -> Path:
-    """A processor config over ``ring`` with POLICY_YAML and an audit file + key."""
+    """A processor config over ``ring`` with POLICY_YAML, ORDER_SCHEMA and an audit file."""
     (root / "schemas").mkdir(parents=True, exist_ok=True)
+    (root / "schemas" / "order.avsc").write_text(json.dumps(ORDER_SCHEMA))
     (root / "policy.yaml").write_text(POLICY_YAML)
     write_hmac_key(root / "audit.key")
     audit_section = (
@@ -487,6 +515,61 @@ def test_cli_policy_checks_are_always_on(
     res = runner.invoke(reidentify, [*base, "--domain", "EMAIL", "--reason", "call 555 123 4567", ct])
     assert res.exit_code == 1 and "personal data" in res.stderr
     assert tool_events(tmp_path)[-1]["attrs"]["error"] == "invalid_reason"
+
+
+def test_cli_field_must_be_encrypted_deterministically_in_a_source_schema(
+    tmp_path: Path, ring: LocalKeyring, pkeys: PseudonymKeys
+) -> None:
+    """The field is checked against the schemas: a domain hint makes its domain
+    reversible for that field only; unknown or not-ED fields are denied and audited."""
+    runner = CliRunner()
+    cfg = make_config(tmp_path, ring)
+    key_file = tmp_path / "fraud.key"
+    write_audience_key(key_file, export_audience_key(pkeys, "fraud"))
+    hinted = encryptor(pkeys, "fraud", "contact")("erin@example.org")
+    base = ["--config", str(cfg), "--key-file", str(key_file), "--reason", "INC-9"]
+    cases = [
+        (["--field", "contact", "--domain", "contact"], 0, None),
+        (["--field", "email", "--domain", "contact"], 1, "domain_not_in_policy"),
+        (["--field", "note", "--domain", "EMAIL"], 1, "field_not_reidentifiable"),
+        (["--field", "customer.phone", "--domain", "EMAIL"], 1, "field_not_reidentifiable"),
+    ]
+    for args, code, error in cases:
+        res = runner.invoke(reidentify, [*base, *args, hinted])
+        assert res.exit_code == code, (args, res.output)
+        ev = tool_events(tmp_path)[-1]
+        assert ev["attrs"].get("error") == error, args
+        assert ("erin" in res.output) == (code == 0)
+    # the field check follows the schemas: a policy-level domain without the schema's
+    # field is not enough
+    assert reidentifiable_fields(POLICY, "fraud", [load_document(tmp_path / "schemas" / "order.avsc")]) == {
+        "email": {"EMAIL"},
+        "customer.email": {"EMAIL"},
+        "contact": {"contact"},
+    }
+    assert reidentifiable_fields(POLICY, "analytics", [load_document(tmp_path / "schemas" / "order.avsc")]) == {}
+
+
+def test_registry_schemas_are_the_sources_of_the_audience(tmp_path: Path, ring: LocalKeyring) -> None:
+    """With a registry, the latest <source>-value schema of the audience's pipelines
+    (confluent-kafka's in-memory registry client stands in for the server)."""
+    from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+
+    from streamproc.cli.reidentify import source_schemas
+    from streamproc.config import load_config
+
+    client = SchemaRegistryClient.new_client({"url": "mock://reid"})  # in-memory
+    client.register_schema("orders-value", Schema(json.dumps(ORDER_SCHEMA), "AVRO"))
+    client.register_schema("other-value", Schema(json.dumps({**ORDER_SCHEMA, "name": "X"}), "AVRO"))
+    cfg_path = make_config(tmp_path, ring)
+    cfg_path.write_text(
+        cfg_path.read_text().replace("schemas: {directory: ./schemas}", "schemas: {url: 'mock://reid'}")
+    )
+    config = load_config(cfg_path)
+    got = source_schemas(config, "fraud", registry_client=client)
+    assert [rs.subject for rs in got] == ["orders-value"]
+    assert reidentifiable_fields(POLICY, "fraud", got)["contact"] == {"contact"}
+    assert source_schemas(config, "support", registry_client=client) == []  # no pipeline
 
 
 def test_cli_refusals_are_audited_and_fail_closed(
