@@ -255,6 +255,56 @@ def test_sealer_opener_end_to_end(moto: MotoServer, admin: Any) -> None:
     assert opener.cache.hits == 999
 
 
+# -- logging at DEBUG never shows a data key --------------------------------------------------
+
+
+@integration
+def test_debug_logging_never_shows_a_data_key(moto: MotoServer, admin: Any) -> None:
+    """``logging.level: DEBUG`` with AWS KMS: botocore logs response bodies, Plaintext
+    included; the processor's log handler must show none of it (compared against the
+    actual data keys, base64 and hex)."""
+    import base64
+    import io
+    import logging
+
+    from streamproc.observability.logging import configure_logging
+
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    botocore_log = logging.getLogger("botocore")
+    saved_botocore = botocore_log.level
+    out, control = io.StringIO(), io.StringIO()
+    try:
+        configure_logging("DEBUG", "json", stream=out)
+        kms, kek = kms_for(moto), new_key(admin)
+        first = kms.generate_data_key(kek, CTX)  # at the levels configure_logging leaves
+        # Positive control: botocore allowed to log at DEBUG really prints the data key,
+        # and its records propagate to the processor's handler, which must drop them.
+        raw = logging.StreamHandler(control)
+        botocore_log.addHandler(raw)
+        botocore_log.setLevel(logging.DEBUG)
+        try:
+            second = kms.generate_data_key(kek, CTX)
+            unwrapped = kms.unwrap(kek, 1, second.wrapped, CTX)
+        finally:
+            botocore_log.removeHandler(raw)
+        logging.getLogger("streamproc.test").debug("streamproc debug still shows")
+    finally:
+        for h in list(root.handlers):
+            if h not in saved[0]:
+                root.removeHandler(h)
+        root.setLevel(saved[1])
+        botocore_log.setLevel(saved_botocore)
+    assert unwrapped == second.plaintext
+    assert base64.b64encode(second.plaintext).decode() in control.getvalue()  # the threat is real
+    text = out.getvalue()
+    assert "streamproc debug still shows" in text
+    for dk in (first.plaintext, second.plaintext):
+        assert base64.b64encode(dk).decode() not in text
+        assert dk.hex() not in text
+        assert base64.urlsafe_b64encode(dk).decode() not in text
+
+
 # -- error mapping for codes moto never produces (botocore Stubber, no network) ---------------------
 
 

@@ -16,6 +16,11 @@ the key) -- the same story:
    ``streamproc_dead_letters_total{reason="key_revoked"}``, and records under the other
    source KEK (and, where versions exist, the new v2) keep flowing in the same run.
 
+The same holds for *destination* KEKs (``destination_revocation_story``): once a version
+is revoked, within one ``kms.revocation_check_interval`` (1 s in those tests) every new
+output is sealed under the primary version -- or, for a disabled AWS key, none is written
+(the worker pauses, alive) until the key is enabled again.
+
 The AWS worker takes its pseudonym master from a wrapped secret file (AWS KMS holds no
 secrets), created with ``streamproc secrets create`` against moto; the output tokens are
 checked against that master.
@@ -423,3 +428,162 @@ def test_aws_disabled_key_with_a_wrapped_pseudonym_secret(
         tok(rec["customer_id"]) for rec in EventGenerator(34).events(GEN_KIND["logins"], LATER)
     }
     assert {opener.open(r.topic, r.value)[1]["customer_id"] for r in outs} == produced_ids
+
+
+# -- destination KEKs: the sealer leaves a revoked version within one sweep ------------------------
+
+DEST_EARLY = 6
+DEST_LATE = 8
+SWEEP = 1.0  # kms.revocation_check_interval for these workers
+DEST_SETTLE = 3.5  # > SWEEP + the provider's state cache (<= 1 s) + one batch wait
+
+
+def dest_versions(ws: Workspace, dest: str, want: int | None) -> list[int]:
+    """KEK versions of the destination's records (``want=None``: whatever is there now)."""
+    until = None if want is None else (lambda r: len(r[dest]) >= want)
+    out = read_topics(ws.bootstrap, [dest], until=until, timeout=60)
+    return sorted(parse_header(r.value).kek_version for r in out[dest] if r.value)
+
+
+def destination_revocation_story(
+    ws: Workspace,
+    workers: list[WorkerProcess],
+    *,
+    kms: Any,
+    source_kek: str,
+    revoke: Callable[[], None],
+    restore: Callable[[], None] | None = None,
+) -> WorkerProcess:
+    """EARLY records sealed for analytics under dest v1; the version is revoked; after one
+    sweep, every LATE output is sealed under the primary version (or, where the KMS
+    has no other version -- AWS -- none is written until the key is usable again)."""
+    w = WorkerProcess(ws)
+    workers.append(w)
+    dest = ws.dest("orders", "analytics")
+    produce_raw(ws.bootstrap, ws.topic("orders"), seal(sealer(ws, kms, source_kek, "orders"), "orders", DEST_EARLY, 40))
+    assert dest_versions(ws, dest, DEST_EARLY) == [1] * DEST_EARLY, w.log()[-3000:]
+    revoke()
+    time.sleep(DEST_SETTLE)
+    produce_raw(ws.bootstrap, ws.topic("orders"), seal(sealer(ws, kms, source_kek, "orders"), "orders", DEST_LATE, 41))
+    if restore is None:
+        assert dest_versions(ws, dest, DEST_EARLY + DEST_LATE) == [1] * DEST_EARLY + [2] * DEST_LATE
+    else:
+        def paused() -> bool:
+            return any(
+                str(e.get("message", "")).startswith("transient outage (SealingUnavailable)")
+                and dest in str(e.get("detail", ""))
+                for e in w.log_events()
+            )
+
+        wait_for(paused, 30, what="the worker to pause on the disabled destination key")
+        assert w.alive(), w.log()[-3000:]
+        # the batch with the late records was refused as a whole: nothing written for them
+        assert dest_versions(ws, dest, None) == [1] * DEST_EARLY
+        restore()
+        assert dest_versions(ws, dest, DEST_EARLY + DEST_LATE) == [1] * (DEST_EARLY + DEST_LATE)
+    assert w.alive(), w.log()[-3000:]
+    w.terminate()
+    assert w.wait(30) == 0, w.log()[-3000:]
+    return w
+
+
+def test_local_keyring_destination_revocation(
+    tmp_path: Path, kafka_bootstrap: str, unique: str, workers: list[WorkerProcess]
+) -> None:
+    ws = workspace(tmp_path / "ws", kafka_bootstrap, unique)
+    rewrite_config(ws, lambda c: c["kms"].update(revocation_check_interval=SWEEP))
+    apply_topics(ws.load_config())
+    admin = ws.kms()
+
+    def revoke() -> None:
+        admin.rotate("analytics-kek")
+        admin.revoke("analytics-kek", 1)
+
+    destination_revocation_story(ws, workers, kms=ws.kms(), source_kek="orders-kek", revoke=revoke)
+
+
+def test_openbao_destination_revocation(
+    bao: OpenBaoServer,
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    unique: str,
+    workers: list[WorkerProcess],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The processor's token may not read destination key state (least privilege): the
+    sealer then takes a fresh data key each sweep, and transit hands out the latest."""
+    from streamproc.crypto.kms.vault import VaultTransitKms
+
+    root = bao.client()
+    tag = uuid.uuid4().hex[:8]
+    src = f"streamproc-src-orders-{tag}"
+    dst = {a: f"streamproc-dst-{a}-{tag}" for a in AUDIENCES}
+    for name in [src, f"streamproc-src-logins-{tag}", *dst.values()]:
+        root.secrets.transit.create_key(name, key_type="aes256-gcm96")
+    token = root.auth.token.create(policies=["streamproc-processor"], ttl="10m")["auth"]["client_token"]
+    for k in ("VAULT_TOKEN", "VAULT_ADDR", "BAO_ADDR", "VAULT_NAMESPACE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("BAO_TOKEN", token)
+    ws = workspace(tmp_path / "ws", kafka_bootstrap, unique)
+    rewrite_config(
+        ws,
+        lambda c: (
+            c.update(kms={"provider": "vault", "url": bao.url, "mount": "transit",
+                          "revocation_cache_ttl": 0.5, "revocation_check_interval": SWEEP}),
+            set_keks(c, dst.__getitem__),
+        ),
+    )
+    apply_topics(ws.load_config())
+
+    def revoke() -> None:
+        root.secrets.transit.rotate_key(dst["analytics"])
+        root.secrets.transit.update_key_configuration(dst["analytics"], min_decryption_version=2)
+
+    destination_revocation_story(
+        ws, workers, kms=VaultTransitKms(bao.url, bao.root_token), source_kek=src, revoke=revoke
+    )
+
+
+def test_aws_destination_key_disabled(
+    moto: MotoServer,
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    unique: str,
+    workers: list[WorkerProcess],
+) -> None:
+    """AWS keys have no caller-visible versions: a disabled destination key must stop
+    sealing (the worker pauses, alive) and sealing resumes once it is enabled again."""
+    from streamproc.crypto.kms.aws import AwsKms
+
+    admin = moto.kms_client()
+
+    def key(what: str) -> str:
+        return str(admin.create_key(Description=f"streamproc {what}")["KeyMetadata"]["KeyId"])
+
+    src = key("src orders")
+    dst = {a: key(f"dst {a}") for a in AUDIENCES}
+    secret_kek = key("pseudonym master")
+    ws = workspace(
+        tmp_path / "ws",
+        kafka_bootstrap,
+        unique,
+        kms={"provider": "aws", "region": REGION, "endpoint_url": moto.url,
+             "state_cache_ttl": 0.5, "revocation_check_interval": SWEEP},
+        pseudonym_secrets={"provider": "wrapped_file", "path": "./keys/pseudonym.json", "kek": secret_kek},
+    )
+    rewrite_config(ws, lambda c: set_keks(c, dst.__getitem__))
+    apply_topics(ws.load_config())
+    r = subprocess.run(
+        [sys.executable, "-m", "streamproc.cli.main", "secrets", "create", "--kms-config",
+         str(ws.config_path)],
+        capture_output=True, text=True, cwd=str(REPO), timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    destination_revocation_story(
+        ws,
+        workers,
+        kms=AwsKms(REGION, moto.url, state_cache_ttl=0),
+        source_kek=src,
+        revoke=lambda: admin.disable_key(KeyId=dst["analytics"]),
+        restore=lambda: admin.enable_key(KeyId=dst["analytics"]),
+    )
