@@ -192,10 +192,10 @@ class KnownLabels:
         keks: set[str] = set()
         audiences: set[str] = set()
         for p in config.pipelines:
+            keks.update(p.source_keks or ())
             for d in p.destinations:
                 keks.add(d.kek)
                 audiences.add(d.audience)
-            keks.update(p.source_keks or ())
         if config.pseudonym_secrets.kek:
             keks.add(config.pseudonym_secrets.kek)
         return cls.of(topics=config.all_topics(), audiences=audiences, kek_ids=keks)

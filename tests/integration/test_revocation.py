@@ -575,7 +575,7 @@ def test_aws_destination_key_disabled(
     apply_topics(ws.load_config())
     r = subprocess.run(
         [sys.executable, "-m", "streamproc.cli.main", "secrets", "create", "--kms-config",
-         str(ws.config_path)],
+         str(audited_ops_config(ws))],
         capture_output=True, text=True, cwd=str(REPO), timeout=60, check=False,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr

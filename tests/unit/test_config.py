@@ -347,6 +347,9 @@ def test_source_keks_reach_the_routes(ws: Path) -> None:
     (route,) = build_routes(c.routes_spec())
     assert route.source_keks == ("orders-kek", "orders-kek-2024")
     assert c.kms["revocation_check_interval"] == 2
+    from streamproc.observability.metrics import KnownLabels
+
+    assert {"orders-kek", "orders-kek-2024"} <= KnownLabels.from_config(c).kek_ids  # metric labels
     del cfg["pipelines"][0]["source_keks"]
     (route,) = build_routes(load_config(write(ws, cfg), env={}).routes_spec())
     assert route.source_keks is None  # default: any KEK not configured for another role
