@@ -352,6 +352,67 @@ def start_openbao_tls(ca: Any, workdir: Path, *, timeout: float = 30.0) -> OpenB
     raise RuntimeError(f"could not start OpenBao with TLS: {last}")
 
 
+# -- Apicurio Registry ---------------------------------------------------------------------------
+
+
+def apicurio_home() -> Path:
+    """Where ``scripts/apicurio/fetch.sh`` unpacks Apicurio Registry (from Maven Central)."""
+    env = os.environ.get("STREAMPROC_APICURIO_HOME")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / ".cache" / "apicurio"
+
+
+@dataclass
+class ApicurioServer(ManagedProcess):
+    """Apicurio Registry, in-memory storage; ``ccompat`` is its Confluent-compatible API."""
+
+    @property
+    def ccompat(self) -> str:
+        return f"{self.url}/apis/ccompat/v7"
+
+    def __enter__(self) -> ApicurioServer:
+        return self
+
+
+def start_apicurio(*, timeout: float = 90.0) -> ApicurioServer:
+    """Start Apicurio Registry's Quarkus runner jar on 127.0.0.1 (in-memory H2 storage).
+
+    Skips the calling test if the jars (``bash scripts/apicurio/fetch.sh``) or ``java``
+    are missing.  The management interface (another port) is switched off.
+    """
+    jars = sorted(apicurio_home().glob("apicurio-registry-app-*-runner.jar"))
+    java = shutil.which("java")
+    if not jars or java is None:
+        pytest.skip("Apicurio Registry not fetched (bash scripts/apicurio/fetch.sh) or no java")
+    last: Exception | None = None
+    for _ in range(3):
+        port = free_port()
+        url = f"http://{LOOPBACK}:{port}"
+        argv = [
+            java,
+            "-Xmx256m",
+            "-XX:+UseSerialGC",
+            f"-Dquarkus.http.host={LOOPBACK}",
+            f"-Dquarkus.http.port={port}",
+            "-Dquarkus.management.enabled=false",
+            "-Dquarkus.log.level=WARN",
+            "-jar",
+            str(jars[-1]),
+        ]
+        try:
+            proc, log_path, log = _launch(
+                "apicurio",
+                argv,
+                url,
+                functools.partial(_answers, f"{url}/apis/ccompat/v7/subjects", {200}),
+                timeout=timeout,
+            )
+        except RuntimeError as exc:
+            last = exc
+            continue
+        return ApicurioServer("apicurio", url, proc, log_path, log)
+    raise RuntimeError(f"could not start Apicurio Registry: {last}")
+
+
 # -- moto ---------------------------------------------------------------------------------------
 
 
