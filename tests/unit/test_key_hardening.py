@@ -341,3 +341,33 @@ def test_unknown_sealing_state_takes_a_fresh_data_key_each_interval(
     assert sealer.data_keys_generated == n + 1
     p.process(records(values))  # within the interval: no extra KMS call
     assert sealer.data_keys_generated == n + 1
+
+
+# -- AWS: credential and capacity failures of botocore are outages, not records' faults ------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda b: b.TokenRetrievalError(provider="sso", error_msg="expired"),
+        lambda b: b.SSOTokenLoadError(error_msg="no cache"),
+        lambda b: b.MetadataRetrievalError(error_msg="imds down"),
+        lambda b: b.CapacityNotAvailableError(),
+        lambda b: b.NoAuthTokenError(),
+        lambda b: b.NoCredentialsError(),
+        lambda b: b.ReadTimeoutError(endpoint_url="http://127.0.0.1:1"),
+    ],
+)
+def test_aws_credential_and_capacity_errors_are_transient(make: Any) -> None:
+    pytest.importorskip("boto3")
+    import botocore.exceptions as bce
+
+    from streamproc.crypto.kms.aws import AwsKms
+
+    kms = AwsKms(client=object(), check_key_state=False)
+    with pytest.raises(KmsUnavailable):
+        kms._raise_mapped(make(bce), "Decrypt", "alias/src")
+    # ... while an unknown botocore error stays record-level (kms_error)
+    with pytest.raises(KmsError) as info:
+        kms._raise_mapped(bce.UnseekableStreamError(stream_object="s"), "Decrypt", "alias/src")
+    assert kms_error_reason(info.value) is Reason.KMS_ERROR

@@ -34,7 +34,12 @@ AWS error                                               raised
 ``InvalidCiphertextException`` (also: wrong context),   :class:`~streamproc.errors.UnwrapFailed`
 ``IncorrectKeyException``
 throttling, ``KMSInternalException``, 5xx, timeouts,    :class:`~streamproc.errors.KmsUnavailable`
-connection errors, missing/expired credentials
+connection errors, missing/expired credentials (incl.
+SSO/token/instance-metadata retrieval, retry capacity)
+any other code (4xx), any other botocore error          :class:`~streamproc.errors.KmsError`
+                                                        (unmapped: the processor dead-letters
+                                                        the record as ``kms_error``, or pauses
+                                                        if it happened while sealing)
 ======================================================  ====================================
 
 Expired or missing credentials are an outage of ours, not a property of the key: mapping
@@ -111,12 +116,28 @@ _TRANSIENT = frozenset(
         "SignatureDoesNotMatch",
     }
 )
-_TRANSPORT = (
+_TRANSPORT: tuple[type[Exception], ...] = (
     bce.ConnectionError,  # EndpointConnectionError, ConnectTimeoutError, SSLError, ...
     bce.HTTPClientError,  # ReadTimeoutError, ConnectionClosedError
     bce.NoCredentialsError,
     bce.PartialCredentialsError,
     bce.CredentialRetrievalError,
+    # Credentials and client-side retry capacity that stopped working: ours to fix, never a
+    # property of a record (some of these exist only in newer botocore releases).
+    *(
+        getattr(bce, name)
+        for name in (
+            "CapacityNotAvailableError",
+            "MetadataRetrievalError",
+            "NoAuthTokenError",
+            "TokenRetrievalError",
+            "SSOError",
+            "LoginError",
+            "RefreshWithMFAUnsupportedError",
+            "UnknownCredentialError",
+        )
+        if isinstance(getattr(bce, name, None), type)
+    ),
 )
 #: Key states in which a key may still come back without anyone re-enabling it.
 _TRANSIENT_STATES = frozenset({"Unavailable", "Creating", "Updating"})
