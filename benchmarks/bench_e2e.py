@@ -617,6 +617,7 @@ def copy_loop(config_path: str, headers: str = "") -> int:
         exactly_once=config.exactly_once,
         transactional_id=f"{config.group_id}-copy-0",
         _on_client_error=on_error,
+        _on_txn_delivery=lambda err, msg: None,  # the worker names denied topics; not needed here
     )
     cconf = Worker._consumer_conf(shim)  # type: ignore[arg-type]
     pconf = Worker._producer_conf(shim)  # type: ignore[arg-type]
