@@ -12,7 +12,10 @@ tests/unit/test_key_hardening.py::test_classification_table.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import os
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -224,3 +227,77 @@ def test_aws_error_classes(moto: MotoServer, tmp_path: Path) -> None:
     down = AwsKms(REGION, f"http://127.0.0.1:{free_port()}", max_attempts=1, connect_timeout=0.5)
     with pytest.raises(TransientError):
         kit.pipeline(down, dst).process(records([good]))
+
+
+# -- a running worker: the record that used to crash it is a dead letter ---------------------------
+
+
+def test_worker_dead_letters_an_unmapped_kms_error_and_carries_on(
+    bao: OpenBaoServer,
+    tmp_path: Path,
+    kafka_bootstrap: str,
+    unique: str,
+    workers: list[Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before: the provider's ConfigError escaped ``Pipeline.process`` and the worker
+    exited (78), and every restart met the same record.  Now: ``kms_error`` in the DLQ."""
+    import yaml
+
+    from streamproc.crypto.kms.vault import VaultTransitKms
+    from streamproc.runtime.dlq import H_DLQ_DETAIL, H_DLQ_REASON
+    from streamproc.runtime.topics import apply_topics
+    from tests.integration.conftest import (
+        AUDIENCES,
+        WorkerProcess,
+        make_workspace,
+        produce_raw,
+        read_topics,
+    )
+
+    root = bao.client()
+    tag = uuid.uuid4().hex[:8]
+    src, derived = f"src-{tag}", f"derived-{tag}"
+    dst = {a: f"dst-{a}-{tag}" for a in AUDIENCES}
+    for name in [src, *dst.values()]:
+        root.secrets.transit.create_key(name, key_type="aes256-gcm96")
+    root.secrets.transit.create_key(derived, key_type="aes256-gcm96", derived=True)
+    for k in ("VAULT_TOKEN", "VAULT_ADDR", "BAO_ADDR", "VAULT_NAMESPACE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("BAO_TOKEN", bao.root_token)
+    ws = make_workspace(tmp_path / "ws", kafka_bootstrap, unique, sources=("orders",), partitions=1)
+    cfg = yaml.safe_load(ws.config_path.read_text())
+    cfg["kms"] = {"provider": "vault", "url": bao.url, "mount": "transit"}
+    for d in cfg["pipelines"][0]["destinations"]:
+        d["kek"] = dst[d["audience"]]
+    ws.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    root.secrets.kv.v2.create_or_update_secret(
+        path="streamproc/pseudonym-master", secret={"material": base64.b64encode(os.urandom(32)).decode()}
+    )
+    apply_topics(ws.load_config())
+    producer = VaultTransitKms(bao.url, bao.root_token)
+    by_derived = VaultTransitKms(bao.url, bao.root_token, context_binding="derived")
+    topic = ws.topic("orders")
+
+    def seal(kms: Any, kek: str, seed: int) -> tuple[bytes, bytes, int]:
+        rec = EventGenerator(seed).order()
+        s = RecordSealer(kms, kek, topic, ws.schema_json("orders"), ws.schema_source())
+        return (rec["customer_id"].encode(), s.seal(rec), seed)
+
+    produced = produce_raw(
+        ws.bootstrap, topic, [seal(producer, src, 1), seal(by_derived, derived, 2), seal(producer, src, 3)]
+    )
+    w = WorkerProcess(ws)
+    workers.append(w)
+    dest, dlq = ws.dest("orders", "analytics"), ws.dlq("orders")
+    out = read_topics(ws.bootstrap, [dest, dlq], until=lambda r: len(r[dest]) >= 2 and len(r[dlq]) >= 1, timeout=60)
+    assert w.alive(), w.log()[-3000:]
+    assert len(out[dest]) == 2 and len(out[dlq]) == 1
+    (dead,) = out[dlq]
+    assert dead.header(H_DLQ_REASON) == Reason.KMS_ERROR.value
+    assert dead.header(H_DLQ_DETAIL) == (
+        f"key sha256:{hashlib.sha256(derived.encode()).hexdigest()[:12]} v1 (KmsError)"
+    )
+    assert produced.records  # three records went in; two came out, one dead letter
+    w.terminate()
+    assert w.wait(30) == 0, w.log()[-3000:]

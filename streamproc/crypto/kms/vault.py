@@ -49,7 +49,16 @@ any other 400 on decrypt (bad ciphertext,       :class:`~streamproc.errors.Unwra
 authentication failure, wrong context)
 connection error, timeout, 412, 429, 5xx        :class:`~streamproc.errors.KmsUnavailable`
 403 with a token that is itself rejected        :class:`~streamproc.errors.KmsUnavailable`
+a derived key without a context (or the         :class:`~streamproc.errors.ConfigError`
+reverse), a server too old for associated_data
+anything else (other 400s outside decrypt,      :class:`~streamproc.errors.KmsError`
+``UnsupportedOperation``, a 200 without data)
 ==============================================  ==========================================
+
+On the data path the processor turns the last two rows into a dead letter with reason
+``kms_error`` when they happen while unwrapping a record's key (the key id came from the
+record), and into a pause (``SealingUnavailable``) when they happen while sealing; they
+never stop it (docs/keys.md, "KMS errors").
 
 The last row matters operationally: Vault answers "permission denied" both for a policy
 that lacks a capability and for an expired or revoked token.  The first is a property of
