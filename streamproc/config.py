@@ -506,6 +506,8 @@ def load_subscriber_config(
     if _check_verification(ctx, {"kafka": kafka, "consumer": consumer}, kafka_insecure):
         insecure.append("kafka")
     schemas = _schemas_section(ctx, raw, base)
+    if schemas.get("ssl.ca.location") is False:
+        insecure.append("schema_registry")  # refused above unless schemas.insecure: true
     kms = _kms_section(ctx, raw, base)
     if kms.get("verify") is False:
         insecure.append("kms")
@@ -803,9 +805,20 @@ def _schemas_section(ctx: _Ctx, raw: Mapping[str, Any], base: Path) -> dict[str,
             raise ctx.error("schemas.directory", f"{d} is not a directory")
         schemas["directory"] = str(d)
     else:
+        insecure = _bool(ctx, "schemas.insecure", schemas.pop("insecure", False))
         url = _str(ctx, "schemas.url", schemas["url"])
         if not (url.startswith(("http://", "https://", "mock://"))):
             raise ctx.error("schemas.url", f"must start with http:// or https:// (got {url!r})")
+        # confluent-kafka's registry client turns certificate checks off for
+        # ssl.ca.location: false -- never by accident (see _check_verification).
+        if schemas.get("ssl.ca.location") is False and not insecure:
+            raise ctx.error(
+                "schemas.ssl.ca.location",
+                "false disables TLS certificate verification of the registry; set "
+                "schemas.insecure: true to allow it (the worker then logs a warning at start "
+                'and exports streamproc_insecure_transport{component="schema_registry"} 1), '
+                "or give it the registry's CA bundle",
+            )
     return schemas
 
 
@@ -868,6 +881,8 @@ def _validate(raw: dict[str, Any], path: Path, ctx: _Ctx, check_policy: bool) ->
     )
 
     schemas = _schemas_section(ctx, raw, base)
+    if schemas.get("ssl.ca.location") is False:
+        insecure.append("schema_registry")  # refused above unless schemas.insecure: true
     kms = _kms_section(ctx, raw, base)
     provider = kms["provider"]
     if kms.get("verify") is False:

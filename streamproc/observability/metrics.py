@@ -121,7 +121,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("streamproc_dependency_outage_seconds", "gauge", ("dependency",), "Seconds the current outage of a dependency (kms, schema_registry, broker) has lasted; 0 while it is reachable.", "livemax"),
     MetricSpec("streamproc_ready", "gauge", (), "1 when the worker reports ready (partitions assigned, broker and KMS reachable); one series per live worker in multiprocess mode.", "liveall"),
     MetricSpec("streamproc_workers", "gauge", (), "Live worker processes (1 per process, summed).", "livesum"),
-    MetricSpec("streamproc_insecure_transport", "gauge", ("component",), "1 when TLS certificate verification is switched off for a component (kafka, kms) by an explicit insecure: true; 0 otherwise.", "max"),
+    MetricSpec("streamproc_insecure_transport", "gauge", ("component",), "1 when TLS certificate verification is switched off for a component (kafka, kms, schema_registry) by an explicit insecure: true; 0 otherwise.", "max"),
     MetricSpec("streamproc_anomalies_total", "counter", ("kind",), "Anomalies found by the in-process detector, by kind (decryption_spike, egress_spike, decryption_failure_burst, unknown_key, revoked_key, unexpected_destination, kek_not_allowed)."),
 )
 
@@ -200,7 +200,7 @@ class KnownLabels:
             keks.add(config.pseudonym_secrets.kek)
         return cls.of(topics=config.all_topics(), audiences=audiences, kek_ids=keks)
 #: Components whose TLS verification an ``insecure: true`` can switch off (config.py).
-INSECURE_COMPONENTS = ("kafka", "kms")
+INSECURE_COMPONENTS = ("kafka", "kms", "schema_registry")
 
 
 class _LabelGuard:

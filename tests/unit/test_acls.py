@@ -405,3 +405,29 @@ def test_cli_refuses_a_config_without_acls(ws: Path) -> None:
     p.write_text(yaml.safe_dump(cfg))
     res = CliRunner().invoke(cli, ["acls", "plan", "--config", str(p)])
     assert res.exit_code == 1 and "acls: is required" in res.output
+
+
+def test_registry_verification_off_needs_insecure(ws: Path) -> None:
+    cfg = base()
+    cfg["schemas"] = {"url": "https://registry.example:8081", "ssl.ca.location": False}
+    msg = error(ws, cfg)
+    assert ": schemas.ssl.ca.location: false disables TLS certificate verification" in msg
+    assert "schemas.insecure: true" in msg
+    cfg["schemas"]["insecure"] = True
+    config = load(ws, cfg)
+    assert config.insecure_transport == ("schema_registry",)
+    assert config.schemas == {"url": "https://registry.example:8081", "ssl.ca.location": False}
+    cfg["schemas"] = {"url": "https://registry.example:8081", "ssl.ca.location": "/etc/ca.pem"}
+    assert load(ws, cfg).insecure_transport == ()
+
+
+def test_registry_insecure_really_is_what_turns_checks_off() -> None:
+    """The setting refused above is the one confluent-kafka's client obeys."""
+    import ssl
+
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+
+    off = SchemaRegistryClient({"url": "https://127.0.0.1:1", "ssl.ca.location": False})
+    on = SchemaRegistryClient({"url": "https://127.0.0.1:1"})
+    assert off._rest_client.verify.verify_mode == ssl.CERT_NONE
+    assert on._rest_client.verify.verify_mode == ssl.CERT_REQUIRED
