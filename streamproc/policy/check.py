@@ -137,7 +137,9 @@ def check(policy: Policy, schemas: list[RegisteredSchema]) -> Report:
                     rows[leaf.path][aud.name] = "no rule -> drop"
                     continue
                 rows[leaf.path][aud.name] = rule.op + (f" {dict(rule.params)}" if rule.params else "")
-                ops = {r.op for r in aud.rules if r.tag in leaf.tags}
+                # Only the field's own tags: a tag inherited from a container (PUBLIC on a
+                # record) is meant to be overridden by stricter inner tags, not a conflict.
+                ops = {r.op for r in aud.rules if r.tag in leaf.field.tags}
                 if len(ops) > 1:
                     report.findings.append(Finding(
                         "warning", name,

@@ -301,6 +301,11 @@ def test_keep_on_a_container_does_not_override_inner_tags(shared_keys: Pseudonym
     # the linter sees the inner tag as used and reports the inner field's treatment
     findings = lint(CONTAINER, {"PUBLIC": "keep", "EMAIL": "token"})
     assert not [m for _, m in findings if "EMAIL" in m and "no schema uses it" in m]
+    assert not [m for _, m in findings if "different rules" in m]  # inheriting is not a conflict
+    doc = {"keys": {"pseudonym": "k"}, "audiences": {"a": {"tags": {"PUBLIC": "keep", "EMAIL": "token"}}}}
+    matrix = check(parse_policy(doc), [RegisteredSchema(1, avro.canonical_json(CONTAINER))]).matrix["t.R"]
+    assert matrix["contact.email"]["a"] == "token" and matrix["contact.city"]["a"] == "keep"
+    assert matrix["contact.notes{}<key>"]["a"] == "keep"
 
 
 @pytest.mark.parametrize(
