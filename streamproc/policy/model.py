@@ -45,7 +45,7 @@ import yaml
 
 from streamproc.errors import PolicyError
 from streamproc.operators import Operator, OperatorError, get_operator
-from streamproc.operators.base import strictness
+from streamproc.operators.base import ON_FAILURE, strictness
 
 RECORD_KEY_MODES = ("keep", "token", "drop")
 #: The pseudonym domain of a record-key token or a date_shift rule that names none.
@@ -105,7 +105,7 @@ class Policy:
         return {r.tag for a in self.audiences.values() for r in a.rules}
 
 
-def _rule(src: str, audience: str, tag: str, spec: Any) -> Rule:
+def _rule(src: str, audience: str, tag: str, spec: Any, on_failure: str | None = None) -> Rule:
     where = f"{src}: audience {audience!r}, tag {tag!r}"
     if isinstance(spec, str):
         op_name, params = spec, {}
@@ -121,6 +121,8 @@ def _rule(src: str, audience: str, tag: str, spec: Any) -> Rule:
         op.validate(params)
     except OperatorError as exc:
         raise PolicyError(f"{where}: {exc}") from None
+    if on_failure is not None and "on_failure" in op.params and "on_failure" not in params:
+        params = {**params, "on_failure": on_failure}  # defaults.on_failure (no effect where nothing can fail open)
     return Rule(tag, op.name, dict(params), op)
 
 
@@ -138,8 +140,11 @@ def parse_policy(raw: Any, source: str = "<policy>") -> Policy:
     if unknown:
         raise PolicyError(f"{source}: unknown top-level key(s) {sorted(unknown)}")
     defaults = raw.get("defaults") or {}
-    if not isinstance(defaults, Mapping) or set(defaults) - {"untagged", "record_key"}:
-        raise PolicyError(f"{source}: 'defaults' may set only 'untagged' and 'record_key'")
+    if not isinstance(defaults, Mapping) or set(defaults) - {"untagged", "record_key", "on_failure"}:
+        raise PolicyError(f"{source}: 'defaults' may set only 'untagged', 'record_key' and 'on_failure'")
+    on_failure = defaults.get("on_failure")
+    if on_failure is not None and on_failure not in ON_FAILURE:
+        raise PolicyError(f"{source}: defaults.on_failure must be {' or '.join(ON_FAILURE)}, not {on_failure!r}")
     keys = raw.get("keys") or {}
     if not isinstance(keys, Mapping) or set(keys) - {"pseudonym", "shared_domains"}:
         raise PolicyError(f"{source}: 'keys' may set only 'pseudonym' and 'shared_domains'")
@@ -166,7 +171,7 @@ def parse_policy(raw: Any, source: str = "<policy>") -> Policy:
         tags = spec.get("tags") or {}
         if not isinstance(tags, Mapping):
             raise PolicyError(f"{where}: 'tags' must map tag names to rules")
-        rules = _date_shift_rules(where, spec.get("subject"), tuple(_rule(source, name, str(t), r) for t, r in tags.items()))
+        rules = _date_shift_rules(where, spec.get("subject"), tuple(_rule(source, name, str(t), r, on_failure) for t, r in tags.items()))
         rk = _record_key(source, name, spec.get("record_key", defaults.get("record_key", "token")))
         mine = frozenset(d for d, members in shared.items() if name in members)
         for r in (*rules, rk):

@@ -460,3 +460,20 @@ def test_policy_check_cli_reads_documents(tmp_path: Any) -> None:
     (tmp_path / "o.avsc").write_text(json.dumps(UNTAGGED_ORDER))
     res = CliRunner().invoke(cli, ["policy", "check", "--schemas", str(tmp_path), "--policy", str(pol)])
     assert res.exit_code == 1 and "'email' is neither classified" in res.output
+
+
+def test_defaults_on_failure_applies_to_rules_that_do_not_set_it(shared_keys: PseudonymKeys) -> None:
+    doc: dict[str, Any] = {"keys": {"pseudonym": "k"}, "defaults": {"on_failure": "quarantine"}, "audiences": {"a": {
+        "tags": {"PC": {"op": "generalize", "until": " "}, "PC2": {"op": "generalize", "until": " ", "on_failure": "redact"},
+                 "N": {"op": "generalize", "bucket": 10}}}}}
+    aud = parse_policy(doc).audience("a")
+    schema = record_schema({"name": "pc", "type": "string", "confluent:tags": ["PC"]},
+                           {"name": "pc2", "type": "string", "confluent:tags": ["PC2"]},
+                           {"name": "n", "type": "long", "confluent:tags": ["N"]})
+    _, out = run(schema, aud, shared_keys, {"pc": "SW1A 1AA", "pc2": "EC1", "n": 42})
+    assert out == {"pc": "SW1A", "pc2": "*", "n": 40}  # the rule's own redact wins over the default
+    _, failed = run(schema, aud, shared_keys, {"pc": "SW1A1AA", "pc2": "EC1", "n": 42})
+    assert failed == ("failed", "pc", Reason.INEFFECTIVE_TRANSFORM)
+    doc["defaults"]["on_failure"] = "pass"
+    with pytest.raises(PolicyError, match="on_failure must be redact or quarantine"):
+        parse_policy(doc)

@@ -156,7 +156,7 @@ def test_missing_pseudonym_key_names_audience_and_tag(tmp_path: Path) -> None:
     [
         (BASE + "extras: 1\n", "unknown top-level key(s) ['extras']"),
         (BASE.replace("defaults:\n  untagged: drop", "defaults:\n  untagged: drop\n  tags: {}"),
-         "'defaults' may set only 'untagged' and 'record_key'"),
+         "'defaults' may set only 'untagged', 'record_key' and 'on_failure'"),
         (BASE.replace("  pseudonym: pseudonym-master", "  pseudonym: pseudonym-master\n  kek: x"),
          "'keys' may set only 'pseudonym' and 'shared_domains'"),
         ("name: x\naudiences: {}\n", "'audiences' must be a non-empty mapping"),
