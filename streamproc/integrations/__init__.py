@@ -10,7 +10,7 @@
 This package imports no optional dependency itself: ``import streamproc.integrations``
 works without Faust installed, and only ``streamproc.integrations.faust`` needs it.
 For confluent-kafka, see :mod:`streamproc.client.kafka`; ``docs/integrations.md`` covers
-all of them, plus kcat for inspecting dead letters and provenance headers.
+all of them, plus kcat for inspecting dead letters and the provenance header.
 """
 
 from streamproc.integrations.scoped import ScopedKms
