@@ -136,6 +136,8 @@ class EventType(enum.StrEnum):
     SECRET_IMPORTED = "secret_imported"
     SOURCE_TOPIC_READ = "source_topic_read"
     """``streamproc consume --incident-response``: someone read plaintext outside the pipeline."""
+    PROVENANCE_RESOLVED = "provenance_resolved"
+    """``streamproc provenance resolve``: audience-keyed references turned into source offsets."""
 
 
 # -- attribute guard ----------------------------------------------------------------------
@@ -281,6 +283,7 @@ ALLOWED_ATTRIBUTES: Mapping[EventType, frozenset[str]] = {
         {"kms", "key_id", "version", "count", "outcome", "error"}
     ),
     EventType.SOURCE_TOPIC_READ: frozenset({"topic", "reason", "outcome", "count", "error"}),
+    EventType.PROVENANCE_RESOLVED: frozenset({"audiences", "reason", "outcome", "count", "error"}),
 }
 
 

@@ -13,6 +13,10 @@ for an older master), or a whole header value ``f=1;a=...;k=...;r=...``, which n
 audience and master version itself.  Output: ``<ref> <topic> <partition> <offset>``, or a
 JSON line per reference with ``--json``.  A reference that does not resolve under the
 audience's key is reported (exit 1) without echoing it.
+
+Every call is audited (a ``provenance_resolved`` event in the tools' chain of the config's
+``audit:`` section: actor, audiences, count, ``--reason``) *before* anything resolves, and
+refused when the audit cannot be written: the source offsets lead to the plaintext.
 """
 
 from __future__ import annotations
@@ -74,42 +78,79 @@ class Resolver:
 
 
 @provenance.command("resolve")
-@config_option("Processor config (kms, policy, pipelines).")
+@config_option("Processor config (kms, policy, pipelines, audit).")
 @click.option("--audience", help="Audience of bare references (a header value names its own).")
 @click.option("--version", "version", type=click.IntRange(1), help="Pseudonym master version (header k=).")
+@click.option("--reason", help="Why (a ticket id), recorded in the audit event. No personal data.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per reference.")
 @click.argument("refs", nargs=-1)
-def resolve(config_path: str, audience: str | None, version: int | None, as_json: bool, refs: tuple[str, ...]) -> None:
-    """Resolve REFS (or stdin lines) to source topic, partition and offset."""
+def resolve(
+    config_path: str,
+    audience: str | None,
+    version: int | None,
+    reason: str | None,
+    as_json: bool,
+    refs: tuple[str, ...],
+) -> None:
+    """Resolve REFS (or stdin lines) to source topic, partition and offset (audited)."""
+    from streamproc.audit import AuditError, EventType, open_tool_log
+    from streamproc.config import load_config
     from streamproc.crypto.provenance import ProvenanceError, parse_header
 
-    try:
-        resolver = Resolver(config_path)
-    except StreamprocError as exc:
-        raise click.ClickException(str(exc)) from None
     items = list(refs) or [line.strip() for line in sys.stdin if line.strip()]
-    failed = 0
+    # Parse first, so the audit event names every audience before anything is resolved.
+    parsed: list[tuple[str, int | None, str] | None] = []
     for item in items:
-        aud, ver, ref = audience, version, item
         if "=" in item:  # a whole streamproc.prov value (possibly after "streamproc.prov=")
             try:
                 prov = parse_header(item.split("streamproc.prov=", 1)[-1].split(",", 1)[0])
             except ProvenanceError as exc:
                 click.echo(f"streamproc: {exc}", err=True)
+                parsed.append(None)
+                continue
+            parsed.append((prov.audience, prov.key_version, prov.ref or ""))
+        elif audience is None:
+            raise click.UsageError("a bare reference needs --audience")
+        else:
+            parsed.append((audience, version, item))
+    try:
+        resolver = Resolver(config_path)
+        # Lineage leads from an audience's record to its source, where the plaintext is:
+        # every resolution is audited first, and nothing resolves when that fails.
+        log = open_tool_log(load_config(config_path))
+    except AuditError as exc:
+        raise click.ClickException(f"audit trail unavailable, refusing to resolve: {exc}") from None
+    except StreamprocError as exc:
+        raise click.ClickException(str(exc)) from None
+    failed = sum(p is None for p in parsed)
+    try:
+        audiences = sorted({p[0] for p in parsed if p is not None})
+        attrs: dict[str, object] = {"audiences": audiences, "count": len(items), "outcome": "success"}
+        if reason is not None:
+            attrs["reason"] = reason
+        log.emit(EventType.PROVENANCE_RESOLVED, attrs)
+        for p in parsed:
+            if p is None:
+                continue
+            aud, ver, ref = p
+            try:
+                topic, partition, offset = resolver.resolve(aud, ref, ver)
+            except (ProvenanceError, StreamprocError) as exc:
+                click.echo(f"streamproc: audience {aud!r}: {exc}", err=True)
                 failed += 1
                 continue
-            aud, ver, ref = prov.audience, prov.key_version, prov.ref or ""
-        if aud is None:
-            raise click.UsageError("a bare reference needs --audience")
-        try:
-            topic, partition, offset = resolver.resolve(aud, ref, ver)
-        except (ProvenanceError, StreamprocError) as exc:
-            click.echo(f"streamproc: audience {aud!r}: {exc}", err=True)
-            failed += 1
-            continue
-        if as_json:
-            click.echo(json.dumps({"ref": ref, "audience": aud, "topic": topic, "partition": partition, "offset": offset}))
-        else:
-            click.echo(f"{ref} {topic} {partition} {offset}")
+            if as_json:
+                click.echo(json.dumps({"ref": ref, "audience": aud, "topic": topic, "partition": partition, "offset": offset}))
+            else:
+                click.echo(f"{ref} {topic} {partition} {offset}")
+        if failed:
+            log.emit(
+                EventType.PROVENANCE_RESOLVED,
+                {"audiences": audiences, "count": failed, "outcome": "failed", "error": "unresolved"},
+            )
+    except AuditError as exc:
+        raise click.ClickException(f"audit trail unavailable, refusing to resolve: {exc}") from None
+    finally:
+        log.close()
     if failed:
         raise click.exceptions.Exit(1)

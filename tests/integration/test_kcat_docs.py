@@ -93,7 +93,8 @@ def headers_of(csv: str) -> list[tuple[str, str]]:
 @pytest.fixture
 def populated(workspace_factory: Any, workers: list[WorkerProcess]) -> Any:
     """A workspace whose worker has written GOOD sanitized records and three dead letters."""
-    ws = workspace_factory(sources=("orders",))
+    # An audit trail: `streamproc provenance resolve` refuses to run without one.
+    ws = workspace_factory(sources=("orders",), extra={"audit": {"file": "./audit.jsonl"}})
     source = ws.topic("orders")
     worker = WorkerProcess(ws)
     workers.append(worker)
@@ -177,6 +178,8 @@ def test_doc_kcat_commands(populated: Any, tmp_path: Path) -> None:
     def check_lineage(out: str) -> None:
         rows = [line.split() for line in out.splitlines()]
         assert len(rows) == 1 and rows[0][1:] == [src, "0", "3"], out
+        events = [json.loads(x) for x in (ws.root / "audit-tools.jsonl").read_text().splitlines()]
+        assert [e["attrs"]["audiences"] for e in events if e["type"] == "provenance_resolved"] == [["analytics"]] * 2
 
     def check_metadata(out: str) -> None:
         assert f'topic "{dlq}"' in out and "partition 0" in out, out

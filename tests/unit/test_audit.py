@@ -655,6 +655,7 @@ def test_helpers_cover_every_event_type() -> None:
     log.emit(EventType.SECRET_CREATED, {"kms": "aws", "key_id": "pseudonym-master", "version": 1})
     log.emit(EventType.SECRET_IMPORTED, {"kms": "aws", "key_id": "pseudonym-master", "count": 2})
     log.source_topic_read(actor="alice", topic="orders", reason="INC-1", outcome="success", count=3)
+    log.emit(EventType.PROVENANCE_RESOLVED, {"audiences": ["analytics"], "count": 2, "outcome": "success"})
     assert {e["type"] for e in sink.events()} == {t.value for t in EventType}
     assert verify(sink.lines).ok
 

@@ -285,6 +285,7 @@ def test_provenance_resolve_cli(tmp_path: Path) -> None:
         "schemas": {"directory": "./schemas"},
         "kms": {"provider": "local", "path": "./keys/ring.json"},
         "policy": "./policy.yaml",
+        "audit": {"file": "./audit.jsonl"},
         "pipelines": [{"sources": ["orders", "logins"], "dead_letter_topic": "dlq",
                        "destinations": [{"topic": f"out.{a}", "audience": a, "kek": "a-kek"}
                                         for a in ("analytics", "fraud")]}],
@@ -295,9 +296,14 @@ def test_provenance_resolve_cli(tmp_path: Path) -> None:
     header = provenance.header_prefix("analytics", "sha256:0", 7, 1).decode() + ref
     run = CliRunner().invoke
     args = ["provenance", "resolve", "--config", str(tmp_path / "streamproc.yaml")]
-    res = run(cli, [*args, "--audience", "analytics", ref])
+    res = run(cli, [*args, "--audience", "analytics", "--reason", "LIN-7", ref])
     assert res.exit_code == 0, res.output
     assert res.stdout.split() == [ref, "logins", "2", "1234"]
+    # audited (tools' chain beside audit.file) before anything resolved
+    [event] = [e for e in map(json.loads, (tmp_path / "audit-tools.jsonl").read_text().splitlines())
+               if e["type"] == "provenance_resolved"]
+    assert event["attrs"]["audiences"] == ["analytics"] and event["attrs"]["count"] == 1
+    assert event["attrs"]["reason"] == "LIN-7" and event["attrs"]["outcome"] == "success"
     res = run(cli, [*args, "--json"], input=f"streamproc.prov={header}\n")
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout) == {"ref": ref, "audience": "analytics", "topic": "logins", "partition": 2,
@@ -308,6 +314,12 @@ def test_provenance_resolve_cli(tmp_path: Path) -> None:
     assert "does not resolve to a configured source topic" in res.output
     forged = ("A" if ref[0] != "A" else "B") + ref[1:]
     assert run(cli, [*args, "--audience", "analytics", forged]).exit_code == 1
+    # without an audit trail nothing resolves
+    cfg.pop("audit")
+    (tmp_path / "streamproc.yaml").write_text(yaml.safe_dump(cfg))
+    res = run(cli, [*args, "--audience", "analytics", ref])
+    assert res.exit_code == 1 and "audit trail unavailable, refusing to resolve" in res.output
+    assert "logins" not in res.output
 
 
 def test_date_shift_version_is_carried_and_old_shifts_recompute(make_pipeline: Any, keyring: Any) -> None:
