@@ -25,7 +25,7 @@ On one fresh local Tansu (:class:`streamproc.devbroker.DevBroker`), or ``--boots
    * ``streamproc-eos-2`` -- exactly-once, 2 audiences (``a1``, ``a2``);
    * ``raw-eos``          -- a plain confluent-kafka consume-to-produce copy loop
      (subprocess): the worker's own consumer and producer settings (built by the
-     worker's ``_consumer_conf``/``_producer_conf``: read_committed, transactional
+     worker's ``consumer_conf``/``producer_conf`` (streamproc.runtime.kafka_conf): read_committed, transactional
      producer, ``linger.ms`` 5), the same ``consume(batch.max_records, batch.max_wait_ms)``
      batches, one transaction per batch with ``send_offsets_to_transaction``; no crypto,
      no transform, no headers -- each record's key and value copied as they are;
@@ -595,12 +595,11 @@ def copy_loop(config_path: str, headers: str = "") -> int:
     line gives the batches and the mean time per batch of each phase.
     """
     import threading
-    from types import SimpleNamespace
 
     from confluent_kafka import Consumer, Producer, TopicPartition
 
     from streamproc.config import load_config
-    from streamproc.runtime.worker import Worker
+    from streamproc.runtime.kafka_conf import consumer_conf, producer_conf
 
     config = load_config(config_path)
     stop = threading.Event()
@@ -611,16 +610,8 @@ def copy_loop(config_path: str, headers: str = "") -> int:
         print(json.dumps({"message": f"client error {err.name()}"}), flush=True)
 
     # The worker's own settings builders, so the comparison stays like for like.
-    shim = SimpleNamespace(
-        config=config,
-        index=0,
-        exactly_once=config.exactly_once,
-        transactional_id=f"{config.group_id}-copy-0",
-        _on_client_error=on_error,
-        _on_txn_delivery=lambda err, msg: None,  # the worker names denied topics; not needed here
-    )
-    cconf = Worker._consumer_conf(shim)  # type: ignore[arg-type]
-    pconf = Worker._producer_conf(shim)  # type: ignore[arg-type]
+    cconf = consumer_conf(config, error_cb=on_error)
+    pconf = producer_conf(config, transactional_id=f"{config.group_id}-copy-0", error_cb=on_error)
     producer = Producer(pconf)
     eos = config.exactly_once
     if eos:

@@ -54,6 +54,7 @@ offsets, never a librdkafka error string (it may quote broker- or input-supplied
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import logging
@@ -80,9 +81,15 @@ class Fenced(FatalWorkerError):
 class AccessDenied(FatalWorkerError):
     """The broker refused authentication or an operation (missing ACL): fix the config.
 
-    The message names the operation and the librdkafka error name; the worker exits with
-    78 (EX_CONFIG) so a supervisor does not restart it in a loop.
+    The message names the operation and the librdkafka error name; ``error`` and ``topic``
+    let the worker name principal, operation and resource.  The worker exits with 78
+    (EX_CONFIG) so a supervisor does not restart it in a loop.
     """
+
+    def __init__(self, message: str, error: KafkaError | None = None, topic: str | None = None):
+        super().__init__(message)
+        self.error = error
+        self.topic = topic
 
 
 class InvariantViolation(FatalWorkerError):
@@ -173,14 +180,18 @@ def describe(exc: BaseException) -> str:
     return type(exc).__name__ if err is None else str(err.name())
 
 
-def raise_stop(exc: BaseException, what: str, transactional_id: str = "") -> None:
+def raise_stop(
+    exc: BaseException, what: str, transactional_id: str = "", topic: str | None = None
+) -> None:
     """Raise the worker-stopping exception for a DENIED or FATAL ``exc``."""
     kind = classify(exc)
     err = kafka_error(exc)
     if kind is ErrorClass.DENIED:
         raise AccessDenied(
             f"{what}: {describe(exc)} -- the broker refused this principal; check its "
-            "credentials and ACLs (streamproc acls plan)"
+            "credentials and ACLs (streamproc acls plan)",
+            err,
+            topic,
         ) from None
     if err is not None and err.code() in FENCED_CODES:
         raise Fenced(
@@ -205,7 +216,12 @@ class OutRecord(Protocol):
 
 
 class BrokerHealth(Protocol):
-    """Told about retries and recoveries (the worker reports them as readiness/metrics)."""
+    """Told about retries and recoveries (the worker reports them as readiness/metrics).
+
+    ``down`` may raise to stop the retrying: the worker raises a configuration error there
+    when its error callback saw an authentication failure, which librdkafka reports only
+    as timeouts to the blocking call.
+    """
 
     def down(self, attempt: int) -> None: ...
     def ok(self) -> None: ...
@@ -239,6 +255,7 @@ class _Base:
         observer: TransactionObserver | None = None,
         max_retries: int = 20,
         transactional_id: str = "",
+        on_delivery_error: Callable[[KafkaError, str | None], None] | None = None,
     ) -> None:
         self.producer = producer
         self.consumer = consumer
@@ -249,6 +266,8 @@ class _Base:
         self.observer = observer
         self.max_retries = max_retries
         self.transactional_id = transactional_id
+        #: Told about every failed delivery (error, topic): the worker names refusals.
+        self.on_delivery_error = on_delivery_error
         #: Next offset to read per partition, as committed by this worker.
         self.committed: dict[TP, int] = {}
 
@@ -319,7 +338,7 @@ class _Base:
                     raise FatalWorkerError(
                         f"record for {r.topic!r} exceeds the producer's message.max.bytes"
                     ) from None
-                raise_stop(exc, f"produce to {r.topic!r}", self.transactional_id)
+                raise_stop(exc, f"produce to {r.topic!r}", self.transactional_id, r.topic)
 
     # retries ---------------------------------------------------------------------------------
     def call(self, what: str, fn: Callable[[], object], *, in_transaction: bool) -> None:
@@ -371,12 +390,15 @@ class TransactionalCheckpoint(_Base):
         super().__init__(producer, consumer, **kwargs)
         self.txn_open = False
 
-    def init(self) -> None:
-        """Fence any earlier instance with the same ``transactional.id`` (retrying)."""
+    def init(self, timeout: float | None = None) -> None:
+        """Fence any earlier instance with the same ``transactional.id`` (retrying).
+
+        ``timeout`` per attempt (default: the checkpoint's): short attempts let the
+        health hook look at the error callback between them.
+        """
+        t = self.timeout if timeout is None else timeout
         self.call(
-            "init_transactions",
-            lambda: self.producer.init_transactions(self.timeout),
-            in_transaction=False,
+            "init_transactions", lambda: self.producer.init_transactions(t), in_transaction=False
         )
 
     def commit(
@@ -422,6 +444,13 @@ class TransactionalCheckpoint(_Base):
             )
         except (Aborted, InvariantViolation):
             self.abort()
+            raise
+        except AccessDenied:
+            # A refused write or offset commit: abort so nothing of the batch becomes
+            # visible, best effort (the next instance's init_transactions aborts it too).
+            with contextlib.suppress(FatalWorkerError):
+                self.abort()
+            self.txn_open = False
             raise
         except FatalWorkerError:
             # Left as SIGKILL would leave it: the next instance's init_transactions (or the
@@ -469,7 +498,7 @@ class AtLeastOnceCheckpoint(_Base):
 
     txn_open = False
 
-    def init(self) -> None:
+    def init(self, timeout: float | None = None) -> None:
         """Nothing to fence without transactions."""
 
     def commit(
@@ -480,9 +509,11 @@ class AtLeastOnceCheckpoint(_Base):
     ) -> list[TopicPartition]:
         failures: list[str] = []
 
-        def on_delivery(err: KafkaError | None, _msg: object) -> None:
+        def on_delivery(err: KafkaError | None, msg: Any) -> None:
             if err is not None:
                 failures.append(str(err.name()))
+                if self.on_delivery_error is not None:
+                    self.on_delivery_error(err, msg.topic() if msg is not None else None)
 
         # 1. produce
         produced = self.produce_all(records, on_delivery)

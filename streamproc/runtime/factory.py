@@ -34,10 +34,14 @@ from streamproc.errors import ConfigError, EnvelopeError, Reason
 from streamproc.observability import Observer
 from streamproc.pipeline.core import Pipeline, Quarantined, build_routes
 from streamproc.policy.model import Policy, load_policy
-from streamproc.runtime.worker import AuditFailed
+from streamproc.runtime.checkpoint import FatalWorkerError
 from streamproc.schema.registry import SchemaSource, build_schema_source
 
 _log = logging.getLogger("streamproc.audit")
+
+
+class AuditFailed(FatalWorkerError):
+    """An audit event could not be written (``audit:`` configured): stop, exit 1."""
 
 
 def build_kms(config: Config) -> KmsProvider:

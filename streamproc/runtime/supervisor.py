@@ -42,13 +42,18 @@ from streamproc.runtime.worker import EXIT_CONFIG, EXIT_FATAL, EXIT_OK
 log = logging.getLogger("streamproc.runtime.supervisor")
 
 
-def _child_main(config_path: str, index: int, instance: str) -> None:
+#: What a child runs: ``child_main(config_path, index=..., instance=..., serve_metrics=False)``
+#: returning an exit code.  A module-level function (``spawn`` pickles it by name); the
+#: composition root (:func:`streamproc.runtime.app.run_supervised`) passes
+#: :func:`streamproc.runtime.app.run_single`, so this module imports nothing above it.
+ChildMain = Callable[..., int]
+
+
+def _child_main(target: ChildMain, config_path: str, index: int, instance: str) -> None:
     """Entry point of a worker process (module level so ``spawn`` can import it)."""
     import sys
 
-    from streamproc.cli.run import run_single
-
-    sys.exit(run_single(config_path, index=index, instance=instance, serve_metrics=False))
+    sys.exit(target(config_path, index=index, instance=instance, serve_metrics=False))
 
 
 class Supervisor:
@@ -57,6 +62,7 @@ class Supervisor:
         config_path: str | os.PathLike[str],
         workers: int,
         *,
+        target: ChildMain,
         instance: str = "",
         max_restarts: int = 5,
         restart_window: float = 60.0,
@@ -66,6 +72,7 @@ class Supervisor:
         if workers < 1:
             raise ValueError("workers must be >= 1")
         self.config_path = str(Path(config_path))
+        self.target = target
         self.workers = workers
         self.instance = instance
         self.max_restarts = max_restarts
@@ -81,7 +88,7 @@ class Supervisor:
     def _spawn(self, index: int) -> None:
         p = self._ctx.Process(
             target=_child_main,
-            args=(self.config_path, index, self.instance),
+            args=(self.target, self.config_path, index, self.instance),
             name=f"streamproc-worker-{index}",
         )
         p.start()

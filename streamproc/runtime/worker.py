@@ -8,6 +8,9 @@ transaction (the ``on_revoke`` handler still checks, and aborts one if it ever f
 Checkpoint, ``processing_guarantee: exactly_once`` (per batch)
 --------------------------------------------------------------
 
+Steps 3-7 are :class:`~streamproc.runtime.checkpoint.TransactionalCheckpoint` (its
+invariants, retry classification and unit tests live there); the worker does 1, 2 and 8.
+
 1. **Consume** up to ``batch.max_records`` records within ``batch.max_wait_ms`` from the
    owned partitions (``isolation.level=read_committed``, ``enable.auto.commit=false``).
 2. **Process**: ``pipeline.process(records)`` -- pure, no Kafka I/O.  A
@@ -72,15 +75,14 @@ by the transaction timeout, and its records are re-read from the committed offse
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import re
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from confluent_kafka import (
     Consumer,
@@ -103,7 +105,20 @@ from streamproc.errors import (
 from streamproc.observability import Observer
 from streamproc.pipeline.core import BatchResult, InputRecord, Pipeline
 from streamproc.runtime.backoff import Backoff
+from streamproc.runtime.checkpoint import (
+    FENCED_CODES,
+    Aborted,
+    AccessDenied,
+    AtLeastOnceCheckpoint,
+    Checkpoint,
+    FatalWorkerError,
+    InvariantViolation,
+    TransactionalCheckpoint,
+    describe,
+    kafka_error,
+)
 from streamproc.runtime.dlq import dead_letter_headers
+from streamproc.runtime.kafka_conf import consumer_conf, producer_conf
 
 log = logging.getLogger("streamproc.runtime.worker")
 
@@ -115,23 +130,40 @@ EXIT_FATAL = 1
 EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h: do not restart, fix the config
 
 
-class FatalWorkerError(RuntimeError):
-    """The worker cannot continue safely (fenced, fatal client error); exit non-zero."""
+class _DeadLetter(NamedTuple):
+    """A quarantined record on its way to the dead-letter topic (an ``OutRecord``)."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes | None]]
 
 
-class InvariantViolation(FatalWorkerError):
-    """A commit-protocol invariant does not hold: a bug.  Nothing more is committed."""
+class _Health:
+    """The checkpoint's view of broker health: the worker's readiness and retry metrics.
+
+    ``down`` also serves librdkafka's error callback: an authentication failure shows up
+    there only, while the blocking call merely times out, and waiting cannot fix it.
+    """
+
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+
+    def down(self, attempt: int) -> None:
+        w = self._worker
+        w._broker_down(attempt)
+        if w._security_error is None and w.producer is not None:
+            with contextlib.suppress(KafkaException):  # a fatal producer raises here
+                w.producer.poll(0)
+        if w._security_error is not None:
+            raise AccessDenied(w._security_error)
+
+    def ok(self) -> None:
+        self._worker._broker_ok()
 
 
-class AuditFailed(FatalWorkerError):
-    """An audit event could not be written (``audit:`` configured): stop, exit 1."""
-
-
-class _Abort(Exception):
-    """Internal: the transaction was aborted; rewind and re-consume."""
-
-
-def _dependency(exc: BaseException) -> str:
+def dependency_of(exc: BaseException) -> str:
+    """The ``dependency`` label of a transient outage (metrics, readiness reason)."""
     if isinstance(exc, KmsUnavailable):
         return "kms"
     if isinstance(exc, SchemaRegistryUnavailable):
@@ -202,8 +234,8 @@ class Worker:
         self._stop = threading.Event()
         self._fatal_error: str | None = None
         self._owned: set[TP] = set()
-        self._committed: dict[TP, int] = {}
-        self._txn_open = False
+        #: The commit protocol (built in ``_start``, once the producer exists).
+        self.checkpoint: Checkpoint | None = None
         self._in_backoff = False
         self._dropped_during_backoff: dict[TP, int] = {}
         self._broker_down_since: float | None = None
@@ -213,7 +245,6 @@ class Worker:
         self._broker_attempt = 0
         self._last_lag = 0.0
         self._dlq_for = {s: p.dead_letter_topic for p in config.pipelines for s in p.sources}
-        self._delivery_errors: list[str] = []
         #: A broker refusal (authentication, a missing ACL) seen anywhere: exit 78.
         self._security_error: str | None = None
         self.consumer: Consumer | None = None
@@ -268,6 +299,13 @@ class Worker:
             log.error("configuration error: %s", exc)
             self._close(clean=False)
             return EXIT_CONFIG
+        except AccessDenied as exc:
+            # The checkpoint says which call the broker refused; _deny says who and what.
+            if self._security_error is None and exc.error is not None:
+                self._deny(exc.error, exc.topic, produce=True)
+            log.error("configuration error: %s", self._security_error or exc)
+            self._close(clean=False)
+            return EXIT_CONFIG
         except FatalWorkerError as exc:
             if self._security_error is not None:  # the root cause, e.g. behind a timeout
                 log.error("configuration error: %s", self._security_error)
@@ -304,39 +342,6 @@ class Worker:
         )
         return EXIT_OK
 
-    def _consumer_conf(self) -> dict[str, Any]:
-        conf = self.config.consumer_config()
-        conf.setdefault("auto.offset.reset", "earliest")
-        conf.setdefault("partition.assignment.strategy", "range")
-        conf.setdefault("client.id", f"streamproc-{self.config.group_id}-{self.index}")
-        conf.update(
-            {
-                "group.id": self.config.group_id,
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-                "isolation.level": "read_committed",
-                "enable.partition.eof": False,
-                "error_cb": self._on_client_error,
-            }
-        )
-        return conf
-
-    def _producer_conf(self) -> dict[str, Any]:
-        conf = self.config.producer_config()
-        conf.setdefault("client.id", f"streamproc-{self.config.group_id}-{self.index}-producer")
-        conf.setdefault("linger.ms", 5)
-        conf["error_cb"] = self._on_client_error
-        if self.exactly_once:
-            conf["transactional.id"] = self.transactional_id
-            # Only failed deliveries call back (no per-record cost): a commit that fails
-            # because a topic refused a write then names the topic (_denied_write).
-            conf.setdefault("delivery.report.only.error", True)
-            conf["on_delivery"] = self._on_txn_delivery
-        else:
-            conf["enable.idempotence"] = True
-            conf.setdefault("acks", "all")
-        return conf
-
     def _client(
         self, factory: Callable[[dict[str, Any]], Any], conf: dict[str, Any], what: str
     ) -> Any:
@@ -353,18 +358,36 @@ class Worker:
         self.observer.ready(False, "starting")
         if self.audit is not None:  # audited before anything is consumed
             self.audit.started(self.pipeline.policy, self.config.policy)
-        self.producer = self._client(self._producer_factory, self._producer_conf(), "producer")
-        if self.exactly_once:
-            # Fences any earlier instance with the same transactional.id and aborts what it
-            # left open, so a restarted worker never races its own zombie.
-            producer = self.producer
-            # Short attempts: init_transactions serves no callbacks while it blocks, and an
-            # authentication failure only surfaces through error_cb (see _retry_kafka).
-            self._retry_kafka(
-                "init_transactions",
-                lambda: producer.init_transactions(min(self.kafka_timeout, 5.0)),
-            )
-        self.consumer = self._client(self._consumer_factory, self._consumer_conf(), "consumer")
+        pconf = producer_conf(
+            self.config,
+            index=self.index,
+            transactional_id=self.transactional_id if self.exactly_once else None,
+            error_cb=self._on_client_error,
+            # Only failed deliveries call back (no per-record cost): a commit that fails
+            # because a topic refused a write then names the topic (_denied_write).
+            on_delivery=self._on_txn_delivery if self.exactly_once else None,
+        )
+        self.producer = self._client(self._producer_factory, pconf, "producer")
+        kind = TransactionalCheckpoint if self.exactly_once else AtLeastOnceCheckpoint
+        self.checkpoint = kind(
+            self.producer,
+            None,
+            timeout=self.kafka_timeout,
+            delay=self.backoff.delay,
+            stop=self._stop,
+            health=_Health(self),
+            observer=self.observer,
+            transactional_id=self.transactional_id,
+            on_delivery_error=self._on_delivery_error,
+        )
+        # Exactly once: fences any earlier instance with the same transactional.id and
+        # aborts what it left open, so a restarted worker never races its own zombie.
+        # Short attempts: init_transactions serves no callbacks while it blocks, and an
+        # authentication failure only surfaces through error_cb (see _Health.down).
+        self.checkpoint.init(timeout=min(self.kafka_timeout, 5.0))
+        cconf = consumer_conf(self.config, index=self.index, error_cb=self._on_client_error)
+        self.consumer = self._client(self._consumer_factory, cconf, "consumer")
+        self.checkpoint.consumer = self.consumer
         sources = self.pipeline.source_topics
         self.consumer.subscribe(
             sources, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
@@ -383,15 +406,10 @@ class Worker:
     def _close(self, *, clean: bool) -> None:
         c, self.consumer = self.consumer, None
         p, self.producer = self.producer, None
-        if p is not None and self._txn_open and clean:
-            try:
-                p.abort_transaction(min(5.0, self.kafka_timeout))
-                self.observer.transaction("aborted")
-            except KafkaException as exc:
-                log.warning("abort on close failed: %s", _describe(exc))
-        # After a fatal error an open transaction is left as SIGKILL would leave it: the
-        # next instance's init_transactions (or the transaction timeout) aborts it.
-        self._txn_open = False
+        if self.checkpoint is not None:
+            # After a fatal error an open transaction is left as SIGKILL would leave it:
+            # the next instance's init_transactions (or the transaction timeout) aborts it.
+            self.checkpoint.close(clean=clean)
         if c is not None:
             try:
                 c.close()  # leaves the group; on_revoke runs with nothing in flight
@@ -443,12 +461,10 @@ class Worker:
         if self.audit is not None and result.quarantined:
             # Audited before committed: if the write fails (fatal), the batch is redone.
             self.audit.after_batch(result.quarantined)
+        assert self.checkpoint is not None
         try:
-            if self.exactly_once:
-                self._commit_transactional(batch, result)
-            else:
-                self._commit_at_least_once(batch, result)
-        except _Abort:
+            self.checkpoint.commit(self._out_records(result), batch.last, self._owned)
+        except Aborted:
             self.aborts += 1
             self._consecutive_aborts += 1
             self._rewind(batch)
@@ -471,7 +487,7 @@ class Worker:
                 result = self.pipeline.process(inputs)
             except TransientError as exc:
                 attempt += 1
-                dep = _dependency(exc)
+                dep = dependency_of(exc)
                 log.warning(
                     "transient outage (%s); pausing and retrying the batch",
                     type(exc).__name__,
@@ -549,144 +565,25 @@ class Worker:
                 self._seek(tp, off)
         self._dropped_during_backoff = {}
 
-    # -- steps 3-7: exactly once ----------------------------------------------------------------
-    def _commit_transactional(self, batch: _Batch, result: BatchResult) -> None:
-        p = self.producer
-        assert p is not None and self.consumer is not None
-        # 3. begin
-        if self._txn_open:
-            raise InvariantViolation("begin_transaction with a transaction already open")
-        try:
-            p.begin_transaction()
-        except KafkaException as exc:
-            self._classify(exc, "begin_transaction")
-            raise _Abort from None
-        self._txn_open = True
-        try:
-            # 4. produce outputs and dead letters
-            produced = self._produce_all(result)
-            expected = len(result.outputs) + len(result.quarantined)
-            if produced != expected:
-                raise InvariantViolation(f"produced {produced} records, expected {expected}")
-            # 5. offsets
-            offsets = self._offsets(batch)
-            # 6. offsets into the transaction, fenced by the group generation
-            meta = self.consumer.consumer_group_metadata()
-            self._txn_call(
-                "send_offsets_to_transaction",
-                lambda: p.send_offsets_to_transaction(offsets, meta, self.kafka_timeout),
-            )
-            # 7. commit
-            self._txn_call("commit_transaction", lambda: p.commit_transaction(self.kafka_timeout))
-        except _Abort:
-            self._abort()
-            if self._security_error is not None:  # aborted: nothing of the batch is visible
-                raise ConfigError(self._security_error) from None
-            raise
-        except InvariantViolation:
-            self._abort()
-            raise
-        self._txn_open = False
-        self.observer.transaction("committed")
-
-    def _txn_call(self, what: str, call: Callable[[], None]) -> None:
-        """Retry retriable errors; abortable -> _Abort; fatal -> FatalWorkerError."""
-        attempt = 0
-        while True:
-            try:
-                call()
-                if attempt:
-                    self._broker_ok()
-                return
-            except KafkaException as exc:
-                err = _err(exc)
-                if (
-                    err is not None
-                    and err.retriable()
-                    and not err.txn_requires_abort()
-                    and not _is_fatal(err)
-                ):
-                    attempt += 1
-                    log.warning("%s: retriable %s (attempt %d)", what, err.name(), attempt)
-                    self._broker_down(attempt)
-                    if attempt > 20:
-                        raise _Abort from None
-                    time.sleep(self.backoff.delay(attempt))
-                    continue
-                self._classify(exc, what)
-                raise _Abort from None
-
-    def _classify(self, exc: KafkaException, what: str) -> None:
-        """Raise FatalWorkerError for fatal errors; log abortable ones."""
-        err = _err(exc)
-        if err is not None and err.code() in _AUTHZ_OPERATION:
-            self._deny(err, None, produce=True)  # transactional calls are the producer's
-            if err.txn_requires_abort() and self._txn_open:
-                raise _Abort  # aborted by the caller, then a ConfigError (exit 78)
-            raise ConfigError(cast(str, self._security_error))
-        if err is None or _is_fatal(err) or not (err.txn_requires_abort() or err.retriable()):
-            hint = ""
-            if err is not None and err.code() in _FENCED_CODES:
-                hint = (
-                    f"; another live producer uses transactional.id {self.transactional_id!r} -- "
-                    "give every process its own --instance (or use --workers N)"
+    # -- steps 3-7: the checkpoint ----------------------------------------------------------------
+    def _out_records(self, result: BatchResult) -> list[Any]:
+        """Outputs, then one dead letter per quarantined record (the produce order)."""
+        if not result.quarantined:
+            return result.outputs
+        records: list[Any] = list(result.outputs)
+        for q in result.quarantined:
+            dlq = self._dlq_for.get(q.record.topic)
+            if dlq is None:
+                raise InvariantViolation(
+                    f"quarantined record of {q.record.topic!r} has no dead-letter topic"
                 )
-            raise FatalWorkerError(f"{what}: {_describe(exc)}{hint}")
-        log.warning("%s failed (%s); aborting the transaction and rewinding", what, err.name())
+            records.append(_DeadLetter(dlq, q.record.key, q.record.value, dead_letter_headers(q)))
+        return records
 
-    def _abort(self) -> None:
-        """Abort the open transaction: a few quick retries, then give up (fatal)."""
-        assert self.producer is not None
-        if not self._txn_open:
-            return
-        for attempt in range(1, 4):
-            try:
-                self.producer.abort_transaction(self.kafka_timeout)
-                break
-            except KafkaException as exc:
-                err = _err(exc)
-                if err is None or _is_fatal(err) or not err.retriable() or attempt == 3:
-                    self._txn_open = False
-                    raise FatalWorkerError(f"abort_transaction: {_describe(exc)}") from None
-                log.warning("abort_transaction: retriable %s (attempt %d)", err.name(), attempt)
-                self._wait_plain(self.backoff.delay(attempt))
-        self._txn_open = False
-        self.observer.transaction("aborted")
-
-    # -- at least once ---------------------------------------------------------------------------
-    def _commit_at_least_once(self, batch: _Batch, result: BatchResult) -> None:
-        p, c = self.producer, self.consumer
-        assert p is not None and c is not None
-        self._delivery_errors = []
-        produced = self._produce_all(result, on_delivery=self._on_delivery)
-        expected = len(result.outputs) + len(result.quarantined)
-        if produced != expected:
-            raise InvariantViolation(f"produced {produced} records, expected {expected}")
-        attempt = 0
-        while p.flush(self.kafka_timeout) > 0:
-            attempt += 1
-            self._broker_down(attempt)
-            if self._stop.is_set() and attempt > 3:
-                raise FatalWorkerError("could not deliver the batch before shutdown")
-        if self._delivery_errors:
-            log.warning("delivery failed (%s); re-processing the batch", self._delivery_errors[0])
-            raise _Abort
-        offsets = self._offsets(batch)
-        try:
-            c.commit(offsets=offsets, asynchronous=False)
-        except KafkaException as exc:
-            err = _err(exc)
-            if err is not None and _is_fatal(err):
-                raise FatalWorkerError(f"commit: {_describe(exc)}") from None
-            # Outputs are written; re-processing duplicates them, which at-least-once allows.
-            log.warning("offset commit failed (%s); re-processing the batch", _describe(exc))
-            raise _Abort from None
-
-    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
-        if err is not None:
-            self._delivery_errors.append(err.name())
-            if err.code() in _AUTHZ_OPERATION:
-                self._deny(err, msg.topic(), produce=True)
+    def _on_delivery_error(self, err: KafkaError, topic: str | None) -> None:
+        """A failed delivery (at least once): a refusal names the topic."""
+        if err.code() in _AUTHZ_OPERATION:
+            self._deny(err, topic, produce=True)
 
     def _on_txn_delivery(self, err: KafkaError | None, msg: Message) -> None:
         """Producer-wide delivery callback (failures only) of the transactional producer."""
@@ -759,81 +656,7 @@ class Worker:
         self._security_error = what
         self.stop()
 
-    # -- shared helpers ------------------------------------------------------------------------
-    def _produce_all(
-        self, result: BatchResult, on_delivery: Callable[..., None] | None = None
-    ) -> int:
-        p = self.producer
-        assert p is not None
-        n = 0
-        produce = p.produce
-        if on_delivery is not None:  # only when there is one, as before
-            produce = functools.partial(produce, on_delivery=on_delivery)
-        for o in result.outputs:
-            h = o.headers
-            try:  # fast path, once per output: straight to librdkafka
-                hl: Any = h if type(h) is list else list(h)
-                produce(o.topic, o.value, o.key, headers=hl)
-            except (BufferError, KafkaException):  # queue full / produce error: nothing was queued
-                self._produce(o.topic, o.key, o.value, h, on_delivery)  # retries or explains
-            n += 1
-        for q in result.quarantined:
-            dlq = self._dlq_for.get(q.record.topic)
-            if dlq is None:
-                raise InvariantViolation(
-                    f"quarantined record of {q.record.topic!r} has no dead-letter topic"
-                )
-            self._produce(dlq, q.record.key, q.record.value, dead_letter_headers(q), on_delivery)
-            n += 1
-        return n
-
-    def _produce(
-        self,
-        topic: str,
-        key: bytes | None,
-        value: bytes | None,
-        headers: Sequence[tuple[str, bytes | None]],
-        on_delivery: Callable[..., None] | None,
-    ) -> None:
-        p = self.producer
-        assert p is not None
-        kwargs: dict[str, Any] = {"key": key, "value": value, "headers": list(headers)}
-        if on_delivery is not None:
-            kwargs["on_delivery"] = on_delivery
-        while True:
-            try:
-                p.produce(topic, **kwargs)
-                return
-            except BufferError:
-                p.poll(0.1)  # local queue full: let deliveries drain
-            except KafkaException as exc:
-                err = _err(exc)
-                if err is not None and err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
-                    raise FatalWorkerError(
-                        f"record for {topic!r} exceeds the producer's message.max.bytes; raise it "
-                        "(and the topic's max.message.bytes) to at least the largest source record"
-                    ) from None
-                raise
-
-    def _offsets(self, batch: _Batch) -> list[TopicPartition]:
-        out = []
-        for tp, last in sorted(batch.last.items()):
-            if tp not in self._owned:
-                raise _Abort  # revoked between consume and commit: let the new owner redo it
-            nxt = last + 1
-            prev = self._committed.get(tp)
-            if prev is not None and nxt <= prev:
-                raise InvariantViolation(
-                    f"offset for {tp[0]}[{tp[1]}] would go back from {prev} to {nxt}"
-                )
-            out.append(TopicPartition(tp[0], tp[1], nxt))
-        if not out:
-            raise InvariantViolation("a non-empty batch produced no offsets")
-        return out
-
     def _after_commit(self, batch: _Batch, result: BatchResult) -> None:
-        for tp, last in batch.last.items():
-            self._committed[tp] = last + 1
         self.batches_committed += 1
         self.records_committed += len(batch.messages)
         now = time.time()
@@ -877,7 +700,7 @@ class Worker:
         for tp, first in batch.first.items():
             if tp not in self._owned:
                 continue  # the new owner starts from the committed offset
-            committed = self._committed.get(tp)
+            committed = self._committed_offset(tp)
             if committed is not None and committed > first:
                 raise InvariantViolation(
                     f"{tp[0]}[{tp[1]}]: batch starts at {first}, before the committed {committed}"
@@ -894,30 +717,8 @@ class Worker:
             # of skipping records.
             raise FatalWorkerError(f"seek {tp[0]}[{tp[1]}] to {offset}: {_describe(exc)}") from None
 
-    def _retry_kafka(self, what: str, call: Callable[[], None]) -> None:
-        attempt = 0
-        while True:
-            try:
-                call()
-                if attempt:
-                    self._broker_ok()
-                return
-            except KafkaException as exc:
-                err = _err(exc)
-                if err is not None and err.code() in _AUTHZ_OPERATION:
-                    self._deny(err, None)
-                if self._security_error is None and self.producer is not None:
-                    with contextlib.suppress(KafkaException):  # a fatal producer raises here
-                        self.producer.poll(0)  # serve error_cb: an authentication failure?
-                if self._security_error is not None:
-                    raise ConfigError(self._security_error) from None
-                if err is None or _is_fatal(err) or not err.retriable():
-                    raise FatalWorkerError(f"{what}: {_describe(exc)}") from None
-                attempt += 1
-                log.warning("%s: retriable %s (attempt %d)", what, err.name(), attempt)
-                self._broker_down(attempt)
-                if not self._wait_plain(self.backoff.delay(attempt)):
-                    raise FatalWorkerError(f"{what}: stopped while retrying") from None
+    def _committed_offset(self, tp: TP) -> int | None:
+        return None if self.checkpoint is None else self.checkpoint.committed.get(tp)
 
     def _wait_plain(self, seconds: float) -> bool:
         return not self._stop.wait(seconds)
@@ -1012,7 +813,9 @@ class Worker:
             if high is None or high < 0:
                 continue
             pos = (
-                tp.offset if tp.offset >= 0 else self._committed.get((tp.topic, tp.partition), low)
+                tp.offset
+                if tp.offset >= 0
+                else (self._committed_offset((tp.topic, tp.partition)) or low)
             )
             lags[(tp.topic, tp.partition)] = (
                 max(0, high - pos) if pos is not None and pos >= 0 else high
@@ -1025,8 +828,8 @@ class Worker:
         added = {(tp.topic, tp.partition) for tp in partitions}
         self._broker_ok()  # an assignment came from the group coordinator: it answers
         self._owned |= added
-        for tp in added:
-            self._committed.pop(tp, None)  # someone else may have committed meanwhile
+        if self.checkpoint is not None:
+            self.checkpoint.forget(added)  # someone else may have committed meanwhile
         log.info(
             "partitions assigned", extra={"partitions": _fmt(added), "count": len(self._owned)}
         )
@@ -1041,17 +844,19 @@ class Worker:
 
     def _release(self, partitions: list[TopicPartition], *, lost: bool) -> None:
         gone = {(tp.topic, tp.partition) for tp in partitions}
-        if self._txn_open:
+        cp = self.checkpoint
+        if isinstance(cp, TransactionalCheckpoint) and cp.txn_open:
             # Not reachable with this loop (no consume() inside a transaction), but if it
             # ever is: the offsets in it may be for partitions we no longer own.  Abort.
             log.warning("rebalance with an open transaction; aborting it")
-            self._abort()
+            cp.abort()
         self._owned -= gone
         # A partition revoked while its records wait in hand must not be processed even
         # if it comes back: another worker may have committed past them meanwhile.
         self._revoked_in_flight |= gone
+        if cp is not None:
+            cp.forget(gone)
         for tp in gone:
-            self._committed.pop(tp, None)
             self._dropped_during_backoff.pop(tp, None)
         log.info(
             "partitions lost" if lost else "partitions revoked",
@@ -1132,21 +937,9 @@ def _fmt(tps: set[TP]) -> list[str]:
     return [f"{t}[{p}]" for t, p in sorted(tps)]
 
 
-#: Errors that mean another producer owns our transactional.id: never retry, never abort.
-_FENCED_CODES = frozenset(
-    {
-        KafkaError._FENCED,
-        KafkaError.PRODUCER_FENCED,
-        KafkaError.INVALID_PRODUCER_EPOCH,
-        KafkaError.INVALID_PRODUCER_ID_MAPPING,
-        KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
-    }
-)
-
-
 #: Broker authorization refusals and the operation each one means.  Not retried: an ACL
 #: does not appear by waiting, and a worker that keeps trying looks alive while it does
-#: nothing.  TRANSACTIONAL_ID_AUTHORIZATION_FAILED is also in _FENCED_CODES (never retry).
+#: nothing.  The commit path classifies them as DENIED (checkpoint.classify).
 _AUTHZ_OPERATION = {
     KafkaError.TOPIC_AUTHORIZATION_FAILED: "READ",
     KafkaError.GROUP_AUTHORIZATION_FAILED: "READ",
@@ -1156,25 +949,17 @@ _AUTHZ_OPERATION = {
 
 
 def _err(exc: BaseException) -> KafkaError | None:
-    return exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+    return kafka_error(exc)
 
 
 def _is_fatal(err: KafkaError) -> bool:
-    """librdkafka's fatal flag, plus fencing (some brokers report it as abortable)."""
-    return bool(err.fatal()) or err.code() in _FENCED_CODES
+    """librdkafka's fatal flag, plus fencing (client and consumer errors; the commit path
+    classifies with :func:`streamproc.runtime.checkpoint.classify`)."""
+    return bool(err.fatal()) or err.code() in FENCED_CODES
 
 
-def _describe(exc: BaseException) -> str:
-    """A value-free description: the librdkafka error name, or the exception type.
-
-    Never the message: librdkafka's error strings and other libraries' exception messages
-    may quote broker- or input-supplied text, and these descriptions end up in
-    FatalWorkerError messages and log lines.
-    """
-    err = _err(exc)
-    if err is None:
-        return type(exc).__name__
-    return str(err.name())
+#: Value-free description of a client error (the librdkafka error name); see checkpoint.
+_describe = describe
 
 
 def default_instance() -> str:
@@ -1185,95 +970,13 @@ def default_instance() -> str:
     return os.environ.get("STREAMPROC_INSTANCE") or socket.gethostname() or "streamproc"
 
 
-def run_worker(
-    config: Config,
-    *,
-    index: int = 0,
-    instance: str = "",
-    observer: Observer | None = None,
-    install_signals: bool = True,
-) -> int:
-    """Build the pipeline (retrying transient KMS/registry outages) and run one worker.
-
-    With ``audit:`` configured the audit trail is opened once the pipeline is built; a
-    trail that cannot be opened (file locked or not verifying, topic producer failing)
-    stops the worker with exit 1 before anything is consumed.
-    """
-    from streamproc.audit import AuditError
-    from streamproc.errors import KmsError
-    from streamproc.runtime.factory import build_audit, build_kms, build_pipeline, build_schemas
-
-    observer = observer or Observer()
-    for component in config.insecure_transport:  # allowed only by an explicit insecure: true
-        log.warning(
-            "TLS certificate verification is OFF for %s (insecure: true in the config)",
-            component,
-            extra={"component": component},
-        )
-        observer.insecure_transport(component)
-    stop = threading.Event()
-    if install_signals:
-        import signal
-
-        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-        for s in previous:
-            signal.signal(s, lambda *_: stop.set())
-    kms = build_kms(config)
-    schemas = build_schemas(config)
-    backoff = Backoff(base=0.5, cap=10.0)
-    attempt = 0
-    down: set[str] = set()
-    while True:
-        try:
-            pipeline = build_pipeline(config, kms=kms, schemas=schemas, observer=observer)
-            for dep in down:
-                observer.dependency_restored(dep)
-            break
-        except TransientError as exc:
-            attempt += 1
-            dep = _dependency(exc)
-            log.warning("start-up: %s unavailable; retrying", dep, extra={"attempt": attempt})
-            observer.retrying(dep, attempt)
-            observer.ready(False, dep)
-            down.add(dep)
-            if stop.wait(backoff.delay(attempt)):
-                return EXIT_OK
-        except KmsError as exc:  # after TransientError: KmsUnavailable is retried above
-            # The pseudonym master cannot be read (unknown, revoked, not unwrappable): a
-            # restart will not fix it.  KMS messages name key ids only.
-            raise ConfigError(f"pseudonym secret: {exc}") from None
-    instance = instance or default_instance()
-    try:
-        audit = build_audit(
-            config, index=index, instance=instance, kms_name=getattr(kms, "name", "unknown")
-        )
-    except (AuditError, OSError) as exc:
-        what = (
-            f"{exc.strerror} ({exc.filename})"
-            if isinstance(exc, OSError) and not isinstance(exc, AuditError)
-            else str(exc)
-        )
-        log.error("fatal: audit log unavailable: %s", what)
-        return EXIT_FATAL
-    worker = Worker(
-        config, pipeline, index=index, instance=instance, observer=observer, audit=audit
-    )
-    if install_signals:
-        worker.install_signal_handlers()
-        if stop.is_set():
-            if audit is not None:
-                audit.abandon()
-            return EXIT_OK
-    return worker.run()
-
-
 __all__ = [
     "EXIT_CONFIG",
     "EXIT_FATAL",
     "EXIT_OK",
-    "AuditFailed",
     "FatalWorkerError",
     "InvariantViolation",
     "Worker",
-    "run_worker",
+    "default_instance",
+    "dependency_of",
 ]

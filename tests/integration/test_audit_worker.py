@@ -380,9 +380,9 @@ def test_fatal_descriptions_are_value_free() -> None:
 def test_supervisor_removes_the_metrics_directory_it_created(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import streamproc.runtime.supervisor as supervisor
-    from streamproc.cli.run import run_supervised
+    import streamproc.runtime.app as app
     from streamproc.observability.server import ENV
+    from streamproc.runtime.app import run_supervised
 
     ws_cfg = make_workspace(tmp_path / "cfg", "127.0.0.1:1", "x", sources=("orders",))
     cfg = yaml.safe_load(ws_cfg.config_path.read_text())
@@ -400,7 +400,7 @@ def test_supervisor_removes_the_metrics_directory_it_created(
             return 0
 
     monkeypatch.delenv(ENV, raising=False)
-    monkeypatch.setattr(supervisor, "Supervisor", FakeSupervisor)
+    monkeypatch.setattr(app, "Supervisor", FakeSupervisor)
     # setup_multiprocess() switches prometheus_client to mmap values process-wide (right
     # for a supervisor, which exits afterwards); restore it for the tests that follow
     from prometheus_client import values

@@ -393,10 +393,7 @@ def test_abortable_errors_abort(step: str) -> None:
 
 
 @pytest.mark.parametrize("step", ["send_offsets_to_transaction", "commit_transaction"])
-@pytest.mark.parametrize(
-    ("make", "exc_type"),
-    [(FENCED, cp.Fenced), (FATAL, cp.FatalWorkerError), (DENIED, cp.AccessDenied)],
-)
+@pytest.mark.parametrize(("make", "exc_type"), [(FENCED, cp.Fenced), (FATAL, cp.FatalWorkerError)])
 def test_fatal_errors_stop_without_aborting(
     step: str, make: Any, exc_type: type[Exception]
 ) -> None:
@@ -407,6 +404,44 @@ def test_fatal_errors_stop_without_aborting(
     # a fenced producer cannot abort; the successor's init_transactions does it
     assert "abort_transaction" not in p.calls
     assert not c.txn_open and c.committed == {} and obs.outcomes == []
+
+
+@pytest.mark.parametrize("step", ["send_offsets_to_transaction", "commit_transaction"])
+@pytest.mark.parametrize("abort_error", [None, FATAL()])
+def test_denied_aborts_first_then_stops(step: str, abort_error: BaseException | None) -> None:
+    p = FakeProducer(**{step: [DENIED()]}, abort_transaction=[abort_error])
+    c, _, _ = txn(p)
+    with pytest.raises(cp.AccessDenied) as info:
+        c.commit(RECORDS, LAST, OWNED)
+    assert p.calls[-1] == "abort_transaction"  # nothing of the batch becomes visible
+    assert info.value.error is not None
+    assert info.value.error.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
+    assert not c.txn_open and c.committed == {}
+
+
+def test_delivery_errors_reach_the_hook_with_their_topic() -> None:
+    p, cons = FakeProducer(), FakeConsumer()
+    p.deliver_error = KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)
+    seen: list[tuple[int, str | None]] = []
+
+    class Msg:
+        def topic(self) -> str:
+            return "out.a"
+
+    orig = p.produce
+
+    def produce(topic: str, value: Any = None, key: Any = None, **kw: Any) -> None:
+        cb = kw.pop("on_delivery", None)
+        orig(topic, value, key, **kw)
+        if cb is not None:
+            cb(p.deliver_error, Msg())
+
+    p.produce = produce  # type: ignore[method-assign]
+    c = alo(p, cons, on_delivery_error=lambda e, t: seen.append((e.code(), t)))
+    with pytest.raises(cp.Aborted):
+        c.commit(RECORDS, LAST, OWNED)
+    assert seen[0] == (KafkaError.TOPIC_AUTHORIZATION_FAILED, "out.a")
+    assert cons.commits == []
 
 
 def test_fenced_message_names_the_transactional_id() -> None:

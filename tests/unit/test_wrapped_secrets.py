@@ -327,7 +327,7 @@ def test_build_pipeline_reads_the_wrapped_file(ws: Path, ring: LocalKeyring) -> 
 
 def test_unreadable_master_stops_the_worker_as_a_config_error(ws: Path, ring: LocalKeyring) -> None:
     """Revoked/disabled secret KEK: exit 78 before any Kafka client exists, naming the key."""
-    from streamproc.runtime.worker import run_worker
+    from streamproc.runtime.app import run_worker
 
     ps = {"provider": "wrapped_file", "path": "./keys/pseudonym.json", "kek": "secret-kek"}
     config = load_config(_config(ws, pseudonym_secrets=ps), env={})

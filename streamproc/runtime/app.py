@@ -1,0 +1,248 @@
+"""The composition root: everything that turns a config file into running workers.
+
+The CLI (``streamproc run``) and the supervisor's child processes both start here; the
+modules it wires -- :mod:`~streamproc.runtime.factory` (KMS, schema source, pipeline,
+audit trail), :mod:`~streamproc.runtime.worker` (the consume loop),
+:mod:`~streamproc.runtime.checkpoint` (the commit protocol),
+:mod:`~streamproc.runtime.supervisor` (N processes) and the observability layer -- never
+import each other upwards, and none of them imports the CLI.
+
+Exit codes (of :func:`run_single`, :func:`run_supervised` and ``streamproc run``): 0
+after a clean drain (SIGTERM/SIGINT), 1 on a fatal runtime error, 78 when the
+configuration is invalid or the broker refuses the principal (do not restart: fix it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from typing import Any
+
+from streamproc.audit import AuditError
+from streamproc.config import Config, load_config
+from streamproc.errors import ConfigError, KmsError, PolicyError, SchemaError, TransientError
+from streamproc.observability import Observer
+from streamproc.runtime.backoff import Backoff
+from streamproc.runtime.factory import build_audit, build_kms, build_pipeline, build_schemas
+from streamproc.runtime.supervisor import Supervisor
+from streamproc.runtime.worker import (
+    EXIT_CONFIG,
+    EXIT_FATAL,
+    EXIT_OK,
+    Worker,
+    default_instance,
+    dependency_of,
+)
+
+log = logging.getLogger("streamproc.runtime.app")
+
+
+def run_worker(
+    config: Config,
+    *,
+    index: int = 0,
+    instance: str = "",
+    observer: Observer | None = None,
+    install_signals: bool = True,
+) -> int:
+    """Build the pipeline (retrying transient KMS/registry outages) and run one worker.
+
+    With ``audit:`` configured the audit trail is opened once the pipeline is built; a
+    trail that cannot be opened (file locked or not verifying, topic producer failing)
+    stops the worker with exit 1 before anything is consumed.
+    """
+    observer = observer or Observer()
+    for component in config.insecure_transport:  # allowed only by an explicit insecure: true
+        log.warning(
+            "TLS certificate verification is OFF for %s (insecure: true in the config)",
+            component,
+            extra={"component": component},
+        )
+        observer.insecure_transport(component)
+    stop = threading.Event()
+    if install_signals:
+        import signal
+
+        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        for s in previous:
+            signal.signal(s, lambda *_: stop.set())
+    kms = build_kms(config)
+    schemas = build_schemas(config)
+    backoff = Backoff(base=0.5, cap=10.0)
+    attempt = 0
+    down: set[str] = set()
+    while True:
+        try:
+            pipeline = build_pipeline(config, kms=kms, schemas=schemas, observer=observer)
+            for dep in down:
+                observer.dependency_restored(dep)
+            break
+        except TransientError as exc:
+            attempt += 1
+            dep = dependency_of(exc)
+            log.warning("start-up: %s unavailable; retrying", dep, extra={"attempt": attempt})
+            observer.retrying(dep, attempt)
+            observer.ready(False, dep)
+            down.add(dep)
+            if stop.wait(backoff.delay(attempt)):
+                return EXIT_OK
+        except KmsError as exc:  # after TransientError: KmsUnavailable is retried above
+            # The pseudonym master cannot be read (unknown, revoked, not unwrappable): a
+            # restart will not fix it.  KMS messages name key ids only.
+            raise ConfigError(f"pseudonym secret: {exc}") from None
+    instance = instance or default_instance()
+    try:
+        audit = build_audit(
+            config, index=index, instance=instance, kms_name=getattr(kms, "name", "unknown")
+        )
+    except (AuditError, OSError) as exc:
+        what = (
+            f"{exc.strerror} ({exc.filename})"
+            if isinstance(exc, OSError) and not isinstance(exc, AuditError)
+            else str(exc)
+        )
+        log.error("fatal: audit log unavailable: %s", what)
+        return EXIT_FATAL
+    worker = Worker(
+        config, pipeline, index=index, instance=instance, observer=observer, audit=audit
+    )
+    if install_signals:
+        worker.install_signal_handlers()
+        if stop.is_set():
+            if audit is not None:
+                audit.abandon()
+            return EXIT_OK
+    return worker.run()
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    """The process-wide logging set-up of ``logging:`` (JSON or human, value-free)."""
+    from streamproc.observability.logging import configure_logging as _configure
+
+    _configure(level, "human" if fmt in ("text", "human") else fmt)
+
+
+def build_observer(config: Config, index: int, serve: bool) -> tuple[Observer, Any]:
+    """Prometheus metrics (and their HTTP server when ``serve``), or the no-op Observer."""
+    if not config.metrics.enabled:
+        return Observer(), None
+    from streamproc.observability.metrics import KnownLabels, Metrics
+
+    metrics = Metrics(
+        allowed_destinations=config.destination_topics,
+        worker=index,
+        known=KnownLabels.from_config(config),
+    )
+    server = None
+    if serve:
+        from streamproc.observability.server import start_server
+
+        # /healthz turns 503 when the loop has been silent longer than the liveness timeout
+        # (a wedged KMS call, a hung commit): without it a stuck worker looks alive forever.
+        server = start_server(
+            metrics,
+            config.metrics.host,
+            config.metrics.port,
+            liveness_timeout=config.liveness_timeout,
+        )
+        log.info(
+            "metrics at %s/metrics",
+            server.url,
+            extra={"port": server.port, "liveness_timeout_s": config.liveness_timeout},
+        )
+    return metrics, server
+
+
+def _load(config_path: str | os.PathLike[str]) -> Config | None:
+    try:
+        return load_config(config_path)
+    except ConfigError as exc:
+        print(f"streamproc: configuration error: {exc}", file=sys.stderr)
+        return None
+
+
+def run_single(
+    config_path: str | os.PathLike[str],
+    *,
+    index: int = 0,
+    instance: str = "",
+    serve_metrics: bool = True,
+) -> int:
+    """Run one worker in this process; returns its exit code.
+
+    Also the entry point of every supervised child (``serve_metrics=False``: the
+    supervisor serves the aggregate).
+    """
+    config = _load(config_path)
+    if config is None:
+        return EXIT_CONFIG
+    configure_logging(config.logging.level, config.logging.format)
+    observer, server = build_observer(config, index, serve_metrics)
+    try:
+        return run_worker(config, index=index, instance=instance, observer=observer)
+    except (ConfigError, PolicyError, SchemaError) as exc:
+        log.error("configuration error: %s", exc)
+        return EXIT_CONFIG
+    finally:
+        close = getattr(observer, "close", None)
+        if close is not None:
+            close()
+        if server is not None:
+            server.stop()
+
+
+def run_supervised(config_path: str | os.PathLike[str], workers: int, *, instance: str = "") -> int:
+    """Run ``workers`` worker processes under a :class:`Supervisor`; aggregate metrics."""
+    config = _load(config_path)
+    if config is None:
+        return EXIT_CONFIG
+    configure_logging(config.logging.level, config.logging.format)
+    server = None
+    on_exit = None
+    mp_dir: str | None = None
+    try:
+        if config.metrics.enabled:
+            from streamproc.observability.server import (
+                ENV,
+                mark_worker_dead,
+                setup_multiprocess,
+                start_aggregate_server,
+            )
+
+            # A directory the deployment chose (PROMETHEUS_MULTIPROC_DIR) is only emptied
+            # at the next start; one we created is removed on the way out.
+            ours = not os.environ.get(ENV)
+            path = setup_multiprocess()
+            mp_dir = path if ours else None
+            server = start_aggregate_server(
+                config.metrics.host,
+                config.metrics.port,
+                expected_workers=workers,
+                liveness_timeout=config.liveness_timeout,
+            )
+            on_exit = mark_worker_dead
+            log.info(
+                "aggregate metrics at %s/metrics",
+                server.url,
+                extra={"port": server.port, "workers": workers},
+            )
+        supervisor = Supervisor(
+            config_path, workers, target=run_single, instance=instance, on_child_exit=on_exit
+        )
+        return supervisor.run()
+    finally:
+        # Supervisor.run() returns only after every child was joined (or killed), so
+        # nothing writes to the directory any more.
+        if server is not None:
+            server.stop()
+        if mp_dir is not None:
+            from streamproc.observability.server import ENV, teardown_multiprocess
+
+            teardown_multiprocess(mp_dir)
+            if os.environ.get(ENV) == mp_dir:
+                del os.environ[ENV]
+
+
+__all__ = ["build_observer", "configure_logging", "run_single", "run_supervised", "run_worker"]
