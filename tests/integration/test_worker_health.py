@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from streamproc.cli.run import _observer
+from streamproc.runtime.app import build_observer as _observer
 from streamproc.runtime.backoff import Backoff
 from streamproc.runtime.factory import build_pipeline
 from streamproc.runtime.topics import apply_topics

@@ -354,7 +354,7 @@ def test_worker_warns_and_sets_the_gauge(ws: Path, caplog: pytest.LogCaptureFixt
     from prometheus_client import generate_latest
 
     from streamproc.observability.metrics import Metrics
-    from streamproc.runtime.worker import run_worker
+    from streamproc.runtime.app import run_worker
 
     cfg = base()
     cfg["kafka"].update({"insecure": True, "ssl.endpoint.identification.algorithm": "none"})
