@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from streamproc import __version__
-from streamproc.crypto.envelope import Opener, Sealer, fast_dataclass_constructor
+from streamproc.crypto.envelope import Opener, Sealer, fast_dataclass_constructor, kek_digest
 from streamproc.crypto.kms import KmsProvider
 from streamproc.crypto.provenance import H_PROVENANCE, header_prefix, make_referencer
 from streamproc.crypto.pseudonym import PseudonymKeys, make_tokenizer
@@ -127,7 +127,9 @@ class BatchStats:
     """Counts for observability; every key is from a bounded set (no values)."""
 
     decryptions: dict[tuple[str, str], int] = field(default_factory=dict)
-    """(source topic, KEK id) -> records opened."""
+    """(source topic, KEK id) -> records opened.  A KEK id the configuration does not name
+    is producer-chosen text: it is counted under its digest (``sha256:...``), so it never
+    reaches a metric label or an anomaly log line in clear."""
     egress_records: dict[tuple[str, str], int] = field(default_factory=dict)
     """(destination topic, audience) -> records."""
     egress_bytes: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -265,6 +267,10 @@ class Pipeline:
         configure = getattr(self.opener, "configure_keks", None)
         if configure is not None:
             configure(self.known_keks, self.kek_allowed)
+
+    def _kek_stat(self, kek_id: str) -> str:
+        """A KEK id as statistics carry it: configured ids in clear, others as a digest."""
+        return kek_id if kek_id in self.known_keks else kek_digest(kek_id)
 
     def kek_allowed(self, topic: str, kek_id: str) -> bool:
         """May ``kek_id`` seal records of source ``topic``?"""
@@ -492,7 +498,7 @@ class Pipeline:
                 continue
             if kek_id != run_kek or topic != run_topic:
                 if run_n:
-                    dk = (run_topic, run_kek)
+                    dk = (run_topic, self._kek_stat(run_kek))
                     decryptions[dk] = decryptions.get(dk, 0) + run_n
                 run_topic, run_kek, run_n = topic, kek_id, 0
             run_n += 1
@@ -506,7 +512,7 @@ class Pipeline:
                     recs.append(rec)
                     comps.append(compiled)
         if run_n:
-            dk = (run_topic, run_kek)
+            dk = (run_topic, self._kek_stat(run_kek))
             decryptions[dk] = decryptions.get(dk, 0) + run_n
         # Seal per destination in one go (one lock round trip per data key).
         transforms = stats.transforms

@@ -202,12 +202,14 @@ def test_real_worker_counters_and_anomaly_seen_by_prometheus(
     from tests.integration.conftest import produce_events, produce_raw
 
     ws = workspace_factory(sources=("orders",), partitions=1)
+    # The producers' KEK is named (source_keks), so decryptions by KEK are labelled with it;
+    # ghost-kek is allowed too, so that its records reach the KMS and fail as unknown_key.
+    cfg = yaml.safe_load(ws.config_path.read_text())
+    cfg["pipelines"][0]["source_keks"] = ["orders-kek", "ghost-kek"]
+    ws.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     config = ws.load_config()
     clock = FakeClock()
-    # The config names the destinations' KEKs only; the producers' KEK is added so that
-    # decryptions by KEK can be checked.
-    base = KnownLabels.from_config(config)
-    known = KnownLabels(base.topics, base.audiences, base.kek_ids | {"orders-kek"})
+    known = KnownLabels.from_config(config)
     metrics = Metrics(allowed_destinations=config.destination_topics, anomaly=ANOMALY, clock=clock, known=known)
     pipeline = build_pipeline(config, observer=metrics)
     worker = Worker(config, pipeline, observer=metrics, lag_interval=0.2)
@@ -287,7 +289,7 @@ def test_in_process_pipeline_counters_and_anomaly_seen_by_prometheus(prometheus:
     schemas = build_schema_source(str(tmp_path / "schemas"))
     dests = [{"topic": "orders.analytics", "audience": "analytics", "kek": "analytics-kek"},
              {"topic": "orders.fraud", "audience": "fraud", "kek": "fraud-kek"}]
-    pipeline = Pipeline(routes=build_routes([{"sources": ["orders"], "destinations": dests}]),
+    pipeline = Pipeline(routes=build_routes([{"sources": ["orders"], "source_keks": ["orders-kek"], "destinations": dests}]),
                         policy=load_policy(str(ROOT / "policy.yaml")), opener=Opener.for_kms(k), kms=k,
                         schemas=schemas, keys=PseudonymKeys(k, "pseudonym-master"))
     sealer = RecordSealer(k, "orders-kek", "orders", json.loads((ROOT / "schemas" / "order.avsc").read_text()), schemas)

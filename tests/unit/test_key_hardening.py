@@ -218,6 +218,8 @@ def test_explicit_source_keks_and_reserved_keks(
         ("orders", Reason.KEK_NOT_ALLOWED), ("logins", Reason.KEK_NOT_ALLOWED),
     ]
     assert {o.source.value for o in res.outputs} == {orders_ok[0], logins_other[0]}
+    # statistics (metric labels, anomaly lines) name configured KEKs only; others by digest
+    assert res.stats.decryptions == {("orders", "orders-kek"): 1, ("logins", digest("other-kek")): 1}
     assert p.kek_allowed("orders", "orders-kek") and not p.kek_allowed("orders", "other-kek")
     assert p.kek_allowed("logins", "other-kek") and not p.kek_allowed("logins", "analytics-kek")
     with pytest.raises(PolicyError, match="analytics-kek"):

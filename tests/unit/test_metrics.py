@@ -355,7 +355,7 @@ def test_no_record_value_reaches_a_metric(tmp_path: Path) -> None:
     k.create_key("pseudonym-master", "secret")
     schemas = build_schema_source(str(tmp_path / "schemas"))
     p = Pipeline(
-        routes=build_routes([{"sources": ["orders"], "destinations": [{"topic": "orders.analytics", "audience": "analytics", "kek": "analytics-kek"}]}]),
+        routes=build_routes([{"sources": ["orders"], "source_keks": ["orders-kek"], "destinations": [{"topic": "orders.analytics", "audience": "analytics", "kek": "analytics-kek"}]}]),
         policy=load_policy(str(ROOT / "policy.yaml")), opener=Opener.for_kms(k), kms=k, schemas=schemas,
         keys=PseudonymKeys(k, "pseudonym-master"),
     )
