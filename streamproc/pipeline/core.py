@@ -29,6 +29,7 @@ provider's own state cache).
 
 from __future__ import annotations
 
+import collections
 import functools
 import struct
 import threading
@@ -234,8 +235,11 @@ class Pipeline:
         self.revocation_check_interval = revocation_check_interval
         self._clock = clock
         self._sealers_checked = clock()
-        #: Sealer moves off a revoked version, as (destination topic, KEK id, old version).
-        self.sealer_rotations: list[tuple[str, str, int]] = []
+        #: The last sealer moves off a confirmed-revoked version, as (destination topic,
+        #: KEK id, old version); bounded (moves for an *unknown* state are not recorded).
+        self.sealer_rotations: collections.deque[tuple[str, str, int]] = collections.deque(
+            maxlen=100
+        )
         self._plans: dict[tuple[int, str], _Compiled | PolicyError] = {}
         self._lock = threading.Lock()
         self._version_b = __version__.encode()
@@ -296,12 +300,14 @@ class Pipeline:
             version = sealer.kek_version
             if version is None:
                 continue  # no data key yet: the next one comes from the primary version
+            revoked: bool | None
             try:
                 revoked = sealer.kms.is_revoked(st.dest.kek_id, version)
-            except Exception:
-                revoked = True
-            if revoked:
-                self.sealer_rotations.append((st.dest.topic, st.dest.kek_id, version))
+            except Exception:  # unknown state (no read access, outage): the KMS decides
+                revoked = None
+            if revoked is not False:
+                if revoked:
+                    self.sealer_rotations.append((st.dest.topic, st.dest.kek_id, version))
                 self._guarded(st, sealer.rotate)
         self._sealers_checked = now
 
