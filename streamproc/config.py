@@ -160,6 +160,8 @@ class TopicSettings:
 class TopicsConfig:
     defaults: TopicSettings = field(default_factory=lambda: TopicSettings(6, 1, {}))
     overrides: Mapping[str, TopicSettings] = field(default_factory=dict)
+    #: How often a worker compares live retention with the policy (0: never).
+    retention_check_interval_seconds: float = 300.0
 
     def for_topic(self, topic: str) -> TopicSettings:
         """Defaults overlaid with the topic's override (config maps are merged)."""
@@ -898,7 +900,13 @@ def _validate(raw: dict[str, Any], path: Path, ctx: _Ctx, check_policy: bool) ->
     if check_policy:
         _check_audiences(ctx, pipelines, policy)
 
-    topics_raw = _mapping(ctx, "topics", raw.get("topics"), allowed=("defaults", "overrides"))
+    topics_raw = _mapping(
+        ctx, "topics", raw.get("topics"),
+        allowed=("defaults", "overrides", "retention_check_interval_seconds"),
+    )
+    retention_interval = float(
+        _int(ctx, "topics.retention_check_interval_seconds", topics_raw.get("retention_check_interval_seconds", 300), minimum=0)
+    )
     defaults = _topic_settings(ctx, "topics.defaults", topics_raw.get("defaults"))
     defaults = TopicSettings(
         defaults.partitions or 6, defaults.replication_factor or 1, defaults.config
@@ -973,7 +981,7 @@ def _validate(raw: dict[str, Any], path: Path, ctx: _Ctx, check_policy: bool) ->
         kms=kms,
         policy=policy,
         pipelines=pipelines,
-        topics=TopicsConfig(defaults, overrides),
+        topics=TopicsConfig(defaults, overrides, retention_interval),
         metrics=metrics,
         logging=logging_cfg,
         audit=audit,

@@ -25,10 +25,13 @@ def policy() -> None:
               type=click.Path(exists=True), help="A directory of .avsc files, or single files (repeatable).")
 @click.option("--show", is_flag=True, help="Print the field x audience treatment matrix.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
-def check_cmd(policy_path: str, schema_paths: tuple[str, ...], show: bool, as_json: bool) -> None:
+@click.option("--config", "config_path", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Also check this processor config's topic settings against the policy's retention.")
+def check_cmd(policy_path: str, schema_paths: tuple[str, ...], show: bool, as_json: bool, config_path: str | None) -> None:
     """Check that every field is classified and every tag has a rule for every audience.
 
-    Exits 1 with a readable report when not; use it in CI next to your schemas.
+    With ``--config``, also that no topic of that config would retain longer than the
+    policy allows.  Exits 1 with a readable report when not; use it in CI next to your schemas.
     """
     try:
         pol = load_policy(policy_path)
@@ -49,8 +52,20 @@ def check_cmd(policy_path: str, schema_paths: tuple[str, ...], show: bool, as_js
     except (PolicyError, SchemaError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     report = check(pol, schemas)
+    retention: list[str] = []
+    if config_path is not None:
+        from streamproc.config import load_config
+        from streamproc.errors import ConfigError
+        from streamproc.runtime.retention import config_violations
+
+        try:
+            retention = config_violations(load_config(config_path, check_policy=False), pol)
+        except ConfigError as exc:
+            raise click.ClickException(f"configuration error: {exc}") from None
     if as_json:
-        click.echo(json.dumps(report.to_json(), indent=2))
+        click.echo(json.dumps({**report.to_json(), "retention": retention}, indent=2))
     else:
         click.echo(render_text(report, show))
-    sys.exit(0 if report.ok else 1)
+        for line in retention:
+            click.echo(f"retention: {line}")
+    sys.exit(0 if report.ok and not retention else 1)

@@ -53,3 +53,6 @@ class Observer:
 
     def dependency_restored(self, dependency: str) -> None:
         """A dependency that was being retried (``retrying``) answers again."""
+
+    def retention_drift(self, topic: str, drifted: bool) -> None:
+        """A governed topic's live retention differs (or not) from the policy's (runtime.retention)."""

@@ -122,6 +122,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("streamproc_ready", "gauge", (), "1 when the worker reports ready (partitions assigned, broker and KMS reachable); one series per live worker in multiprocess mode.", "liveall"),
     MetricSpec("streamproc_workers", "gauge", (), "Live worker processes (1 per process, summed).", "livesum"),
     MetricSpec("streamproc_insecure_transport", "gauge", ("component",), "1 when TLS certificate verification is switched off for a component (kafka, kms, schema_registry) by an explicit insecure: true; 0 otherwise.", "max"),
+    MetricSpec("streamproc_retention_drift", "gauge", ("topic",), "1 when a governed topic's live retention.ms (or cleanup.policy) differs from what the policy and config call for; 0 when it matches. Topics from the config only.", "max"),
     MetricSpec("streamproc_anomalies_total", "counter", ("kind",), "Anomalies found by the in-process detector, by kind (decryption_spike, egress_spike, decryption_failure_burst, unknown_key, revoked_key, unexpected_destination, kek_not_allowed)."),
 )
 
@@ -500,6 +501,9 @@ class Metrics(Observer):
 
     def insecure_transport(self, component: str) -> None:
         self._child("streamproc_insecure_transport", component if component in INSECURE_COMPONENTS else OTHER).set(1)
+
+    def retention_drift(self, topic: str, drifted: bool) -> None:
+        self._child("streamproc_retention_drift", self._label("topic", topic)).set(1 if drifted else 0)
 
     def dependency_restored(self, dependency: str) -> None:
         if self._outage_since.pop(dependency, None) is not None:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,10 @@ class Audience:
     description: str = ""
     shared_domains: frozenset[str] = frozenset()
     """Pseudonym domains whose keys this audience shares with others (``keys.shared_domains``)."""
+    retention_ms: int | None = None
+    """The longest this audience's topics may keep a record (``retention: 30d``); None: unstated."""
+    purpose: str | None = None
+    """What the audience uses the data for (``purpose:``), shown in the data map."""
 
     def rule_for(self, tags: tuple[str, ...]) -> Rule | None:
         """The strictest rule whose tag the field carries (ties: the first in file order).
@@ -93,6 +98,8 @@ class Policy:
     source: str = "<policy>"
     shared_domains: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     """Pseudonym domain -> the audiences that share its keys (explicit opt-in)."""
+    dead_letter_retention_ms: int | None = None
+    """The longest dead-letter topics may keep a record (``dead_letter: {retention: 7d}``)."""
 
     def audience(self, name: str) -> Audience:
         try:
@@ -136,7 +143,7 @@ def _record_key(src: str, audience: str, spec: Any) -> Rule:
 def parse_policy(raw: Any, source: str = "<policy>") -> Policy:
     if not isinstance(raw, Mapping):
         raise PolicyError(f"{source}: a policy is a mapping with 'audiences'")
-    unknown = set(raw) - {"name", "keys", "defaults", "audiences", "description"}
+    unknown = set(raw) - {"name", "keys", "defaults", "audiences", "description", "dead_letter"}
     if unknown:
         raise PolicyError(f"{source}: unknown top-level key(s) {sorted(unknown)}")
     defaults = raw.get("defaults") or {}
@@ -162,7 +169,7 @@ def parse_policy(raw: Any, source: str = "<policy>") -> Policy:
         spec = spec or {}
         if not isinstance(spec, Mapping):
             raise PolicyError(f"{where}: must be a mapping")
-        bad = set(spec) - {"untagged", "record_key", "tags", "description", "subject"}
+        bad = set(spec) - {"untagged", "record_key", "tags", "description", "subject", "retention", "purpose"}
         if bad:
             raise PolicyError(f"{where}: unknown key(s) {sorted(bad)}")
         untagged = spec.get("untagged", defaults.get("untagged", "drop"))
@@ -184,16 +191,54 @@ def parse_policy(raw: Any, source: str = "<policy>") -> Policy:
         keyed = next((r for r in (*rules, rk) if r.operator.needs_keys), None)
         if keyed is not None and needs_keys is None:
             needs_keys, needs_keys_where = keyed, f"{where}, tag {keyed.tag!r}"
-        audiences[name] = Audience(name, untagged, rk, rules, str(spec.get("description", "")), mine)
+        purpose = spec.get("purpose")
+        if purpose is not None and not (isinstance(purpose, str) and purpose):
+            raise PolicyError(f"{where}: 'purpose' is a non-empty string")
+        audiences[name] = Audience(
+            name, untagged, rk, rules, str(spec.get("description", "")), mine,
+            parse_duration_ms(spec.get("retention"), f"{where}: retention"), purpose,
+        )
     pseudonym = keys.get("pseudonym")
     if needs_keys is not None and not pseudonym:
         raise PolicyError(
             f"{needs_keys_where}: {needs_keys.op} needs 'keys.pseudonym' "
             "(token, encrypt_deterministic and date_shift derive their keys from it)"
         )
+    dead_letter = raw.get("dead_letter") or {}
+    if not isinstance(dead_letter, Mapping) or set(dead_letter) - {"retention"}:
+        raise PolicyError(f"{source}: 'dead_letter' may set only 'retention'")
+    dl_retention = parse_duration_ms(dead_letter.get("retention"), f"{source}: dead_letter.retention")
     canonical = json.dumps(_ordered_tags(raw), sort_keys=True, separators=(",", ":"), default=str)
     version = "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()[:16]
-    return Policy(str(raw.get("name", "policy")), version, pseudonym, audiences, source, shared)
+    return Policy(str(raw.get("name", "policy")), version, pseudonym, audiences, source, shared, dl_retention)
+
+
+_DURATION = re.compile(r"(\d+)(ms|s|m|h|d|w)")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
+
+
+def parse_duration_ms(value: Any, where: str) -> int | None:
+    """``30d`` -> milliseconds (units ms, s, m, h, d, w); None stays None.
+
+    A retention is a promise to delete, so there is no "forever" spelling: an audience
+    that may keep data indefinitely simply states no retention (and the data map says so).
+    """
+    if value is None:
+        return None
+    m = _DURATION.fullmatch(value) if isinstance(value, str) else None
+    if m is None or int(m.group(1)) <= 0:
+        raise PolicyError(f"{where}: a positive duration like 30d, 12h or 90m, not {value!r}")
+    return int(m.group(1)) * _UNIT_MS[m.group(2)]
+
+
+def format_duration_ms(ms: int | None) -> str:
+    """The largest whole unit: 2592000000 -> ``30d`` (the inverse of :func:`parse_duration_ms`)."""
+    if ms is None:
+        return "-"
+    for unit in ("w", "d", "h", "m", "s"):
+        if ms % _UNIT_MS[unit] == 0:
+            return f"{ms // _UNIT_MS[unit]}{unit}"
+    return f"{ms}ms"
 
 
 def _shared_domains(source: str, spec: Any, auds: Mapping[Any, Any]) -> dict[str, tuple[str, ...]]:

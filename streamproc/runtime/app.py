@@ -114,7 +114,34 @@ def run_worker(
             if audit is not None:
                 audit.abandon()
             return EXIT_OK
-    return worker.run()
+    monitor_stop = start_retention_monitor(config, pipeline.policy, observer)
+    try:
+        return worker.run()
+    finally:
+        monitor_stop.set()
+
+
+def start_retention_monitor(config: Config, policy: Any, observer: Observer) -> threading.Event:
+    """Run a :class:`~streamproc.runtime.retention.RetentionMonitor` in a daemon thread.
+
+    It reports ``streamproc_retention_drift`` per governed topic every
+    ``topics.retention_check_interval_seconds`` (0 or no governed topic: not started).
+    Set the returned event to stop it.
+    """
+    from confluent_kafka.admin import AdminClient
+
+    from streamproc.runtime.retention import RetentionMonitor, expected_retention
+
+    stop = threading.Event()
+    interval = config.topics.retention_check_interval_seconds
+    expected = expected_retention(config, policy)
+    if interval <= 0 or not expected:
+        return stop
+    monitor = RetentionMonitor(
+        expected, AdminClient(config.admin_config()), observer.retention_drift, interval=interval
+    )
+    threading.Thread(target=monitor.run, args=(stop,), name="retention-monitor", daemon=True).start()
+    return stop
 
 
 def configure_logging(level: str, fmt: str) -> None:

@@ -6,6 +6,11 @@ replication factor and topic configs of ``topics.defaults`` overlaid with
 partition count cannot be lowered and changing it re-keys the topic, so that decision is
 left to an operator.  A mismatch between an existing topic's partition count and the
 config is reported as ``exists (partitions N != M)`` so it is visible.
+
+Retention is the exception: it is policy (:mod:`streamproc.runtime.retention`).  Every
+governed topic is created with, and an existing one is altered to, the ``retention.ms``
+the policy and config call for; a config that would keep data longer than the policy
+allows is refused before anything is created.
 """
 
 from __future__ import annotations
@@ -17,6 +22,15 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from streamproc.config import Config
+from streamproc.errors import ConfigError
+from streamproc.policy.model import Policy, load_policy
+from streamproc.runtime.retention import (
+    RETENTION_MS,
+    config_violations,
+    describe_retention,
+    expected_retention,
+    set_retention,
+)
 
 log = logging.getLogger("streamproc.runtime.topics")
 
@@ -31,11 +45,25 @@ class TopicResult:
 
 
 def apply_topics(
-    config: Config, *, admin: AdminClient | None = None, timeout: float = 30.0
+    config: Config,
+    *,
+    admin: AdminClient | None = None,
+    timeout: float = 30.0,
+    policy: Policy | None = None,
 ) -> list[TopicResult]:
-    """Create every topic of ``config`` that does not exist; raise on any other error."""
+    """Create every topic of ``config`` that does not exist and set the policy's retention.
+
+    Raises :class:`~streamproc.errors.ConfigError` when the config's topic settings would
+    retain longer than the policy allows (nothing is created then), and the Kafka error on
+    any other failure.
+    """
     if admin is None:  # not `admin or ...`: a client with an empty queue has len() 0
         admin = AdminClient(config.admin_config())
+    policy = policy if policy is not None else load_policy(config.policy)
+    problems = config_violations(config, policy)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    retention = {t: r.desired_ms for t, r in expected_retention(config, policy).items()}
     wanted = config.all_topics()
     existing = admin.list_topics(timeout=timeout).topics
     results: dict[str, TopicResult] = {}
@@ -49,7 +77,10 @@ def apply_topics(
             note = f"partitions {have} != {parts}" if have != parts else ""
             results[t] = TopicResult(t, "exists", have, rf, note)
             continue
-        new.append(NewTopic(t, num_partitions=parts, replication_factor=rf, config=dict(s.config)))
+        conf = dict(s.config)
+        if t in retention:
+            conf[RETENTION_MS] = str(retention[t])
+        new.append(NewTopic(t, num_partitions=parts, replication_factor=rf, config=conf))
     if new:
         futures = admin.create_topics(new, operation_timeout=timeout, request_timeout=timeout)
         for nt in new:
@@ -65,7 +96,23 @@ def apply_topics(
                 nt.topic, status, nt.num_partitions, nt.replication_factor
             )
             log.info("topic %s", status, extra={"topic": nt.topic, "partitions": nt.num_partitions})
+    _align_retention(admin, results, retention, timeout)
     return [results[t] for t in wanted]
+
+
+def _align_retention(
+    admin: AdminClient, results: dict[str, TopicResult], retention: dict[str, int], timeout: float
+) -> None:
+    """Set ``retention.ms`` on existing governed topics whose live value differs."""
+    existing = [t for t, r in results.items() if r.status == "exists" and t in retention]
+    live = describe_retention(admin, existing, timeout)
+    change = {t: retention[t] for t in existing if live[t].error or live[t].retention_ms != retention[t]}
+    set_retention(admin, change, timeout)
+    for t, ms in change.items():
+        r = results[t]
+        note = ", ".join(x for x in (r.note, f"retention.ms set to {ms}") if x)
+        results[t] = TopicResult(t, r.status, r.partitions, r.replication_factor, note)
+        log.info("topic retention set", extra={"topic": t, "retention_ms": ms})
 
 
 __all__ = ["TopicResult", "apply_topics"]
