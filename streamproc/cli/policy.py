@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from streamproc.errors import PolicyError, SchemaError
-from streamproc.policy.check import check, render_text
+from streamproc.pipeline.lint import check, render_text
 from streamproc.policy.model import load_policy
 from streamproc.schema.registry import RegisteredSchema, load_document
 

@@ -29,9 +29,9 @@ from streamproc.operators import get_operator
 from streamproc.operators.base import OpContext
 from streamproc.pipeline.codegen import TransformFailed, compile_plan
 from streamproc.pipeline.core import InputRecord
+from streamproc.pipeline.lint import check
 from streamproc.pipeline.plan import Apply, Keep, MapNode, Plan, build_plan
 from streamproc.pipeline.reference import run_reference
-from streamproc.policy.check import check
 from streamproc.policy.model import Audience, parse_policy
 from streamproc.schema import avro
 from streamproc.schema.avro import Primitive, Record

@@ -27,8 +27,8 @@ import yaml
 from streamproc.crypto.pseudonym import PseudonymKeys
 from streamproc.errors import PolicyError
 from streamproc.pipeline.codegen import compile_plan
+from streamproc.pipeline.lint import check
 from streamproc.pipeline.plan import build_plan
-from streamproc.policy.check import check
 from streamproc.policy.model import Policy, parse_policy
 from streamproc.schema import avro
 from streamproc.schema.avro import Record

@@ -19,6 +19,9 @@ strictest rule wins), and when a rule's tag is used by no schema.
 
 Plans are compiled with a throw-away random pseudonym key, so the linter needs no access
 to real key material.
+
+It lives in the pipeline layer, not beside the policy model, because it compiles plans:
+the policy layer sits below the pipeline and never imports it.
 """
 
 from __future__ import annotations
