@@ -88,6 +88,7 @@ def test_another_ca_is_refused(bao: OpenBaoServer, tmp_path: Path) -> None:
     assert bao.root_token not in str(err)
 
 
+@pytest.mark.filterwarnings("ignore:Unverified HTTPS request")  # that is the point here
 def test_verify_false_needs_insecure_and_says_so(
     bao: OpenBaoServer, caplog: pytest.LogCaptureFixture
 ) -> None:
