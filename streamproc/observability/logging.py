@@ -154,7 +154,7 @@ def _exception_text(exc_info: Any) -> tuple[str, str, str]:
     """(type name, message or "", stack) without third-party exception messages."""
     etype, evalue, tb = exc_info
     name = etype.__name__ if etype else "Exception"
-    msg = str(evalue) if isinstance(evalue, StreamprocError) else ""
+    msg = redact_key_material(str(evalue)) if isinstance(evalue, StreamprocError) else ""
     stack = "".join(traceback.format_tb(tb)) if tb is not None else ""
     return name, msg, stack
 

@@ -70,3 +70,17 @@ def test_key_material_in_message_text_is_redacted(restore_logging: None) -> None
         assert shown not in text
     assert text.count("<redacted>") >= 6
     assert '\\"KeyId\\": \\"k\\"' in text  # the rest of the message survives
+
+
+def test_key_material_in_a_streamproc_exception_message_is_redacted(restore_logging: None) -> None:
+    from streamproc.errors import KmsError
+
+    buf = io.StringIO()
+    configure_logging("INFO", "json", stream=buf)
+    b64 = base64.b64encode(os.urandom(32)).decode()
+    try:
+        raise KmsError(f"unexpected response {{'Plaintext': '{b64}'}}")
+    except KmsError:
+        logging.getLogger("streamproc.test").exception("kms failed")
+    text = buf.getvalue()
+    assert b64 not in text and "unexpected response" in text
