@@ -27,6 +27,7 @@ _COMMANDS = [
     ("streamproc.cli.keys", "keys"),
     ("streamproc.cli.secrets", "secrets"),
     ("streamproc.cli.policy", "policy"),
+    ("streamproc.cli.catalog", "catalog"),
     ("streamproc.cli.reidentify", "reidentify"),
     ("streamproc.cli.provenance", "provenance"),
     ("streamproc.cli.audit", "audit"),

@@ -65,6 +65,8 @@ class Apply(Node):
     path: str = ""
     needs_subject: bool = False
     decode: bool = True
+    params: Any = None
+    """The rule's parameters (lineage and the data map describe the transformation with them)."""
 
 
 @dataclass(eq=False)
@@ -318,7 +320,7 @@ class _Builder:
             if want is not None and not any(f.name == want for f in self.root.fields):
                 raise PolicyError(f"{where}: subject_field {want!r} is not a top-level field")
         self.transforms[op.name] = self.transforms.get(op.name, 0) + 1
-        return Apply(t, out, fn, op.name, path, op.needs_subject, decode)
+        return Apply(t, out, fn, op.name, path, op.needs_subject, decode, dict(rule.params))
 
 
 _STRING = Primitive("string")

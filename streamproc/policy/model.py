@@ -232,10 +232,10 @@ def parse_duration_ms(value: Any, where: str) -> int | None:
 
 
 def format_duration_ms(ms: int | None) -> str:
-    """The largest whole unit: 2592000000 -> ``30d`` (the inverse of :func:`parse_duration_ms`)."""
+    """The largest whole unit up to days: 2592000000 -> ``30d`` (parses back with :func:`parse_duration_ms`)."""
     if ms is None:
         return "-"
-    for unit in ("w", "d", "h", "m", "s"):
+    for unit in ("d", "h", "m", "s"):
         if ms % _UNIT_MS[unit] == 0:
             return f"{ms // _UNIT_MS[unit]}{unit}"
     return f"{ms}ms"
