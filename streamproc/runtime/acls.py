@@ -9,7 +9,9 @@ names the principals; :func:`desired_acls` derives, for each:
   the consumer and ``send_offsets_to_transaction`` both need it), ``WRITE`` on every
   destination, dead-letter and audit topic, and -- for ``exactly_once`` -- ``WRITE`` on
   the transactional ids ``<group_id>-`` (``PREFIXED``: the id is
-  ``<group_id>-<instance>-<index>``).  Nothing on the cluster: since Kafka 3.0
+  ``<group_id>-<instance>-<index>``); ``DESCRIBE_CONFIGS`` on the topics whose retention
+  it monitors (``topics.retention_check_interval_seconds`` > 0, governed topics only).
+  Nothing on the cluster: since Kafka 3.0
   (KIP-679) an idempotent producer needs no ``IDEMPOTENT_WRITE`` once it may write a
   topic.  No explicit ``DESCRIBE``: Kafka's authorizers imply it from ``READ`` and
   ``WRITE`` on the same resource, so adding it would only be noise in the plan.
@@ -120,6 +122,15 @@ def desired_acls(config: Config) -> list[Acl]:
             "WRITE",
             "transactional.id <group_id>-<instance>-<index>",
         )
+    if config.topics.retention_check_interval_seconds > 0:
+        # The worker's retention monitor (runtime/retention.py) describes the configs of
+        # the governed topics with the processor's credentials; READ/WRITE do not imply
+        # DESCRIBE_CONFIGS, and without it the drift metric stays unknown.
+        from streamproc.policy.model import load_policy
+        from streamproc.runtime.retention import expected_retention
+
+        for t in expected_retention(config, load_policy(config.policy)):
+            add(proc, TOPIC, LITERAL, t, "DESCRIBE_CONFIGS", "retention drift check")
     for audience, a in acls.audiences.items():
         for p in config.pipelines:
             for d in p.destinations:

@@ -132,7 +132,19 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
             suffix,
             sources=("orders",),
             partitions=PARTITIONS,
-            extra={"kafka": kafka, "acls": acls},
+            extra={
+                "kafka": kafka,
+                "acls": acls,
+                # governed topics: the worker's retention monitor describes their configs
+                "topics": {
+                    "defaults": {
+                        "partitions": PARTITIONS,
+                        "replication_factor": 1,
+                        "config": {"retention.ms": "604800000"},
+                    },
+                    "retention_check_interval_seconds": 1,
+                },
+            },
         )
         admin_props = root / "admin.properties"
         admin_props.write_text(
@@ -264,13 +276,14 @@ def connect_errors(conf: dict[str, Any], seconds: float = 6.0) -> list[KafkaErro
 # -- acls apply -------------------------------------------------------------------------------------
 def test_acls_apply_creates_the_derived_set_once(secure: Secure) -> None:
     first, second = secure.apply_outputs
-    # processor: READ source + group, WRITE 3 destinations + DLQ, WRITE txn prefix (6+1)
+    # processor: READ source + group, WRITE 3 destinations + DLQ, WRITE txn prefix (6),
+    # DESCRIBE_CONFIGS on the 5 governed topics (retention monitor);
     # audiences: READ own topic + own group prefix (3 x 2); producer: WRITE source (1)
     assert first.strip().endswith(
-        "14 added, 0 unchanged, 0 broader than needed (review; --prune deletes them)."
+        "19 added, 0 unchanged, 0 broader than needed (review; --prune deletes them)."
     )
     assert second.strip().endswith(
-        "0 added, 14 unchanged, 0 broader than needed (review; --prune deletes them)."
+        "0 added, 19 unchanged, 0 broader than needed (review; --prune deletes them)."
     )
     assert (
         f"+ User:proc ALLOW WRITE on TRANSACTIONAL_ID '{secure.ws.group_id}-' (prefixed)" in first
@@ -320,14 +333,14 @@ def test_plan_shows_broader_acls_and_prune_removes_them(secure: Secure) -> None:
         assert f"! User:eve ALLOW ALL on TOPIC '{secure.ws.dlq('orders')}'" in plan.stdout
         assert "principal not named in acls:; operation ALL" in plan.stdout
         assert plan.stdout.strip().endswith(
-            "0 to add, 14 unchanged, 2 broader than needed (review; --prune deletes them)."
+            "0 to add, 19 unchanged, 2 broader than needed (review; --prune deletes them)."
         )
         pruned = cli("acls", "apply", "--prune", *args, env=env)
         assert pruned.returncode == 0, pruned.stderr
-        assert pruned.stdout.strip().endswith("0 added, 14 unchanged, 2 deleted.")
+        assert pruned.stdout.strip().endswith("0 added, 19 unchanged, 2 deleted.")
         again = cli("acls", "plan", *args, env=env)
         assert again.stdout.strip().endswith(
-            "0 to add, 14 unchanged, 0 broader than needed (review; --prune deletes them)."
+            "0 to add, 19 unchanged, 0 broader than needed (review; --prune deletes them)."
         )
     finally:
         for b in broad:
@@ -356,8 +369,11 @@ def test_worker_end_to_end_with_only_the_derived_acls(secure: Secure) -> None:
         wait_for(lambda: min(count_committed(secure, dests).values()) >= n, 90, what="outputs")
         w.terminate()
         assert w.wait(60) == 0, w.log()[-3000:]
+        log = w.log()
     finally:
         w.stop()
+    # the retention monitor could read every governed topic's config (DESCRIBE_CONFIGS)
+    assert "retention check" not in log, log[-3000:]
     counts = count_committed(secure, [*dests, secure.ws.dlq("orders")])
     assert counts == {**dict.fromkeys(dests, n), secure.ws.dlq("orders"): 0}
     # each audience reads its own topic, as itself, in a group of its own prefix

@@ -125,6 +125,32 @@ def test_at_least_once_needs_no_transactional_id_and_no_cluster_right(ws: Path) 
     assert Acl("User:proc", "GROUP", "LITERAL", "sp", "READ") in got
 
 
+def test_retention_monitor_gets_describe_configs_on_governed_topics_only(ws: Path) -> None:
+    cfg = base()
+    cfg["topics"] = {"overrides": {"orders.dlq": {"config": {"retention.ms": "86400000"}}}}
+    extra = set(desired_acls(load(ws, cfg))) - set(desired_acls(load(ws, base())))
+    assert extra == {T("User:proc", "orders.dlq", "DESCRIBE_CONFIGS")}
+    cfg["topics"]["retention_check_interval_seconds"] = 0  # monitor off: no need
+    assert set(desired_acls(load(ws, cfg))) == set(desired_acls(load(ws, base())))
+    cfg = base()
+    cfg["topics"] = {"defaults": {"config": {"retention.ms": "604800000"}}}
+    every = {
+        T("User:proc", t, "DESCRIBE_CONFIGS")
+        for t in (
+            "orders",
+            "logins",
+            "logins.eu",
+            "orders.analytics",
+            "orders.fraud",
+            "logins.analytics",
+            "orders.dlq",
+            "logins.dlq",
+            "sp.audit",
+        )
+    }
+    assert set(desired_acls(load(ws, cfg))) - set(desired_acls(load(ws, base()))) == every
+
+
 def test_no_one_but_the_processor_writes_sanitized_topics_and_reads_sources(ws: Path) -> None:
     got = desired_acls(load(ws, base()))
     sanitized = {"orders.analytics", "orders.fraud", "logins.analytics"}
