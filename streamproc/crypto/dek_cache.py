@@ -110,7 +110,12 @@ class DekCache:
         finally:
             if self.on_kms_call is not None:
                 self.on_kms_call("unwrap", outcome, time.perf_counter() - t0)
-        aead = AESGCM(dek)
+        try:
+            aead = AESGCM(dek)
+        except (TypeError, ValueError):  # not 128/192/256 bits: the provider misbehaved
+            err = KmsError("unwrap returned no usable data key")
+            self._failures[key] = (now + self.negative_ttl, err)
+            raise err from None
         with self._lock:
             self._entries[key] = (now + self.ttl, aead)
             self._entries.move_to_end(key)

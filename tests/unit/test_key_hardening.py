@@ -374,3 +374,18 @@ def test_aws_credential_and_capacity_errors_are_transient(make: Any) -> None:
     with pytest.raises(KmsError) as info:
         kms._raise_mapped(bce.UnseekableStreamError(stream_object="s"), "Decrypt", "alias/src")
     assert kms_error_reason(info.value) is Reason.KMS_ERROR
+
+
+def test_a_provider_returning_a_bad_data_key_is_a_record_level_kms_error(
+    keyring: LocalKeyring, schemas: CachingSchemaSource, policy: Policy
+) -> None:
+    p, _ = build(keyring, schemas, policy)
+
+    class ShortKey(FaultyKms):
+        def unwrap(self, kek_id: str, kek_version: int, wrapped: bytes, context: Mapping[str, str]) -> bytes:
+            return b"\x00" * 7
+
+    p.opener.cache.kms = ShortKey(keyring)  # type: ignore[assignment]
+    res = p.process(records(sealed(keyring, "orders-kek", schemas, 2)))
+    assert [q.reason for q in res.quarantined] == [Reason.KMS_ERROR] * 2
+    assert res.outputs == []
