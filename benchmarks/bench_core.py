@@ -271,6 +271,55 @@ def run_seal(s: Setup, n: int, batch: int) -> int:
     return done
 
 
+#: Extra rules on audience a1 for the differential-privacy cases: ``amount_cents`` (long)
+#: and ``channel`` (enum) get one more tag each, so the DP rule (stricter than PUBLIC's
+#: keep) governs them; everything else is plan (b).  The difference to (b) is the per-record
+#: cost of the operator.
+DP_CASES: dict[str, dict[str, Any]] = {
+    "plan_dp_laplace": {"AMOUNT": {"op": "dp_noise", "mechanism": "laplace", "epsilon": 1.0, "bounds": [0, 100_000]}},
+    "plan_dp_gaussian": {"AMOUNT": {"op": "dp_noise", "mechanism": "gaussian", "epsilon": 1.0, "delta": 1e-6,
+                                    "bounds": [0, 100_000]}},
+    "plan_rr": {"CHANNEL": {"op": "randomized_response", "epsilon": 1.0}},
+}
+_DP_FNS: dict[tuple[int, str], Callable[[bytes], list[bytes]]] = {}
+
+
+def dp_plan_fn(name: str, s: Setup) -> Callable[[bytes], list[bytes]]:
+    """The a1 plan with one DP rule added (compiled once, like the runtime's plan cache)."""
+    fn = _DP_FNS.get((id(s), name))
+    if fn is None:
+        import yaml
+
+        from streamproc.pipeline.codegen import compile_plan
+        from streamproc.pipeline.plan import build_plan
+        from streamproc.policy.model import parse_policy
+        from streamproc.schema import avro
+
+        schema = json.loads(SCHEMA_FILE.read_text())
+        extra = {"amount_cents": "AMOUNT", "channel": "CHANNEL"}
+        for f in schema["fields"]:
+            if f["name"] in extra:
+                f["confluent:tags"] = [*f["confluent:tags"], extra[f["name"]]]
+        raw = yaml.safe_load(POLICY_FILE.read_text())
+        raw["audiences"]["a1"]["tags"].update(DP_CASES[name])
+        node = avro.parse(schema)
+        plan = build_plan(node, parse_policy(raw).audience("a1"), PseudonymKeys(s.kms, PSEUDONYM_SECRET))
+        fn = compile_plan(plan, node, offset=HEADER_LEN)[0]  # type: ignore[arg-type]
+        _DP_FNS[(id(s), name)] = fn
+    return fn
+
+
+def run_dp(name: str, s: Setup, n: int, batch: int) -> int:
+    """(b) with one differential-privacy rule added (see :data:`DP_CASES`)."""
+    plains = _cycle(s.plaintexts, n)
+    fn, join = dp_plan_fn(name, s), b"".join
+    done = 0
+    for i in range(0, n, batch):
+        outs = [join(fn(p)) for p in plains[i : i + batch]]
+        done += len(outs)
+    return done
+
+
 #: name -> (label, function(setup, n, batch) -> records handled)
 CASES: dict[str, tuple[str, Callable[[Setup, int, int], int]]] = {
     "baseline": ("(a) fastavro decode+encode (no crypto)", run_baseline),
@@ -279,6 +328,9 @@ CASES: dict[str, tuple[str, Callable[[Setup, int, int], int]]] = {
     "pipeline_2": ("(d) Pipeline.process, 2 audiences", lambda s, n, b: run_pipeline(s, 2, n, b)),
     "open": ("    component: Opener.open", run_open),
     "seal": ("    component: Sealer.seal_many", run_seal),
+    "plan_dp_laplace": ("(b) + dp_noise laplace (long)", lambda s, n, b: run_dp("plan_dp_laplace", s, n, b)),
+    "plan_dp_gaussian": ("(b) + dp_noise gaussian (long)", lambda s, n, b: run_dp("plan_dp_gaussian", s, n, b)),
+    "plan_rr": ("(b) + randomized_response (enum)", lambda s, n, b: run_dp("plan_rr", s, n, b)),
 }
 
 

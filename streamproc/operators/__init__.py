@@ -9,6 +9,7 @@ from __future__ import annotations
 from streamproc.operators.base import OpContext, Operator, OperatorError
 from streamproc.operators.date_shift import DateShift
 from streamproc.operators.deterministic import EncryptDeterministic
+from streamproc.operators.dp import DPNoise, RandomizedResponse
 from streamproc.operators.drop import Drop
 from streamproc.operators.generalize import Generalize
 from streamproc.operators.keep import Keep
@@ -18,7 +19,10 @@ from streamproc.operators.token import Token
 
 REGISTRY: dict[str, Operator] = {
     op.name: op
-    for op in (Keep(), Drop(), Redact(), Mask(), Token(), EncryptDeterministic(), Generalize(), DateShift())
+    for op in (
+        Keep(), Drop(), Redact(), Mask(), Token(), EncryptDeterministic(), Generalize(), DateShift(),
+        DPNoise(), RandomizedResponse(),
+    )
 }
 
 

@@ -44,10 +44,16 @@ class Ineffective(Exception):
 #: field with several tags, a tagged field inside a tagged container): the strictest wins,
 #: so the outcome is never looser than any rule that applies.  Ranked by what the output
 #: still reveals: keep (everything) < date_shift (a full-precision value under a secret
-#: offset) < generalize (a coarser value) < mask (some characters) < encrypt_deterministic
-#: (equality, reversible with the audience key) < token (equality, irreversible) < redact
-#: (presence only) < drop (nothing, not even presence).  Every operator must be listed.
-STRICTNESS = ("keep", "date_shift", "generalize", "mask", "encrypt_deterministic", "token", "redact", "drop")
+#: offset) < generalize (a coarser value) < mask (some characters) < dp_noise (a noised
+#: value: bounded influence of the true one, epsilon-DP) < randomized_response (a category
+#: that is a lie with known probability) < encrypt_deterministic (equality, reversible with
+#: the audience key: linkable, which noised values are not) < token (equality,
+#: irreversible) < redact (presence only) < drop (nothing, not even presence).  Every
+#: operator must be listed.
+STRICTNESS = (
+    "keep", "date_shift", "generalize", "mask", "dp_noise", "randomized_response",
+    "encrypt_deterministic", "token", "redact", "drop",
+)
 
 
 def strictness(op_name: str) -> int:
@@ -120,6 +126,12 @@ class Operator(ABC):
     @abstractmethod
     def bind(self, params: Mapping[str, Any], t: AvroType, ctx: OpContext) -> Any:
         """A per-value function (``ValueFn``, or ``SubjectValueFn`` if ``needs_subject``)."""
+
+    def field_props(self, params: Mapping[str, Any], t: AvroType) -> Mapping[str, Any]:
+        """Properties the output schema's field carries besides ``streamproc.transform``
+        (the differential-privacy operators describe their mechanism and epsilon there, so
+        subscribers know a value is noised).  Evaluated when the plan is compiled."""
+        return {}
 
     def guarded(self, params: Mapping[str, Any], t: AvroType) -> bool:
         """Whether this rule's output can degenerate into its input for some values.

@@ -67,6 +67,8 @@ class Apply(Node):
     decode: bool = True
     params: Any = None
     """The rule's parameters (lineage and the data map describe the transformation with them)."""
+    props: dict[str, Any] = field(default_factory=dict)
+    """Output field properties the operator declares (:meth:`Operator.field_props`)."""
 
 
 @dataclass(eq=False)
@@ -320,7 +322,8 @@ class _Builder:
             if want is not None and not any(f.name == want for f in self.root.fields):
                 raise PolicyError(f"{where}: subject_field {want!r} is not a top-level field")
         self.transforms[op.name] = self.transforms.get(op.name, 0) + 1
-        return Apply(t, out, fn, op.name, path, op.needs_subject, decode, dict(rule.params))
+        props = dict(op.field_props(rule.params, t))
+        return Apply(t, out, fn, op.name, path, op.needs_subject, decode, dict(rule.params), props)
 
 
 _STRING = Primitive("string")
@@ -395,6 +398,7 @@ def node_out_type(n: Node) -> AvroType | None:
                     ops = sorted(_ops_in(child, into_records=False))
                     if ops:
                         props[TRANSFORM_PROP] = ops[0] if len(ops) == 1 else ops
+                    props.update(_props_in(child))
                     _fix_default(props, ot)
                 n.out.fields.append(Field(f.name, ot, props))
         return n.out
@@ -443,6 +447,22 @@ def _ops_in(n: Node, seen: set[int] | None = None, *, into_records: bool = True)
     if isinstance(n, UnionNode):
         return set().union(*(_ops_in(b, seen, into_records=into_records) for b in n.branches))
     return set()
+
+
+def _props_in(n: Node) -> dict[str, Any]:
+    """The operator-declared properties of a field's own values (not of inner records)."""
+    if isinstance(n, Apply):
+        return dict(n.props)
+    if isinstance(n, ArrayNode):
+        return _props_in(n.items)
+    if isinstance(n, MapNode):
+        return _props_in(n.values)
+    if isinstance(n, UnionNode):
+        out: dict[str, Any] = {}
+        for b in n.branches:
+            out.update(_props_in(b))
+        return out
+    return {}
 
 
 def _fix_default(props: dict[str, Any], t_out: AvroType) -> None:

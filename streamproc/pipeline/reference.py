@@ -99,7 +99,10 @@ def _apply(n: Node, value: Any, subject: bytes | None) -> Any:
         try:
             if n.needs_subject:
                 return n.fn(value, subject)
-            return n.fn(value if n.decode else None)
+            result = n.fn(value if n.decode else None)
+            if isinstance(n.out, Enum):
+                return n.out.symbols[result]  # an enum output is an index too (randomized_response)
+            return result
         except Ineffective:
             raise TransformFailed(n.path, Reason.INEFFECTIVE_TRANSFORM) from None
         except Exception:

@@ -75,9 +75,10 @@ def micros(t: dt.datetime) -> int:
 
 def test_registry_names_every_operator() -> None:
     assert sorted(REGISTRY) == sorted(
-        ["keep", "drop", "redact", "mask", "token", "encrypt_deterministic", "generalize", "date_shift"]
+        ["keep", "drop", "redact", "mask", "token", "encrypt_deterministic", "generalize", "date_shift",
+         "dp_noise", "randomized_response"]
     )
-    with pytest.raises(OperatorError, match=r"^unknown operator 'hash'; known: date_shift, drop, "):
+    with pytest.raises(OperatorError, match=r"^unknown operator 'hash'; known: date_shift, dp_noise, drop, "):
         get_operator("hash")
 
 

@@ -1024,7 +1024,10 @@ def _as_bytes(a: Any) -> bytes:
 
 
 #: The strictness order of docs/policy.md, restated as the contract (loosest first).
-STRICTNESS_CONTRACT = ("keep", "date_shift", "generalize", "mask", "encrypt_deterministic", "token", "redact", "drop")
+STRICTNESS_CONTRACT = (
+    "keep", "date_shift", "generalize", "mask", "dp_noise", "randomized_response",
+    "encrypt_deterministic", "token", "redact", "drop",
+)
 
 
 def _governing(aud: Audience, tags: frozenset[str]) -> str:

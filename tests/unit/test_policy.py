@@ -92,7 +92,8 @@ def test_unknown_audience_is_named() -> None:
     ("old", "new", "expected"),
     [
         ("EMAIL: {op: token, normalize: [lower, strip]}", "EMAIL: hash",
-         "audience 'analytics', tag 'EMAIL': unknown operator 'hash'; known: date_shift, drop, encrypt_deterministic, generalize, keep, mask, redact, token"),
+         "audience 'analytics', tag 'EMAIL': unknown operator 'hash'; known: date_shift, dp_noise, drop, encrypt_deterministic, generalize, keep, mask, "
+         "randomized_response, redact, token"),
         ("CARD_NUMBER: {op: mask, keep_last: 4}", "CARD_NUMBER: {op: mask, keep_last: -4}",
          "audience 'analytics', tag 'CARD_NUMBER': keep_last must be >= 0"),
         ("CARD_NUMBER: {op: mask, keep_last: 4}", "CARD_NUMBER: {op: mask, keep_last: four}",
@@ -121,7 +122,8 @@ def test_rule_errors_name_file_audience_and_tag(tmp_path: Path, old: str, new: s
         ("untagged: keep", "untagged: maybe", "audience 'fraud': 'untagged' must be keep or drop, not 'maybe'"),
         ("record_key: keep", "record_key: mask", "audience 'fraud': record_key must be one of ('keep', 'token', 'drop')"),
         ("record_key: keep", "record_key: hash",
-         "audience 'fraud', tag '<record key>': unknown operator 'hash'; known: date_shift, drop, encrypt_deterministic, generalize, keep, mask, redact, token"),
+         "audience 'fraud', tag '<record key>': unknown operator 'hash'; known: date_shift, dp_noise, drop, encrypt_deterministic, generalize, keep, mask, "
+         "randomized_response, redact, token"),
         ("record_key: keep", "record_keys: keep", "audience 'fraud': unknown key(s) ['record_keys']"),
         ("  fraud:\n", "  fr@ud:\n", "audience 'fr@ud': audience names are letters, digits, '-' and '_'"),
         ("  fraud:\n    untagged: keep\n    record_key: keep\n    tags:\n      EMAIL: encrypt_deterministic\n",
@@ -288,19 +290,23 @@ def test_strictest_matching_rule_wins_whatever_the_file_order(shared_keys: Pseud
     assert aud.rule_for(("EMAIL", "PUBLIC")).op == "token"  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize("order", [tuple(range(8)), tuple(reversed(range(8))), (3, 0, 7, 1, 6, 2, 5, 4)])
+@pytest.mark.parametrize("order", [tuple(range(10)), tuple(reversed(range(10))), (3, 0, 9, 7, 1, 8, 6, 2, 5, 4)])
 def test_strictness_order_is_total_and_documented(order: tuple[int, ...]) -> None:
     """Every pair of operators: the stricter one (docs/policy.md's order, restated here on
     purpose, as the contract) wins whatever the file order."""
-    contract = ["keep", "date_shift", "generalize", "mask", "encrypt_deterministic", "token", "redact", "drop"]
+    contract = ["keep", "date_shift", "generalize", "mask", "dp_noise", "randomized_response",
+                "encrypt_deterministic", "token", "redact", "drop"]
     specs = {"keep": "keep", "date_shift": {"op": "date_shift"}, "generalize": {"op": "generalize", "prefix": 1},
-             "mask": {"op": "mask", "keep_last": 1}, "encrypt_deterministic": "encrypt_deterministic",
+             "mask": {"op": "mask", "keep_last": 1},
+             "dp_noise": {"op": "dp_noise", "mechanism": "laplace", "epsilon": 1, "bounds": [0, 1]},
+             "randomized_response": {"op": "randomized_response", "epsilon": 1},
+             "encrypt_deterministic": "encrypt_deterministic",
              "token": "token", "redact": "redact", "drop": "drop"}
     assert set(contract) == set(get_operator_names())
     tags = {f"T{i}": specs[contract[i]] for i in order}
     aud = parse_policy({"keys": {"pseudonym": "k"}, "audiences": {"a": {"tags": tags}}}).audience("a")
-    for i in range(8):
-        for j in range(8):
+    for i in range(10):
+        for j in range(10):
             got = aud.rule_for((f"T{i}", f"T{j}"))
             assert got is not None and got.op == contract[max(i, j)]
 
