@@ -105,6 +105,7 @@ TOP_LEVEL = (
     "pseudonym_secrets",
     "acls",
     "dead_letter",
+    "lineage",
 )
 
 #: The KEK dead letters are sealed under when ``dead_letter.kek`` is not set.
@@ -205,6 +206,23 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class LineageConfig:
+    """OpenLineage run events (``lineage:``; off without the section), see observability.lineage.
+
+    ``transport`` is handed to openlineage-python's transport factory as it is (``type``:
+    console, file, http or kafka, plus that transport's settings).
+    """
+
+    transport: Mapping[str, Any]
+    enabled: bool = True
+    namespace: str = "streamproc"
+    job: str | None = None
+
+
+LINEAGE_TRANSPORTS = ("console", "file", "http", "kafka")
+
+
+@dataclass(frozen=True)
 class PseudonymSecretsConfig:
     """Where the pseudonym master comes from (``pseudonym_secrets:``).
 
@@ -289,6 +307,7 @@ class Config:
     insecure_transport: tuple[str, ...] = ()
     #: The quarantine KEK: dead letters (original key, headers and value) are sealed under it.
     dead_letter_kek: str = DEFAULT_QUARANTINE_KEK
+    lineage: LineageConfig | None = None
 
     @property
     def liveness_timeout(self) -> float:
@@ -989,6 +1008,28 @@ def _validate(raw: dict[str, Any], path: Path, ctx: _Ctx, check_policy: bool) ->
         acls=acls,
         insecure_transport=tuple(insecure),
         dead_letter_kek=quarantine_kek,
+        lineage=_lineage(ctx, raw.get("lineage")),
+    )
+
+
+def _lineage(ctx: _Ctx, v: Any) -> LineageConfig | None:
+    """``lineage:`` -- enabled (default true once present), namespace, job, transport."""
+    if v is None:
+        return None
+    m = _mapping(ctx, "lineage", v, allowed=("enabled", "namespace", "job", "transport"))
+    t = dict(_mapping(ctx, "lineage.transport", m.get("transport")))
+    kind = _choice(ctx, "lineage.transport.type", t.get("type"), LINEAGE_TRANSPORTS)
+    if kind == "http" and not t.get("url"):
+        raise ctx.error("lineage.transport.url", "is required for the http transport")
+    if kind == "file" and not t.get("log_file_path"):
+        raise ctx.error("lineage.transport.log_file_path", "is required for the file transport")
+    if kind == "kafka" and (not t.get("topic") or not isinstance(t.get("config"), dict)):
+        raise ctx.error("lineage.transport", "the kafka transport needs 'topic' and 'config' (producer settings)")
+    return LineageConfig(
+        transport=t,
+        enabled=_bool(ctx, "lineage.enabled", m.get("enabled", True)),
+        namespace=_str(ctx, "lineage.namespace", m.get("namespace", "streamproc")),
+        job=_str(ctx, "lineage.job", m["job"]) if m.get("job") is not None else None,
     )
 
 
@@ -1375,6 +1416,7 @@ __all__ = [
     "AuditConfig",
     "Config",
     "DestinationConfig",
+    "LineageConfig",
     "LoggingConfig",
     "MetricsConfig",
     "PipelineConfig",

@@ -54,8 +54,10 @@ from streamproc.errors import (
     TransientError,
 )
 from streamproc.pipeline.codegen import BadPayload, TransformFailed, compile_plan
+from streamproc.pipeline.lineage import FieldTreatment, field_treatments
 from streamproc.pipeline.plan import build_plan
 from streamproc.policy.model import Audience, Policy
+from streamproc.schema.avro import Record
 from streamproc.schema.framing import HEADER_LEN, MAGIC, frame_prefix
 from streamproc.schema.registry import SchemaSource
 
@@ -159,6 +161,28 @@ class _Compiled:
     prov_prefix: bytes
     """The constant part of the streamproc.prov value; the per-record reference follows."""
     transforms: tuple[tuple[str, int], ...]
+    info: CompiledPlan | None = None
+
+
+@dataclass(frozen=True)
+class CompiledPlan:
+    """What a plan compilation produced, for observers (``Pipeline(on_compile=...)``).
+
+    Structure only (schemas, field treatments with policy parameters): no key, no value.
+    The lineage emitter (observability layer) turns it into an OpenLineage event; the
+    pipeline does not know who listens.
+    """
+
+    schema_id: int
+    input_schema: Any
+    """The input schema JSON (external tags merged)."""
+    output_schema: Any
+    output_schema_id: int
+    destination: Destination
+    sources: tuple[str, ...]
+    """The source topics routed to this destination."""
+    policy_version: str
+    fields: tuple[FieldTreatment, ...]
 
 
 class _DestState:
@@ -204,8 +228,13 @@ class Pipeline:
         reserved_keks: Iterable[str] = (),
         revocation_check_interval: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        on_compile: Callable[[CompiledPlan], None] | None = None,
     ) -> None:
         self.policy = policy
+        #: Called after each new plan compilation (outside the plan lock); its errors are
+        #: counted in :attr:`observer_errors` and never affect a record.
+        self.on_compile = on_compile
+        self.observer_errors = 0
         self.opener = opener
         self.schemas = schemas
         self.keys = keys
@@ -369,6 +398,14 @@ class Pipeline:
                 except PolicyError as exc:
                     hit = exc
                 self._plans[key] = hit
+                built = hit
+            else:
+                built = None
+        if isinstance(built, _Compiled) and built.info is not None and self.on_compile is not None:
+            try:
+                self.on_compile(built.info)
+            except Exception:
+                self.observer_errors += 1
         if isinstance(hit, PolicyError):
             raise RecordError(Reason.UNSUPPORTED_SCHEMA, f"schema id {schema_id} -> {state.dest.topic}: {hit}")
         return hit
@@ -387,7 +424,14 @@ class Pipeline:
             out_id = content_id(plan.out_schema)
         fn, _src = compile_plan(plan, rs.node, offset=HEADER_LEN, prefix=frame_prefix(out_id))  # type: ignore[arg-type]
         prefix = state.prov_prefix(self.policy.version, out_id)
-        return _Compiled(fn, out_id, prefix, tuple(plan.transforms.items()))
+        info = None
+        if self.on_compile is not None and isinstance(rs.node, Record):
+            sources = tuple(src for src, states in self._routes.items() if state in states)
+            info = CompiledPlan(
+                schema_id, rs.json, plan.out_schema, out_id, state.dest, sources, self.policy.version,
+                tuple(field_treatments(rs.node, plan)),
+            )
+        return _Compiled(fn, out_id, prefix, tuple(plan.transforms.items()), info)
 
     def explain(self, schema_id: int, destination_topic: str) -> tuple[Any, int]:
         """The output schema JSON and id for (schema, destination); compiles if needed."""
@@ -597,6 +641,7 @@ def build_routes(spec: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[
 __all__ = [
     "BatchResult",
     "BatchStats",
+    "CompiledPlan",
     "Destination",
     "EnvelopeError",
     "InputRecord",

@@ -81,8 +81,7 @@ class FieldTreatment:
 
 
 def _show(v: Any) -> str:
-    if isinstance(v, str):
-        return v
+    """JSON (strings quoted): ``until=" "`` stays readable and unambiguous."""
     return json.dumps(v, sort_keys=True, separators=(",", ":"), default=str)
 
 

@@ -92,6 +92,7 @@ def run_worker(
             # The pseudonym master cannot be read (unknown, revoked, not unwrappable): a
             # restart will not fix it.  KMS messages name key ids only.
             raise ConfigError(f"pseudonym secret: {exc}") from None
+    lineage = _lineage(config, pipeline)  # before the audit trail: a bad transport is exit 78
     instance = instance or default_instance()
     try:
         audit = build_audit(
@@ -115,10 +116,33 @@ def run_worker(
                 audit.abandon()
             return EXIT_OK
     monitor_stop = start_retention_monitor(config, pipeline.policy, observer)
+    if lineage is not None:
+        lineage.start()
+    code = EXIT_FATAL
     try:
-        return worker.run()
+        code = worker.run()
+        return code
     finally:
         monitor_stop.set()
+        if lineage is not None:
+            lineage.finish(code == EXIT_OK)
+            lineage.close()
+
+
+def _lineage(config: Config, pipeline: Any) -> Any:
+    """The OpenLineage emitter of ``lineage:``, hooked to the pipeline's plan compilations."""
+    if config.lineage is None or not config.lineage.enabled:
+        return None
+    from streamproc.observability.lineage import LineageEmitter
+
+    try:
+        emitter = LineageEmitter.from_config(config, pipeline.policy.version)
+    except Exception as exc:  # openlineage-python refuses the transport settings
+        # The message may quote transport settings (an HTTP API key): the class only.
+        raise ConfigError(f"lineage.transport: refused by openlineage-python ({type(exc).__name__})") from None
+    if emitter is not None:
+        pipeline.on_compile = emitter.plan_compiled
+    return emitter
 
 
 def start_retention_monitor(config: Config, policy: Any, observer: Observer) -> threading.Event:
