@@ -173,3 +173,27 @@ def test_registry_config_needs_schemas(tmp_path: Path, fmt: str) -> None:
     assert r.exit_code == 1 and "--schemas" in r.output
     ok = CliRunner().invoke(cli, ["catalog", "--config", str(cfg), "--format", fmt, "--schemas", str(tmp_path / "schemas")])
     assert ok.exit_code == 0, ok.output
+
+
+def test_privacy_budget_columns(tmp_path: Path) -> None:
+    """epsilon of a dp_noise rule gets its own column (k likewise, where a rule sets one)."""
+    from streamproc.pipeline.catalog import data_map, render_markdown
+    from streamproc.policy.model import parse_policy
+    from streamproc.schema.registry import RegisteredSchema
+
+    schema = {"type": "record", "name": "Pay", "fields": [{"name": "amount", "type": "long", "confluent:tags": ["AMOUNT"]}]}
+    pol = parse_policy(
+        {
+            "defaults": {"record_key": "drop"},
+            "audiences": {"research": {"tags": {"AMOUNT": {"op": "dp_noise", "mechanism": "laplace", "epsilon": 0.5, "bounds": [0, 1000]}}}},
+        }
+    )
+    dm = data_map(pol, [RegisteredSchema(1, json.dumps(schema), "pay")])
+    assert dm["schemas"]["Pay"]["fields"]["amount"]["audiences"]["research"] == {
+        "operation": 'dp_noise(bounds=[0,1000], epsilon=0.5, mechanism="laplace")',
+        "output_field": "amount",
+        "purpose": None,
+        "retention": None,
+        "epsilon": 0.5,
+    }
+    assert '| amount | AMOUNT | research | dp_noise(bounds=[0,1000], epsilon=0.5, mechanism="laplace") | amount | - | - | - | 0.5 |' in render_markdown(dm)
