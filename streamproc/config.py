@@ -72,11 +72,15 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from streamproc import validation
 from streamproc.errors import ConfigError, PolicyError
+
+if TYPE_CHECKING:
+    from streamproc.policy.model import Policy
 
 GUARANTEES = ("exactly_once", "at_least_once")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -308,6 +312,9 @@ class Config:
     #: The quarantine KEK: dead letters (original key, headers and value) are sealed under it.
     dead_letter_kek: str = DEFAULT_QUARANTINE_KEK
     lineage: LineageConfig | None = None
+    #: The policy file as parsed when the config was validated (``None`` with
+    #: ``check_policy=False``); read it through :meth:`load_policy`.
+    parsed_policy: Policy | None = field(default=None, compare=False, repr=False)
 
     @property
     def liveness_timeout(self) -> float:
@@ -361,18 +368,18 @@ class Config:
                 return p.dead_letter_topic
         raise KeyError(source_topic)
 
-    def routes_spec(self) -> list[dict[str, Any]]:
-        """The pipelines in the form :func:`streamproc.pipeline.core.build_routes` takes."""
-        return [
-            {
-                "sources": list(p.sources),
-                "destinations": [
-                    {"topic": d.topic, "audience": d.audience, "kek": d.kek} for d in p.destinations
-                ],
-                **({} if p.source_keks is None else {"source_keks": list(p.source_keks)}),
-            }
-            for p in self.pipelines
-        ]
+    def load_policy(self) -> Policy:
+        """The policy, parsed once: the one :func:`load_config` parsed to check the
+        audiences, or (for a config loaded with ``check_policy=False``) parsed now.
+
+        Pass the result down (``build_pipeline(config, policy=...)``) rather than calling
+        this twice.
+        """
+        if self.parsed_policy is not None:
+            return self.parsed_policy
+        from streamproc.policy.model import load_policy
+
+        return load_policy(self.policy)
 
     # -- librdkafka -------------------------------------------------------------------------
     def admin_config(self) -> dict[str, Any]:
@@ -429,6 +436,10 @@ class _Ctx:
 
     def error(self, where: str, what: str) -> ConfigError:
         return ConfigError(f"{self.path}: {where}: {what}" if where else f"{self.path}: {what}")
+
+    def at(self, where: str) -> str:
+        """``where`` prefixed with the file, for :mod:`streamproc.validation` messages."""
+        return f"{self.path}: {where}" if where else str(self.path)
 
 
 def load_config(
@@ -611,17 +622,7 @@ def _join(where: str, key: Any) -> str:
     return f"{where}.{key}" if where else str(key)
 
 
-def _tname(v: Any) -> str:
-    if v is None:
-        return "nothing (null)"
-    return {
-        dict: "a mapping",
-        list: "a list",
-        str: "a string",
-        bool: "a boolean",
-        int: "an integer",
-        float: "a number",
-    }.get(type(v), type(v).__name__)
+_tname = validation.type_name
 
 
 def _mapping(
@@ -649,35 +650,22 @@ def _did_you_mean(k: str, allowed: Sequence[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
+# The checks themselves live in streamproc.validation (shared with the KMS settings); these
+# add the file name to the key path, so every message starts with the file.
 def _str(ctx: _Ctx, where: str, v: Any) -> str:
-    if not isinstance(v, str) or not v.strip():
-        raise ctx.error(where, f"must be a non-empty string, got {_tname(v)}")
-    return v
+    return validation.string(ctx.at(where), v)
 
 
 def _int(ctx: _Ctx, where: str, v: Any, *, minimum: int, maximum: int | None = None) -> int:
-    if isinstance(v, str) and re.fullmatch(r"\s*-?\d+\s*", v):
-        v = int(v)
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ctx.error(where, f"must be an integer, got {_tname(v)}")
-    if v < minimum or (maximum is not None and v > maximum):
-        rng = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
-        raise ctx.error(where, f"must be {rng}, got {v}")
-    return v
+    return validation.integer(ctx.at(where), v, minimum=minimum, maximum=maximum)
 
 
 def _bool(ctx: _Ctx, where: str, v: Any) -> bool:
-    if isinstance(v, str) and v.lower() in ("true", "false"):
-        return v.lower() == "true"
-    if not isinstance(v, bool):
-        raise ctx.error(where, f"must be true or false, got {_tname(v)}")
-    return v
+    return validation.boolean(ctx.at(where), v)
 
 
 def _choice(ctx: _Ctx, where: str, v: Any, allowed: Sequence[str]) -> str:
-    if v not in allowed:
-        raise ctx.error(where, f"must be one of {', '.join(allowed)}, got {v!r}")
-    return str(v)
+    return validation.choice(ctx.at(where), v, allowed)
 
 
 def _resolve(base: Path, value: str) -> str:
@@ -856,8 +844,7 @@ def _kms_section(ctx: _Ctx, raw: Mapping[str, Any], base: Path) -> dict[str, Any
     for key in ("path", "ca_cert", "client_cert", "client_key"):
         if isinstance(kms.get(key), str) and (provider == "local" or key != "path"):
             kms[key] = _resolve(base, kms[key])
-    _check_kms(ctx, str(provider), kms)
-    return kms
+    return _check_kms(ctx, kms)
 
 
 def _validate(raw: dict[str, Any], path: Path, ctx: _Ctx, check_policy: bool) -> Config:
@@ -916,8 +903,9 @@ def _validate(raw: dict[str, Any], path: Path, ctx: _Ctx, check_policy: bool) ->
         raise ctx.error("policy", f"{policy} does not exist")
 
     pipelines = _pipelines(ctx, raw.get("pipelines"))
-    if check_policy:
-        _check_audiences(ctx, pipelines, policy)
+    parsed_policy = _parse_policy(ctx, policy) if check_policy else None
+    if parsed_policy is not None:
+        _check_audiences(ctx, pipelines, parsed_policy, policy)
 
     topics_raw = _mapping(
         ctx, "topics", raw.get("topics"),
@@ -983,8 +971,8 @@ def _validate(raw: dict[str, Any], path: Path, ctx: _Ctx, check_policy: bool) ->
     )
     audit = _audit(ctx, raw.get("audit"), base, pipelines)
     secrets = _pseudonym_secrets(ctx, raw.get("pseudonym_secrets"), base, pipelines)
-    if check_policy:
-        _check_secret_source(ctx, str(provider), secrets, policy)
+    if parsed_policy is not None:
+        _check_secret_source(ctx, str(provider), secrets, parsed_policy, policy)
     acls = _acls(ctx, raw.get("acls"), pipelines, group_id)
     return Config(
         path=path,
@@ -1009,6 +997,7 @@ def _validate(raw: dict[str, Any], path: Path, ctx: _Ctx, check_policy: bool) ->
         insecure_transport=tuple(insecure),
         dead_letter_kek=quarantine_kek,
         lineage=_lineage(ctx, raw.get("lineage")),
+        parsed_policy=parsed_policy,
     )
 
 
@@ -1254,18 +1243,26 @@ def _pseudonym_secrets(
     return PseudonymSecretsConfig("wrapped_file", path, kek)
 
 
+def _parse_policy(ctx: _Ctx, policy_path: Path) -> Policy:
+    """The policy file, parsed the one time a config load needs it."""
+    from streamproc.policy.model import load_policy
+
+    try:
+        return load_policy(policy_path)
+    except PolicyError as exc:
+        raise ctx.error("policy", str(exc)) from None
+
+
 def _check_secret_source(
-    ctx: _Ctx, kms_provider: str, secrets: PseudonymSecretsConfig, policy_path: Path
+    ctx: _Ctx,
+    kms_provider: str,
+    secrets: PseudonymSecretsConfig,
+    policy: Policy,
+    policy_path: Path,
 ) -> None:
     """AWS KMS holds no secrets: a policy that needs a pseudonym master needs a file."""
     if secrets.provider != "kms" or kms_provider != "aws":
         return
-    from streamproc.policy.model import load_policy
-
-    try:
-        policy = load_policy(policy_path)
-    except PolicyError as exc:
-        raise ctx.error("policy", str(exc)) from None
     if policy.pseudonym_key:
         raise ctx.error(
             "pseudonym_secrets",
@@ -1275,24 +1272,16 @@ def _check_secret_source(
         )
 
 
-def _check_kms(ctx: _Ctx, provider: str, kms: Mapping[str, Any]) -> None:
-    """Provider-specific checks belong to the KMS factory; we only add the file name.
+def _check_kms(ctx: _Ctx, kms: Mapping[str, Any]) -> dict[str, Any]:
+    """The KMS factory's public validation, with the file name added; normalized settings.
 
     The provider itself is built later (``build_kms``): building a Vault or AWS client
     here would make loading a config file a network operation.
     """
-    from streamproc.crypto.kms import factory
+    from streamproc.crypto.kms.factory import validate_kms_settings
 
-    if provider not in factory.PROVIDERS:
-        raise ctx.error(
-            "kms.provider",
-            f"unknown provider {provider!r} (one of: {', '.join(factory.PROVIDERS)})",
-        )
-    validate = getattr(factory, "_validated", None)
-    if validate is None:
-        return
     try:
-        validate(provider, kms)
+        return validate_kms_settings(kms)
     except ConfigError as exc:
         raise ConfigError(f"{ctx.path}: {exc}") from None
 
@@ -1394,13 +1383,9 @@ def _source_keks(ctx: _Ctx, where: str, m: Mapping[str, Any]) -> tuple[str, ...]
     return tuple(_str(ctx, f"{where}.source_keks[{j}]", k) for j, k in enumerate(v))
 
 
-def _check_audiences(ctx: _Ctx, pipelines: Sequence[PipelineConfig], policy_path: Path) -> None:
-    from streamproc.policy.model import load_policy
-
-    try:
-        policy = load_policy(policy_path)
-    except PolicyError as exc:
-        raise ctx.error("policy", str(exc)) from None
+def _check_audiences(
+    ctx: _Ctx, pipelines: Sequence[PipelineConfig], policy: Policy, policy_path: Path
+) -> None:
     for i, p in enumerate(pipelines):
         for j, d in enumerate(p.destinations):
             if d.audience not in policy.audiences:

@@ -48,7 +48,7 @@ def catalog(config_path: str, fmt: str, old_policy: str | None, schema_paths: tu
 
     try:
         config = load_config(config_path, check_policy=False)
-        policy = load_policy(config.policy)
+        policy = config.load_policy()
         schemas = [load_document(f) for f in _schemas(schema_paths, dict(config.schemas))]
         old = load_policy(old_policy) if old_policy else None
     except (ConfigError, PolicyError, SchemaError) as exc:

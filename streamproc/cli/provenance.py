@@ -46,11 +46,10 @@ class Resolver:
     def __init__(self, config_path: str | os.PathLike[str]) -> None:
         from streamproc.config import load_config
         from streamproc.crypto.pseudonym import PseudonymKeys
-        from streamproc.policy.model import load_policy
         from streamproc.runtime.factory import build_kms, build_secret_source
 
         config = load_config(config_path)
-        self.policy = load_policy(config.policy)
+        self.policy = config.load_policy()
         if not self.policy.pseudonym_key:
             raise ConfigError(f"{config.policy}: no keys.pseudonym: outputs carry no provenance reference")
         self.keys = PseudonymKeys(build_secret_source(config, build_kms(config)), self.policy.pseudonym_key)

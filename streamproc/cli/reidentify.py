@@ -51,11 +51,10 @@ _NOTE = click.option(
 def _load(config_path: str) -> tuple[Any, Any]:
     """The config and its policy; errors here happen before anything could be revealed."""
     from streamproc.config import load_config
-    from streamproc.policy.model import load_policy
 
     try:
         config = load_config(config_path)
-        return config, load_policy(config.policy)
+        return config, config.load_policy()
     except StreamprocError as exc:
         raise click.ClickException(str(exc)) from None
 

@@ -124,9 +124,7 @@ class _Ctx:
         self.kek = kek or (ps.kek if wrapped and ps is not None else None)
         self.secret_id = secret_id
         if self.secret_id is None and self.config is not None:
-            from streamproc.policy.model import load_policy
-
-            self.secret_id = load_policy(self.config.policy).pseudonym_key
+            self.secret_id = self.config.load_policy().pseudonym_key
         self._kms: Any = None
 
     @property

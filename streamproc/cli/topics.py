@@ -67,12 +67,12 @@ def check(config_path: str, admin_config: str | None, timeout: float) -> None:
     from confluent_kafka.admin import AdminClient
 
     from streamproc.config import load_config
-    from streamproc.policy.model import format_duration_ms, load_policy
+    from streamproc.policy.model import format_duration_ms
     from streamproc.runtime.retention import describe_retention, expected_retention, live_drift
 
     try:
         config = load_config(config_path, check_policy=False)
-        policy = load_policy(config.policy)
+        policy = config.load_policy()
         conf = admin_client_config(config.admin_config(), admin_config)
         expected = expected_retention(config, policy)
     except (ConfigError, PolicyError) as exc:

@@ -623,7 +623,11 @@ _new_output = fast_dataclass_constructor(OutputRecord, ("topic", "key", "value",
 
 
 def build_routes(spec: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[Route]:
-    """Routes from config: ``[{sources: [...], destinations: [{topic, audience, kek}]}]``."""
+    """Routes from a literal spec: ``[{sources: [...], destinations: [{topic, audience, kek}]}]``.
+
+    For tests, the demo workspace and benchmarks; the runtime builds its routes from the
+    typed configuration (``streamproc.runtime.factory.routes_from_config``).
+    """
     items = [spec] if isinstance(spec, Mapping) else list(spec)
     routes = []
     for i, r in enumerate(items):

@@ -32,8 +32,8 @@ from streamproc.crypto.kms import DataKey, KmsProvider
 from streamproc.crypto.pseudonym import PseudonymKeys, SecretSource
 from streamproc.errors import ConfigError, EnvelopeError, Reason
 from streamproc.observability import Observer
-from streamproc.pipeline.core import Pipeline, Quarantined, build_routes
-from streamproc.policy.model import Policy, load_policy
+from streamproc.pipeline.core import Destination, Pipeline, Quarantined, Route
+from streamproc.policy.model import Policy
 from streamproc.runtime.checkpoint import FatalWorkerError
 from streamproc.schema.registry import SchemaSource, build_schema_source
 
@@ -42,6 +42,18 @@ _log = logging.getLogger("streamproc.audit")
 
 class AuditFailed(FatalWorkerError):
     """An audit event could not be written (``audit:`` configured): stop, exit 1."""
+
+
+def routes_from_config(config: Config) -> list[Route]:
+    """The pipeline's routes, straight from the validated ``pipelines:`` (nothing to re-check)."""
+    return [
+        Route(
+            p.sources,
+            tuple(Destination(d.topic, d.audience, d.kek) for d in p.destinations),
+            p.source_keks,
+        )
+        for p in config.pipelines
+    ]
 
 
 def build_kms(config: Config) -> KmsProvider:
@@ -130,16 +142,19 @@ def build_pipeline(
     kms: KmsProvider | None = None,
     schemas: SchemaSource | None = None,
     observer: Observer | None = None,
+    policy: Policy | None = None,
 ) -> Pipeline:
     """A :class:`Pipeline` for the config's routes, instrumented for ``observer``.
 
-    May raise :class:`~streamproc.errors.TransientError` (the pseudonym secret is fetched
-    from the KMS here); callers retry.
+    ``policy`` defaults to the one the config parsed when it was loaded
+    (:meth:`~streamproc.config.Config.load_policy`): the file is not parsed again.  May
+    raise :class:`~streamproc.errors.TransientError` (the pseudonym secret is fetched from
+    the KMS here); callers retry.
     """
     observer = observer or Observer()
     kms = kms or build_kms(config)
     schemas = schemas or build_schemas(config)
-    policy = load_policy(config.policy)
+    policy = policy if policy is not None else config.load_policy()
     keys = (
         PseudonymKeys(build_secret_source(config, kms), policy.pseudonym_key)
         if policy.pseudonym_key
@@ -157,7 +172,7 @@ def build_pipeline(
         return Sealer(timed, kek, topic)
 
     return Pipeline(
-        routes=build_routes(config.routes_spec()),
+        routes=routes_from_config(config),
         policy=policy,
         opener=opener,
         kms=kms,

@@ -23,7 +23,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from streamproc.config import Config
 from streamproc.errors import ConfigError
-from streamproc.policy.model import Policy, load_policy
+from streamproc.policy.model import Policy
 from streamproc.runtime.retention import (
     RETENTION_MS,
     config_violations,
@@ -59,7 +59,7 @@ def apply_topics(
     """
     if admin is None:  # not `admin or ...`: a client with an empty queue has len() 0
         admin = AdminClient(config.admin_config())
-    policy = policy if policy is not None else load_policy(config.policy)
+    policy = policy if policy is not None else config.load_policy()
     problems = config_violations(config, policy)
     if problems:
         raise ConfigError("; ".join(problems))

@@ -337,21 +337,21 @@ def test_max_record_bytes_is_optional(ws: Path) -> None:
 
 
 def test_source_keks_reach_the_routes(ws: Path) -> None:
-    from streamproc.pipeline.core import build_routes
+    from streamproc.runtime.factory import routes_from_config
 
     cfg = base()
     cfg["pipelines"][0]["source_keks"] = ["orders-kek", "orders-kek-2024"]
     cfg["kms"]["revocation_check_interval"] = 2
     c = load_config(write(ws, cfg), env={})
     assert c.pipelines[0].source_keks == ("orders-kek", "orders-kek-2024")
-    (route,) = build_routes(c.routes_spec())
+    (route,) = routes_from_config(c)
     assert route.source_keks == ("orders-kek", "orders-kek-2024")
     assert c.kms["revocation_check_interval"] == 2
     from streamproc.observability.metrics import KnownLabels
 
     assert {"orders-kek", "orders-kek-2024"} <= KnownLabels.from_config(c).kek_ids  # metric labels
     del cfg["pipelines"][0]["source_keks"]
-    (route,) = build_routes(load_config(write(ws, cfg), env={}).routes_spec())
+    (route,) = routes_from_config(load_config(write(ws, cfg), env={}))
     assert route.source_keks is None  # default: any KEK not configured for another role
 
 

@@ -35,6 +35,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
     frozenset(layer.split())
     for layer in (
         "streamproc errors",
+        "validation",
         "crypto",
         "schema identity",
         "operators",

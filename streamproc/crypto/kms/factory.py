@@ -26,12 +26,14 @@ the local keyring work without them.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from streamproc import validation
 from streamproc.crypto.kms import KmsProvider
 from streamproc.errors import ConfigError
 
@@ -42,37 +44,22 @@ PROVIDERS = ("local", "vault", "aws")
 _Check = Callable[[str, Any], Any]
 
 
-def _str(key: str, value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{key} must be a non-empty string")
-    return value
-
-
-def _number(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ConfigError(f"{key} must be a positive number")
-    return float(value)
+# One set of value checks for every configuration value (streamproc.validation). KMS settings
+# are strict: no numbers or booleans written as text.
+_str: _Check = validation.string
+_number: _Check = validation.positive_number
 
 
 def _int(key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{key} must be a positive integer")
-    return value
+    return validation.integer(key, value, minimum=1, text=False)
 
 
 def _bool(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key} must be true or false")
-    return value
+    return validation.boolean(key, value, text=False)
 
 
 def _choice(*allowed: str) -> _Check:
-    def check(key: str, value: Any) -> str:
-        if value not in allowed:
-            raise ConfigError(f"{key} must be one of {', '.join(allowed)} (got {value!r})")
-        return str(value)
-
-    return check
+    return functools.partial(validation.choice, allowed=allowed)
 
 
 _SCHEMAS: dict[str, dict[str, _Check]] = {
@@ -132,7 +119,32 @@ _AWS_SECRET_KEYS = frozenset(
 )
 
 
+def validate_kms_settings(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Check a ``kms:`` section once and return it normalized (``provider`` included).
+
+    The one validation of KMS settings: :func:`streamproc.config.load_config` calls it
+    (adding the file name to the message) and :func:`build_kms` calls it for specs that do
+    not come from a config file.  Every mistake raises
+    :class:`~streamproc.errors.ConfigError` naming the key (``kms.mount``); nothing here
+    touches the network, so loading a config never contacts a KMS.
+    """
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"kms: expected a mapping, got {validation.type_name(spec)}")
+    provider = spec.get("provider")
+    if provider is None:
+        raise ConfigError(f"kms.provider: missing (one of: {', '.join(PROVIDERS)})")
+    if provider not in PROVIDERS:
+        raise ConfigError(
+            f"kms.provider: unknown provider {provider!r} (one of: {', '.join(PROVIDERS)})"
+        )
+    common = {
+        k: _COMMON[k](f"kms.{k}", v) for k, v in spec.items() if isinstance(k, str) and k in _COMMON
+    }
+    return {"provider": provider, **common, **_validated(provider, spec)}
+
+
 def _validated(provider: str, spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The provider's own settings (without ``provider`` and the common settings)."""
     schema = _SCHEMAS[provider]
     out: dict[str, Any] = {}
     for key, value in spec.items():
@@ -184,17 +196,10 @@ def build_kms(
     ``env`` defaults to ``os.environ`` (injectable for tests); ``base_dir`` anchors a
     relative local keyring ``path`` (normally the directory of the config file).
     """
-    if not isinstance(spec, Mapping):
-        raise ConfigError(f"kms: expected a mapping, got {type(spec).__name__}")
     env = os.environ if env is None else env
-    provider = spec.get("provider")
-    if provider is None:
-        raise ConfigError(f"kms.provider: missing (one of: {', '.join(PROVIDERS)})")
-    if provider not in PROVIDERS:
-        raise ConfigError(
-            f"kms.provider: unknown provider {provider!r} (one of: {', '.join(PROVIDERS)})"
-        )
-    opts = _validated(provider, spec)
+    settings = validate_kms_settings(spec)
+    provider = settings["provider"]
+    opts = {k: v for k, v in settings.items() if k != "provider" and k not in _COMMON}
     if provider == "local":
         return _build_local(opts, base_dir)
     if provider == "vault":
