@@ -126,10 +126,9 @@ def desired_acls(config: Config) -> list[Acl]:
         # The worker's retention monitor (runtime/retention.py) describes the configs of
         # the governed topics with the processor's credentials; READ/WRITE do not imply
         # DESCRIBE_CONFIGS, and without it the drift metric stays unknown.
-        from streamproc.policy.model import load_policy
         from streamproc.runtime.retention import expected_retention
 
-        for t in expected_retention(config, load_policy(config.policy)):
+        for t in expected_retention(config, config.load_policy()):
             add(proc, TOPIC, LITERAL, t, "DESCRIBE_CONFIGS", "retention drift check")
     for audience, a in acls.audiences.items():
         for p in config.pipelines:
