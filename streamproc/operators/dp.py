@@ -30,12 +30,13 @@ value instead of ~80 for one library call per value.  For floats the grid is exp
 (``k``, a power of two far below the noise scale): the clamped value is rounded to that
 grid, the noise is a multiple of it, so their sum is computed exactly (IEEE addition
 rounds only sums beyond ``2^53`` grid steps, and rounding the exact mechanism output is
-post-processing).  Each noise value is used once.  ``randomized_response`` calls the
-measurement once per value.
+post-processing).  Each noise value is used once.  ``randomized_response`` pools the
+same way, by shift invariance (:func:`build_responder`).
 
 **Feature flags.** ``contrib`` is enabled because OpenDP gates every constructor used
 here (``make_laplace``, ``make_gaussian``, ``make_geometric``,
-``make_randomized_response[_bool]``, ``make_zCDP_to_approxDP``, ``make_fix_delta``)
+``make_randomized_response[_bool]``, ``make_zCDP_to_approxDP``, ``make_fix_delta``,
+``make_composition``)
 behind it: their proofs are written but not yet vetted by OpenDP's review.  The
 ``floating-point`` flag is *not* needed and not enabled: float noise is sampled on the
 explicit grid ``2^k``, which OpenDP considers exact.
@@ -304,23 +305,60 @@ class RandomizedResponse(Operator):
         return {DP_PROP: dp_description(params, t)}
 
     def bind(self, params: Mapping[str, Any], t: AvroType, ctx: OpContext) -> Any:
-        dp = _dp()
-        eps = float(params["epsilon"])
-        if isinstance(t, Enum):
-            cats = list(range(len(t.symbols)))  # operators see the enum index
-            k = len(cats)
+        return build_responder(params, t)
 
-            def enum_rr(p: float) -> Any:
-                return dp.m.make_randomized_response(cats, p, T="i32")
 
-            # The largest keep probability OpenDP's map allows within epsilon (the
-            # theoretical e^E/(e^E+k-1), less float rounding).
-            p = float(dp.binary_search_param(enum_rr, d_in=1, d_out=eps, bounds=(1.0 / k, 1.0 - 1e-12)))
-            m = enum_rr(p)
-            return m
-        p = float(
-            dp.binary_search_param(
-                lambda q: dp.m.make_randomized_response_bool(q), d_in=1, d_out=eps, bounds=(0.5, 1.0 - 1e-12)
-            )
+def build_responder(params: Mapping[str, Any], t: AvroType) -> Callable[[Any], Any]:
+    """The per-value function of ``randomized_response``, built once per plan.
+
+    The measurement is OpenDP's (``make_randomized_response`` over the enum's indices,
+    ``make_randomized_response_bool``), with the largest keep probability its privacy map
+    allows within epsilon.  Samples are drawn :data:`POOL` at a time from that measurement
+    applied to the constant ``0``/``False`` (one library call, through
+    ``make_composition``): k-ary randomized response is *shift-invariant*, ``RR(x)`` has
+    the law of ``(x + RR(0)) mod k`` (keep with probability p, otherwise each other value
+    with (1 - p)/(k - 1)), and for booleans ``RR(x) = x XOR RR(False)``.  The pooled
+    draws never see data; each is used once.
+    """
+    dp = _dp()
+    eps = float(params["epsilon"])
+    if isinstance(t, Enum):
+        k = len(t.symbols)
+        cats = list(range(k))  # operators see the enum index
+
+        def enum_rr(p: float) -> Any:
+            return dp.m.make_randomized_response(cats, p, T="i32")
+
+        # The largest keep probability OpenDP's map allows within epsilon (the theoretical
+        # e^E/(e^E+k-1), less float rounding).
+        p = float(dp.binary_search_param(enum_rr, d_in=1, d_out=eps, bounds=(1.0 / k, 1.0 - 1e-12)))
+        batch = dp.c.make_composition([enum_rr(p)] * POOL)
+        shifts: list[int] = []
+
+        def respond_enum(v: int) -> int:
+            try:
+                r = shifts.pop()
+            except IndexError:
+                shifts.extend(batch(0))
+                r = shifts.pop()
+            return (v + r) % k
+
+        return respond_enum
+
+    p = float(
+        dp.binary_search_param(
+            lambda q: dp.m.make_randomized_response_bool(q), d_in=1, d_out=eps, bounds=(0.5, 1.0 - 1e-12)
         )
-        return dp.m.make_randomized_response_bool(p)
+    )
+    flips_batch = dp.c.make_composition([dp.m.make_randomized_response_bool(p)] * POOL)
+    flips: list[bool] = []
+
+    def respond_bool(v: bool) -> bool:
+        try:
+            f = flips.pop()
+        except IndexError:
+            flips.extend(flips_batch(False))
+            f = flips.pop()
+        return v != f  # v XOR flip
+
+    return respond_bool

@@ -272,6 +272,9 @@ def test_randomized_response_frequencies_match_the_keep_probability() -> None:
     bools = draws(plan_for({"SMOKER": {"op": "randomized_response", "epsilon": eps}}), "smoker", n, smoker=False)
     assert all(type(v) is bool for v in bools)
     assert stats.binomtest(bools.count(False), n, math.exp(eps) / (math.exp(eps) + 1)).pvalue > ALPHA
+    # pooled draws are shifted by the input: a True input is kept as often as a False one
+    trues = draws(plan_for({"SMOKER": {"op": "randomized_response", "epsilon": eps}}), "smoker", n, smoker=True)
+    assert stats.binomtest(trues.count(True), n, math.exp(eps) / (math.exp(eps) + 1)).pvalue > ALPHA
     # power: a keep probability off by 0.03 is rejected
     assert stats.binomtest(bools.count(False), n, math.exp(eps) / (math.exp(eps) + 1) + 0.03).pvalue < ALPHA
 
