@@ -57,7 +57,8 @@ from streamproc.operators.base import OpContext, Operator, OperatorError, requir
 from streamproc.schema.avro import AvroType, Enum
 
 DP_PROP = "streamproc.dp"
-"""Field property of a noised field: ``{mechanism, epsilon, delta?, bounds?, scale?}``."""
+"""Field property of a noised field: ``{mechanism, epsilon, delta?, bounds?, scale?, rho?,
+keep_probability?}`` (``rho``: a Gaussian release's zCDP cost)."""
 
 MECHANISMS = ("laplace", "gaussian", "geometric")
 POOL = 1024
@@ -139,7 +140,10 @@ def dp_description(params: Mapping[str, Any], t: AvroType) -> dict[str, Any]:
     out = {"mechanism": params["mechanism"], "epsilon": params["epsilon"], "bounds": list(params["bounds"])}
     if "delta" in params:
         out["delta"] = params["delta"]
-    out["scale"] = calibrate(params, t).scale
+    cal = calibrate(params, t)
+    out["scale"] = cal.scale
+    if cal.rho is not None:
+        out["rho"] = cal.rho  # zCDP cost of one release (budgets compose these)
     return out
 
 
@@ -147,10 +151,12 @@ class Calibration:
     """A calibrated mechanism: its scale and float grid, and the OpenDP measurement that
     samples :data:`POOL` noise values from zeros."""
 
-    def __init__(self, scale: float, k: int | None, sampler: Any) -> None:
+    def __init__(self, scale: float, k: int | None, sampler: Any, rho: float | None = None) -> None:
         self.scale = scale
         self.k = k
         self.sampler = sampler
+        self.rho = rho
+        """Gaussian only: the zCDP rho of one release, from OpenDP's map."""
 
 
 _CALIBRATIONS: dict[tuple[Any, ...], Calibration] = {}
@@ -219,7 +225,8 @@ def calibrate(params: Mapping[str, Any], t: AvroType) -> Calibration:
             sampler = dp.m.make_gaussian(vec, dp.l2_distance(T=float), scale, k=k)
         else:
             sampler = dp.m.make_laplace(vec, dp.l1_distance(T=float), scale, k=k)
-    cal = Calibration(scale, k, sampler)
+    rho = float(dp.m.make_gaussian(atom, dist, scale, k=k).map(d_in)) if mech == "gaussian" else None
+    cal = Calibration(scale, k, sampler, rho)
     _CALIBRATIONS[key] = cal
     return cal
 

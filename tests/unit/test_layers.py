@@ -38,7 +38,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
         "validation",
         "crypto",
         "schema identity",
-        "operators",
+        "operators privacy",
         "policy",
         "pipeline",
         "config",

@@ -1,0 +1,178 @@
+"""Re-identification risk of what an audience receives: k-anonymity, l-diversity, uniqueness.
+
+A policy audience may name its quasi-identifiers (``quasi_identifiers: [POSTCODE,
+BIRTH_DATE, GENDER]``: tags whose combined *output* values could single a person out), a
+target ``k``, and optionally ``l`` over a ``sensitive`` tag.  :class:`RiskWindow` keeps the
+quasi-identifier tuples (and sensitive values) of an audience's recent outputs and
+measures, over that window:
+
+* the equivalence classes (records with equal tuples) and the smallest class size: the
+  window is k-anonymous for every k up to it;
+* the share of records in classes smaller than the target k (the records at risk);
+* the share of records whose tuple is unique in the window (class size 1);
+* distinct l-diversity: the smallest number of distinct sensitive values in a class, and
+  the share of records in classes with fewer than the target l.
+
+**Sliding window, bounded memory.** Records enter with a timestamp and leave when older
+than ``window_s`` or, if more than ``max_records`` are inside the window, oldest first (a
+capped table with eviction).  Memory is O(``max_records``): one deque entry per record
+plus one counter per distinct tuple (and per distinct sensitive value of a class).  The
+measurement is *exact* over the records it holds.  The only approximation is coverage:
+when the cap evicts records younger than the window (``evicted_by_cap`` counts them),
+the report covers the newest ``max_records`` records (``covered_s`` < ``window_s``).  For
+every record it holds, the class size it sees is a lower bound of that record's class
+over the full window (removing records never merges classes or adds sensitive values),
+so a record reported at risk is at risk and enforcement errs on the cautious side; the
+evicted records themselves are no longer assessed.  Size the cap to the window's
+expected volume (100 000 by default: about 10 MB for three short quasi-identifiers).
+
+Values are compared as they are given (the caller passes output values, after the
+policy's transformations: a suppressed value is ``None`` or ``*`` and is one value like
+any other, as in ARX and pycanon).  Nothing here logs or exports a value: the report holds
+counts and shares only.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RiskTarget:
+    """An audience's risk settings (``risk:`` in the policy)."""
+
+    quasi_identifiers: tuple[str, ...]
+    k: int
+    window_s: float
+    l: int | None = None  # noqa: E741 -- the name the literature uses
+    sensitive: str | None = None
+    max_records: int = 100_000
+
+    def __post_init__(self) -> None:
+        if not self.quasi_identifiers:
+            raise ValueError("risk needs at least one quasi-identifier tag")
+        if self.k < 2:
+            raise ValueError("k must be at least 2")
+        if (self.l is None) != (self.sensitive is None):
+            raise ValueError("l and sensitive go together")
+        if self.l is not None and self.l < 2:
+            raise ValueError("l must be at least 2")
+        if not (math.isfinite(self.window_s) and self.window_s > 0):
+            raise ValueError("the risk window must be positive")
+        if not 1 <= self.max_records <= 10_000_000:
+            raise ValueError("max_records must be 1..10000000")
+
+
+@dataclass(frozen=True)
+class RiskReport:
+    records: int
+    classes: int
+    min_class: int
+    """The window's k (0 when empty)."""
+    share_below_k: float
+    share_unique: float
+    min_l: int | None
+    """Distinct l-diversity of the window (None without a sensitive attribute; 0 when empty)."""
+    share_below_l: float | None
+    covered_s: float
+    """The time span the held records cover (less than the window when the cap evicted)."""
+    k_target: int
+    l_target: int | None = None
+
+    @property
+    def meets_target(self) -> bool:
+        """k (and l) met by every record in the window; an empty window meets any target."""
+        if self.records == 0:
+            return True
+        ok = self.min_class >= self.k_target
+        if self.l_target is not None and self.min_l is not None:
+            ok = ok and self.min_l >= self.l_target
+        return ok
+
+
+@dataclass
+class RiskWindow:
+    """The sliding window of one audience's quasi-identifier tuples (see the module doc)."""
+
+    target: RiskTarget
+    clock: Callable[[], float] = time.time
+    _entries: deque[tuple[float, Hashable, Hashable]] = field(default_factory=deque)
+    _classes: Counter[Hashable] = field(default_factory=Counter)
+    _sensitive: dict[Hashable, Counter[Hashable]] = field(default_factory=dict)
+    evicted_by_cap: int = 0
+
+    def add(self, qi: tuple[Hashable, ...], sensitive: Hashable = None, ts: float | None = None) -> int:
+        """Add one output's tuple; returns the size of its class in the window afterwards
+        (what enforcement compares with k)."""
+        now = self.clock() if ts is None else ts
+        self._expire(now)
+        if len(self._entries) >= self.target.max_records:
+            self._pop()
+            self.evicted_by_cap += 1
+        self._entries.append((now, qi, sensitive))
+        self._classes[qi] += 1
+        if self.target.sensitive is not None:
+            self._sensitive.setdefault(qi, Counter())[sensitive] += 1
+        return self._classes[qi]
+
+    def class_size(self, qi: tuple[Hashable, ...]) -> int:
+        return self._classes.get(qi, 0)
+
+    def _pop(self) -> None:
+        _, qi, s = self._entries.popleft()
+        n = self._classes[qi] - 1
+        if n:
+            self._classes[qi] = n
+        else:
+            del self._classes[qi]
+        if self.target.sensitive is not None:
+            sc = self._sensitive[qi]
+            m = sc[s] - 1
+            if m:
+                sc[s] = m
+            else:
+                del sc[s]
+                if not sc:
+                    del self._sensitive[qi]
+
+    def _expire(self, now: float) -> None:
+        horizon = now - self.target.window_s
+        entries = self._entries
+        while entries and entries[0][0] <= horizon:
+            self._pop()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def report(self, now: float | None = None) -> RiskReport:
+        """The measurements over the records in the window at ``now`` (default: the clock)."""
+        self._expire(self.clock() if now is None else now)
+        t = self.target
+        n = len(self._entries)
+        sizes = self._classes.values()
+        below_k = sum(c for c in sizes if c < t.k)
+        unique = sum(1 for c in sizes if c == 1)
+        min_l: int | None = None
+        share_below_l: float | None = None
+        if t.sensitive is not None:
+            diversity = [(len(sc), self._classes[qi]) for qi, sc in self._sensitive.items()]
+            min_l = min((d for d, _ in diversity), default=0)
+            assert t.l is not None
+            share_below_l = (sum(c for d, c in diversity if d < t.l) / n) if n else 0.0
+        covered = (self._entries[-1][0] - self._entries[0][0]) if n else 0.0
+        return RiskReport(
+            records=n,
+            classes=len(self._classes),
+            min_class=min(sizes, default=0),
+            share_below_k=below_k / n if n else 0.0,
+            share_unique=unique / n if n else 0.0,
+            min_l=min_l,
+            share_below_l=share_below_l,
+            covered_s=covered,
+            k_target=t.k,
+            l_target=t.l,
+        )

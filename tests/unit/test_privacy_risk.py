@@ -1,0 +1,115 @@
+"""k-anonymity / l-diversity / uniqueness over a sliding window (streamproc.privacy.risk),
+cross-checked against pycanon (a library made for the field) on the same window."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streamproc.privacy.risk import RiskTarget, RiskWindow
+
+pd = pytest.importorskip("pandas")
+anonymity = pytest.importorskip("pycanon.anonymity")
+
+QI = ("POSTCODE", "BIRTH_YEAR", "GENDER")
+
+
+def pycanon_k_l(rows: list[tuple[Any, ...]], sens: list[Any] | None) -> tuple[int, int | None]:
+    df = pd.DataFrame(rows, columns=list(QI))
+    qi = list(QI)
+    k = int(anonymity.k_anonymity(df, qi))
+    if sens is None:
+        return k, None
+    df["DIAGNOSIS"] = sens
+    return k, int(anonymity.l_diversity(df, qi, ["DIAGNOSIS"]))
+
+
+def test_hand_computed_window() -> None:
+    w = RiskWindow(RiskTarget(QI, k=3, window_s=3600, l=2, sensitive="DIAGNOSIS"), clock=lambda: 0.0)
+    rows = [
+        (("SW1A", 1980, "F"), "flu"), (("SW1A", 1980, "F"), "flu"), (("SW1A", 1980, "F"), "asthma"),
+        (("E1", 1975, "M"), "flu"), (("E1", 1975, "M"), "flu"),
+        (("N7", 1990, "F"), "covid"),
+    ]
+    sizes = [w.add(qi, s, ts=float(i)) for i, (qi, s) in enumerate(rows)]
+    assert sizes == [1, 2, 3, 1, 2, 1]
+    r = w.report(now=10.0)
+    assert (r.records, r.classes, r.min_class) == (6, 3, 1)
+    assert r.share_below_k == pytest.approx(3 / 6)  # E1 (2) and N7 (1) are below k=3
+    assert r.share_unique == pytest.approx(1 / 6)
+    assert r.min_l == 1 and r.share_below_l == pytest.approx(3 / 6)  # E1 (flu only), N7
+    assert not r.meets_target
+    assert pycanon_k_l([qi for qi, _ in rows], [s for _, s in rows]) == (1, 1)
+
+
+def test_records_leave_the_window_by_age() -> None:
+    w = RiskWindow(RiskTarget(QI, k=2, window_s=60), clock=lambda: 0.0)
+    w.add(("A", 1, "F"), ts=0.0)
+    w.add(("A", 1, "F"), ts=30.0)
+    w.add(("B", 2, "M"), ts=50.0)
+    assert w.report(now=55.0).min_class == 1
+    r = w.report(now=61.0)  # the record at 0 left: (A,1,F) is unique now
+    assert (r.records, r.min_class, r.share_unique) == (2, 1, 1.0)
+    assert w.report(now=200.0).records == 0 and w.report(now=200.0).meets_target
+
+
+def test_the_cap_evicts_oldest_first_and_says_so() -> None:
+    w = RiskWindow(RiskTarget(QI, k=2, window_s=1e9, max_records=3), clock=lambda: 0.0)
+    for i, qi in enumerate([("A", 1, "F"), ("A", 1, "F"), ("B", 2, "M"), ("B", 2, "M")]):
+        w.add(qi, ts=float(i))
+    r = w.report(now=4.0)
+    assert len(w) == 3 and w.evicted_by_cap == 1
+    assert (r.records, r.classes, r.min_class, r.covered_s) == (3, 2, 1, 2.0)
+    assert w.class_size(("A", 1, "F")) == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(1, 400),
+    cap=st.sampled_from([50, 150, 10_000]),
+    with_l=st.booleans(),
+)
+def test_same_k_and_l_as_pycanon_on_the_same_window(seed: int, n: int, cap: int, with_l: bool) -> None:
+    """A random stream (timestamps, skewed quasi-identifiers): after it, the window's k and
+    l equal pycanon's on exactly the records a plain list says are inside it."""
+    rng = random.Random(seed)
+    window = 100.0
+    target = RiskTarget(QI, k=5, window_s=window, max_records=cap,
+                        l=2 if with_l else None, sensitive="DIAGNOSIS" if with_l else None)
+    w = RiskWindow(target, clock=lambda: 0.0)
+    stream: list[tuple[float, tuple[Any, ...], Any]] = []
+    t = 0.0
+    for _ in range(n):
+        t += rng.expovariate(2.0)
+        qi = (rng.choice(["SW1A", "E1", "N7", "M1"][: rng.randint(1, 4)]), rng.randint(1970, 1973),
+              rng.choice("FM"))
+        s = rng.choice(["flu", "asthma", "covid"])
+        stream.append((t, qi, s))
+        w.add(qi, s, ts=t)
+    now = t
+    inside = [e for e in stream if e[0] > now - window][-cap:]
+    r = w.report(now=now)
+    assert r.records == len(inside)
+    k, l_div = pycanon_k_l([qi for _, qi, _ in inside], [s for _, _, s in inside] if with_l else None)
+    assert r.min_class == k
+    assert r.min_l == l_div
+    sizes = Counter(qi for _, qi, _ in inside)
+    assert r.share_unique == pytest.approx(sum(1 for c in sizes.values() if c == 1) / len(inside))
+    assert r.share_below_k == pytest.approx(sum(c for c in sizes.values() if c < 5) / len(inside))
+
+
+def test_targets_are_validated() -> None:
+    with pytest.raises(ValueError):
+        RiskTarget((), k=5, window_s=60)
+    with pytest.raises(ValueError):
+        RiskTarget(QI, k=1, window_s=60)
+    with pytest.raises(ValueError):
+        RiskTarget(QI, k=5, window_s=60, l=2)
+    with pytest.raises(ValueError):
+        RiskTarget(QI, k=5, window_s=0)
