@@ -16,14 +16,18 @@ Marquez, Kafka):
 
 Datasets follow OpenLineage's naming for Kafka: namespace ``kafka://<first bootstrap
 server>``, name the topic.  Events carry schemas, field names and policy parameters,
-never a record value or key material.  An event that cannot be sent is logged (the
-transport's error class) and dropped: lineage never stops or slows processing beyond the
-transport's own timeout, and never decides what happens to a record.
+never a record value or key material.  Events are sent by a background thread from a
+bounded queue: a slow or unreachable transport (an HTTP endpoint retrying with backoff)
+never stalls the consume loop.  An event that cannot be sent, or finds the queue full, is
+logged (the transport's error class) and dropped; lineage never decides what happens to a
+record.  :meth:`LineageEmitter.close` drains the queue (bounded by a timeout) on shutdown.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -144,6 +148,7 @@ class LineageEmitter:
         sources: Sequence[str],
         destinations: Sequence[str],
         policy_version: str,
+        queue_size: int = 1000,
     ) -> None:
         self.client = client
         self.job_namespace = job_namespace
@@ -153,8 +158,11 @@ class LineageEmitter:
         self.destinations = list(destinations)
         self.policy_version = policy_version
         self.run_id = str(generate_new_uuid())
-        #: Events that could not be sent (their transport error was logged).
+        #: Events that could not be sent or queued (their error class was logged).
         self.failed = 0
+        self._queue: queue.Queue[RunEvent | None] = queue.Queue(maxsize=queue_size)
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
 
     @classmethod
     def from_config(cls, config: Any, policy_version: str) -> LineageEmitter | None:
@@ -194,15 +202,30 @@ class LineageEmitter:
         )
 
     def _emit(self, event: RunEvent) -> RunEvent:
+        """Queue ``event`` for the sender thread (never blocks the caller)."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._send_loop, name="lineage", daemon=True)
+                self._thread.start()
         try:
-            self.client.emit(event)
-        except Exception as exc:  # the transport's errors: lineage never stops processing
+            self._queue.put_nowait(event)
+        except queue.Full:
             self.failed += 1
-            log.warning(
-                "lineage event not sent",
-                extra={"event_type": str(getattr(event.eventType, "value", "")), "error": type(exc).__name__},
-            )
+            log.warning("lineage event dropped: queue full", extra={"event_type": _kind(event)})
         return event
+
+    def _send_loop(self) -> None:
+        while True:
+            event = self._queue.get()
+            try:
+                if event is None:
+                    return
+                self.client.emit(event)
+            except Exception as exc:  # the transport's errors: lineage never stops processing
+                self.failed += 1
+                log.warning("lineage event not sent", extra={"event_type": _kind(event), "error": type(exc).__name__})
+            finally:
+                self._queue.task_done()
 
     def start(self) -> RunEvent:
         return self._emit(
@@ -227,13 +250,25 @@ class LineageEmitter:
     def finish(self, ok: bool) -> RunEvent:
         return self._emit(self._event(RunState.COMPLETE if ok else RunState.FAIL, [], []))
 
-    def close(self) -> None:
+    def close(self, timeout: float = 10.0) -> None:
+        """Send what is queued (waiting at most ``timeout`` seconds), then close the transport."""
+        thread = self._thread
+        if thread is not None:
+            try:
+                self._queue.put(None, timeout=timeout)
+            except queue.Full:
+                log.warning("lineage queue not drained at shutdown")
+            thread.join(timeout)
         close = getattr(self.client, "close", None)
         if close is not None:
             try:
                 close()
             except Exception as exc:
                 log.warning("lineage transport close failed", extra={"error": type(exc).__name__})
+
+
+def _kind(event: RunEvent | None) -> str:
+    return "" if event is None else str(getattr(event.eventType, "value", ""))
 
 
 __all__ = ["PRODUCER", "TRANSPORTS", "LineageEmitter", "column_lineage", "dataset_namespace", "schema_facet"]

@@ -111,6 +111,7 @@ def test_compilation_events_carry_column_lineage(make_pipeline: Maker, tmp_path:
     for c in compiled:
         em.plan_compiled(c)
     em.finish(True)
+    em.close()
     events = [json.loads(line) for line in path.read_text().splitlines()]
     assert [e["eventType"] for e in events] == ["START", "RUNNING", "RUNNING", "RUNNING", "COMPLETE"]
     assert len({e["run"]["runId"] for e in events}) == 1
@@ -164,6 +165,7 @@ def test_a_failing_observer_never_fails_a_record(make_pipeline: Maker) -> None:
 def test_unsendable_event_is_counted_not_raised(tmp_path: Path) -> None:
     em = _emitter(tmp_path / "no-such-dir" / "x.jsonl")
     em.start()
+    em.close()
     assert em.failed == 1
 
 
@@ -193,6 +195,7 @@ def test_lineage_config(tmp_path: Path) -> None:
     em = LineageEmitter.from_config(_cfg(tmp_path, {"transport": {"type": "file", "log_file_path": str(tmp_path / "l.jsonl"), "append": True}}), "v")
     assert em is not None and em.job_name == "streamproc" and em.namespace == "kafka://127.0.0.1:1"
     em.start()
+    em.close()
     validate(json.loads((tmp_path / "l.jsonl").read_text()))
     assert LineageEmitter.from_config(_cfg(tmp_path, {"enabled": False, "transport": {"type": "console"}}), "v") is None
 
@@ -217,6 +220,7 @@ def test_the_schema_check_is_live(tmp_path: Path) -> None:
 
     em = _emitter(tmp_path / "l.jsonl")
     em.start()
+    em.close()
     good = json.loads((tmp_path / "l.jsonl").read_text())
     validate(good)
     no_producer = {k: v for k, v in good.items() if k != "producer"}
@@ -226,3 +230,28 @@ def test_the_schema_check_is_live(tmp_path: Path) -> None:
     bad_facet["job"]["facets"]["jobType"]["processingType"] = 42
     with pytest.raises(ValidationError):
         validate(bad_facet)
+
+
+def test_a_stalled_transport_never_blocks_the_caller(tmp_path: Path) -> None:
+    """The consume loop only queues: a transport stuck in emit() costs it nothing."""
+    import threading
+
+    release = threading.Event()
+    sent: list[Any] = []
+
+    class Stuck:
+        def emit(self, event: Any) -> None:
+            release.wait(30)
+            sent.append(event)
+
+    em = LineageEmitter(
+        Stuck(), job_namespace="n", job_name="j", dataset_namespace=NS, sources=["s"], destinations=["d"],
+        policy_version="v", queue_size=2,
+    )
+    em.start()  # taken by the sender thread, which now hangs in emit()
+    for _ in range(5):
+        em.finish(True)  # returns at once; beyond the queue's 2 slots, events are dropped
+    assert em.failed >= 2
+    release.set()
+    em.close()
+    assert 1 <= len(sent) <= 3 and sent[0].eventType.value == "START"
