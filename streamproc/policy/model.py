@@ -47,6 +47,8 @@ import yaml
 from streamproc.errors import PolicyError
 from streamproc.operators import Operator, OperatorError, get_operator
 from streamproc.operators.base import ON_FAILURE, strictness
+from streamproc.privacy.budget import Budget
+from streamproc.privacy.risk import RiskTarget
 
 RECORD_KEY_MODES = ("keep", "token", "drop")
 #: The pseudonym domain of a record-key token or a date_shift rule that names none.
@@ -74,6 +76,10 @@ class Audience:
     """The longest this audience's topics may keep a record (``retention: 30d``); None: unstated."""
     purpose: str | None = None
     """What the audience uses the data for (``purpose:``), shown in the data map."""
+    budget: Budget | None = None
+    """Per-subject privacy budget over the audience's DP rules (``budget:``)."""
+    risk: RiskTarget | None = None
+    """Re-identification risk target over the audience's outputs (``risk:``)."""
 
     def rule_for(self, tags: tuple[str, ...]) -> Rule | None:
         """The strictest rule whose tag the field carries (ties: the first in file order).
@@ -169,7 +175,9 @@ def parse_policy(raw: Any, source: str = "<policy>") -> Policy:
         spec = spec or {}
         if not isinstance(spec, Mapping):
             raise PolicyError(f"{where}: must be a mapping")
-        bad = set(spec) - {"untagged", "record_key", "tags", "description", "subject", "retention", "purpose"}
+        bad = set(spec) - {
+            "untagged", "record_key", "tags", "description", "subject", "retention", "purpose", "budget", "risk",
+        }
         if bad:
             raise PolicyError(f"{where}: unknown key(s) {sorted(bad)}")
         untagged = spec.get("untagged", defaults.get("untagged", "drop"))
@@ -197,6 +205,7 @@ def parse_policy(raw: Any, source: str = "<policy>") -> Policy:
         audiences[name] = Audience(
             name, untagged, rk, rules, str(spec.get("description", "")), mine,
             parse_duration_ms(spec.get("retention"), f"{where}: retention"), purpose,
+            _budget(where, spec.get("budget"), rules), _risk(where, spec.get("risk")),
         )
     pseudonym = keys.get("pseudonym")
     if needs_keys is not None and not pseudonym:
@@ -215,6 +224,81 @@ def parse_policy(raw: Any, source: str = "<policy>") -> Policy:
 
 _DURATION = re.compile(r"(\d+)(ms|s|m|h|d|w)")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
+
+
+DP_OPERATORS = ("dp_noise", "randomized_response")
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _budget(where: str, spec: Any, rules: tuple[Rule, ...]) -> Budget | None:
+    """``budget: {epsilon: 4.0, window: 1d, delta: 1e-6}``: per subject, over any window.
+
+    Refused when it could never be honoured or never matters: an audience without DP
+    rules has nothing to account, and a rule whose own epsilon exceeds the budget could
+    never release a value.
+    """
+    if spec is None:
+        return None
+    where = f"{where}: budget"
+    if not isinstance(spec, Mapping) or set(spec) - {"epsilon", "delta", "window"} or "epsilon" not in spec:
+        raise PolicyError(f"{where}: a mapping with 'epsilon', 'window' and optionally 'delta'")
+    window_ms = parse_duration_ms(spec.get("window"), f"{where}.window")
+    if window_ms is None:
+        raise PolicyError(f"{where}: 'window' is required (e.g. 1d)")
+    eps, delta = spec["epsilon"], spec.get("delta", 0.0)
+    if not (_number(eps) and _number(delta)):
+        raise PolicyError(f"{where}: epsilon and delta are numbers")
+    try:
+        budget = Budget(float(eps), window_ms / 1000, float(delta))
+    except ValueError as exc:
+        raise PolicyError(f"{where}: {exc}") from None
+    dp_rules = [r for r in rules if r.op in DP_OPERATORS]
+    if not dp_rules:
+        raise PolicyError(f"{where}: the audience has no dp_noise or randomized_response rule to account")
+    for r in dp_rules:
+        if float(r.params["epsilon"]) > budget.epsilon:
+            raise PolicyError(f"{where}: tag {r.tag!r} spends epsilon {r.params['epsilon']} per record, "
+                              f"more than the whole budget {budget.epsilon}")
+    if any(r.params.get("mechanism") == "gaussian" for r in dp_rules) and budget.delta <= 0:
+        raise PolicyError(f"{where}: gaussian rules need a budget 'delta' (zCDP composition converts with it)")
+    return budget
+
+
+def _risk(where: str, spec: Any) -> RiskTarget | None:
+    """``risk: {quasi_identifiers: [POSTCODE, BIRTH_DATE, GENDER], k: 5, window: 1h,
+    l: 2, sensitive: DIAGNOSIS, max_records: 100000}``."""
+    if spec is None:
+        return None
+    where = f"{where}: risk"
+    allowed = {"quasi_identifiers", "k", "l", "sensitive", "window", "max_records"}
+    if not isinstance(spec, Mapping) or set(spec) - allowed:
+        raise PolicyError(f"{where}: a mapping with {', '.join(sorted(allowed))}")
+    qi = spec.get("quasi_identifiers")
+    if not (isinstance(qi, list) and qi and all(isinstance(t, str) and t for t in qi) and len(set(qi)) == len(qi)):
+        raise PolicyError(f"{where}: 'quasi_identifiers' is a list of distinct tag names")
+    k, l_ = spec.get("k"), spec.get("l")
+    sensitive = spec.get("sensitive")
+    max_records = spec.get("max_records", 100_000)
+    if not (isinstance(k, int) and not isinstance(k, bool)):
+        raise PolicyError(f"{where}: 'k' is an integer >= 2")
+    if l_ is not None and not (isinstance(l_, int) and not isinstance(l_, bool)):
+        raise PolicyError(f"{where}: 'l' is an integer >= 2")
+    if sensitive is not None and not (isinstance(sensitive, str) and sensitive):
+        raise PolicyError(f"{where}: 'sensitive' names a tag")
+    if sensitive in qi:
+        raise PolicyError(f"{where}: the sensitive tag cannot also be a quasi-identifier")
+    if not (isinstance(max_records, int) and not isinstance(max_records, bool)):
+        raise PolicyError(f"{where}: 'max_records' is an integer")
+    window_ms = parse_duration_ms(spec.get("window"), f"{where}.window")
+    if window_ms is None:
+        raise PolicyError(f"{where}: 'window' is required (e.g. 1h)")
+    try:
+        return RiskTarget(tuple(qi), k, window_ms / 1000, l_, sensitive, max_records)
+    except ValueError as exc:
+        raise PolicyError(f"{where}: {exc}") from None
 
 
 def parse_duration_ms(value: Any, where: str) -> int | None:

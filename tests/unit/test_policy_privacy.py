@@ -1,0 +1,80 @@
+"""Policy syntax of the statistical-privacy settings: ``budget:`` and ``risk:`` per audience."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from streamproc.errors import PolicyError
+from streamproc.pipeline.plan import build_plan
+from streamproc.policy.model import parse_policy
+from streamproc.privacy.budget import Budget
+from streamproc.privacy.risk import RiskTarget
+from streamproc.schema import avro
+
+NOISE = {"op": "dp_noise", "mechanism": "laplace", "epsilon": 1.0, "bounds": [0, 100]}
+GAUSS = {"op": "dp_noise", "mechanism": "gaussian", "epsilon": 1.0, "delta": 1e-6, "bounds": [0, 100]}
+
+
+def policy(**audience: Any) -> dict[str, Any]:
+    return {"audiences": {"a": {"record_key": "keep", "tags": {"AMOUNT": NOISE}, **audience}}}
+
+
+def test_budget_and_risk_parse() -> None:
+    aud = parse_policy(policy(
+        budget={"epsilon": 4.0, "window": "1d", "delta": 1e-6},
+        risk={"quasi_identifiers": ["POSTCODE", "BIRTH_DATE", "GENDER"], "k": 5, "window": "1h",
+              "l": 2, "sensitive": "DIAGNOSIS"},
+    )).audience("a")
+    assert aud.budget == Budget(epsilon=4.0, window_s=86_400.0, delta=1e-6)
+    assert aud.risk == RiskTarget(("POSTCODE", "BIRTH_DATE", "GENDER"), 5, 3600.0, 2, "DIAGNOSIS")
+    plain = parse_policy(policy()).audience("a")
+    assert plain.budget is None and plain.risk is None
+    # the settings are part of the policy's meaning: the version changes with them
+    assert parse_policy(policy(budget={"epsilon": 4.0, "window": "1d"})).version != parse_policy(policy()).version
+
+
+@pytest.mark.parametrize(
+    ("audience", "message"),
+    [
+        ({"budget": {"epsilon": 4.0}}, "'window' is required"),
+        ({"budget": {"window": "1d"}}, "a mapping with 'epsilon'"),
+        ({"budget": {"epsilon": 4.0, "window": "1d", "per": "x"}}, "a mapping with 'epsilon'"),
+        ({"budget": {"epsilon": 0, "window": "1d"}}, "epsilon must be a positive"),
+        ({"budget": {"epsilon": "4", "window": "1d"}}, "numbers"),
+        ({"budget": {"epsilon": 4.0, "window": "forever"}}, "positive duration"),
+        ({"budget": {"epsilon": 0.5, "window": "1d"}}, "more than the whole budget"),
+        ({"budget": {"epsilon": 4.0, "window": "1d"}, "tags": {"AMOUNT": "drop"}}, "no dp_noise or randomized"),
+        ({"budget": {"epsilon": 4.0, "window": "1d"}, "tags": {"AMOUNT": GAUSS}}, "need a budget 'delta'"),
+        ({"risk": {"quasi_identifiers": [], "k": 5, "window": "1h"}}, "list of distinct tag names"),
+        ({"risk": {"quasi_identifiers": ["A", "A"], "k": 5, "window": "1h"}}, "list of distinct tag names"),
+        ({"risk": {"quasi_identifiers": ["A"], "k": 1, "window": "1h"}}, "k must be at least 2"),
+        ({"risk": {"quasi_identifiers": ["A"], "k": True, "window": "1h"}}, "'k' is an integer"),
+        ({"risk": {"quasi_identifiers": ["A"], "k": 5}}, "'window' is required"),
+        ({"risk": {"quasi_identifiers": ["A"], "k": 5, "window": "1h", "l": 2}}, "l and sensitive go together"),
+        ({"risk": {"quasi_identifiers": ["A"], "k": 5, "window": "1h", "l": 2, "sensitive": "A"}},
+         "cannot also be a quasi-identifier"),
+        ({"risk": {"quasi_identifiers": ["A"], "k": 5, "window": "1h", "action": "hold"}}, "a mapping with"),
+    ],
+)
+def test_bad_settings_are_policy_errors_naming_the_audience(audience: dict[str, Any], message: str) -> None:
+    with pytest.raises(PolicyError, match=message) as info:
+        parse_policy(policy(**audience))
+    assert "audience 'a'" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [{"budget": {"epsilon": 4.0, "window": "1d"}},
+     {"risk": {"quasi_identifiers": ["POSTCODE"], "k": 5, "window": "1h"}}],
+)
+def test_plans_refuse_settings_the_runtime_does_not_enforce_yet(setting: dict[str, Any]) -> None:
+    """Fail closed: a budget nobody enforces (or a k nobody measures) is refused when the
+    plan compiles, so neither the worker nor ``policy check`` accepts it silently."""
+    schema = avro.parse({"type": "record", "name": "R", "fields": [
+        {"name": "amount", "type": "double", "confluent:tags": ["AMOUNT"]}]})
+    aud = parse_policy(policy(**setting)).audience("a")
+    with pytest.raises(PolicyError, match=r"not (enforced|measured) by this version"):
+        build_plan(schema, aud, None)
+    build_plan(schema, parse_policy(policy()).audience("a"), None)
