@@ -39,6 +39,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -102,42 +103,50 @@ class RiskWindow:
     clock: Callable[[], float] = time.time
     _entries: deque[tuple[float, Hashable, Hashable]] = field(default_factory=deque)
     _classes: Counter[Hashable] = field(default_factory=Counter)
-    _sensitive: dict[Hashable, Counter[Hashable]] = field(default_factory=dict)
+    _pairs: Counter[tuple[Hashable, Hashable]] = field(default_factory=Counter)
+    """(tuple, sensitive value) -> records; with ``_distinct``, l-diversity in O(1) per record."""
+    _distinct: Counter[Hashable] = field(default_factory=Counter)
+    """tuple -> number of distinct sensitive values in its class."""
     evicted_by_cap: int = 0
 
     def add(self, qi: tuple[Hashable, ...], sensitive: Hashable = None, ts: float | None = None) -> int:
         """Add one output's tuple; returns the size of its class in the window afterwards
         (what enforcement compares with k)."""
         now = self.clock() if ts is None else ts
-        self._expire(now)
-        if len(self._entries) >= self.target.max_records:
+        entries = self._entries
+        if entries and entries[0][0] <= now - self.target.window_s:
+            self._expire(now)
+        if len(entries) >= self.target.max_records:
             self._pop()
             self.evicted_by_cap += 1
-        self._entries.append((now, qi, sensitive))
-        self._classes[qi] += 1
+        entries.append((now, qi, sensitive))
+        classes = self._classes
+        classes[qi] += 1
         if self.target.sensitive is not None:
-            self._sensitive.setdefault(qi, Counter())[sensitive] += 1
-        return self._classes[qi]
+            pair = (qi, sensitive)
+            pairs = self._pairs
+            pairs[pair] += 1
+            if pairs[pair] == 1:
+                self._distinct[qi] += 1
+        return classes[qi]
 
     def class_size(self, qi: tuple[Hashable, ...]) -> int:
         return self._classes.get(qi, 0)
 
+    @staticmethod
+    def _decrement(counter: Counter[Any], key: Any) -> int:
+        n = counter[key] - 1
+        if n:
+            counter[key] = n
+        else:
+            del counter[key]
+        return n
+
     def _pop(self) -> None:
         _, qi, s = self._entries.popleft()
-        n = self._classes[qi] - 1
-        if n:
-            self._classes[qi] = n
-        else:
-            del self._classes[qi]
-        if self.target.sensitive is not None:
-            sc = self._sensitive[qi]
-            m = sc[s] - 1
-            if m:
-                sc[s] = m
-            else:
-                del sc[s]
-                if not sc:
-                    del self._sensitive[qi]
+        self._decrement(self._classes, qi)
+        if self.target.sensitive is not None and self._decrement(self._pairs, (qi, s)) == 0:
+            self._decrement(self._distinct, qi)
 
     def _expire(self, now: float) -> None:
         horizon = now - self.target.window_s
@@ -159,7 +168,7 @@ class RiskWindow:
         min_l: int | None = None
         share_below_l: float | None = None
         if t.sensitive is not None:
-            diversity = [(len(sc), self._classes[qi]) for qi, sc in self._sensitive.items()]
+            diversity = [(d, self._classes[qi]) for qi, d in self._distinct.items()]
             min_l = min((d for d, _ in diversity), default=0)
             assert t.l is not None
             share_below_l = (sum(c for d, c in diversity if d < t.l) / n) if n else 0.0
