@@ -255,3 +255,50 @@ def test_a_stalled_transport_never_blocks_the_caller(tmp_path: Path) -> None:
     release.set()
     em.close()
     assert 1 <= len(sent) <= 3 and sent[0].eventType.value == "START"
+
+
+def test_http_transport_posts_to_a_lineage_endpoint(tmp_path: Path) -> None:
+    """``type: http`` (Marquez's API): events are POSTed to <url>/api/v1/lineage."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    received: list[tuple[str, dict[str, Any]]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((self.path, json.loads(body)))
+            self.send_response(201)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        em = LineageEmitter.from_config(_cfg(tmp_path, {"transport": {"type": "http", "url": url}}), "v")
+        assert em is not None
+        em.start()
+        em.finish(True)
+        em.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [p for p, _ in received] == ["/api/v1/lineage", "/api/v1/lineage"]
+    assert [e["eventType"] for _, e in received] == ["START", "COMPLETE"]
+    for _, e in received:
+        validate(e)
+
+
+def test_console_transport_logs_the_event(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    em = LineageEmitter.from_config(_cfg(tmp_path, {"transport": {"type": "console"}}), "v")
+    assert em is not None
+    with caplog.at_level("INFO", logger="openlineage.client.transport.console"):
+        em.start()
+        em.close()
+    events = [json.loads(r.getMessage()) for r in caplog.records if r.name == "openlineage.client.transport.console"]
+    assert [e["eventType"] for e in events] == ["START"]
+    validate(events[0])
