@@ -338,3 +338,67 @@ def test_generated_code_and_reference_agree_on_structure(rec: dict[str, Any]) ->
             clamped = min(max(rec[name], lo), hi)
             # Laplace tails: P(|z| > 60 b) = e^-60; discrete Gaussian at 60 sigma: never
             assert abs(out[name] - clamped) <= 60 * SCALES[name] + 1e-6 * abs(hi)
+
+
+def test_float_outputs_lie_on_the_mechanism_grid() -> None:
+    """The defence against the floating-point attack on textbook Laplace (Mironov 2012):
+    every output is clamp(x) rounded to the grid 2^k plus a multiple of 2^k, so outputs are
+    multiples of 2^k whatever x was (naive ``x + laplace()`` outputs are not), and the grid
+    is far below the noise scale (rounding the input costs nothing visible)."""
+    from streamproc.operators.dp import calibrate
+    from streamproc.schema.avro import Primitive
+
+    cal = calibrate(LAPLACE, Primitive("double"))
+    assert cal.k is not None and 2.0**cal.k <= cal.scale * 2.0**-20
+    for x in (50.0, 0.1, 33.333333333333336, 99.99999999999999):
+        out = draws(plan_for({"AMOUNT": LAPLACE}), "amount", 500, amount=x)
+        assert all((v / 2.0**cal.k).is_integer() for v in out)
+        assert len(set(out)) > 490  # and they are not a handful of repeated values
+
+
+NESTED: dict[str, Any] = {
+    "type": "record", "name": "Nested", "namespace": "test.dp", "fields": [
+        {"name": "readings", "type": {"type": "array", "items": "double"}, "confluent:tags": ["READING"]},
+        {"name": "counts", "type": {"type": "map", "values": "long"}, "confluent:tags": ["COUNT"],
+         "streamproc.key_tags": ["PUBLIC"]},
+        {"name": "level", "type": ["null", {"type": "enum", "name": "Level", "symbols": ["LO", "MID", "HI"]}],
+         "confluent:tags": ["LEVEL"]},
+    ],
+}
+
+
+@settings(max_examples=60, deadline=None)
+@given(rec=st.fixed_dictionaries({
+    "readings": st.lists(st.floats(allow_nan=False, width=64), max_size=5),
+    "counts": st.dictionaries(st.text(max_size=3), st.integers(-(2**63), 2**63 - 1), max_size=4),
+    "level": st.none() | st.sampled_from(["LO", "MID", "HI"]),
+}))
+def test_containers_noise_every_element_in_both_implementations(rec: dict[str, Any]) -> None:
+    node = avro.parse(NESTED)
+    assert isinstance(node, Record)
+    doc = {"audiences": {"a": {"record_key": "keep", "tags": {
+        "PUBLIC": "keep",
+        "READING": {"op": "dp_noise", "mechanism": "laplace", "epsilon": 1.0, "bounds": [-10, 10]},
+        "COUNT": {"op": "dp_noise", "mechanism": "geometric", "epsilon": 1.0, "bounds": [0, 50]},
+        "LEVEL": {"op": "randomized_response", "epsilon": 1.0},
+    }}}}
+    plan = build_plan(node, parse_policy(doc).audience("a"), None)
+    fields = {f["name"]: f for f in plan.out_schema["fields"]}
+    assert fields["readings"][DP_PROP]["mechanism"] == "laplace"
+    assert fields["counts"][DP_PROP]["mechanism"] == "geometric"
+    assert fields["level"][DP_PROP]["mechanism"] == "randomized_response"
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, fastavro.parse_schema(NESTED), rec)
+    data = buf.getvalue()
+    fn, _ = compile_plan(plan, node)
+    parsed = fastavro.parse_schema(plan.out_schema)
+    for out_bytes in (b"".join(fn(data)), run_reference(plan, NESTED, data)):
+        out = fastavro.schemaless_reader(io.BytesIO(out_bytes), parsed, None)
+        assert len(out["readings"]) == len(rec["readings"])
+        for v_in, v_out in zip(rec["readings"], out["readings"], strict=True):
+            assert abs(v_out - min(max(v_in, -10), 10)) <= 60 * 20
+        assert set(out["counts"]) == set(rec["counts"])  # keys kept (PUBLIC), values noised
+        assert all(type(v) is int and abs(v - min(max(rec["counts"][key], 0), 50)) <= 60 * 50
+                   for key, v in out["counts"].items())
+        assert (out["level"] is None) == (rec["level"] is None)
+        assert out["level"] in (None, "LO", "MID", "HI")
