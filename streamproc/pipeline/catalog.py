@@ -23,7 +23,8 @@ from streamproc.policy.model import Policy, format_duration_ms
 from streamproc.schema.avro import Record
 from streamproc.schema.registry import RegisteredSchema
 
-#: Rule parameters the data map lifts into columns of their own (privacy budgets).
+#: Rule parameters the data map lifts into columns of their own (privacy budgets); an
+#: audience's ``budget:`` and ``risk:`` (its k over the quasi-identifiers) are shown per audience.
 BUDGET_PARAMS = ("k", "epsilon")
 
 
@@ -51,6 +52,12 @@ def data_map(
             "purpose": a.purpose,
             "retention": _retention(a.retention_ms),
             "topics": list((topics or {}).get(a.name, ())),
+            "budget": None if a.budget is None else {
+                "epsilon": a.budget.epsilon, "window": _retention(round(a.budget.window_s * 1000)), "delta": a.budget.delta,
+            },
+            "risk": None if a.risk is None else {
+                "k": a.risk.k, "l": a.risk.l, "quasi_identifiers": list(a.risk.quasi_identifiers),
+            },
         }
         for a in policy.audiences.values()
     }
@@ -102,9 +109,15 @@ def _cell(v: Any) -> str:
 def render_markdown(dm: Mapping[str, Any]) -> str:
     pol = dm["policy"]
     lines = [f"# Data map: {pol['name']} ({pol['version']})", "", "## Audiences", ""]
-    lines += ["| audience | purpose | retention | topics |", "|---|---|---|---|"]
+    lines += ["| audience | purpose | retention | topics | budget | risk |", "|---|---|---|---|---|---|"]
     for name, a in dm["audiences"].items():
-        lines.append(f"| {name} | {_cell(a['purpose'])} | {_cell(a['retention'])} | {_cell(', '.join(a['topics']))} |")
+        b, r = a.get("budget"), a.get("risk")
+        budget = "-" if b is None else f"epsilon {b['epsilon']} per {b['window']}" + (f", delta {b['delta']}" if b["delta"] else "")
+        risk = "-" if r is None else f"k {r['k']}" + (f", l {r['l']}" if r["l"] else "") + f" over {', '.join(r['quasi_identifiers'])}"
+        lines.append(
+            f"| {name} | {_cell(a['purpose'])} | {_cell(a['retention'])} | {_cell(', '.join(a['topics']))} | "
+            f"{_cell(budget)} | {_cell(risk)} |"
+        )
     lines += ["", f"Dead-letter topics: retention {_cell(dm['dead_letter']['retention'])}."]
     for schema, s in dm["schemas"].items():
         lines += ["", f"## {schema}", ""]
@@ -145,8 +158,8 @@ def diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[dict[str, Any]]
         if a is None or b is None:
             add(None, None, aud, "audience", None if a is None else "present", None if b is None else "present")
             continue
-        for attr in ("purpose", "retention"):
-            add(None, None, aud, attr, a[attr], b[attr])
+        for attr in ("purpose", "retention", "budget", "risk"):
+            add(None, None, aud, attr, a.get(attr), b.get(attr))
     for schema in _union(old["schemas"], new["schemas"]):
         fo = old["schemas"].get(schema, {}).get("fields", {})
         fn = new["schemas"].get(schema, {}).get("fields", {})

@@ -61,10 +61,10 @@ EXPECTED_MD = """\
 
 ## Audiences
 
-| audience | purpose | retention | topics |
-|---|---|---|---|
-| analytics | product analytics | 30d | signups.analytics |
-| support | - | - | signups.support |
+| audience | purpose | retention | topics | budget | risk |
+|---|---|---|---|---|---|
+| analytics | product analytics | 30d | signups.analytics | - | - |
+| support | - | - | signups.support | - | - |
 
 Dead-letter topics: retention 7d.
 
@@ -123,7 +123,9 @@ def test_json_data_map(tmp_path: Path) -> None:
     r = CliRunner().invoke(cli, ["catalog", "--config", str(cfg), "--format", "json"])
     assert r.exit_code == 0, r.output
     dm = json.loads(r.output)
-    assert dm["audiences"]["analytics"] == {"purpose": "product analytics", "retention": "30d", "topics": ["signups.analytics"]}
+    assert dm["audiences"]["analytics"] == {
+        "purpose": "product analytics", "retention": "30d", "topics": ["signups.analytics"], "budget": None, "risk": None,
+    }
     assert dm["dead_letter"] == {"retention": "7d"}
     fields = dm["schemas"]["t.Signup"]["fields"]
     assert list(fields) == ["id", "email", "card", "home.city", "home.street"]
@@ -197,3 +199,31 @@ def test_privacy_budget_columns(tmp_path: Path) -> None:
         "epsilon": 0.5,
     }
     assert '| amount | AMOUNT | research | dp_noise(bounds=[0,1000], epsilon=0.5, mechanism="laplace") | amount | - | - | - | 0.5 |' in render_markdown(dm)
+
+
+def test_audience_budget_and_risk_are_shown_and_refused_plans_say_so(tmp_path: Path) -> None:
+    """budget/risk (not enforced yet, so plans refuse them): the map shows the targets and the refusal."""
+    from streamproc.pipeline.catalog import data_map, render_markdown
+    from streamproc.policy.model import parse_policy
+    from streamproc.schema.registry import RegisteredSchema
+
+    schema = {"type": "record", "name": "Pay", "fields": [{"name": "amount", "type": "long", "confluent:tags": ["AMOUNT"]}]}
+    pol = parse_policy(
+        {
+            "defaults": {"record_key": "drop"},
+            "audiences": {
+                "research": {
+                    "budget": {"epsilon": 2.0, "window": "1d"},
+                    "risk": {"quasi_identifiers": ["AMOUNT"], "k": 5, "window": "1h"},
+                    "tags": {"AMOUNT": {"op": "dp_noise", "mechanism": "laplace", "epsilon": 0.5, "bounds": [0, 1000]}},
+                }
+            },
+        }
+    )
+    dm = data_map(pol, [RegisteredSchema(1, json.dumps(schema), "pay")])
+    aud = dm["audiences"]["research"]
+    assert aud["budget"] == {"epsilon": 2.0, "window": "1d", "delta": 0.0}
+    assert aud["risk"] == {"k": 5, "l": None, "quasi_identifiers": ["AMOUNT"]}
+    cell = dm["schemas"]["Pay"]["fields"]["<plan>"]["audiences"]["research"]
+    assert cell["operation"] == "error" and "not enforced" in cell["error"]
+    assert "| research | - | - | - | epsilon 2.0 per 1d | k 5 over AMOUNT |" in render_markdown(dm)
