@@ -96,11 +96,19 @@ def write_config(ws: Workspace, **changes: Any) -> Path:
     return path
 
 
+def require_kafka() -> None:
+    """Real Kafka or nothing: fail when the session was asked to run on it, else skip."""
+    ok, why = devkafka.kafka_available()
+    if ok:
+        return
+    if os.environ.get("STREAMPROC_TEST_BROKER", "").strip().lower() == "kafka":
+        pytest.fail(f"STREAMPROC_TEST_BROKER=kafka: {why}")
+    pytest.skip(why)
+
+
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
-    ok, why = devkafka.kafka_available()
-    if not ok:
-        pytest.skip(why)
+    require_kafka()
     root = tmp_path_factory.mktemp("kafka-security")
     broker = devkafka.KafkaBroker(root / "broker", security="sasl_ssl")
     try:
@@ -638,9 +646,7 @@ def test_compose_tls_material_serves_real_kafka(tmp_path: Path) -> None:
     ``ca.pem`` (and nothing else) connects with hostname verification on and the client
     settings of ``deploy/compose/streamproc.yaml``.
     """
-    ok, why = devkafka.kafka_available()
-    if not ok:
-        pytest.skip(why)
+    require_kafka()
     tls = tmp_path / "tls"
     subprocess.run(
         [sys.executable, str(REPO / "deploy" / "compose" / "kafka_tls.py"), str(tls)], check=True
