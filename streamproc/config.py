@@ -110,6 +110,7 @@ TOP_LEVEL = (
     "acls",
     "dead_letter",
     "lineage",
+    "consent",
 )
 
 #: The KEK dead letters are sealed under when ``dead_letter.kek`` is not set.
@@ -227,6 +228,20 @@ LINEAGE_TRANSPORTS = ("console", "file", "http", "kafka")
 
 
 @dataclass(frozen=True)
+class ConsentConfig:
+    """The consent table (``consent:``): a compacted topic keyed by subject tokens.
+
+    ``domain`` is the consent key domain (the subject's token is derived from the pseudonym
+    master with the consent salt and this info); ``restore_timeout_seconds`` bounds how long
+    a worker waits to read the topic to its end before it processes anything.
+    """
+
+    topic: str
+    domain: str = "consent"
+    restore_timeout_seconds: int = 120
+
+
+@dataclass(frozen=True)
 class PseudonymSecretsConfig:
     """Where the pseudonym master comes from (``pseudonym_secrets:``).
 
@@ -312,6 +327,7 @@ class Config:
     #: The quarantine KEK: dead letters (original key, headers and value) are sealed under it.
     dead_letter_kek: str = DEFAULT_QUARANTINE_KEK
     lineage: LineageConfig | None = None
+    consent: ConsentConfig | None = None
     #: The policy file as parsed when the config was validated (``None`` with
     #: ``check_policy=False``); read it through :meth:`load_policy`.
     parsed_policy: Policy | None = field(default=None, compare=False, repr=False)
@@ -354,11 +370,12 @@ class Config:
         return list(dict.fromkeys(p.dead_letter_topic for p in self.pipelines))
 
     def all_topics(self) -> list[str]:
-        """Sources, destinations, DLQs and the audit topic, in that order, without repeats."""
+        """Sources, destinations, DLQs, the audit and the consent topic, in that order, without repeats."""
         audit = [self.audit.kafka_topic] if self.audit and self.audit.kafka_topic else []
+        consent = [self.consent.topic] if self.consent is not None else []
         return list(
             dict.fromkeys(
-                [*self.source_topics, *self.destination_topics, *self.dead_letter_topics, *audit]
+                [*self.source_topics, *self.destination_topics, *self.dead_letter_topics, *audit, *consent]
             )
         )
 
@@ -974,6 +991,9 @@ def _validate(raw: dict[str, Any], path: Path, ctx: _Ctx, check_policy: bool) ->
     if parsed_policy is not None:
         _check_secret_source(ctx, str(provider), secrets, parsed_policy, policy)
     acls = _acls(ctx, raw.get("acls"), pipelines, group_id)
+    consent = _consent(ctx, raw.get("consent"), pipelines)
+    if parsed_policy is not None:
+        _check_consent(ctx, consent, parsed_policy, policy)
     return Config(
         path=path,
         kafka=kafka,
@@ -997,8 +1017,45 @@ def _validate(raw: dict[str, Any], path: Path, ctx: _Ctx, check_policy: bool) ->
         insecure_transport=tuple(insecure),
         dead_letter_kek=quarantine_kek,
         lineage=_lineage(ctx, raw.get("lineage")),
+        consent=consent,
         parsed_policy=parsed_policy,
     )
+
+
+def _consent(ctx: _Ctx, v: Any, pipelines: Sequence[PipelineConfig]) -> ConsentConfig | None:
+    """``consent:`` -- topic (required), domain, restore_timeout_seconds."""
+    if v is None:
+        return None
+    m = _mapping(ctx, "consent", v, allowed=("topic", "domain", "restore_timeout_seconds"))
+    if m.get("topic") is None:
+        raise ctx.error("consent.topic", "is required (the compacted consent topic)")
+    topic = _str(ctx, "consent.topic", m["topic"])
+    for p in pipelines:
+        if topic in (*p.sources, *(d.topic for d in p.destinations), p.dead_letter_topic):
+            raise ctx.error("consent.topic", f"{topic!r} is also a pipeline topic; the consent table needs its own")
+    return ConsentConfig(
+        topic=topic,
+        domain=_str(ctx, "consent.domain", m.get("domain", "consent")),
+        restore_timeout_seconds=_int(
+            ctx, "consent.restore_timeout_seconds", m.get("restore_timeout_seconds", 120), minimum=1
+        ),
+    )
+
+
+def _check_consent(ctx: _Ctx, consent: ConsentConfig | None, policy: Policy, policy_path: Path) -> None:
+    """Purposes with a legal basis need the consent table, and the table needs purposes.
+
+    Fail closed: a policy that declares ``purposes:`` run without a consent table would let
+    every record flow, consent-basis audiences included.
+    """
+    if policy.purposes and consent is None:
+        raise ctx.error(
+            "consent",
+            f"is required: {policy_path.name} declares purposes ({', '.join(policy.purposes)}) "
+            "whose legal basis is evaluated against the consent table",
+        )
+    if consent is not None and not policy.purposes:
+        raise ctx.error("consent", f"{policy_path.name} declares no purposes: nothing would be evaluated")
 
 
 def _lineage(ctx: _Ctx, v: Any) -> LineageConfig | None:

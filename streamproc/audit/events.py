@@ -58,6 +58,8 @@ class EventType(enum.StrEnum):
     """``streamproc consume --incident-response``: someone read plaintext outside the pipeline."""
     PROVENANCE_RESOLVED = "provenance_resolved"
     """``streamproc provenance resolve``: audience-keyed references turned into source offsets."""
+    CONSENT_WITHHELD = "consent_withheld"
+    """A batch withheld records from an audience for lack of consent or an objection (counts)."""
 
 
 # -- attribute guard ----------------------------------------------------------------------
@@ -153,6 +155,7 @@ ATTRIBUTE_RULES: Mapping[str, Callable[[Any], bool]] = {
     "integrity": _integrity,
     "note": _text,
     "processor_version": _ident,
+    "purpose": _ident,
     "reason": _text,
     "source": _ident,
     "subject": _subject,
@@ -380,6 +383,21 @@ class ProvenanceResolved(Event):
     error: str | None = None
 
 
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ConsentWithheld(Event):
+    """Records of one batch withheld from an audience, per reason class: counts only.
+
+    Aggregate on purpose: which subject was withheld is personal data (it says the subject
+    withdrew or objected); the consent topic itself is the record of that.
+    """
+
+    TYPE: ClassVar[EventType] = EventType.CONSENT_WITHHELD
+    audience: str | None = None
+    purpose: str | None = None
+    reason: str | None = None
+    count: int | None = None
+
+
 #: The dataclass of every event type (a test checks that each :class:`EventType` has one).
 EVENTS: Mapping[EventType, type[Event]] = {
     cls.TYPE: cls
@@ -399,6 +417,7 @@ EVENTS: Mapping[EventType, type[Event]] = {
         SecretImported,
         SourceTopicRead,
         ProvenanceResolved,
+        ConsentWithheld,
     )
 }
 

@@ -28,6 +28,7 @@ _COMMANDS = [
     ("streamproc.cli.secrets", "secrets"),
     ("streamproc.cli.policy", "policy"),
     ("streamproc.cli.catalog", "catalog"),
+    ("streamproc.cli.consent", "consent"),
     ("streamproc.cli.reidentify", "reidentify"),
     ("streamproc.cli.provenance", "provenance"),
     ("streamproc.cli.audit", "audit"),

@@ -17,6 +17,10 @@ audiences never share a key unless the policy names the domain as shared between
 * date-shift keys, one per (audience, date-shift domain), salt ``streamproc/dateshift/v2``.
 * provenance keys, one per audience (:data:`PROVENANCE_SALT`): the reference that
   replaces the source topic/partition/offset headers (see :mod:`streamproc.provenance`).
+* consent keys, one per consent domain (:data:`CONSENT_SALT`, info = the domain): the
+  subject's token keying the consent topic.  Not an audience's key: the consent table is
+  the processor's own, and its own salt keeps it unequal to every audience's tokens, even
+  in a policy-shared domain of the same name.
 
 Output formats embed the master version so keys can rotate: ``tk<v>_<22 base64url>``
 for tokens (128-bit truncated HMAC-SHA256) and ``de<v>_<base64url>`` for deterministic
@@ -47,6 +51,7 @@ TOKEN_SALT = b"streamproc/token/v2"
 SIV_SALT = b"streamproc/siv/v1"
 SHIFT_SALT = b"streamproc/dateshift/v2"
 PROVENANCE_SALT = b"streamproc/provenance/v1"
+CONSENT_SALT = b"streamproc/consent/v1"
 TOKEN_BYTES = 16
 
 
@@ -125,6 +130,11 @@ class PseudonymKeys:
         """The date-shift key of ``domain`` for ``audience`` (``None``: a shared domain)."""
         v, m = self.master(version)
         return v, hkdf(m, SHIFT_SALT, scope_info(domain, audience))
+
+    def consent_key(self, domain: str, version: int | None = None) -> tuple[int, bytes]:
+        """The token key of the consent topic's subject keys (one per consent domain)."""
+        v, m = self.master(version)
+        return v, hkdf(m, CONSENT_SALT, domain)
 
     def provenance_key(self, audience: str, version: int | None = None) -> tuple[int, bytes]:
         """The AES-256 key of an audience's provenance references (never shared)."""

@@ -54,6 +54,7 @@ from streamproc.observability.anomaly import (
     AnomalyDetector,
     AnomalyKind,
 )
+from streamproc.policy.consent import WITHHELD_REASONS
 
 if TYPE_CHECKING:
     from streamproc.config import Config
@@ -103,6 +104,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("streamproc_decryption_failures_total", "counter", ("reason",), "Envelopes that could not be opened, by reason class (unknown_key, key_revoked, tampered, malformed_envelope, unsupported_version, wrong_topic)."),
     MetricSpec("streamproc_records_quarantined_total", "counter", ("reason",), "Records the pipeline quarantined (any reason class); they go to the dead-letter topic."),
     MetricSpec("streamproc_tombstones_total", "counter", (), "Tombstones (null values) forwarded to every destination."),
+    MetricSpec("streamproc_consent_withheld_total", "counter", ("audience", "reason"), "Records withheld from an audience by its purpose's legal basis (not_granted, withdrawn, objected, no_subject); no output, no dead letter."),
     MetricSpec("streamproc_egress_records_total", "counter", ("topic", "audience"), "Sanitized records produced, by destination topic and audience."),
     MetricSpec("streamproc_egress_bytes_total", "counter", ("topic", "audience"), "Bytes of sealed sanitized values produced, by destination topic and audience."),
     MetricSpec("streamproc_transformed_fields_total", "counter", ("operator",), "Field values transformed, by operator (token, mask, generalize, ...)."),
@@ -226,7 +228,7 @@ class _LabelGuard:
             "topic": k.topics,
             "audience": k.audiences,
             "kek_id": k.kek_ids,
-            "reason": frozenset(r.value for r in Reason),
+            "reason": frozenset(r.value for r in Reason) | frozenset(WITHHELD_REASONS),
             "operator": frozenset(REGISTRY),
             "provider": KMS_PROVIDERS,
         }
@@ -418,6 +420,8 @@ class Metrics(Observer):
                 self._child("streamproc_decryption_failures_total", r).inc(n)
         if st.tombstones:
             self._child("streamproc_tombstones_total").inc(st.tombstones)
+        for (aud, why), n in getattr(st, "withheld", {}).items():
+            self._child("streamproc_consent_withheld_total", L("audience", aud), L("reason", why)).inc(n)
         if self.detector is not None:
             self.detector.observe_batch(st)
         self.heartbeat()

@@ -592,6 +592,27 @@ def _canonical(v: Any) -> bytes | None:
 _STRING = Primitive("string")
 
 
+class _SubjectOnly:
+    """The one attribute of a :class:`Plan` that :meth:`_Gen.subject` reads."""
+
+    def __init__(self, subject: Any) -> None:
+        self.subject = subject
+
+
+def compile_subject(schema: Record, subject: Any, *, offset: int = 0) -> Callable[[bytes], bytes | None]:
+    """``f(buf) -> canonical subject bytes or None`` (a null subject): the same pre-pass a
+    ``date_shift`` plan runs, alone, for consent evaluation.  It skips the fields before the
+    subject and decodes that one value; the caller has already validated the record."""
+    g = _Gen()
+    body: list[str] = []
+    g.subject(_SubjectOnly(subject), schema, "    ", body, offset)  # type: ignore[arg-type]
+    src = "\n".join([*g.lines, "def _subject(buf):", *body, "    return subj"]) + "\n"
+    env = dict(g.env)
+    exec(compile(src, f"<streamproc subject {schema.fullname}>", "exec"), env)
+    fn: Callable[[bytes], bytes | None] = env["_subject"]
+    return fn
+
+
 def compile_plan(
     plan: Plan, schema: Record, *, offset: int = 0, prefix: bytes = b""
 ) -> tuple[Callable[[bytes], list[bytes]], str]:

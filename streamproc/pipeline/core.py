@@ -53,10 +53,11 @@ from streamproc.errors import (
     SealingUnavailable,
     TransientError,
 )
-from streamproc.pipeline.codegen import BadPayload, TransformFailed, compile_plan
+from streamproc.pipeline.codegen import BadPayload, TransformFailed, compile_plan, compile_subject
+from streamproc.pipeline.consent import ConsentGate
 from streamproc.pipeline.lineage import FieldTreatment, field_treatments
-from streamproc.pipeline.plan import build_plan
-from streamproc.policy.model import Audience, Policy
+from streamproc.pipeline.plan import build_plan, subject_of
+from streamproc.policy.model import Audience, Policy, Purpose
 from streamproc.schema.avro import Record
 from streamproc.schema.framing import HEADER_LEN, MAGIC, frame_prefix
 from streamproc.schema.registry import SchemaSource
@@ -143,6 +144,9 @@ class BatchStats:
     """(source topic, reason) -> quarantined records: where failures come from, so an
     anomaly can name the topic (a configured source, never record text)."""
     tombstones: int = 0
+    withheld: dict[tuple[str, str], int] = field(default_factory=dict)
+    """(audience, reason) -> records withheld from that audience for lack of consent or an
+    objection (``streamproc.policy.consent.WITHHELD_REASONS``); no output, no dead letter."""
 
 
 @dataclass
@@ -162,6 +166,9 @@ class _Compiled:
     """The constant part of the streamproc.prov value; the per-record reference follows."""
     transforms: tuple[tuple[str, int], ...]
     info: CompiledPlan | None = None
+    consent: tuple[Purpose, str, Callable[[bytes], bytes | None] | None] | None = None
+    """For a gated audience: its purpose, the subject field's name and the function that
+    reads the subject from the framed plaintext (``None``: the schema has no subject)."""
 
 
 @dataclass(frozen=True)
@@ -229,8 +236,11 @@ class Pipeline:
         revocation_check_interval: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
         on_compile: Callable[[CompiledPlan], None] | None = None,
+        consent: ConsentGate | None = None,
     ) -> None:
         self.policy = policy
+        #: The consent check (``None``: nothing is withheld); see streamproc.pipeline.consent.
+        self.consent = consent
         #: Called after each new plan compilation (outside the plan lock); its errors are
         #: counted in :attr:`observer_errors` and never affect a record.
         self.on_compile = on_compile
@@ -431,7 +441,43 @@ class Pipeline:
                 schema_id, rs.json, plan.out_schema, out_id, state.dest, sources, self.policy.version,
                 tuple(field_treatments(rs.node, plan)),
             )
-        return _Compiled(fn, out_id, prefix, tuple(plan.transforms.items()), info)
+        gate: tuple[Purpose, str, Callable[[bytes], bytes | None] | None] | None = None
+        purpose = None if self.consent is None else self.consent.gated(state.audience)
+        if purpose is not None:
+            subject = subject_of(rs.node, state.audience)
+            if subject is None or not isinstance(rs.node, Record):
+                gate = (purpose, "", None)
+            else:
+                gate = (purpose, subject.name, compile_subject(rs.node, subject, offset=HEADER_LEN))
+        return _Compiled(fn, out_id, prefix, tuple(plan.transforms.items()), info, gate)
+
+    def _admit(self, plain: bytes, targets: list[Any], withheld: dict[tuple[str, str], int]) -> list[bool]:
+        """Per target: may this record flow to it?  Counts each refusal in ``withheld``."""
+        gate = self.consent
+        assert gate is not None
+        subjects: dict[str, bytes | None] = {}
+        tokens: dict[bytes, list[tuple[int, str]]] = {}
+        out = []
+        for t in targets:
+            c = t[1].consent
+            if c is None:
+                out.append(True)
+                continue
+            purpose, name, read = c
+            if name not in subjects:
+                try:
+                    subjects[name] = None if read is None else read(plain)
+                except (BadPayload, IndexError, UnicodeDecodeError, struct.error, ValueError, OverflowError):
+                    subjects[name] = None  # cannot happen after the plan ran; fail closed
+            subj = subjects[name]
+            if subj is not None and subj not in tokens:
+                tokens[subj] = gate.tokens(subj)
+            why = gate.reason(purpose, subj, None if subj is None else tokens[subj])
+            if why is not None:
+                wk = (t[0].dest.audience, why)
+                withheld[wk] = withheld.get(wk, 0) + 1
+            out.append(why is None)
+        return out
 
     def explain(self, schema_id: int, destination_topic: str) -> tuple[Any, int]:
         """The output schema JSON and id for (schema, destination); compiles if needed."""
@@ -488,6 +534,8 @@ class Pipeline:
         memo_topic: str | None = None
         memo_sid = -1
         memo_targets: list[tuple[_DestState, _Compiled, list[bytes], list[InputRecord], list[_Compiled]]] = []
+        memo_gated = False  # does any destination of the memoized targets check consent?
+        withheld = stats.withheld
         schema_id = -1
         for rec in batch:
             topic = rec.topic
@@ -529,6 +577,7 @@ class Pipeline:
                             pend = pending[st.dest.topic] = (st, [], [], [])
                         memo_targets.append((st, c, pend[1], pend[2], pend[3]))
                     memo_topic, memo_sid = topic, schema_id
+                    memo_gated = any(t[1].consent is not None for t in memo_targets)
                 try:
                     if len(memo_targets) == 1:
                         st, compiled, plains, recs, comps = memo_targets[0]
@@ -552,7 +601,17 @@ class Pipeline:
                     decryptions[dk] = decryptions.get(dk, 0) + run_n
                 run_topic, run_kek, run_n = topic, kek_id, 0
             run_n += 1
-            if len(memo_targets) == 1:
+            if memo_gated:
+                # Withheld from an audience: no output for that destination, no dead letter.
+                admitted = self._admit(plain, memo_targets, withheld)
+                if len(memo_targets) == 1:
+                    outs = [out_plain]
+                for (_, compiled, plains, recs, comps), out_plain, ok in zip(memo_targets, outs, admitted, strict=True):
+                    if ok:
+                        plains.append(out_plain)
+                        recs.append(rec)
+                        comps.append(compiled)
+            elif len(memo_targets) == 1:
                 plains.append(out_plain)
                 recs.append(rec)
                 comps.append(compiled)

@@ -348,6 +348,26 @@ NOT_YET_ENFORCED = {
 }
 
 
+def subject_of(schema: AvroType, audience: Audience) -> Field | None:
+    """The top-level field naming the data subject of ``audience``'s records, as
+    ``date_shift`` finds it: the audience's ``subject:`` (or a ``date_shift`` rule's
+    ``subject_field``), else the field marked ``"streamproc.subject": true``.  ``None``
+    when neither names a scalar top-level field of this schema."""
+    if not isinstance(schema, Record):
+        return None
+    names = {audience.subject} - {None}
+    names |= {r.params.get("subject_field") for r in audience.rules if r.operator.needs_subject} - {None}
+    if len(names) > 1:
+        return None
+    f = next((f for f in schema.fields if f.name in names), None) if names else subject_field(schema)
+    if f is None:
+        return None
+    st = f.type
+    if isinstance(st, Union) and st.nullable_of is not None:
+        st = st.nullable_of
+    return f if st.kind in ("string", "bytes", "int", "long", "fixed") else None
+
+
 def build_plan(schema: AvroType, audience: Audience, keys: PseudonymKeys | None) -> Plan:
     if not isinstance(schema, Record):
         raise PolicyError("streamproc processes record schemas only")

@@ -55,6 +55,25 @@ RECORD_KEY_MODES = ("keep", "token", "drop")
 _DEFAULT_DOMAIN = {"token": "record_key", "date_shift": "subject"}
 
 
+#: Legal bases of a purpose (GDPR art. 6(1)): ``consent`` is opt-in (default deny), the
+#: others are opt-out (default allow until the subject objects).
+BASES = ("consent", "contract", "legitimate_interest")
+
+
+@dataclass(frozen=True)
+class Purpose:
+    """A purpose of processing and its legal basis (``purposes: {name: {basis: ...}}``)."""
+
+    name: str
+    basis: str
+    description: str = ""
+
+    @property
+    def opt_in(self) -> bool:
+        """True when the subject must have granted it (``consent``); else allowed until objected."""
+        return self.basis == "consent"
+
+
 @dataclass(frozen=True)
 class Rule:
     tag: str
@@ -75,7 +94,12 @@ class Audience:
     retention_ms: int | None = None
     """The longest this audience's topics may keep a record (``retention: 30d``); None: unstated."""
     purpose: str | None = None
-    """What the audience uses the data for (``purpose:``), shown in the data map."""
+    """What the audience uses the data for (``purpose:``), shown in the data map; with a
+    ``purposes:`` section it names one of them, and its legal basis decides whether a
+    subject's records reach this audience (:mod:`streamproc.policy.consent`)."""
+    subject: str | None = None
+    """The top-level field naming the data subject (``subject:``); ``None``: the schema's
+    ``streamproc.subject`` hint."""
     budget: Budget | None = None
     """Per-subject privacy budget over the audience's DP rules (``budget:``)."""
     risk: RiskTarget | None = None
@@ -106,6 +130,13 @@ class Policy:
     """Pseudonym domain -> the audiences that share its keys (explicit opt-in)."""
     dead_letter_retention_ms: int | None = None
     """The longest dead-letter topics may keep a record (``dead_letter: {retention: 7d}``)."""
+    purposes: Mapping[str, Purpose] = field(default_factory=dict)
+    """``purposes:``: name -> legal basis.  Empty: purposes are labels, nothing is withheld."""
+
+    def basis_of(self, audience: str) -> Purpose | None:
+        """The purpose (with its legal basis) an audience's records are evaluated under."""
+        name = self.audience(audience).purpose
+        return None if name is None else self.purposes.get(name)
 
     def audience(self, name: str) -> Audience:
         try:
@@ -149,7 +180,7 @@ def _record_key(src: str, audience: str, spec: Any) -> Rule:
 def parse_policy(raw: Any, source: str = "<policy>") -> Policy:
     if not isinstance(raw, Mapping):
         raise PolicyError(f"{source}: a policy is a mapping with 'audiences'")
-    unknown = set(raw) - {"name", "keys", "defaults", "audiences", "description", "dead_letter"}
+    unknown = set(raw) - {"name", "keys", "defaults", "audiences", "description", "dead_letter", "purposes"}
     if unknown:
         raise PolicyError(f"{source}: unknown top-level key(s) {sorted(unknown)}")
     defaults = raw.get("defaults") or {}
@@ -165,6 +196,7 @@ def parse_policy(raw: Any, source: str = "<policy>") -> Policy:
     if not isinstance(auds, Mapping) or not auds:
         raise PolicyError(f"{source}: 'audiences' must be a non-empty mapping")
     shared = _shared_domains(source, keys.get("shared_domains"), auds)
+    purposes = _purposes(source, raw.get("purposes"))
     audiences: dict[str, Audience] = {}
     needs_keys: Rule | None = None
     needs_keys_where = ""
@@ -202,10 +234,18 @@ def parse_policy(raw: Any, source: str = "<policy>") -> Policy:
         purpose = spec.get("purpose")
         if purpose is not None and not (isinstance(purpose, str) and purpose):
             raise PolicyError(f"{where}: 'purpose' is a non-empty string")
+        if purposes and purpose not in purposes:
+            # Fail closed: an audience outside every purpose would never be withheld.
+            raise PolicyError(
+                f"{where}: 'purpose' must name one of purposes ({', '.join(purposes)}), "
+                f"not {purpose!r}"
+            )
+        subject = spec.get("subject")
         audiences[name] = Audience(
             name, untagged, rk, rules, str(spec.get("description", "")), mine,
             parse_duration_ms(spec.get("retention"), f"{where}: retention"), purpose,
-            _budget(where, spec.get("budget"), rules), _risk(where, spec.get("risk")),
+            subject=subject if isinstance(subject, str) else None,
+            budget=_budget(where, spec.get("budget"), rules), risk=_risk(where, spec.get("risk")),
         )
     pseudonym = keys.get("pseudonym")
     if needs_keys is not None and not pseudonym:
@@ -213,13 +253,44 @@ def parse_policy(raw: Any, source: str = "<policy>") -> Policy:
             f"{needs_keys_where}: {needs_keys.op} needs 'keys.pseudonym' "
             "(token, encrypt_deterministic and date_shift derive their keys from it)"
         )
+    if purposes and not pseudonym:
+        raise PolicyError(
+            f"{source}: purposes need 'keys.pseudonym' (the consent table is keyed by subject "
+            "tokens derived from it)"
+        )
     dead_letter = raw.get("dead_letter") or {}
     if not isinstance(dead_letter, Mapping) or set(dead_letter) - {"retention"}:
         raise PolicyError(f"{source}: 'dead_letter' may set only 'retention'")
     dl_retention = parse_duration_ms(dead_letter.get("retention"), f"{source}: dead_letter.retention")
     canonical = json.dumps(_ordered_tags(raw), sort_keys=True, separators=(",", ":"), default=str)
     version = "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()[:16]
-    return Policy(str(raw.get("name", "policy")), version, pseudonym, audiences, source, shared, dl_retention)
+    return Policy(
+        str(raw.get("name", "policy")), version, pseudonym, audiences, source, shared, dl_retention, purposes
+    )
+
+
+def _purposes(source: str, spec: Any) -> dict[str, Purpose]:
+    """``purposes:``: name -> ``{basis: consent|contract|legitimate_interest, description}``.
+
+    The basis is stated, never defaulted: which one applies is a legal decision, and
+    guessing ``legitimate_interest`` would let records flow that need consent.
+    """
+    if spec is None:
+        return {}
+    where = f"{source}: purposes"
+    if not isinstance(spec, Mapping) or not spec:
+        raise PolicyError(f"{where}: a non-empty mapping of purpose names to {{basis: ...}}")
+    out: dict[str, Purpose] = {}
+    for name, p in spec.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+            raise PolicyError(f"{where}: purpose names are letters, digits, '-' and '_'")
+        if not isinstance(p, Mapping) or set(p) - {"basis", "description"}:
+            raise PolicyError(f"{where}.{name}: a mapping with 'basis' (and 'description')")
+        basis = p.get("basis")
+        if basis not in BASES:
+            raise PolicyError(f"{where}.{name}: basis must be one of {', '.join(BASES)}, not {basis!r}")
+        out[name] = Purpose(name, str(basis), str(p.get("description", "")))
+    return out
 
 
 _DURATION = re.compile(r"(\d+)(ms|s|m|h|d|w)")

@@ -25,6 +25,7 @@ from streamproc.config import Config, load_config
 from streamproc.errors import ConfigError, KmsError, PolicyError, SchemaError, TransientError
 from streamproc.observability import Observer
 from streamproc.runtime.backoff import Backoff
+from streamproc.runtime.consent import ConsentUnavailable
 from streamproc.runtime.factory import build_audit, build_kms, build_pipeline, build_schemas
 from streamproc.runtime.supervisor import Supervisor
 from streamproc.runtime.worker import (
@@ -93,6 +94,11 @@ def run_worker(
             # restart will not fix it.  KMS messages name key ids only.
             raise ConfigError(f"pseudonym secret: {exc}") from None
     lineage = _lineage(config, pipeline)  # before the audit trail: a bad transport is exit 78
+    try:
+        consent = start_consent_table(config, pipeline)  # restored before anything is consumed
+    except ConsentUnavailable as exc:
+        log.error("fatal: %s", exc)
+        return EXIT_FATAL
     instance = instance or default_instance()
     try:
         audit = build_audit(
@@ -105,15 +111,22 @@ def run_worker(
             else str(exc)
         )
         log.error("fatal: audit log unavailable: %s", what)
+        if consent is not None:
+            consent.stop()
         return EXIT_FATAL
     worker = Worker(
         config, pipeline, index=index, instance=instance, observer=observer, audit=audit
     )
+    if consent is not None:
+        consent.on_failure = lambda _exc: worker.stop()  # never process on a stale table
+        consent.start()
     if install_signals:
         worker.install_signal_handlers()
         if stop.is_set():
             if audit is not None:
                 audit.abandon()
+            if consent is not None:
+                consent.stop()
             return EXIT_OK
     monitor_stop = start_retention_monitor(config, pipeline.policy, observer)
     if lineage is not None:
@@ -121,9 +134,13 @@ def run_worker(
     code = EXIT_FATAL
     try:
         code = worker.run()
+        if consent is not None and consent.failed is not None and code == EXIT_OK:
+            code = EXIT_FATAL
         return code
     finally:
         monitor_stop.set()
+        if consent is not None:
+            consent.stop()
         if lineage is not None:
             lineage.finish(code == EXIT_OK)
             lineage.close()
@@ -143,6 +160,34 @@ def _lineage(config: Config, pipeline: Any) -> Any:
     if emitter is not None:
         pipeline.on_compile = emitter.plan_compiled
     return emitter
+
+
+def start_consent_table(config: Config, pipeline: Any) -> Any:
+    """With ``consent:``, the restored :class:`~streamproc.runtime.consent.ConsentTable`,
+    installed in the pipeline as its :class:`~streamproc.pipeline.consent.ConsentGate`.
+
+    The table is read to the end of the topic here, before the worker exists, so no record
+    is evaluated against a partial table; the caller starts its follower thread.  ``None``
+    without ``consent:`` (then the policy declares no purposes: config validation).
+    """
+    if config.consent is None:
+        return None
+    from streamproc.pipeline.consent import ConsentGate
+    from streamproc.runtime.consent import ConsentTable, KafkaConsentSource
+
+    if pipeline.keys is None:
+        raise ConfigError("consent: the policy needs keys.pseudonym (subject tokens derive from it)")
+    cc = config.consent
+    source = KafkaConsentSource(config.consumer_config(), cc.topic)
+    table = ConsentTable(source, topic=cc.topic)
+    try:
+        table.restore(cc.restore_timeout_seconds)
+    except BaseException:
+        source.close()
+        raise
+    pipeline.consent = ConsentGate(pipeline.policy, table.state, pipeline.keys, cc.domain)
+    pipeline.reset_plans()  # plans carry their consent check: none may predate the gate
+    return table
 
 
 def start_retention_monitor(config: Config, policy: Any, observer: Observer) -> threading.Event:

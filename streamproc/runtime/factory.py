@@ -23,6 +23,7 @@ from streamproc.audit import (
     ATTRIBUTE_RULES,
     AuditError,
     AuditLog,
+    ConsentWithheld,
     DeadLetterBurstDetector,
     open_log,
 )
@@ -212,6 +213,7 @@ class WorkerAudit:
     * :meth:`after_batch`: ``key_revocation_seen`` for each revoked key version met
       (deduplicated per version by :class:`~streamproc.audit.AuditLog`) and
       ``dead_letter_burst`` through a :class:`~streamproc.audit.DeadLetterBurstDetector`;
+    * :meth:`withheld`: ``consent_withheld`` counts per (audience, reason) of a batch;
     * :meth:`anomaly`: an ``anomaly`` event per finding of the in-process detector;
     * :meth:`stopped`: ``processor_stopped``, then the sinks are closed (flushed, fsynced).
 
@@ -298,6 +300,20 @@ class WorkerAudit:
             self._call(
                 "dead_letter_burst", functools.partial(self.burst.observe, reason, safe_topic, n)
             )
+
+    def withheld(self, counts: Mapping[tuple[str, str], int], policy: Policy) -> None:
+        """One ``consent_withheld`` event per (audience, reason) of a batch: counts only
+        (called before the batch is committed, like :meth:`after_batch`)."""
+        for (audience, reason), n in sorted(counts.items()):
+            purpose = policy.audiences[audience].purpose if audience in policy.audiences else None
+            event = ConsentWithheld(
+                audience=_audit_safe("audience", audience),
+                purpose=_audit_safe("purpose", purpose),
+                reason=_audit_safe("reason", reason),
+                count=n,
+                policy_version=policy.version,
+            )
+            self._call("consent_withheld", functools.partial(self.log.emit, event))
 
     def anomaly(self, a: Any) -> None:
         """An :class:`~streamproc.observability.anomaly.Anomaly` of the in-process detector."""

@@ -11,6 +11,11 @@ Retention is the exception: it is policy (:mod:`streamproc.runtime.retention`). 
 governed topic is created with, and an existing one is altered to, the ``retention.ms``
 the policy and config call for; a config that would keep data longer than the policy
 allows is refused before anything is created.
+
+The consent topic (``consent.topic``) is created with ``cleanup.policy=compact``: it is a
+table (the last record per subject and purpose is the state), and a withdrawal that
+expired by age would turn back into "no record", i.e. into consent-by-default for the
+opt-out bases.
 """
 
 from __future__ import annotations
@@ -80,6 +85,11 @@ def apply_topics(
         conf = dict(s.config)
         if t in retention:
             conf[RETENTION_MS] = str(retention[t])
+        if config.consent is not None and t == config.consent.topic:
+            # The consent table: the last record per key is the state (KTable), so the
+            # topic is compacted, never deleted by age (a withdrawal must not expire).
+            conf["cleanup.policy"] = "compact"
+            conf.pop(RETENTION_MS, None)
         new.append(NewTopic(t, num_partitions=parts, replication_factor=rf, config=conf))
     if new:
         futures = admin.create_topics(new, operation_timeout=timeout, request_timeout=timeout)

@@ -461,6 +461,8 @@ class Worker:
         if self.audit is not None and result.quarantined:
             # Audited before committed: if the write fails (fatal), the batch is redone.
             self.audit.after_batch(result.quarantined)
+        if self.audit is not None and result.stats.withheld:  # consent: counts only, audited before commit
+            self.audit.withheld(result.stats.withheld, self.pipeline.policy)
         assert self.checkpoint is not None
         try:
             self.checkpoint.commit(self._out_records(result), batch.last, self._owned)

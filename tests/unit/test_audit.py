@@ -656,6 +656,7 @@ def test_helpers_cover_every_event_type() -> None:
     log.emit(EventType.SECRET_IMPORTED, {"kms": "aws", "key_id": "pseudonym-master", "count": 2})
     log.source_topic_read(actor="alice", topic="orders", reason="INC-1", outcome="success", count=3)
     log.emit(EventType.PROVENANCE_RESOLVED, {"audiences": ["analytics"], "count": 2, "outcome": "success"})
+    log.emit(EventType.CONSENT_WITHHELD, {"audience": "analytics", "purpose": "marketing", "reason": "withdrawn", "count": 2})
     assert {e["type"] for e in sink.events()} == {t.value for t in EventType}
     assert verify(sink.lines).ok
 

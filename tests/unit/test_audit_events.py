@@ -57,6 +57,7 @@ EXPECTED: dict[str, set[str]] = {
     "secret_imported": {"kms", "key_id", "version", "count", "outcome", "error"},
     "source_topic_read": {"topic", "reason", "outcome", "count", "error"},
     "provenance_resolved": {"audiences", "reason", "outcome", "count", "error"},
+    "consent_withheld": {"audience", "purpose", "reason", "count"},
 }
 
 
