@@ -29,6 +29,7 @@ _COMMANDS = [
     ("streamproc.cli.policy", "policy"),
     ("streamproc.cli.catalog", "catalog"),
     ("streamproc.cli.consent", "consent"),
+    ("streamproc.cli.risk", "risk"),
     ("streamproc.cli.reidentify", "reidentify"),
     ("streamproc.cli.provenance", "provenance"),
     ("streamproc.cli.audit", "audit"),

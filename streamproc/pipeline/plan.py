@@ -338,14 +338,10 @@ def _to_null(_value: Any) -> None:
     return None
 
 
-#: Why a policy with ``budget:`` or ``risk:`` is refused when its plans compile (fail closed):
-#: the accountant and the risk window exist (streamproc.privacy) but the runtime does not
-#: yet keep the accountant's changelog or measure outputs, and a budget nobody enforces,
-#: or a k nobody measures, would be a promise the processor silently breaks.
-NOT_YET_ENFORCED = {
-    "budget": "per-subject budgets are not enforced by this version (the accountant's changelog is not wired)",
-    "risk": "risk targets are not measured by this version (the output risk window is not wired)",
-}
+#: Why a policy with ``budget:`` is refused when its plans compile (fail closed): the
+#: accountant exists (streamproc.privacy.budget) but the runtime does not yet keep its
+#: changelog, and a budget nobody enforces would be a promise silently broken.
+NOT_YET_ENFORCED = "per-subject budgets are not enforced by this version (the accountant's changelog is not wired)"
 
 
 def subject_of(schema: AvroType, audience: Audience) -> Field | None:
@@ -371,9 +367,8 @@ def subject_of(schema: AvroType, audience: Audience) -> Field | None:
 def build_plan(schema: AvroType, audience: Audience, keys: PseudonymKeys | None) -> Plan:
     if not isinstance(schema, Record):
         raise PolicyError("streamproc processes record schemas only")
-    for setting in ("budget", "risk"):
-        if getattr(audience, setting) is not None:
-            raise PolicyError(f"audience {audience.name!r}: '{setting}': {NOT_YET_ENFORCED[setting]}")
+    if audience.budget is not None:
+        raise PolicyError(f"audience {audience.name!r}: 'budget': {NOT_YET_ENFORCED}")
     b = _Builder(audience, keys, schema)
     root = b.record(schema, "")
     subject = None
