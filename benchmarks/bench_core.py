@@ -271,8 +271,8 @@ def run_seal(s: Setup, n: int, batch: int) -> int:
     return done
 
 
-#: Extra rules on audience a1 for the differential-privacy cases: ``amount_cents`` (long)
-#: and ``channel`` (enum) get one more tag each, so the DP rule (stricter than PUBLIC's
+#: Extra rules on audience a1 for the differential-privacy cases: ``amount_cents`` (long),
+#: ``channel`` (enum) and ``shipping.express`` (boolean) get one more tag each, so the DP rule (stricter than PUBLIC's
 #: keep) governs them; everything else is plan (b).  The difference to (b) is the per-record
 #: cost of the operator.
 DP_CASES: dict[str, dict[str, Any]] = {
@@ -280,6 +280,7 @@ DP_CASES: dict[str, dict[str, Any]] = {
     "plan_dp_gaussian": {"AMOUNT": {"op": "dp_noise", "mechanism": "gaussian", "epsilon": 1.0, "delta": 1e-6,
                                     "bounds": [0, 100_000]}},
     "plan_rr": {"CHANNEL": {"op": "randomized_response", "epsilon": 1.0}},
+    "plan_rr_bool": {"EXPRESS": {"op": "randomized_response", "epsilon": 1.0}},
 }
 _DP_FNS: dict[tuple[int, str], Callable[[bytes], list[bytes]]] = {}
 
@@ -300,6 +301,10 @@ def dp_plan_fn(name: str, s: Setup) -> Callable[[bytes], list[bytes]]:
         for f in schema["fields"]:
             if f["name"] in extra:
                 f["confluent:tags"] = [*f["confluent:tags"], extra[f["name"]]]
+            if f["name"] == "shipping":  # shipping.express (boolean), inside a PUBLIC record
+                for g in f["type"]["fields"]:
+                    if g["name"] == "express":
+                        g["confluent:tags"] = ["EXPRESS"]
         raw = yaml.safe_load(POLICY_FILE.read_text())
         raw["audiences"]["a1"]["tags"].update(DP_CASES[name])
         node = avro.parse(schema)
@@ -353,6 +358,7 @@ CASES: dict[str, tuple[str, Callable[[Setup, int, int], int]]] = {
     "plan_dp_laplace": ("(b) + dp_noise laplace (long)", lambda s, n, b: run_dp("plan_dp_laplace", s, n, b)),
     "plan_dp_gaussian": ("(b) + dp_noise gaussian (long)", lambda s, n, b: run_dp("plan_dp_gaussian", s, n, b)),
     "plan_rr": ("(b) + randomized_response (enum)", lambda s, n, b: run_dp("plan_rr", s, n, b)),
+    "plan_rr_bool": ("(b) + randomized_response (boolean)", lambda s, n, b: run_dp("plan_rr_bool", s, n, b)),
     "risk": ("    component: RiskWindow.add (3 QIs, l)", run_risk),
 }
 

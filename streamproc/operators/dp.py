@@ -324,8 +324,8 @@ def build_responder(params: Mapping[str, Any], t: AvroType) -> Callable[[Any], A
     applied to the constant ``0``/``False`` (one library call, through
     ``make_composition``): k-ary randomized response is *shift-invariant*, ``RR(x)`` has
     the law of ``(x + RR(0)) mod k`` (keep with probability p, otherwise each other value
-    with (1 - p)/(k - 1)), and for booleans ``RR(x) = x XOR RR(False)``.  The pooled
-    draws never see data; each is used once.
+    with (1 - p)/(k - 1)), and for booleans ``RR(x) = x XOR flip`` with flips drawn by
+    :func:`_bit_flips`.  The pooled draws never see data; each is used once.
     """
     dp = _dp()
     eps = float(params["epsilon"])
@@ -357,15 +357,53 @@ def build_responder(params: Mapping[str, Any], t: AvroType) -> Callable[[Any], A
             lambda q: dp.m.make_randomized_response_bool(q), d_in=1, d_out=eps, bounds=(0.5, 1.0 - 1e-12)
         )
     )
-    flips_batch = dp.c.make_composition([dp.m.make_randomized_response_bool(p)] * POOL)
     flips: list[bool] = []
+    refill = _bit_flips(dp, 1.0 - p, eps, flips)
+    if refill is None:
+        flips_batch = dp.c.make_composition([dp.m.make_randomized_response_bool(p)] * POOL)
+
+        def refill_composed() -> None:
+            flips.extend(flips_batch(False))
+
+        refill = refill_composed
 
     def respond_bool(v: bool) -> bool:
         try:
             f = flips.pop()
         except IndexError:
-            flips.extend(flips_batch(False))
+            refill()
             f = flips.pop()
         return v != f  # v XOR flip
 
     return respond_bool
+
+
+_BITS = [tuple(bool(b >> i & 1) for i in range(8)) for b in range(256)]
+
+
+def _bit_flips(dp: Any, q: float, eps: float, flips: list[bool]) -> Callable[[], None] | None:
+    """A refill of ``flips`` with Bernoulli(q) bits from OpenDP's bit-vector randomized
+    response (RAPPOR's, ``make_randomized_response_bitvec``) on a zero vector: 8 192 flips
+    per call at well under a microsecond each, against ~20 µs through
+    ``make_composition``.  That mechanism randomizes each bit with probability ``f``,
+    i.e. flips it with probability ``f / 2``, so ``f = 2q``.  The semantics is checked
+    against OpenDP's own privacy map (neighbouring vectors of weight <= 1 differ in two
+    bits, so the map is twice the per-bit epsilon, ``ln((1-q)/q)``); if the map does not
+    say the per-bit release is within ``eps``, ``None`` is returned and the caller uses
+    the composed boolean measurement instead.
+    """
+    try:
+        m = dp.m.make_randomized_response_bitvec(dp.bitvector_domain(max_weight=1), dp.discrete_distance(), f=2 * q)
+        per_bit = float(m.map(1)) / 2
+    except Exception:  # an OpenDP without the bit-vector mechanism, or refusing these parameters
+        return None
+    if not per_bit <= eps * (1 + 1e-9):
+        return None
+    zeros = bytes(8 * POOL // 8)
+
+    def refill() -> None:
+        bits = _BITS
+        for byte in m(zeros):
+            flips.extend(bits[byte])
+
+    return refill

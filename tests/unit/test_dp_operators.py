@@ -402,3 +402,20 @@ def test_containers_noise_every_element_in_both_implementations(rec: dict[str, A
                    for key, v in out["counts"].items())
         assert (out["level"] is None) == (rec["level"] is None)
         assert out["level"] in (None, "LO", "MID", "HI")
+
+
+@pytest.mark.parametrize("eps", [0.1, 2.5])
+def test_boolean_flips_come_from_opendp_bitvector_rr_at_the_right_rate(eps: float) -> None:
+    """Booleans take the fast path (OpenDP's bit-vector randomized response, checked
+    against its privacy map), and the keep rate is e^eps/(e^eps+1) there too."""
+    import opendp.prelude as dp
+
+    from streamproc.operators.dp import _bit_flips
+
+    dp.enable_features("contrib")
+    q = 1 / (math.exp(eps) + 1)
+    assert _bit_flips(dp, q, eps, []) is not None
+    assert _bit_flips(dp, q, eps * 0.9, []) is None  # the map says it would exceed: refused
+    n = 40_000
+    out = draws(plan_for({"SMOKER": {"op": "randomized_response", "epsilon": eps}}), "smoker", n, smoker=True)
+    assert stats.binomtest(out.count(True), n, 1 - q).pvalue > ALPHA
