@@ -21,6 +21,7 @@ opt-out bases.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaError, KafkaException
@@ -106,6 +107,7 @@ def apply_topics(
                 nt.topic, status, nt.num_partitions, nt.replication_factor
             )
             log.info("topic %s", status, extra={"topic": nt.topic, "partitions": nt.num_partitions})
+        _wait_for_leaders(admin, [nt.topic for nt in new], timeout)
     _align_retention(admin, results, retention, timeout)
     return [results[t] for t in wanted]
 
@@ -123,6 +125,34 @@ def _align_retention(
         note = ", ".join(x for x in (r.note, f"retention.ms set to {ms}") if x)
         results[t] = TopicResult(t, r.status, r.partitions, r.replication_factor, note)
         log.info("topic retention set", extra={"topic": t, "retention_ms": ms})
+
+
+def _wait_for_leaders(admin: AdminClient, topics: list[str], timeout: float) -> None:
+    """Return once every partition of ``topics`` has a leader in the broker's metadata.
+
+    A CreateTopics reply means the controller accepted the topics; on Apache Kafka (KRaft)
+    the brokers learn the partition leaders a moment later, and a client that reads or
+    writes in between gets NOT_LEADER_FOR_PARTITION / UNKNOWN_TOPIC errors.  ``topics
+    apply`` is followed by producers and workers, so it returns only once they can work.
+    """
+    deadline = time.monotonic() + timeout
+    pending = set(topics)
+    while pending:
+        md = admin.list_topics(timeout=max(1.0, deadline - time.monotonic())).topics
+        for t in list(pending):
+            meta = md.get(t)
+            if (
+                meta is not None
+                and meta.error is None
+                and meta.partitions
+                and all(p.leader >= 0 and p.error is None for p in meta.partitions.values())
+            ):
+                pending.discard(t)
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"topics without partition leaders after {timeout:.0f}s: {sorted(pending)}")
+        time.sleep(0.1)
 
 
 __all__ = ["TopicResult", "apply_topics"]

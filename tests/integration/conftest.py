@@ -1,17 +1,25 @@
 """Fixtures for integration tests against a real Kafka-protocol broker.
 
-Which broker (session-scoped ``kafka_bootstrap``), first match wins:
+Which broker (session-scoped ``kafka_broker`` / ``kafka_bootstrap``) is chosen by
+``STREAMPROC_TEST_BROKER``:
 
-1. ``STREAMPROC_TEST_BOOTSTRAP=host:port`` -- an external cluster you started.  Set
-   ``STREAMPROC_TEST_BROKER=tansu`` if it is a Tansu broker (default: real Kafka).
-2. testcontainers' ``KafkaContainer`` when a Docker engine answers ``docker info`` within
-   a few seconds (the ``docker`` CLI alone is not enough: no engine, no container).
-3. Tansu via :class:`streamproc.devbroker.DevBroker` on a free 127.0.0.1 port, stopped at
-   session end.
+* ``kafka`` -- Apache Kafka from Maven Central (``scripts/kafka/fetch.sh``), started by
+  :class:`streamproc.devkafka.KafkaBroker` on free 127.0.0.1 ports and stopped at session
+  end.  The default whenever the jars and a ``java`` are present.
+* ``tansu`` -- Tansu via :class:`streamproc.devbroker.DevBroker` (the demo's broker).
+* ``external`` -- a cluster you started, at ``STREAMPROC_TEST_BOOTSTRAP=host:port``
+  (``STREAMPROC_TEST_BROKER_KIND=tansu`` if it is a Tansu broker; default real Kafka).
+* ``docker`` -- testcontainers' ``KafkaContainer`` (needs a Docker engine).
+
+Unset: ``kafka`` if its jars are present, else ``docker`` if a Docker engine answers, else
+``tansu``.  For compatibility, ``STREAMPROC_TEST_BOOTSTRAP`` alone means ``external``
+(and ``STREAMPROC_TEST_BROKER=tansu`` next to it means an external Tansu).
 
 ``broker_is_tansu`` tells tests which guarantees the broker can prove: Tansu shows records
 of aborted transactions to read_committed consumers, so exactly-once tests assert zero
-*loss* there and only *report* duplicates (docs/testing.md).
+*loss* there and only *report* duplicates; on Kafka they assert zero duplicates
+(docs/testing.md).  ``kafka_broker.server`` is the :class:`KafkaBroker` object when this
+session started one (tests that need a broker of their own start another).
 
 Helpers (plain functions and classes, importable from this module) build a temporary
 workspace -- keyring (0600), schemas, policy, config with uuid-suffixed topic names --
@@ -53,7 +61,32 @@ CLIENT_DEFAULTS = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000}
 class Broker:
     bootstrap: str
     kind: str  # "tansu" | "kafka"
-    origin: str  # "external" | "testcontainers" | "devbroker"
+    origin: str  # "external" | "testcontainers" | "devbroker" | "maven"
+    server: Any = None  # the KafkaBroker when origin == "maven"
+
+
+BROKER_CHOICES = ("kafka", "tansu", "external", "docker")
+
+
+def selected_broker() -> str:
+    """The broker this session runs on (see the module docstring), or a usage error."""
+    choice = os.environ.get("STREAMPROC_TEST_BROKER", "").strip().lower()
+    external = os.environ.get("STREAMPROC_TEST_BOOTSTRAP", "").strip()
+    if external and choice in ("", "tansu"):
+        return "external"
+    if choice:
+        if choice not in BROKER_CHOICES:
+            raise pytest.UsageError(
+                f"STREAMPROC_TEST_BROKER={choice!r}: choose one of {', '.join(BROKER_CHOICES)}"
+            )
+        return choice
+    from streamproc.devkafka import kafka_available
+
+    if kafka_available()[0]:
+        return "kafka"
+    if docker_engine_available()[0]:
+        return "docker"
+    return "tansu"
 
 
 def docker_engine_available(timeout: float = 5.0) -> tuple[bool, str]:
@@ -93,24 +126,47 @@ def _kafka_container() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def kafka_broker() -> Iterator[Broker]:
-    external = os.environ.get("STREAMPROC_TEST_BOOTSTRAP")
-    if external:
-        kind = os.environ.get("STREAMPROC_TEST_BROKER", "kafka").lower()
-        yield Broker(external, "tansu" if kind == "tansu" else "kafka", "external")
+    choice = selected_broker()
+    if choice == "external":
+        bootstrap = os.environ.get("STREAMPROC_TEST_BOOTSTRAP", "").strip()
+        if not bootstrap:
+            raise pytest.UsageError("STREAMPROC_TEST_BROKER=external needs STREAMPROC_TEST_BOOTSTRAP")
+        kind = (
+            os.environ.get("STREAMPROC_TEST_BROKER_KIND")
+            or os.environ.get("STREAMPROC_TEST_BROKER", "kafka")
+        ).lower()
+        yield Broker(bootstrap, "tansu" if kind == "tansu" else "kafka", "external")
         return
-    ok, _ = docker_engine_available()
-    if ok:
+    if choice == "docker":
+        ok, reason = docker_engine_available()
+        if not ok:
+            pytest.fail(f"STREAMPROC_TEST_BROKER=docker: {reason}")
         with _kafka_container() as bootstrap:
             yield Broker(bootstrap, "kafka", "testcontainers")
+        return
+    if choice == "kafka":
+        from streamproc.devkafka import KafkaBroker, kafka_available
+
+        ok, reason = kafka_available()
+        if not ok:
+            pytest.fail(f"STREAMPROC_TEST_BROKER=kafka: {reason}")
+        server = KafkaBroker()
+        try:
+            server.start()
+        except (OSError, RuntimeError, TimeoutError) as exc:
+            server.cleanup()
+            pytest.fail(f"Apache Kafka did not start: {exc}")
+        try:
+            yield Broker(server.bootstrap, "kafka", "maven", server)
+        finally:
+            server.cleanup()
         return
     from streamproc.devbroker import DevBroker
 
     try:
         broker = DevBroker().start()
     except (OSError, RuntimeError, TimeoutError, ImportError) as exc:
-        pytest.skip(
-            f"no broker: no STREAMPROC_TEST_BOOTSTRAP, no Docker engine, and Tansu failed ({exc})"
-        )
+        pytest.skip(f"no broker: Tansu failed to start ({exc})")
     try:
         yield Broker(broker.bootstrap, "tansu", "devbroker")
     finally:
