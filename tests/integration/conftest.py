@@ -582,7 +582,26 @@ class Watermarks:
             self._parts += [TopicPartition(t, p) for p in md.partitions]
 
     def total(self) -> int:
-        return sum(max(0, self._c.get_watermark_offsets(tp, timeout=5)[1]) for tp in self._parts)
+        return sum(max(0, self._high(tp)) for tp in self._parts)
+
+    def _high(self, tp: Any, timeout: float = 15.0) -> int:
+        """High watermark, retrying retriable errors (a just-created partition on Kafka
+        answers NOT_LEADER_FOR_PARTITION until its leader has loaded it, and a restarted
+        broker refuses connections for a moment)."""
+        from confluent_kafka import KafkaError, KafkaException
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return int(self._c.get_watermark_offsets(tp, timeout=5)[1])
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args else None
+                retriable = getattr(err, "retriable", lambda: False)() or getattr(
+                    err, "code", lambda: None
+                )() in (KafkaError._TRANSPORT, KafkaError._TIMED_OUT, KafkaError.NOT_LEADER_FOR_PARTITION)
+                if not retriable or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
 
     def close(self) -> None:
         self._c.close()

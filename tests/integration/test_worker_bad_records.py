@@ -65,6 +65,7 @@ def _bad_records(ws: Any, tmp_path: Any) -> list[tuple[bytes, bytes, Reason]]:
     ]
 
 
+@pytest.mark.tansu_smoke
 def test_bad_records_go_to_the_dlq_and_the_worker_carries_on(
     workspace_factory: Any, workers: list[WorkerProcess], tmp_path: Any
 ) -> None:

@@ -102,6 +102,7 @@ def run_crash_scenario(
     return missing, dups, out
 
 
+@pytest.mark.tansu_smoke
 def test_sigkill_three_times_loses_nothing(
     workspace_factory: Any, workers: list[WorkerProcess], broker_is_tansu: bool, request: Any
 ) -> None:

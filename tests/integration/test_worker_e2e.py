@@ -147,6 +147,7 @@ def _source_inputs(
     return {(r.partition, r.offset): (r.key, opener.decode(r.topic, r.value)) for r in recs}
 
 
+@pytest.mark.tansu_smoke
 def test_orders_and_logins_end_to_end(workspace_factory: Any, workers: list[WorkerProcess]) -> None:
     ws = workspace_factory()
     produce_events(ws, "orders", N, seed=1)
