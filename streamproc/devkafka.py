@@ -296,7 +296,10 @@ class KafkaBroker:
     def _format(self, timeout: float) -> None:
         args = ["format", "-t", _cluster_id(), "-c", str(self._props), "--ignore-formatted"]
         if self.security == "sasl_ssl":
-            args += ["--add-scram", f"{SCRAM_MECHANISM}=[name={ADMIN_USER},password={self.admin_password}]"]
+            args += [
+                "--add-scram",
+                f"{SCRAM_MECHANISM}=[name={ADMIN_USER},password={self.admin_password}]",
+            ]
         with open(self.log_path, "ab") as log:
             r = subprocess.run(
                 self._java("kafka.tools.StorageTool", *args, heap="256m"),

@@ -74,7 +74,9 @@ class IssuedCert:
         """Key + chain in one PEM file (Kafka's ``ssl.keystore.type=PEM`` layout), mode 0600."""
         return _write_private(Path(path), self.key_pem + self.chain_pem)
 
-    def write_pair(self, cert_path: str | os.PathLike[str], key_path: str | os.PathLike[str]) -> tuple[Path, Path]:
+    def write_pair(
+        self, cert_path: str | os.PathLike[str], key_path: str | os.PathLike[str]
+    ) -> tuple[Path, Path]:
         """Chain and key as two files (the layout OpenBao, nginx and friends want)."""
         cp = Path(cert_path)
         cp.parent.mkdir(parents=True, exist_ok=True)
@@ -100,9 +102,15 @@ class DevCA:
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=True, content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                    crl_sign=True, encipher_only=False, decipher_only=False,
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )
@@ -140,8 +148,14 @@ class DevCA:
                 sans.append(x509.IPAddress(ipaddress.ip_address(h)))
             except ValueError:
                 sans.append(x509.DNSName(h))
-        usages = [u for u, on in ((ExtendedKeyUsageOID.SERVER_AUTH, server),
-                                  (ExtendedKeyUsageOID.CLIENT_AUTH, client)) if on]
+        usages = [
+            u
+            for u, on in (
+                (ExtendedKeyUsageOID.SERVER_AUTH, server),
+                (ExtendedKeyUsageOID.CLIENT_AUTH, client),
+            )
+            if on
+        ]
         builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
@@ -153,9 +167,15 @@ class DevCA:
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=True, content_commitment=False, key_encipherment=True,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                    crl_sign=False, encipher_only=False, decipher_only=False,
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=True,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )

@@ -429,7 +429,9 @@ class Ticker:
         self.produced = Produced(ws.topic(source), {}, {}, {})
         self.sent = 0
         self._seed = seed
+        self.flush_timeout = 30.0
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._stop = threading.Event()
         self.error: BaseException | None = None
 
     def start(self) -> Ticker:
@@ -445,7 +447,7 @@ class Ticker:
             p = producer(self.ws.bootstrap)
             t0 = time.monotonic()
             chunk = max(1, int(self.rate / 20))
-            while self.sent < self.total:
+            while self.sent < self.total and not self._stop.is_set():
                 recs = list(gen.events(GEN_KIND[self.source], min(chunk, self.total - self.sent)))
                 for r, v in zip(recs, sealer.seal_many(recs), strict=True):
 
@@ -467,16 +469,21 @@ class Ticker:
                 wait = t0 + self.sent / self.rate - time.monotonic()
                 if wait > 0:
                     time.sleep(wait)
-            assert p.flush(30) == 0
+            assert p.flush(self.flush_timeout) == 0
         except BaseException as exc:  # surfaced by join()
             self.error = exc
+
+    def stop(self) -> None:
+        """Stop after the current chunk (``join`` then checks what was sent was delivered)."""
+        self._stop.set()
 
     def join(self, timeout: float = 60) -> Produced:
         self._thread.join(timeout)
         assert not self._thread.is_alive(), "producer thread did not finish"
         if self.error is not None:
             raise self.error
-        assert len(self.produced.records) == self.total
+        assert len(self.produced.records) == self.sent
+        assert self._stop.is_set() or self.sent == self.total
         return self.produced
 
 
@@ -519,6 +526,7 @@ def read_topics(
     until: Callable[[dict[str, list[Rec]]], bool] | None = None,
     timeout: float = 30.0,
     idle: float = 1.5,
+    isolation: str = "read_committed",
 ) -> dict[str, list[Rec]]:
     """Read every partition of ``topics`` from the beginning (read_committed, no group).
 
@@ -532,7 +540,7 @@ def read_topics(
             "bootstrap.servers": bootstrap,
             "group.id": f"reader-{uuid.uuid4().hex[:8]}",
             "enable.auto.commit": False,
-            "isolation.level": "read_committed",
+            "isolation.level": isolation,
         }
     )
     out: dict[str, list[Rec]] = {t: [] for t in topics}
