@@ -5,9 +5,13 @@ Usage::
     python benchmarks/bench_e2e.py [--records M] [--repeat R] [--cases NAME,...] [--pin]
                                    [--partitions P] [--batch B] [--no-metrics]
                                    [--producer K=V ...] [--consumer K=V ...]
+                                   [--broker tansu|kafka] [--security plaintext|sasl_ssl]
                                    [--bootstrap HOST:PORT] [--json out.json]
 
-On one fresh local Tansu (:class:`streamproc.devbroker.DevBroker`), or ``--bootstrap``:
+On one fresh local broker -- Tansu (:class:`streamproc.devbroker.DevBroker`, the default)
+or Apache Kafka (``--broker kafka``: :class:`streamproc.devkafka.KafkaBroker`, from the
+jars ``scripts/kafka/fetch.sh`` fetches; ``--security sasl_ssl`` puts every client on
+SCRAM-SHA-512 over TLS) -- or ``--bootstrap``:
 
 1. ``M`` sealed reference records (``benchmarks/reference.avsc``, ``--distinct`` seeded
    Faker records from ``bench_core.make_records`` cycled, sealed with
@@ -197,7 +201,7 @@ class Bench:
         """A streamproc config for one run: fresh group, destinations and DLQ."""
         auds = AUDIENCES[: case.audiences]
         cfg = {
-            "kafka": {"bootstrap.servers": self.bootstrap},
+            "kafka": client_conf(self.bootstrap),
             "consumer": {**CLIENT_DEFAULTS, **self.consumer},
             "producer": dict(self.producer),
             "group_id": f"e2e-{suffix}",
@@ -227,6 +231,15 @@ class Bench:
         return path
 
 
+#: Security settings of the broker under test (SASL_SSL on ``--broker kafka --security
+#: sasl_ssl``), merged into every client this script and its subprocesses build.
+CLIENT_SECURITY: dict[str, Any] = {}
+
+
+def client_conf(bootstrap: str) -> dict[str, Any]:
+    return {"bootstrap.servers": bootstrap, **CLIENT_SECURITY}
+
+
 def free_port() -> int:
     from streamproc.devbroker import free_port as fp
 
@@ -252,7 +265,7 @@ def make_bench(root: Path, bootstrap: str, partitions: int, records: int) -> Ben
 def create_topics(bootstrap: str, topics: Sequence[str], partitions: int) -> None:
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(client_conf(bootstrap))
     futures = admin.create_topics(
         [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in topics],
         operation_timeout=30,
@@ -269,7 +282,7 @@ def delete_topics(bootstrap: str, topics: Sequence[str]) -> None:
     from confluent_kafka.admin import AdminClient
 
     with contextlib.suppress(Exception):  # a broker without DeleteTopics keeps them
-        futures = AdminClient({"bootstrap.servers": bootstrap}).delete_topics(
+        futures = AdminClient(client_conf(bootstrap)).delete_topics(
             list(topics), operation_timeout=30
         )
         for f in futures.values():
@@ -308,7 +321,7 @@ def produce_source(bench: Bench, distinct: int, seed: int = 7) -> float:
     keys = [r["order_id"].encode() for r in originals]
     p = Producer(
         {
-            "bootstrap.servers": bench.bootstrap,
+            **client_conf(bench.bootstrap),
             "enable.idempotence": True,
             "linger.ms": 20,
             "queue.buffering.max.messages": 500_000,
@@ -351,7 +364,7 @@ def count_records(bootstrap: str, topics: Sequence[str], timeout: float = 120.0)
 
     c = Consumer(
         {
-            "bootstrap.servers": bootstrap,
+            **client_conf(bootstrap),
             "group.id": f"cnt-{uuid.uuid4().hex[:8]}",
             "enable.auto.commit": False,
             "isolation.level": "read_committed",
@@ -469,7 +482,7 @@ def run_case(bench: Bench, case: Case, *, timeout: float = 600.0, pin: int | Non
     create_topics(bench.bootstrap, [*dests, dlq], bench.partitions)
     group = f"e2e-{suffix}"
     probe = Consumer(
-        {"bootstrap.servers": bench.bootstrap, "group.id": group, "enable.auto.commit": False}
+        {**client_conf(bench.bootstrap), "group.id": group, "enable.auto.commit": False}
     )
     src_tps = [TopicPartition(bench.source, p) for p in range(bench.partitions)]
     dst_tps = [TopicPartition(d, p) for d in dests for p in range(bench.partitions)]
@@ -780,6 +793,8 @@ def run_bench(
     partitions: int = 3,
     distinct: int = 2000,
     bootstrap: str | None = None,
+    broker_kind: str = "tansu",
+    security: str = "plaintext",
     pin: bool = False,
     batch: dict[str, int] | None = None,
     producer: dict[str, Any] | None = None,
@@ -789,28 +804,43 @@ def run_bench(
     root: Path | None = None,
     progress: Callable[[str], None] = print,
 ) -> tuple[dict[str, Result], dict[str, Any]]:
-    """Start a broker (unless ``bootstrap``), produce the source, run the cases."""
+    """Start a broker (unless ``bootstrap``), produce the source, run the cases.
+
+    ``broker_kind``: ``tansu`` (:class:`~streamproc.devbroker.DevBroker`) or ``kafka``
+    (Apache Kafka, :class:`~streamproc.devkafka.KafkaBroker`, PLAINTEXT or ``security=
+    "sasl_ssl"``: SCRAM-SHA-512 over TLS with hostname verification, every client too).
+    """
     from streamproc.devbroker import DevBroker
+    from streamproc.devkafka import KafkaBroker
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-e2e-")) if root is None else root
     tmp.mkdir(parents=True, exist_ok=True)
-    broker = None
+    broker: Any = None
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     worker_cpu = cpus[-1] if pin and len(cpus) >= 2 else None
     try:
+        broker_pid: int | None = None
         if bootstrap is None:
-            broker = DevBroker(log_path=tmp / "tansu.log").start()
+            if broker_kind == "kafka":
+                kafka = KafkaBroker(tmp / "kafka", security=security)  # type: ignore[arg-type]
+                broker = kafka.start()
+                broker_pid = kafka.pid
+                CLIENT_SECURITY.clear()
+                CLIENT_SECURITY.update(
+                    {k: v for k, v in kafka.client_config().items() if k != "bootstrap.servers"}
+                )
+            else:
+                tansu = DevBroker(log_path=tmp / "tansu.log").start()
+                broker = tansu
+                broker_pid = tansu._proc.pid if tansu._proc is not None else None
             bootstrap = broker.bootstrap
-            if (
-                worker_cpu is not None and broker._proc is not None
-            ):  # broker and harness on the other CPUs
+            if worker_cpu is not None and broker_pid is not None:
+                # broker and harness on the other CPUs
                 others = [c for c in cpus if c != worker_cpu]
-                os.sched_setaffinity(broker._proc.pid, others)
+                os.sched_setaffinity(broker_pid, others)
                 os.sched_setaffinity(0, others)
         bench = make_bench(tmp / "ws", bootstrap, partitions, records)
-        bench.broker_pid = (
-            broker._proc.pid if broker is not None and broker._proc is not None else None
-        )
+        bench.broker_pid = broker_pid
         if batch:
             bench.batch.update(batch)
         bench.producer.update(producer or {})
@@ -839,7 +869,13 @@ def run_bench(
             "producer": bench.producer,
             "consumer": bench.consumer,
             "metrics": metrics,
-            "broker": "local Tansu (DevBroker)" if broker is not None else f"external {bootstrap}",
+            "broker": (
+                f"external {bootstrap}"
+                if broker is None
+                else "local Tansu (DevBroker)"
+                if broker_kind == "tansu"
+                else f"local Apache Kafka (KafkaBroker, {security.upper()})"
+            ),
             "cpus": os.cpu_count(),
             "pin": worker_cpu,
             "python": platform.python_version(),
@@ -850,6 +886,7 @@ def run_bench(
     finally:
         if broker is not None:
             broker.stop()
+        CLIENT_SECURITY.clear()
         if root is None:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -910,7 +947,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="pin the worker/copy process to the last CPU, broker and harness to the others",
     )
-    ap.add_argument("--bootstrap", help="use this broker instead of starting a local Tansu")
+    ap.add_argument(
+        "--broker",
+        choices=("tansu", "kafka"),
+        default="tansu",
+        help="local broker to start: Tansu (default) or Apache Kafka (scripts/kafka/fetch.sh)",
+    )
+    ap.add_argument(
+        "--security",
+        choices=("plaintext", "sasl_ssl"),
+        default="plaintext",
+        help="with --broker kafka: SASL_SSL (SCRAM-SHA-512, TLS, hostname verification)",
+    )
+    ap.add_argument("--bootstrap", help="use this broker instead of starting a local one")
     ap.add_argument("--timeout", type=float, default=600.0, help="per-run timeout, seconds")
     ap.add_argument(
         "--keep", type=Path, help="keep the workspace (configs, logs) in this directory"
@@ -938,6 +987,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         partitions=args.partitions,
         distinct=args.distinct,
         bootstrap=args.bootstrap,
+        broker_kind=args.broker,
+        security=args.security,
         pin=args.pin,
         batch={"max_records": args.batch, "max_wait_ms": args.max_wait_ms},
         producer=kv(args.producer),

@@ -35,6 +35,7 @@ from typing import Any
 
 import pytest
 
+from streamproc.pipeline.core import H_SOURCE_OFFSET, H_SOURCE_PARTITION, H_SOURCE_TOPIC
 from tests.integration.conftest import (
     Broker,
     Ticker,
@@ -75,6 +76,13 @@ def _count_aborted(bootstrap: str, topics: list[str], committed: int) -> int:
     return sum(len(v) for v in out.values()) - committed
 
 
+def _dlq_source(r: Any) -> tuple[int, int]:
+    """A dead letter's source (partition, offset): clear headers, unlike audience outputs."""
+    p, o = r.header(H_SOURCE_PARTITION), r.header(H_SOURCE_OFFSET)
+    assert p is not None and o is not None, "dead letter without its source coordinates"
+    return int(p), int(o)
+
+
 def assert_exact(
     ws: Any,
     good: set[tuple[int, int]],
@@ -89,7 +97,7 @@ def assert_exact(
     def complete(r: dict[str, list[Any]]) -> bool:
         return (
             all({x.source[1:] for x in r[t]} >= good for t in dests)
-            and {x.source[1:] for x in r[dlq]} >= bad
+            and set(map(_dlq_source, r[dlq])) >= bad
         )
 
     out = read_topics(ws.bootstrap, [*dests, dlq], until=complete, timeout=120, idle=2.0)
@@ -103,7 +111,8 @@ def assert_exact(
         assert not dups, f"{t}: {len(dups)} duplicated source offsets, e.g. {list(dups)[:5]}"
         assert set(seen) == good, f"{t}: outputs for offsets never produced or dead-lettered"
         committed += len(out[t])
-    dead = Counter(r.source[1:] for r in out[dlq])
+    assert all(r.header(H_SOURCE_TOPIC) == ws.topic("orders") for r in out[dlq])
+    dead = Counter(map(_dlq_source, out[dlq]))
     assert set(dead) == bad, f"DLQ: {sorted(set(dead) ^ bad)[:10]}"
     assert all(n == 1 for n in dead.values()), "a bad record was dead-lettered twice"
     aborted = _count_aborted(ws.bootstrap, dests, committed)
@@ -228,13 +237,27 @@ def test_sigkill_ten_times_with_two_workers(
     assert sup.wait(60) == 0, sup.log()[-3000:]
 
 
+#: No progress for this long after the broker is back = hung (see the broker test).
+HUNG_AFTER = 30.0
+
+
 def test_broker_sigkill_and_restart_mid_stream(
     real_kafka: Broker, tmp_path: Path, unique: str, workers: list[WorkerProcess], request: Any
 ) -> None:
-    """kill -9 the broker twice mid-stream, restart it on the same log directory: the worker
-    rides it out (or is restarted, as a supervisor would) and the outputs stay exact."""
-    from streamproc.devkafka import KafkaBroker
+    """kill -9 the broker twice mid-stream and restart it on the same log directory.
 
+    The worker reconnects by itself, except when librdkafka's
+    ``send_offsets_to_transaction`` hangs on a group coordinator that went away and came
+    back (confluentinc/librdkafka#5511: the call ignores its timeout).  Deployed, the
+    liveness probe (``metrics.liveness_timeout_seconds``) restarts such a worker; here a
+    worker without progress for ``HUNG_AFTER`` s after the broker is back is SIGKILLed and
+    started again the same way, and counted.  Either way the outputs must stay exact.
+    """
+    from streamproc.devkafka import KafkaBroker, kafka_available
+
+    ok, reason = kafka_available()
+    if not ok:
+        pytest.skip(f"this test kills a broker of its own: {reason}")
     broker = KafkaBroker(tmp_path / "kafka")  # its own broker: the session's stays up
     request.addfinalizer(broker.cleanup)
     try:
@@ -252,7 +275,7 @@ def test_broker_sigkill_and_restart_mid_stream(
     w = WorkerProcess(ws, name="w0")
     workers.append(w)
     bad: set[tuple[int, int]] = set()
-    restarts = 0
+    hung = exited = 0
     for k in range(2):
         _wait_progress(progress, progress.total(), w)
         bad |= _produce_bad(ws, k)
@@ -263,15 +286,29 @@ def test_broker_sigkill_and_restart_mid_stream(
         except BaseException:
             print(broker.log_tail())
             raise
-        if not w.alive():  # a worker that gave up is restarted, as the supervisor would
-            restarts += 1
+        start = progress.total()
+        deadline = time.monotonic() + HUNG_AFTER
+        while progress.total() < start + 2 * BATCH and time.monotonic() < deadline:
+            if not w.alive():
+                break
+            time.sleep(0.1)
+        if progress.total() < start + 2 * BATCH:
+            if w.alive():
+                hung += 1
+                w.kill()
+            else:
+                exited += 1
             w = WorkerProcess(ws, name=f"w{k + 1}")
             workers.append(w)
-        _wait_progress(progress, progress.total(), w)
+            _wait_progress(progress, progress.total(), w)
     ticker.stop()
     good = set(ticker.join(timeout=150).records)
     assert_exact(
-        ws, good, bad, w.log()[-3000:], f"2 broker kill -9/restarts, worker restarts={restarts}"
+        ws,
+        good,
+        bad,
+        w.log()[-3000:],
+        f"2 broker kill -9/restarts (worker hung {hung}x and restarted, exited {exited}x)",
     )
     w.terminate()
     assert w.wait(30) == 0, w.log()[-3000:]
