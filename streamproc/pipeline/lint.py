@@ -32,7 +32,7 @@ from typing import Any
 
 from streamproc.crypto.pseudonym import PseudonymKeys
 from streamproc.errors import PolicyError
-from streamproc.pipeline.plan import build_plan
+from streamproc.pipeline.plan import build_plan, subject_of
 from streamproc.policy.model import Policy
 from streamproc.schema.annotations import leaves
 from streamproc.schema.avro import Record
@@ -150,6 +150,16 @@ def check(policy: Policy, schemas: list[RegisteredSchema]) -> Report:
                         f"({sorted(ops)}); the strictest ({rule.tag} -> {rule.op}) applies",
                     ))
         for aud in policy.audiences.values():
+            purpose = policy.basis_of(aud.name)
+            if purpose is not None and subject_of(node, aud) is None:
+                # Fail closed at run time (no_subject), but a whole schema withheld is a
+                # configuration mistake: say so before it ships.
+                report.findings.append(Finding(
+                    "error", name,
+                    f"audience {aud.name!r} serves purpose {purpose.name!r} ({purpose.basis}) but "
+                    "the schema has no subject field for it: every record would be withheld "
+                    "(mark a top-level field \"streamproc.subject\": true or set the audience's subject)",
+                ))
             keys.derived.clear()
             try:
                 build_plan(node, aud, keys)
@@ -164,6 +174,8 @@ def check(policy: Policy, schemas: list[RegisteredSchema]) -> Report:
                         f"its values would not join theirs; add {aud.name!r} or use another domain",
                     ))
         report.matrix[name] = rows
+    for unused in sorted(set(policy.purposes) - {a.purpose for a in policy.audiences.values()}):
+        report.findings.append(Finding("warning", "*", f"purpose {unused!r} is declared but no audience serves it"))
     for tag in sorted(policy.tags - used_tags):
         report.findings.append(Finding("warning", "*", f"tag {tag!r} has rules but no schema uses it"))
     return report

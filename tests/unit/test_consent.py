@@ -474,3 +474,38 @@ def test_metrics_count_withheld_per_audience_and_reason() -> None:
     }
     assert samples == {("analytics", "withdrawn"): 2, ("analytics", "not_granted"): 1, ("_other", "withdrawn"): 1}
     assert "alice" not in text
+
+
+# -- lint ---------------------------------------------------------------------------------
+
+
+def test_lint_refuses_a_gated_audience_without_a_subject_field() -> None:
+    from streamproc.pipeline.lint import check
+    from streamproc.schema.registry import RegisteredSchema
+
+    no_hint = copy.deepcopy(ORDER_SCHEMA)
+    for f in no_hint["fields"]:
+        f.pop("streamproc.subject", None)
+    raw = raw_policy()
+    raw["purposes"]["unused"] = {"basis": "contract"}
+    for a in raw["audiences"].values():  # date_shift would need a subject too: not this test
+        a["tags"] = {t: ("drop" if r == {"op": "date_shift", "max_days": 30} else r) for t, r in a["tags"].items()}
+    report = check(parse_policy(raw), [RegisteredSchema(1, json.dumps(no_hint))])
+    errors = [f.message for f in report.errors]
+    assert sorted(m.split("'")[1] for m in errors if "no subject field" in m) == ["analytics", "fraud", "support"]
+    assert any("purpose 'unused' is declared but no audience serves it" in f.message for f in report.findings)
+    ok = check(parse_policy(raw_policy()), [RegisteredSchema(1, json.dumps(ORDER_SCHEMA))])
+    assert not [f for f in ok.errors if "subject" in f.message]
+
+
+def test_consent_token_known_answer_vector() -> None:
+    """The docs/keys.md vector: fixed master bytes(range(32)) v1, domain ``consent``, ``cust-42``
+    (the literals were computed with an RFC 5869 HKDF written on ``hmac`` alone)."""
+
+    class Fixed:
+        def get_secret(self, key_id: str, version: int | None = None) -> tuple[int, bytes]:
+            return 1, bytes(range(32))
+
+    keys = PseudonymKeys(Fixed(), "pseudonym-master")
+    assert keys.consent_key("consent")[1].hex() == "37e751358aa5531bf52cbce59eb5d55d4b1145f953757894b7096b5d2ebbc7a5"
+    assert subject_token(keys, "consent", "cust-42") == "tk1_A2W2jgvFQYiPCUTpFoaFew"
