@@ -259,6 +259,7 @@ def make_bench(root: Path, bootstrap: str, partitions: int, records: int) -> Ben
     for a in AUDIENCES:
         ring.ensure_key(f"{a}-kek")
     ring.ensure_key(PSEUDONYM_SECRET, "secret")
+    ring.ensure_key("quarantine-kek")  # dead letters are sealed under it
     return Bench(root, bootstrap, partitions, records)
 
 

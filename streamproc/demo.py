@@ -19,6 +19,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from streamproc.config import DEFAULT_QUARANTINE_KEK
 from streamproc.crypto.kms.local import LocalKeyring
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -106,6 +107,7 @@ def make_workspace(root: Path, schemas: Path, policy: Path) -> Workspace:
     for a in AUDIENCES:
         ring.ensure_key(f"{a}-kek")
     ring.ensure_key(PSEUDONYM_SECRET, "secret")
+    ring.ensure_key(DEFAULT_QUARANTINE_KEK)  # dead letters are sealed under it
     return Workspace(root, ring_path, sdir, pol)
 
 

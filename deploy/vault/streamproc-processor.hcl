@@ -9,6 +9,7 @@
 #   KV v2 engine at    secret/    (VaultTransitKms kv_mount=..., default "secret")
 #   source KEKs        streamproc-src-<topic>      e.g. streamproc-src-orders
 #   destination KEKs   streamproc-dst-<audience>   e.g. streamproc-dst-analytics
+#   quarantine KEK     streamproc-quarantine       (config dead_letter.kek; dead letters)
 #   pseudonym secrets  secret/streamproc/<key_id>  (field "material", base64)
 # To list keys explicitly instead of by prefix, repeat a stanza per exact key name.
 #
@@ -36,6 +37,15 @@ path "transit/datakey/plaintext/streamproc-dst-*" {
 # Belt and braces: deny beats any grant, so even if another policy attached to the same
 # token allowed it, this token cannot decrypt audience data.
 path "transit/decrypt/streamproc-dst-*" {
+  capabilities = ["deny"]
+}
+
+# Dead letters: seal (new data keys) under the quarantine KEK, never open them -- only
+# the incident-response role can (streamproc-incident-response.hcl).
+path "transit/datakey/plaintext/streamproc-quarantine" {
+  capabilities = ["update"]
+}
+path "transit/decrypt/streamproc-quarantine" {
   capabilities = ["deny"]
 }
 

@@ -22,6 +22,7 @@ _COMMANDS = [
     ("streamproc.cli.run", "run"),
     ("streamproc.cli.produce", "produce"),
     ("streamproc.cli.consume", "consume"),
+    ("streamproc.cli.dlq", "dlq"),
     ("streamproc.cli.topics", "topics"),
     ("streamproc.cli.acls", "acls"),
     ("streamproc.cli.keys", "keys"),

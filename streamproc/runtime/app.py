@@ -246,7 +246,7 @@ def build_observer(config: Config, index: int, serve: bool) -> tuple[Observer, A
         log.info(
             "metrics at %s/metrics",
             server.url,
-            extra={"port": server.port, "liveness_timeout_s": config.liveness_timeout},
+            extra={"port": server.port, "seconds": config.liveness_timeout},
         )
     return metrics, server
 

@@ -80,7 +80,7 @@ import re
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, cast
 
@@ -97,13 +97,15 @@ from streamproc.config import Config
 from streamproc.crypto.envelope import fast_dataclass_constructor
 from streamproc.errors import (
     ConfigError,
+    KmsError,
     KmsUnavailable,
+    Reason,
     SchemaRegistryUnavailable,
     SealingUnavailable,
     TransientError,
 )
 from streamproc.observability import Observer
-from streamproc.pipeline.core import BatchResult, InputRecord, Pipeline
+from streamproc.pipeline.core import BatchResult, InputRecord, Pipeline, Quarantined
 from streamproc.runtime.backoff import Backoff
 from streamproc.runtime.checkpoint import (
     FENCED_CODES,
@@ -117,8 +119,9 @@ from streamproc.runtime.checkpoint import (
     describe,
     kafka_error,
 )
-from streamproc.runtime.dlq import dead_letter_headers
+from streamproc.runtime.dlq import KEY_TOKEN_DOMAIN, DeadLetterWriter
 from streamproc.runtime.kafka_conf import consumer_conf, producer_conf
+from streamproc.runtime.limits import RecordLimit, check_consumer, derive_limit, record_size
 
 log = logging.getLogger("streamproc.runtime.worker")
 
@@ -214,6 +217,7 @@ class Worker:
         observer: Observer | None = None,
         consumer_factory: Callable[[dict[str, Any]], Consumer] = Consumer,
         producer_factory: Callable[[dict[str, Any]], Producer] = Producer,
+        admin_factory: Callable[[dict[str, Any]], Any] | None = None,
         backoff: Backoff | None = None,
         kafka_timeout: float = 30.0,
         lag_interval: float = 1.0,
@@ -225,6 +229,7 @@ class Worker:
         self.observer = observer or Observer()
         self._consumer_factory = consumer_factory
         self._producer_factory = producer_factory
+        self._admin_factory = admin_factory
         self.backoff = backoff or Backoff(base=0.2, cap=10.0)
         self.kafka_timeout = kafka_timeout
         self.lag_interval = lag_interval
@@ -262,6 +267,13 @@ class Worker:
             cache.on_kms_call = lambda op, outcome, secs: obs.kms_call(provider, op, outcome, secs)
         #: The audit trail (a ``streamproc.runtime.factory.WorkerAudit``) or ``None``.
         self.audit = audit
+        #: Every record this worker produces must fit; set at start-up (_derive_limit).
+        self.limit: RecordLimit | None = None
+        #: The current batch's sealed dead letters (built in _process, produced in step 4).
+        self._dead: list[tuple[str, bytes | None, bytes, list[tuple[str, bytes | None]]]] = []
+        self.dead_letters = DeadLetterWriter(
+            cache.kms, config.dead_letter_kek, key_token=_dlq_key_token(pipeline)
+        )
         if audit is not None and hasattr(self.observer, "on_anomaly"):
             self.observer.on_anomaly = audit.anomaly  # in-process detector -> anomaly events
 
@@ -368,6 +380,8 @@ class Worker:
             on_delivery=self._on_txn_delivery if self.exactly_once else None,
         )
         self.producer = self._client(self._producer_factory, pconf, "producer")
+        self._derive_limit(pconf)
+        self._check_quarantine_kek()
         kind = TransactionalCheckpoint if self.exactly_once else AtLeastOnceCheckpoint
         self.checkpoint = kind(
             self.producer,
@@ -420,6 +434,196 @@ class Worker:
         if not clean and self.audit is not None:
             self.audit.abandon()  # flush and release the file; no processor_stopped event
         self.observer.ready(False, "stopped")
+
+    # -- record size and the quarantine KEK (start-up) -----------------------------------
+    def _topic_limits(self, topics: Sequence[str]) -> dict[str, int | None]:
+        """``max.message.bytes`` per topic (``None``: the broker does not report it).
+
+        Retried while the broker is unreachable; a denied DescribeConfigs (an ACL without
+        it) falls back to Kafka's default with a warning naming topic and operation.
+        """
+        from confluent_kafka.admin import AdminClient, ConfigResource
+
+        factory = self._admin_factory or AdminClient
+        # error_cb: an authentication failure stops the worker with exit 78, as elsewhere.
+        conf = {**self.config.admin_config(), "error_cb": self._on_client_error}
+        admin = factory(conf)
+        attempt = 0
+        while True:
+            resources = [ConfigResource(ConfigResource.Type.TOPIC, t) for t in topics]
+            out: dict[str, int | None] = {}
+            try:
+                futures = admin.describe_configs(resources, request_timeout=self.kafka_timeout)
+                for res, fut in futures.items():
+                    try:
+                        entries = fut.result(timeout=self.kafka_timeout)
+                    except KafkaException as exc:
+                        err = _err(exc)
+                        if err is None or err.code() not in _AUTH_CODES:
+                            raise
+                        log.warning(
+                            "DescribeConfigs on topic %s denied (%s); assuming Kafka's default "
+                            "max.message.bytes",
+                            res.name,
+                            err.name(),
+                            extra={"topic": res.name, "operation": "DESCRIBE_CONFIGS"},
+                        )
+                        out[res.name] = None
+                        continue
+                    entry = entries.get("max.message.bytes")
+                    raw = getattr(entry, "value", None)
+                    out[res.name] = int(raw) if raw not in (None, "") else None
+                return out
+            except KafkaException as exc:
+                admin.poll(0)  # serve error_cb: an authentication failure?
+                if self._security_error is not None:
+                    raise ConfigError(self._security_error) from None
+                attempt += 1
+                log.warning("describe_configs: %s (attempt %d)", _describe(exc), attempt)
+                self._broker_down(attempt)
+                if not self._wait_plain(self.backoff.delay(attempt)):
+                    raise FatalWorkerError("describe_configs: stopped while retrying") from None
+
+    def _derive_limit(self, pconf: dict[str, Any]) -> None:
+        """Set :attr:`limit` from the producer's and the topics' limits (see limits.py)."""
+        written = [*self.config.destination_topics, *self.config.dead_letter_topics]
+        sources = self.pipeline.source_topics
+        limits = self._topic_limits([*written, *sources])
+        self.limit = derive_limit(
+            configured=self.config.max_record_bytes,
+            producer_conf=pconf,
+            topic_limits={t: limits.get(t) for t in written},
+        )
+        cconf = consumer_conf(self.config, index=self.index, error_cb=self._on_client_error)
+        check_consumer(cconf, {t: limits.get(t) for t in sources})
+        # The pipeline's own value check uses the same bound (a value alone may be too big).
+        self.pipeline.max_record_bytes = self.limit.max_bytes
+        self.dead_letters.limit = self.limit
+        unknown = sorted(t for t in written if limits.get(t) is None)
+        if unknown:
+            log.info(
+                "max.message.bytes not reported for %s; assuming Kafka's default",
+                ", ".join(unknown),
+            )
+        log.info(
+            "record limit %d bytes (%s)",
+            self.limit.max_bytes,
+            self.limit.decided_by,
+            extra={"bytes": self.limit.max_bytes},
+        )
+
+    def _check_quarantine_kek(self) -> None:
+        """Generate a data key under the quarantine KEK per DLQ topic.
+
+        A KEK that does not exist or that the processor may not use is a configuration
+        error (exit 78) now rather than a stalled batch at the first bad record.  An
+        outage is not: the worker starts, and a dead letter that cannot be sealed waits
+        out the outage like any other transient error.
+        """
+        try:
+            self.dead_letters.check(self.config.dead_letter_topics)
+        except TransientError:
+            log.warning("start-up: kms unavailable; the quarantine KEK is checked when it is used")
+        except KmsError as exc:
+            raise ConfigError(
+                f"dead_letter.kek {self.config.dead_letter_kek!r}: cannot seal dead letters "
+                f"under it ({type(exc).__name__}); create it or grant the processor "
+                "generate-data-key on it (docs/keys.md)"
+            ) from None
+
+    def _seal_dead_letters(
+        self, result: BatchResult
+    ) -> list[tuple[str, bytes | None, bytes, list[tuple[str, bytes | None]]]]:
+        """``(dlq topic, key, value, headers)`` per quarantined record, in order.
+
+        Every KMS error of the quarantine KEK is :class:`SealingUnavailable` (transient):
+        the KEK is configuration, never a record's fault, so the batch waits, it does not
+        exit and it does not go anywhere unsealed.
+        """
+        out = []
+        for q in result.quarantined:
+            dlq = self._dlq_for.get(q.record.topic)
+            if dlq is None:
+                raise InvariantViolation(
+                    f"quarantined record of {q.record.topic!r} has no dead-letter topic"
+                )
+            try:
+                key, value, headers = self.dead_letters.build(q, dlq)
+            except SealingUnavailable:
+                raise
+            except KmsError as exc:
+                raise SealingUnavailable(
+                    f"dead letters for {dlq!r} under {self.config.dead_letter_kek!r}: "
+                    f"{type(exc).__name__}"
+                ) from None
+            out.append((dlq, key, value, headers))
+        return out
+
+    def _enforce_limit(
+        self, inputs: list[InputRecord]
+    ) -> tuple[list[InputRecord], list[Quarantined]]:
+        """Quarantine inputs (key + value + headers) over the record limit."""
+        limit = self.limit
+        if limit is None:
+            return inputs, []
+        max_bytes = limit.max_bytes
+        ok: list[InputRecord] = []
+        big: list[Quarantined] = []
+        for rec in inputs:
+            v, k = rec.value, rec.key
+            # Cheap bound first: most records are far below the limit.
+            if (len(v) if v else 0) + (len(k) if k else 0) + 4096 < max_bytes and not rec.headers:
+                ok.append(rec)
+                continue
+            n = record_size(k, v, rec.headers)
+            if n > max_bytes:
+                big.append(Quarantined(rec, Reason.OVERSIZED, f"{n} bytes > limit {max_bytes}"))
+            else:
+                ok.append(rec)
+        return ok, big
+
+    def _enforce_output_limit(self, result: BatchResult, early: list[Quarantined]) -> None:
+        """Dead-letter every input one of whose outputs a transform made too large.
+
+        All or nothing per input: its other outputs are dropped too.
+        """
+        limit = self.limit
+        if limit is not None:
+            too_big: dict[int, tuple[str, int]] = {}
+            for o in result.outputs:
+                n = record_size(o.key, o.value, o.headers)
+                if n > limit.max_bytes:
+                    too_big.setdefault(id(o.source), (o.topic, n))
+            if too_big:
+                kept = []
+                stats = result.stats
+                for o in result.outputs:
+                    if id(o.source) in too_big:
+                        aud = next(
+                            (d.audience for d in self.pipeline.destinations if d.topic == o.topic),
+                            "",
+                        )
+                        ek = (o.topic, aud)
+                        if ek in stats.egress_records:
+                            stats.egress_records[ek] -= 1
+                            stats.egress_bytes[ek] -= len(o.value or b"")
+                    else:
+                        kept.append(o)
+                seen: set[int] = set()
+                for o in result.outputs:
+                    sid = id(o.source)
+                    if sid in too_big and sid not in seen:
+                        seen.add(sid)
+                        topic, n = too_big[sid]
+                        detail = f"output for {topic!r} is {n} bytes > limit {limit.max_bytes}"
+                        early.append(Quarantined(o.source, Reason.OVERSIZED, detail))
+                result.outputs = kept
+        if early:
+            for q in early:
+                result.stats.quarantined[q.reason] = result.stats.quarantined.get(q.reason, 0) + 1
+            merged = [*result.quarantined, *early]
+            merged.sort(key=lambda q: (q.record.topic, q.record.partition, q.record.offset))
+            result.quarantined = merged
 
     # -- the loop -------------------------------------------------------------------------
     def _step(self) -> None:
@@ -483,10 +687,14 @@ class Worker:
             if not batch.messages:
                 self._end_backoff(batch)
                 return None
-            inputs = [_to_input(m) for m in batch.messages]
+            inputs, oversized = self._enforce_limit([_to_input(m) for m in batch.messages])
             t0 = time.perf_counter()
             try:
                 result = self.pipeline.process(inputs)
+                self._enforce_output_limit(result, oversized)
+                # Sealed here, not inside the transaction: a quarantine KEK that cannot
+                # seal right now is an outage to wait out like any other.
+                self._dead = self._seal_dead_letters(result)
             except TransientError as exc:
                 attempt += 1
                 dep = dependency_of(exc)
@@ -510,7 +718,9 @@ class Worker:
                     log.info("stopping during an outage; batch abandoned (offsets not committed)")
                     return None
                 continue
-            self.observer.batch_processed(result.stats, len(inputs), time.perf_counter() - t0)
+            self.observer.batch_processed(
+                result.stats, len(inputs) + len(oversized), time.perf_counter() - t0
+            )
             if attempt:
                 self._end_backoff(batch)
                 for dep in [d for d in self._deps_down if d != "broker"]:
@@ -573,13 +783,10 @@ class Worker:
         if not result.quarantined:
             return result.outputs
         records: list[Any] = list(result.outputs)
-        for q in result.quarantined:
-            dlq = self._dlq_for.get(q.record.topic)
-            if dlq is None:
-                raise InvariantViolation(
-                    f"quarantined record of {q.record.topic!r} has no dead-letter topic"
-                )
-            records.append(_DeadLetter(dlq, q.record.key, q.record.value, dead_letter_headers(q)))
+        if len(self._dead) != len(result.quarantined):
+            raise InvariantViolation("dead letters were not sealed for this batch")
+        # Sealed in _process (under the quarantine KEK, within the record limit).
+        records.extend(_DeadLetter(*d) for d in self._dead)
         return records
 
     def _on_delivery_error(self, err: KafkaError, topic: str | None) -> None:
@@ -892,6 +1099,30 @@ def _setting_error(message: str, keys: Iterable[str] = ()) -> str:
     if "SASL mechanism" in message:
         return "unsupported SASL mechanism: set 'sasl.mechanisms' (e.g. SCRAM-SHA-512, PLAIN) for security.protocol SASL_*"
     return "invalid librdkafka setting (see librdkafka CONFIGURATION.md)"
+
+
+def _dlq_key_token(pipeline: Pipeline) -> Callable[[bytes], bytes] | None:
+    """original key -> DLQ key: a token in a domain of its own, or ``None`` (no keys)."""
+    keys = getattr(pipeline, "keys", None)
+    if keys is None:
+        return None
+    from streamproc.crypto.pseudonym import TOKEN_SALT, hkdf, make_tokenizer
+
+    # HKDF info "dead_letter\0<domain>": outside the "audience\0..." and "shared\0..."
+    # namespaces of every audience's token keys, so DLQ keys never join with any output.
+    version, master = keys.master()
+    tok = make_tokenizer(version, hkdf(master, TOKEN_SALT, f"dead_letter\x00{KEY_TOKEN_DOMAIN}"))
+    return lambda k: tok(k).encode()
+
+
+#: DescribeConfigs denied: fall back to defaults instead of refusing to start.
+_AUTH_CODES = frozenset(
+    {
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+        KafkaError.POLICY_VIOLATION,
+    }
+)
 
 
 def _tp(m: Message) -> TP:

@@ -277,7 +277,7 @@ def make_workspace(
     sources: Sequence[str] = ("orders", "logins"),
     partitions: int = 3,
     batch: dict[str, int] | None = None,
-    max_record_bytes: int = 1 << 20,
+    max_record_bytes: int | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Workspace:
     """Keyring (0600) with every KEK and the pseudonym secret, schemas, policy, config."""
@@ -297,6 +297,7 @@ def make_workspace(
     for a in AUDIENCES:
         ring.create_key(f"{a}-kek")
     ring.create_key("pseudonym-master", "secret")
+    ring.create_key("quarantine-kek")  # dead letters are sealed under it (dead_letter.kek)
     assert (ring_path.stat().st_mode & 0o777) == 0o600
     ws = Workspace(
         root, bootstrap, suffix, ring_path, sdir, policy, root / "streamproc.yaml", tuple(sources)
@@ -308,7 +309,7 @@ def make_workspace(
         "group_id": ws.group_id,
         "processing_guarantee": "exactly_once",
         "batch": batch or {"max_records": 200, "max_wait_ms": 100},
-        "max_record_bytes": max_record_bytes,
+        **({"max_record_bytes": max_record_bytes} if max_record_bytes is not None else {}),
         "schemas": {"directory": "./schemas"},  # relative: resolved against the config file
         "kms": {"provider": "local", "path": "./keys/keyring.json"},
         "policy": "./policy.yaml",
@@ -517,6 +518,21 @@ class Rec:
         ws = next((w for w in reversed(_WORKSPACES) if self.topic.endswith(f"-{w.suffix}")), None)
         assert ws is not None, f"no workspace owns {self.topic}"
         return ws.resolver().resolve_header(value)
+
+
+def open_dead_letters(ws: Workspace, records: Sequence[Rec], kms: Any = None) -> list[Any]:
+    """Open dead letters as incident response does (the quarantine KEK's unwrap right).
+
+    Every reader of a DLQ goes through this (or ``streamproc dlq inspect``): the DLQ
+    holds nothing readable without the key.
+    """
+    from streamproc.runtime.dlq import DeadLetterReader
+
+    reader = DeadLetterReader(kms or ws.kms())
+    return [
+        reader.open(r.topic, r.value, r.headers, where=(r.topic, r.partition, r.offset))
+        for r in records
+    ]
 
 
 def read_topics(

@@ -49,6 +49,7 @@ def bao() -> Iterator[OpenBaoServer]:
             "streamproc-processor",
             "streamproc-producer",
             "streamproc-subscriber-analytics",
+            "streamproc-incident-response",
         ):
             server.client().sys.create_or_update_policy(
                 name, (POLICIES / f"{name}.hcl").read_text()
@@ -465,3 +466,28 @@ def test_sealer_opener_end_to_end(bao: OpenBaoServer, root: Any) -> None:
     with pytest.raises(EnvelopeError) as info:
         Opener.for_kms(processor).open("orders.analytics", out)
     assert info.value.reason is Reason.UNKNOWN_KEY
+
+
+@integration
+def test_quarantine_kek_processor_seals_and_only_incident_response_opens(
+    bao: OpenBaoServer, root: Any
+) -> None:
+    """The shipped policies: dead letters are sealed by the processor and opened by the
+    incident-response role only (streamproc dlq inspect/replay)."""
+    from streamproc.errors import Reason as R
+    from streamproc.pipeline.core import InputRecord, Quarantined
+    from streamproc.runtime.dlq import DeadLetterError, DeadLetterReader, DeadLetterWriter
+
+    new_key(root, suffix="streamproc-quarantine")
+    processor = kms_for(bao, token_with(root, "streamproc-processor"))
+    ir = kms_for(bao, token_with(root, "streamproc-incident-response"))
+    rec = InputRecord("orders", 0, 7, b"customer-1", b"not an envelope", None, (("trace", b"t"),))
+    _key, value, headers = DeadLetterWriter(processor, "streamproc-quarantine", key_token=None).build(
+        Quarantined(rec, R.MALFORMED, "too short"), "orders.dlq"
+    )
+    d = DeadLetterReader(ir).open("orders.dlq", value, headers)
+    assert (d.key, d.value, d.headers) == (b"customer-1", b"not an envelope", (("trace", b"t"),))
+    with pytest.raises(DeadLetterError):  # the processor cannot read what it quarantined
+        DeadLetterReader(processor).open("orders.dlq", value, headers)
+    with pytest.raises(KeyAccessDenied):  # incident response cannot forge dead letters
+        ir.generate_data_key("streamproc-quarantine", {"topic": "orders.dlq"})

@@ -66,10 +66,14 @@ def bao() -> Iterator[OpenBaoServer]:
     with start_openbao() as server:
         server.enable_transit()
         root = server.client()
-        for name in ("streamproc-processor", "streamproc-producer"):
+        for name in ("streamproc-processor", "streamproc-producer", "streamproc-incident-response"):
             root.sys.create_or_update_policy(name, (POLICIES / f"{name}.hcl").read_text())
         root.sys.create_or_update_policy(f"streamproc-subscriber-{A}", subscriber_policy(A))
-        for name in ["streamproc-src-orders", *(f"streamproc-dst-{a}" for a in AUDIENCES)]:
+        for name in [
+            "streamproc-src-orders",
+            "streamproc-quarantine",
+            *(f"streamproc-dst-{a}" for a in AUDIENCES),
+        ]:
             root.secrets.transit.create_key(name, key_type="aes256-gcm96")
         yield server
 
@@ -100,6 +104,7 @@ def test_processor_and_subscribers_on_the_shipped_policies(
     ws = make_workspace(tmp_path / "ws", kafka_bootstrap, unique, sources=("orders",), partitions=2)
     cfg = yaml.safe_load(ws.config_path.read_text())
     cfg["kms"] = {"provider": "vault", "url": bao.url, "mount": "transit"}
+    cfg["dead_letter"] = {"kek": "streamproc-quarantine"}
     for d in cfg["pipelines"][0]["destinations"]:
         d["kek"] = f"streamproc-dst-{d['audience']}"
     ws.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -56,6 +56,7 @@ from tests.integration.conftest import (
     WorkerProcess,
     Workspace,
     make_workspace,
+    open_dead_letters,
     produce_raw,
     read_topics,
     wait_for,
@@ -140,8 +141,12 @@ def revocation_story(
     logins: RecordSealer,
     revoke: Callable[[], None],
     orders_after: Callable[[], RecordSealer] | None,
+    incident_response_kms: Any = None,
 ) -> dict[str, Any]:
-    """Run the common story; returns what was read back."""
+    """Run the common story; returns what was read back.
+
+    ``incident_response_kms`` opens dead letters (default: the workspace keyring).
+    """
     cached, fresh = orders_v1(), orders_v1()
     late_fresh = seal(fresh, "orders", LATE_FRESH, seed=31)  # sealed now, produced later
     w = WorkerProcess(ws)
@@ -187,7 +192,8 @@ def revocation_story(
     # every late v1 record, cached data key or not, is dead-lettered as key_revoked
     assert len(out[dlq]) == LATE_CACHED + LATE_FRESH, [r.header(H_DLQ_REASON) for r in out[dlq]]
     assert {r.header(H_DLQ_REASON) for r in out[dlq]} == {Reason.KEY_REVOKED.value}
-    assert sorted(r.value for r in out[dlq]) == sorted(late.values.values())  # byte for byte
+    opened = open_dead_letters(ws, out[dlq], incident_response_kms)
+    assert sorted(d.value for d in opened) == sorted(late.values.values())  # byte for byte
     # ... while the other source KEK (and the new version) kept flowing in the same run
     assert len(out[dest["logins"]]) == len(other.records) == LATER
     assert len(out[dest["orders"]]) == want_orders
@@ -297,7 +303,7 @@ def test_openbao_min_decryption_version(
     tag = uuid.uuid4().hex[:8]
     src = {s: f"streamproc-src-{s}-{tag}" for s in ("orders", "logins")}
     dst = {a: f"streamproc-dst-{a}-{tag}" for a in AUDIENCES}
-    for name in [*src.values(), *dst.values()]:
+    for name in [*src.values(), *dst.values(), "streamproc-quarantine"]:
         root.secrets.transit.create_key(name, key_type="aes256-gcm96")
     token = root.auth.token.create(policies=["streamproc-processor"], ttl="10m")["auth"][
         "client_token"
@@ -316,13 +322,15 @@ def test_openbao_min_decryption_version(
                     "url": bao.url,
                     "mount": "transit",
                     "revocation_cache_ttl": 0.5,
-                }
+                },
+                dead_letter={"kek": "streamproc-quarantine"},
             ),
             set_keks(c, dst.__getitem__),
         ),
     )
     apply_topics(ws.load_config())
     producer = VaultTransitKms(bao.url, bao.root_token, revocation_cache_ttl=0)
+    incident_response = VaultTransitKms(bao.url, bao.root_token)
 
     def revoke() -> None:
         root.secrets.transit.rotate_key(src["orders"])
@@ -335,6 +343,7 @@ def test_openbao_min_decryption_version(
         logins=sealer(ws, producer, src["logins"], "logins"),
         revoke=revoke,
         orders_after=lambda: sealer(ws, producer, src["orders"], "orders"),  # latest: v2
+        incident_response_kms=incident_response,
     )
     opener = RecordOpener(VaultTransitKms(bao.url, bao.root_token), ws.schema_source())
     for r in res["out"][res["dest"]["orders"]]:
@@ -379,6 +388,7 @@ def test_aws_disabled_key_with_a_wrapped_pseudonym_secret(
     src = {s: key(f"src {s}") for s in ("orders", "logins")}
     dst = {a: key(f"dst {a}") for a in AUDIENCES}
     secret_kek = key("pseudonym master")
+    quarantine_kek = key("quarantine")
     ws = workspace(
         tmp_path / "ws",
         kafka_bootstrap,
@@ -389,6 +399,7 @@ def test_aws_disabled_key_with_a_wrapped_pseudonym_secret(
             "path": "./keys/pseudonym.json",
             "kek": secret_kek,
         },
+        dead_letter={"kek": quarantine_kek},
     )
     rewrite_config(ws, lambda c: set_keks(c, dst.__getitem__))
     apply_topics(ws.load_config())
@@ -409,6 +420,7 @@ def test_aws_disabled_key_with_a_wrapped_pseudonym_secret(
         logins=sealer(ws, producer, src["logins"], "logins"),
         revoke=lambda: admin.disable_key(KeyId=src["orders"]),
         orders_after=None,  # AWS revokes whole keys; there is no "v2" to keep using
+        incident_response_kms=producer,
     )
     # tokens come from the master in the wrapped file
     keys = PseudonymKeys(

@@ -1,16 +1,21 @@
-"""Bad input on a real broker: every bad record lands in the DLQ, byte for byte, with the
-right reason class; the worker stays up and processes the good records around them."""
+"""Bad input on a real broker: every bad record lands in the DLQ with the right reason
+class, sealed under the quarantine KEK (original key, headers and value recoverable by
+incident response only); the worker stays up and processes the good records around them."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import os
 from typing import Any
 
 import pytest
 
 from streamproc import __version__
-from streamproc.crypto.envelope import Sealer
+from streamproc.crypto.envelope import Sealer, parse_header
 from streamproc.crypto.kms.local import LocalKeyring
+from streamproc.crypto.pseudonym import PseudonymKeys
 from streamproc.errors import Reason
 from streamproc.pipeline.core import (
     H_PROCESSOR,
@@ -18,14 +23,30 @@ from streamproc.pipeline.core import (
     H_SOURCE_PARTITION,
     H_SOURCE_TOPIC,
 )
-from streamproc.runtime.dlq import H_DLQ_DETAIL, H_DLQ_REASON
+from streamproc.runtime.dlq import H_DLQ_DETAIL, H_DLQ_FORMAT, H_DLQ_REASON, KEY_TOKEN_DOMAIN
 from streamproc.schema.framing import frame
-from tests.integration.conftest import WorkerProcess, produce_events, produce_raw, read_topics
+from tests.integration.conftest import (
+    WorkerProcess,
+    open_dead_letters,
+    produce_events,
+    produce_raw,
+    read_topics,
+)
 
 pytestmark = pytest.mark.integration
 
 GOOD = 40
 LIMIT = 64 * 1024
+CLEAR_HEADERS = {
+    H_DLQ_REASON,
+    H_DLQ_DETAIL,
+    H_DLQ_FORMAT,
+    H_SOURCE_TOPIC,
+    H_SOURCE_PARTITION,
+    H_SOURCE_OFFSET,
+    "streamproc.source.timestamp",
+    H_PROCESSOR,
+}
 
 
 def _bad_records(ws: Any, tmp_path: Any) -> list[tuple[bytes, bytes, Reason]]:
@@ -65,6 +86,28 @@ def _bad_records(ws: Any, tmp_path: Any) -> list[tuple[bytes, bytes, Reason]]:
     ]
 
 
+def expected_dlq_key(ws: Any, key: bytes) -> bytes:
+    """The DLQ key, computed with the standard library's HMAC (not the code under test):
+    ``tk<v>_`` + base64url(HMAC-SHA256(HKDF(master, "streamproc/token/v2",
+    "dead_letter\\0" + domain), key)[:16])."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    version, master = ws.kms().get_secret("pseudonym-master")
+    derived = HKDF(
+        algorithm=hashes.SHA256(),
+        length=32,
+        salt=b"streamproc/token/v2",
+        info=b"dead_letter\x00" + KEY_TOKEN_DOMAIN.encode(),
+    ).derive(master)
+    # ... and it is no audience's (nor a shared domain's) token key of that domain
+    keys = PseudonymKeys(ws.kms(), "pseudonym-master")
+    assert derived != keys.token_key(KEY_TOKEN_DOMAIN, audience=None)[1]
+    assert derived != keys.token_key(KEY_TOKEN_DOMAIN, audience="analytics")[1]
+    mac = hmac.new(derived, key, hashlib.sha256).digest()[:16]
+    return f"tk{version}_".encode() + base64.urlsafe_b64encode(mac).rstrip(b"=")
+
+
 @pytest.mark.tansu_smoke
 def test_bad_records_go_to_the_dlq_and_the_worker_carries_on(
     workspace_factory: Any, workers: list[WorkerProcess], tmp_path: Any
@@ -92,17 +135,42 @@ def test_bad_records_go_to_the_dlq_and_the_worker_carries_on(
     assert sorted((r.source[1], r.source[2]) for r in out[dest]) == sorted(expected_good)
     dlq = out[ws.dlq("orders")]
     assert len(dlq) == len(bad), [r.header(H_DLQ_REASON) for r in dlq]
+    # At rest: a token key, only non-sensitive clear headers, a value sealed under the
+    # quarantine KEK -- no original key, header or value bytes anywhere in the record.
+    for r in dlq:
+        assert {k for k, _ in r.headers} <= CLEAR_HEADERS, r.headers
+        assert r.header(H_DLQ_FORMAT) == "sealed-v1"
+        assert r.value is not None and parse_header(r.value).kek_id == "quarantine-kek"
+        wire = (r.key or b"") + r.value + b"".join(k.encode() + (v or b"") for k, v in r.headers)
+        for key, value, _ in bad:
+            assert key not in wire
+            assert len(value) < 16 or value[-16:] not in wire
+        assert b"t-123" not in wire and b"integration-test" not in wire
     by_loc = {(r.header(H_SOURCE_PARTITION), r.header(H_SOURCE_OFFSET)): r for r in dlq}
+    opened = {
+        (str(d.partition), str(d.offset)): d for d in open_dead_letters(ws, dlq)
+    }
     for (part, off), reason in dl.records.items():
         r = by_loc[(str(part), str(off))]
-        assert r.header(H_DLQ_REASON) == reason.value, (r.key, r.header(H_DLQ_DETAIL))
-        assert r.key == dl.keys[(part, off)]
-        assert r.value == dl.values[(part, off)], "the DLQ must keep the original bytes"
-        assert list(r.headers[: len(trace)]) == trace, "original headers come first, untouched"
-        assert r.header(H_SOURCE_TOPIC) == ws.topic("orders")
+        d = opened[(str(part), str(off))]
+        assert r.header(H_DLQ_REASON) == reason.value == d.reason, d.detail
+        assert r.key == expected_dlq_key(ws, dl.keys[(part, off)])
+        assert r.header(H_SOURCE_TOPIC) == ws.topic("orders") == d.topic
         assert r.header(H_PROCESSOR) == __version__
-        detail = r.header(H_DLQ_DETAIL)
-        assert detail is not None and len(detail) < 200
+        assert d.key == dl.keys[(part, off)]
+        assert list(d.headers) == trace, "the original headers, sealed"
+        assert len(d.detail) < 300
+        original = dl.values[(part, off)]
+        assert original is not None
+        assert d.value_length == len(original)
+        assert d.value_sha256 == hashlib.sha256(original).digest()
+        if reason is Reason.OVERSIZED:
+            # Whole, it would not fit the 64 KiB limit: a prefix is kept, with the digest.
+            assert d.truncated and not d.complete
+            assert d.value is not None and original.startswith(d.value) and len(d.value) < LIMIT
+            assert r.value is not None and len(r.value) <= LIMIT
+        else:
+            assert d.complete and d.value == original, "the original bytes, sealed"
     # No bad record produced an output anywhere.
     for t in ws.destinations():
         assert not any(
@@ -123,3 +191,19 @@ def test_bad_records_go_to_the_dlq_and_the_worker_carries_on(
             assert v[8:40].hex() not in log
     w.terminate()
     assert w.wait(30) == 0
+
+
+def test_a_quarantine_kek_the_processor_cannot_use_is_a_config_error(
+    workspace_factory: Any, workers: list[WorkerProcess]
+) -> None:
+    """Caught at start-up (exit 78 naming the setting), not at the first bad record."""
+    import yaml
+
+    ws = workspace_factory(sources=("orders",), partitions=1)
+    cfg = yaml.safe_load(ws.config_path.read_text())
+    cfg["dead_letter"] = {"kek": "no-such-quarantine-kek"}
+    ws.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    w = WorkerProcess(ws)
+    workers.append(w)
+    assert w.wait(60) == 78, w.log()[-2000:]
+    assert "dead_letter.kek 'no-such-quarantine-kek'" in w.log()

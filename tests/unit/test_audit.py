@@ -657,6 +657,8 @@ def test_helpers_cover_every_event_type() -> None:
     log.source_topic_read(actor="alice", topic="orders", reason="INC-1", outcome="success", count=3)
     log.emit(EventType.PROVENANCE_RESOLVED, {"audiences": ["analytics"], "count": 2, "outcome": "success"})
     log.emit(EventType.CONSENT_WITHHELD, {"audience": "analytics", "purpose": "marketing", "reason": "withdrawn", "count": 2})
+    for dl in (EventType.DEAD_LETTER_INSPECTED, EventType.DEAD_LETTER_REPLAYED):
+        log.emit(dl, {"subject": "orders.dlq:0:7", "topic": "orders", "reason": "INC-1", "outcome": "success"})
     assert {e["type"] for e in sink.events()} == {t.value for t in EventType}
     assert verify(sink.lines).ok
 
