@@ -259,7 +259,7 @@ def test_worker_dead_letters_an_unmapped_kms_error_and_carries_on(
     tag = uuid.uuid4().hex[:8]
     src, derived = f"src-{tag}", f"derived-{tag}"
     dst = {a: f"dst-{a}-{tag}" for a in AUDIENCES}
-    for name in [src, *dst.values()]:
+    for name in [src, *dst.values(), f"quarantine-{tag}"]:
         root.secrets.transit.create_key(name, key_type="aes256-gcm96")
     root.secrets.transit.create_key(derived, key_type="aes256-gcm96", derived=True)
     for k in ("VAULT_TOKEN", "VAULT_ADDR", "BAO_ADDR", "VAULT_NAMESPACE"):
@@ -268,6 +268,7 @@ def test_worker_dead_letters_an_unmapped_kms_error_and_carries_on(
     ws = make_workspace(tmp_path / "ws", kafka_bootstrap, unique, sources=("orders",), partitions=1)
     cfg = yaml.safe_load(ws.config_path.read_text())
     cfg["kms"] = {"provider": "vault", "url": bao.url, "mount": "transit"}
+    cfg["dead_letter"] = {"kek": f"quarantine-{tag}"}
     for d in cfg["pipelines"][0]["destinations"]:
         d["kek"] = dst[d["audience"]]
     ws.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))

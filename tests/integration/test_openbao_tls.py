@@ -39,7 +39,7 @@ from tests.integration.servers import OpenBaoServer, start_openbao_tls  # noqa: 
 
 pytestmark = pytest.mark.integration
 
-KEKS = ["streamproc-src-orders", *(f"streamproc-dst-{a}" for a in AUDIENCES)]
+KEKS = ["streamproc-src-orders", "streamproc-quarantine", *(f"streamproc-dst-{a}" for a in AUDIENCES)]
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +124,7 @@ def test_worker_end_to_end_with_vault_over_tls(
     ws = make_workspace(tmp_path / "ws", kafka_bootstrap, unique, sources=("orders",), partitions=2)
     cfg = yaml.safe_load(ws.config_path.read_text())
     cfg["kms"] = {"provider": "vault", "url": bao.url, "ca_cert": str(bao.ca_file)}
+    cfg["dead_letter"] = {"kek": "streamproc-quarantine"}
     for d in cfg["pipelines"][0]["destinations"]:
         d["kek"] = f"streamproc-dst-{d['audience']}"
     ws.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))

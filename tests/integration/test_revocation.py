@@ -530,7 +530,7 @@ def test_openbao_destination_revocation(
     tag = uuid.uuid4().hex[:8]
     src = f"streamproc-src-orders-{tag}"
     dst = {a: f"streamproc-dst-{a}-{tag}" for a in AUDIENCES}
-    for name in [src, f"streamproc-src-logins-{tag}", *dst.values()]:
+    for name in [src, f"streamproc-src-logins-{tag}", *dst.values(), "streamproc-quarantine"]:
         root.secrets.transit.create_key(name, key_type="aes256-gcm96")
     token = root.auth.token.create(policies=["streamproc-processor"], ttl="10m")["auth"]["client_token"]
     for k in ("VAULT_TOKEN", "VAULT_ADDR", "BAO_ADDR", "VAULT_NAMESPACE"):
@@ -541,7 +541,8 @@ def test_openbao_destination_revocation(
         ws,
         lambda c: (
             c.update(kms={"provider": "vault", "url": bao.url, "mount": "transit",
-                          "revocation_cache_ttl": 0.5, "revocation_check_interval": SWEEP}),
+                          "revocation_cache_ttl": 0.5, "revocation_check_interval": SWEEP},
+                     dead_letter={"kek": "streamproc-quarantine"}),
             set_keks(c, dst.__getitem__),
         ),
     )
@@ -579,6 +580,7 @@ def test_aws_destination_key_disabled(
         tmp_path / "ws",
         kafka_bootstrap,
         unique,
+        dead_letter={"kek": key("quarantine")},
         kms={"provider": "aws", "region": REGION, "endpoint_url": moto.url,
              "state_cache_ttl": 0.5, "revocation_check_interval": SWEEP},
         pseudonym_secrets={"provider": "wrapped_file", "path": "./keys/pseudonym.json", "kek": secret_kek},
