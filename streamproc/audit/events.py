@@ -60,6 +60,10 @@ class EventType(enum.StrEnum):
     """``streamproc provenance resolve``: audience-keyed references turned into source offsets."""
     CONSENT_WITHHELD = "consent_withheld"
     """A batch withheld records from an audience for lack of consent or an objection (counts)."""
+    DEAD_LETTER_INSPECTED = "dead_letter_inspected"
+    """``streamproc dlq inspect``: a dead letter opened with the quarantine KEK."""
+    DEAD_LETTER_REPLAYED = "dead_letter_replayed"
+    """``streamproc dlq replay``: a dead letter re-produced to its source topic."""
 
 
 # -- attribute guard ----------------------------------------------------------------------
@@ -398,6 +402,38 @@ class ConsentWithheld(Event):
     count: int | None = None
 
 
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class DeadLetterInspected(Event):
+    """``dlq inspect``: one dead letter opened (``subject``: DLQ topic:partition:offset),
+    written before it is shown."""
+
+    TYPE: ClassVar[EventType] = EventType.DEAD_LETTER_INSPECTED
+    subject: str | None = None
+    topic: str | None = None
+    partition: int | None = None
+    key_id: str | None = None
+    reason: str | None = None
+    outcome: str | None = None
+    count: int | None = None
+    error: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class DeadLetterReplayed(Event):
+    """``dlq replay``: one dead letter re-produced to its source ``topic``/``partition``,
+    written before the transaction (``outcome: failed`` if it then aborted)."""
+
+    TYPE: ClassVar[EventType] = EventType.DEAD_LETTER_REPLAYED
+    subject: str | None = None
+    topic: str | None = None
+    partition: int | None = None
+    key_id: str | None = None
+    reason: str | None = None
+    outcome: str | None = None
+    count: int | None = None
+    error: str | None = None
+
+
 #: The dataclass of every event type (a test checks that each :class:`EventType` has one).
 EVENTS: Mapping[EventType, type[Event]] = {
     cls.TYPE: cls
@@ -418,6 +454,8 @@ EVENTS: Mapping[EventType, type[Event]] = {
         SourceTopicRead,
         ProvenanceResolved,
         ConsentWithheld,
+        DeadLetterInspected,
+        DeadLetterReplayed,
     )
 }
 

@@ -58,6 +58,8 @@ EXPECTED: dict[str, set[str]] = {
     "source_topic_read": {"topic", "reason", "outcome", "count", "error"},
     "provenance_resolved": {"audiences", "reason", "outcome", "count", "error"},
     "consent_withheld": {"audience", "purpose", "reason", "count"},
+    "dead_letter_inspected": {"subject", "topic", "partition", "key_id", "reason", "outcome", "count", "error"},
+    "dead_letter_replayed": {"subject", "topic", "partition", "key_id", "reason", "outcome", "count", "error"},
 }
 
 
