@@ -990,8 +990,8 @@ def _validate(raw: dict[str, Any], path: Path, ctx: _Ctx, check_policy: bool) ->
     secrets = _pseudonym_secrets(ctx, raw.get("pseudonym_secrets"), base, pipelines)
     if parsed_policy is not None:
         _check_secret_source(ctx, str(provider), secrets, parsed_policy, policy)
-    acls = _acls(ctx, raw.get("acls"), pipelines, group_id)
     consent = _consent(ctx, raw.get("consent"), pipelines)
+    acls = _acls(ctx, raw.get("acls"), pipelines, group_id, consent_topic=consent.topic if consent else None)
     if parsed_policy is not None:
         _check_consent(ctx, consent, parsed_policy, policy)
     return Config(
@@ -1170,6 +1170,8 @@ def _acls(
     v: Any,
     pipelines: Sequence[PipelineConfig],
     group_id: str,
+    *,
+    consent_topic: str | None = None,
 ) -> AclsConfig | None:
     """``acls:``: principals only, checked so the derived ACLs keep roles apart.
 
@@ -1250,7 +1252,7 @@ def _acls(
             raise ctx.error(f"{where}.topics", "must be a non-empty list of source topics")
         names = tuple(_str(ctx, f"{where}.topics[{j}]", t) for j, t in enumerate(topics))
         for j, t in enumerate(names):
-            if t not in sources:
+            if t not in sources and t != consent_topic:  # consent-collecting apps write the consent topic
                 raise ctx.error(
                     f"{where}.topics[{j}]",
                     f"{t!r} is not a source topic (producers write only sources: "

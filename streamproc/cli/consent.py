@@ -87,7 +87,7 @@ def show(config_path: str, subject: str, timeout: float) -> None:
     config, policy, keys = _setup(config_path)
     cc = config.consent
     try:
-        source = KafkaConsentSource(config.consumer_config(), cc.topic)
+        source = KafkaConsentSource(config.consumer_config(), cc.topic, group_prefix=config.group_id)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     table = ConsentTable(source, topic=cc.topic)

@@ -17,7 +17,10 @@ names the principals; :func:`desired_acls` derives, for each:
   ``WRITE`` on the same resource, so adding it would only be noise in the plan.
 * **each audience's principal**: ``READ`` on that audience's sanitized topics only, and
   ``READ`` on groups starting with its ``group_prefix`` (``PREFIXED``).
-* **each producer principal**: ``WRITE`` on its source topics only.
+  With ``consent:``, ``READ`` on the consent topic and on the groups ``<group_id>.consent-``
+  (``PREFIXED``) of its table readers.
+* **each producer principal**: ``WRITE`` on its source topics only (and on the consent
+  topic when its ``topics`` name it: the application that records consent).
 
 Nobody but the processor can write a sanitized topic, nobody but the audience can read
 it, and nobody reads a source or dead-letter topic but the processor (dead letters are
@@ -112,6 +115,11 @@ def desired_acls(config: Config) -> list[Acl]:
         add(proc, TOPIC, LITERAL, p.dead_letter_topic, "WRITE", f"dead letters of pipelines[{i}]")
     if config.audit is not None and config.audit.kafka_topic:
         add(proc, TOPIC, LITERAL, config.audit.kafka_topic, "WRITE", "audit trail")
+    if config.consent is not None:
+        # Every worker reads the whole consent table (assigned partitions, no offsets
+        # committed) under a group id of its own, <group_id>.consent-<random>.
+        add(proc, TOPIC, LITERAL, config.consent.topic, "READ", "consent table")
+        add(proc, GROUP, PREFIXED, f"{config.group_id}.consent-", "READ", "consent table reader")
     add(proc, GROUP, LITERAL, config.group_id, "READ", "consumer group and transactional offsets")
     if config.exactly_once:
         add(

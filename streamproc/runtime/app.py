@@ -178,7 +178,7 @@ def start_consent_table(config: Config, pipeline: Any) -> Any:
     if pipeline.keys is None:
         raise ConfigError("consent: the policy needs keys.pseudonym (subject tokens derive from it)")
     cc = config.consent
-    source = KafkaConsentSource(config.consumer_config(), cc.topic)
+    source = KafkaConsentSource(config.consumer_config(), cc.topic, group_prefix=config.group_id)
     table = ConsentTable(source, topic=cc.topic)
     try:
         table.restore(cc.restore_timeout_seconds)

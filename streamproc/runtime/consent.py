@@ -174,16 +174,25 @@ class KafkaConsentSource:
     """Every partition of the consent topic, from the beginning, without a consumer group.
 
     Each worker needs the whole table, so partitions are *assigned*, not subscribed, and no
-    offset is ever committed (the group id is random and unused).  ``enable.partition.eof``
+    offset is ever committed (the group id, ``<group_id>.consent-<random>``, is unused).  ``enable.partition.eof``
     marks the end of each partition for :meth:`ConsentTable.restore`.
     """
 
-    def __init__(self, consumer_config: dict[str, Any], topic: str, *, consumer_factory: Callable[[dict[str, Any]], Any] | None = None, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        consumer_config: dict[str, Any],
+        topic: str,
+        *,
+        group_prefix: str = "streamproc",
+        consumer_factory: Callable[[dict[str, Any]], Any] | None = None,
+        timeout: float = 10.0,
+    ) -> None:
         from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
         conf = {
             **consumer_config,
-            "group.id": f"streamproc-consent-{uuid.uuid4().hex[:12]}",
+            # Its own, never committed: ACLs grant READ on the prefix <group_id>.consent-.
+            "group.id": f"{group_prefix}.consent-{uuid.uuid4().hex[:12]}",
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "enable.partition.eof": True,

@@ -89,8 +89,8 @@ def apply_topics(
         if config.consent is not None and t == config.consent.topic:
             # The consent table: the last record per key is the state (KTable), so the
             # topic is compacted, never deleted by age (a withdrawal must not expire).
+            # (retention.ms, if configured, is left: Kafka ignores it under compact only.)
             conf["cleanup.policy"] = "compact"
-            conf.pop(RETENTION_MS, None)
         new.append(NewTopic(t, num_partitions=parts, replication_factor=rf, config=conf))
     if new:
         futures = admin.create_topics(new, operation_timeout=timeout, request_timeout=timeout)

@@ -509,3 +509,33 @@ def test_consent_token_known_answer_vector() -> None:
     keys = PseudonymKeys(Fixed(), "pseudonym-master")
     assert keys.consent_key("consent")[1].hex() == "37e751358aa5531bf52cbce59eb5d55d4b1145f953757894b7096b5d2ebbc7a5"
     assert subject_token(keys, "consent", "cust-42") == "tk1_A2W2jgvFQYiPCUTpFoaFew"
+
+
+def test_acls_let_the_processor_read_the_table_and_the_consent_app_write_it(tmp_path: Path) -> None:
+    import shutil
+
+    from streamproc.runtime.acls import Acl, desired_acls
+    from tests.unit.test_acls import REPO as ACL_REPO
+    from tests.unit.test_acls import base
+
+    shutil.copytree(ACL_REPO / "schemas", tmp_path / "schemas")
+    raw = raw_policy()
+    raw["audiences"].pop("support")
+    raw["purposes"].pop("service")
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(raw))
+    cfg = base()
+    cfg["consent"] = {"topic": "sp.consent"}
+    cfg["acls"]["producers"].append({"principal": "User:prefs", "topics": ["sp.consent"]})
+    p = tmp_path / "streamproc.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    with_consent = set(desired_acls(load_config(p, env={})))
+    cfg.pop("consent")
+    cfg["acls"]["producers"].pop()
+    p.write_text(yaml.safe_dump(cfg))
+    (tmp_path / "policy.yaml").write_text(POLICY_FILE.read_text())
+    without = set(desired_acls(load_config(p, env={})))
+    assert with_consent - without == {
+        Acl("User:proc", "TOPIC", "LITERAL", "sp.consent", "READ"),
+        Acl("User:proc", "GROUP", "PREFIXED", "sp.consent-", "READ"),
+        Acl("User:prefs", "TOPIC", "LITERAL", "sp.consent", "WRITE"),
+    }
