@@ -86,6 +86,67 @@ def _in_process(console: Console, ws: d.Workspace, events: int, show_n: int, see
         for i in range(min(show_n, len(records))):
             # "Before" is the source record opened with the source key, as the processor saw it.
             d.show(console, f"{topic} offset {i}", opener.decode(topic, _value(batch[i])), by_offset[i])
+    _consent_scene(console, ws, kms, schemas, seed)
+
+
+def _consent_scene(console: Console, ws: d.Workspace, kms: Any, schemas: Any, seed: int) -> None:
+    """Consent and purpose: the same orders before and after one subject withdraws.
+
+    The demo policy gets three purposes (analytics: ``consent``, fraud:
+    ``legitimate_interest``, support: ``contract``); the consent table is in memory here
+    (a worker reads it from the compacted consent topic, docs/governance.md).
+    """
+    import yaml
+
+    from streamproc.client import RecordSealer
+    from streamproc.client.consent import subject_token
+    from streamproc.client.generator import EventGenerator
+    from streamproc.crypto.envelope import Opener
+    from streamproc.crypto.pseudonym import PseudonymKeys
+    from streamproc.pipeline.consent import ConsentGate
+    from streamproc.pipeline.core import InputRecord, Pipeline, build_routes
+    from streamproc.policy.consent import ConsentState, encode, record_key
+    from streamproc.policy.model import parse_policy
+
+    raw = yaml.safe_load(ws.policy.read_text())
+    purpose_of = {"analytics": "marketing", "fraud": "fraud_prevention", "support": "service"}
+    if set(raw.get("audiences") or {}) != set(purpose_of) or "purposes" in raw:
+        return  # a custom policy: the scene is written for the example one
+    raw["purposes"] = {
+        "marketing": {"basis": "consent"},
+        "fraud_prevention": {"basis": "legitimate_interest"},
+        "service": {"basis": "contract"},
+    }
+    for a, p in purpose_of.items():
+        raw["audiences"][a]["purpose"] = p
+    policy = parse_policy(raw, str(ws.policy))
+    keys = PseudonymKeys(kms, d.PSEUDONYM_SECRET)
+    state = ConsentState()
+    pipeline = Pipeline(
+        routes=build_routes(ws.pipelines()), policy=policy, opener=Opener.for_kms(kms), kms=kms,
+        schemas=schemas, keys=keys, consent=ConsentGate(policy, state, keys),
+    )
+    schema_file, kek, _ = d.SOURCES["orders"]
+    sealer = RecordSealer(kms, kek, "orders", json.loads((ws.schemas / schema_file).read_text()), schemas)
+    gen = EventGenerator(seed + 1)
+    subject = gen.order()["customer_id"]
+    key = record_key(subject_token(keys, "consent", subject), "marketing")
+    console.print(
+        "[bold]consent and purpose[/]: analytics serves 'marketing' (basis consent), fraud "
+        "'fraud_prevention' (legitimate_interest), support 'service' (contract)"
+    )
+    for step, status in enumerate(("granted", "withdrawn")):
+        state.apply(key, encode("marketing", status, int(time.time() * 1000)))  # as the topic would
+        rec = gen.order()
+        rec["customer_id"] = subject
+        result = pipeline.process([InputRecord("orders", 0, step, subject.encode(), sealer.seal(rec))])
+        got = {o.topic.rsplit(".", 1)[1] for o in result.outputs}
+        cells = []
+        for a in d.AUDIENCES:
+            why = [r for (aud, r) in result.stats.withheld if aud == a]
+            cells.append(f"{a}: " + ("[green]delivered[/]" if a in got else f"[red]withheld ({why[0]})[/]"))
+        console.print(f"  subject {subject} {status} 'marketing' -> an order of theirs: " + ", ".join(cells))
+    console.print("[dim]withheld: no output for that audience, no dead letter; counted per audience and reason[/]\n")
 
 
 def _value(rec: Any) -> bytes:

@@ -539,3 +539,15 @@ def test_acls_let_the_processor_read_the_table_and_the_consent_app_write_it(tmp_
         Acl("User:proc", "GROUP", "PREFIXED", "sp.consent-", "READ"),
         Acl("User:prefs", "TOPIC", "LITERAL", "sp.consent", "WRITE"),
     }
+
+
+def test_in_process_demo_shows_the_withdrawn_subject_missing_from_analytics(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from streamproc.cli.main import cli
+
+    r = CliRunner().invoke(cli, ["demo", "--in-process", "--events", "2", "--workdir", str(tmp_path / "demo")], env={"COLUMNS": "250"})
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.output.split())
+    assert "granted 'marketing' -> an order of theirs: analytics: delivered, fraud: delivered, support: delivered" in out
+    assert "withdrawn 'marketing' -> an order of theirs: analytics: withheld (withdrawn), fraud: delivered, support: delivered" in out
