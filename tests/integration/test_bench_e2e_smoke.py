@@ -98,3 +98,32 @@ def test_cases_and_ratios_are_consistent(bench: ModuleType) -> None:
     assert set(bench.DEFAULT_CASES) <= set(bench.CASES)
     with pytest.raises(SystemExit):
         bench.main(["--cases", "no-such-case"])
+
+
+def test_own_kafka_broker_over_sasl_ssl(bench: ModuleType, tmp_path: Path) -> None:
+    """``--broker kafka --security sasl_ssl``: the script starts Apache Kafka with SCRAM over
+    TLS and every client it builds (its own, the worker's, the copy loop's) authenticates;
+    the outputs are read back and checked by the script itself."""
+    from streamproc.devkafka import kafka_available
+
+    ok, reason = kafka_available()
+    if not ok:
+        pytest.skip(reason)
+    results, meta = bench.run_bench(
+        200,
+        1,
+        ["streamproc-eos", "raw-eos"],
+        distinct=20,
+        broker_kind="kafka",
+        security="sasl_ssl",
+        timeout=120.0,
+        root=tmp_path,
+        progress=lambda _s: None,
+    )
+    assert meta["broker"] == "local Apache Kafka (KafkaBroker, SASL_SSL)"
+    for res in results.values():
+        (run,) = res.runs
+        assert run.outputs_min >= 200 and run.dead_letters == 0
+    cfg = next((tmp_path / "ws").glob("streamproc-streamproc-eos-*.yaml")).read_text()
+    assert "SASL_SSL" in cfg and "SCRAM-SHA-512" in cfg
+    assert not bench.CLIENT_SECURITY, "the security settings do not outlive the run"
