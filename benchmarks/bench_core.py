@@ -347,12 +347,65 @@ def run_risk(s: Setup, n: int, batch: int) -> int:
     return done
 
 
+_CONSENT: dict[int, Pipeline] = {}
+
+
+def consent_pipeline(s: Setup) -> Pipeline:
+    """Case (d) with the consent check: a1 serves a ``consent``-basis purpose, a2 a
+    ``legitimate_interest`` one, the subject is ``customer_id``; the table holds a grant for
+    every subject of the records plus 20 000 other subjects' grants, so every record is
+    delivered and the outputs equal (d): the difference is the evaluation alone (subject
+    read, one HMAC per record, a dict lookup per audience)."""
+    p = _CONSENT.get(id(s))
+    if p is None:
+        import yaml
+
+        from streamproc.client.consent import subject_token
+        from streamproc.pipeline.consent import ConsentGate
+        from streamproc.policy.consent import ConsentState, encode, record_key
+        from streamproc.policy.model import parse_policy
+
+        raw = yaml.safe_load(POLICY_FILE.read_text())
+        raw["purposes"] = {"marketing": {"basis": "consent"}, "fraud": {"basis": "legitimate_interest"}}
+        for a, purpose in (("a1", "marketing"), ("a2", "fraud")):
+            raw["audiences"][a].update(purpose=purpose, subject="customer_id")
+        policy = parse_policy(raw)
+        keys = PseudonymKeys(s.kms, PSEUDONYM_SECRET)
+        state = ConsentState()
+        subjects = {r["customer_id"] for r in s.records} | {f"other-{i}" for i in range(20_000)}
+        for subj in subjects:
+            state.apply(record_key(subject_token(keys, "consent", subj), "marketing"), encode("marketing", "granted", 0))
+        two = s.pipelines[2]
+        p = Pipeline(
+            routes=build_routes([{"sources": [SOURCE_TOPIC], "destinations": [
+                {"topic": f"{SOURCE_TOPIC}.{a}", "audience": a, "kek": f"{a}-kek"} for a in AUDIENCES[:2]]}]),
+            policy=policy, opener=Opener.for_kms(s.kms), kms=s.kms, schemas=two.schemas, keys=keys,
+            consent=ConsentGate(policy, state, keys),
+        )
+        _CONSENT[id(s)] = p
+    return p
+
+
+def run_consent(s: Setup, n: int, batch: int) -> int:
+    """(d) with the consent check (see :func:`consent_pipeline`)."""
+    p = consent_pipeline(s)
+    inputs = s.inputs[:n]
+    done = 0
+    for i in range(0, n, batch):
+        res = p.process(inputs[i : i + batch])
+        if res.quarantined or res.stats.withheld:
+            raise RuntimeError("benchmark records were quarantined or withheld")
+        done += len(res.outputs) // 2
+    return done
+
+
 #: name -> (label, function(setup, n, batch) -> records handled)
 CASES: dict[str, tuple[str, Callable[[Setup, int, int], int]]] = {
     "baseline": ("(a) fastavro decode+encode (no crypto)", run_baseline),
     "plan": ("(b) plan fn alone (a1)", run_plan),
     "pipeline_1": ("(c) Pipeline.process, 1 audience", lambda s, n, b: run_pipeline(s, 1, n, b)),
     "pipeline_2": ("(d) Pipeline.process, 2 audiences", lambda s, n, b: run_pipeline(s, 2, n, b)),
+    "pipeline_2_consent": ("(d) + consent check (2 audiences)", run_consent),
     "open": ("    component: Opener.open", run_open),
     "seal": ("    component: Sealer.seal_many", run_seal),
     "plan_dp_laplace": ("(b) + dp_noise laplace (long)", lambda s, n, b: run_dp("plan_dp_laplace", s, n, b)),

@@ -49,6 +49,8 @@ class ConsentGate:
             a: p for a in policy.audiences if (p := policy.basis_of(a)) is not None
         }
         self._tokenizers: dict[int, Callable[[bytes], str]] = {}
+        self._versions: frozenset[int] = frozenset()
+        self._ordered: list[int] = []
 
     def gated(self, audience: Audience | str) -> Purpose | None:
         """The purpose an audience's records are evaluated under (``None``: not gated)."""
@@ -63,9 +65,14 @@ class ConsentGate:
 
     def tokens(self, subject: bytes) -> list[tuple[int, str]]:
         """The subject's consent token under every master version present in the table."""
-        return [(v, self._tokenizer(v)(subject)) for v in sorted(self.table.versions)]
+        versions = self.table.versions
+        if versions is not self._versions:  # a new version appeared (rare): re-sort once
+            self._versions, self._ordered = versions, sorted(versions)
+        return [(v, self._tokenizer(v)(subject)) for v in self._ordered]
 
     def record(self, tokens: list[tuple[int, str]], purpose: str) -> ConsentRecord | None:
+        if len(tokens) == 1:  # one master version in the table: the common case
+            return self.table.get(record_key(tokens[0][1], purpose))
         return latest((v, self.table.get(record_key(t, purpose))) for v, t in tokens)
 
     def reason(self, purpose: Purpose, subject: bytes | None, tokens: list[tuple[int, str]] | None = None) -> str | None:
