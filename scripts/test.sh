@@ -20,6 +20,10 @@ python -m pip install -q --disable-pip-version-check -e ".[test,vault,aws,regist
 # a no-op when the cached copy matches the pom.
 bash scripts/kafka/fetch.sh
 
+# Apicurio Registry from Maven Central (a real Confluent-compatible registry for
+# tests/integration/test_registry_apicurio.py) into .cache/apicurio; a no-op once there.
+bash scripts/apicurio/fetch.sh || echo "scripts/apicurio/fetch.sh failed: the Apicurio tests will skip" >&2
+
 # Lint and types first: cheap, and a red lint is a red build.
 python -m ruff check streamproc tests benchmarks examples scripts
 python -m mypy streamproc

@@ -20,7 +20,7 @@ DEST="$(cd "$DEST" && pwd)"
 SETTINGS="$PWD/scripts/apicurio/settings.xml"
 WORK="$(mktemp -d)"  # without a pom, the plugin writes its markers under the working dir
 trap 'rm -rf "$WORK"' EXIT
-(cd "$WORK" && mvn -q -s "$SETTINGS" dependency:unpack \
+(cd "$WORK" && mvn -q -B -Dstyle.color=never -s "$SETTINGS" dependency:unpack \
   -Dartifact="io.apicurio:apicurio-registry-app:${VERSION}:tar.gz:all" \
   -DoutputDirectory="$DEST")
 test -f "$DEST/apicurio-registry-app-${VERSION}-runner.jar"
