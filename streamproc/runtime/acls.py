@@ -10,7 +10,8 @@ names the principals; :func:`desired_acls` derives, for each:
   destination, dead-letter and audit topic, and -- for ``exactly_once`` -- ``WRITE`` on
   the transactional ids ``<group_id>-`` (``PREFIXED``: the id is
   ``<group_id>-<instance>-<index>``); ``DESCRIBE_CONFIGS`` on the topics whose retention
-  it monitors (``topics.retention_check_interval_seconds`` > 0, governed topics only).
+  it monitors (``topics.retention_check_interval_seconds`` > 0, governed topics only) and
+  on every source, destination and dead-letter topic (the start-up record-size limit).
   Nothing on the cluster: since Kafka 3.0
   (KIP-679) an idempotent producer needs no ``IDEMPOTENT_WRITE`` once it may write a
   topic.  No explicit ``DESCRIBE``: Kafka's authorizers imply it from ``READ`` and
@@ -130,6 +131,12 @@ def desired_acls(config: Config) -> list[Acl]:
             "WRITE",
             "transactional.id <group_id>-<instance>-<index>",
         )
+    # At start-up the worker derives its record-size limit from max.message.bytes of every
+    # topic it reads or writes (DescribeConfigs; runtime/limits.py); READ/WRITE do not
+    # imply DESCRIBE_CONFIGS, and without it the worker falls back to Kafka's default.
+    for p in config.pipelines:
+        for t in (*p.sources, *(d.topic for d in p.destinations), p.dead_letter_topic):
+            add(proc, TOPIC, LITERAL, t, "DESCRIBE_CONFIGS", "record size limit")
     if config.topics.retention_check_interval_seconds > 0:
         # The worker's retention monitor (runtime/retention.py) describes the configs of
         # the governed topics with the processor's credentials; READ/WRITE do not imply

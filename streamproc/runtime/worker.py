@@ -474,7 +474,7 @@ class Worker:
                     raw = getattr(entry, "value", None)
                     out[res.name] = int(raw) if raw not in (None, "") else None
                 return out
-            except KafkaException as exc:
+            except (KafkaException, TimeoutError) as exc:  # TimeoutError: e.g. a login refused
                 admin.poll(0)  # serve error_cb: an authentication failure?
                 if self._security_error is not None:
                     raise ConfigError(self._security_error) from None

@@ -285,7 +285,7 @@ def connect_errors(conf: dict[str, Any], seconds: float = 6.0) -> list[KafkaErro
 def test_acls_apply_creates_the_derived_set_once(secure: Secure) -> None:
     first, second = secure.apply_outputs
     # processor: READ source + group, WRITE 3 destinations + DLQ, WRITE txn prefix (6),
-    # DESCRIBE_CONFIGS on the 5 governed topics (retention monitor);
+    # DESCRIBE_CONFIGS on its 5 topics (size limit at start-up; the retention monitor);
     # audiences: READ own topic + own group prefix (3 x 2); producer: WRITE source (1)
     assert first.strip().endswith(
         "19 added, 0 unchanged, 0 broader than needed (review; --prune deletes them)."
@@ -380,8 +380,10 @@ def test_worker_end_to_end_with_only_the_derived_acls(secure: Secure) -> None:
         log = w.log()
     finally:
         w.stop()
-    # the retention monitor could read every governed topic's config (DESCRIBE_CONFIGS)
+    # the retention monitor and the start-up size limit could read every topic's config
+    # (DESCRIBE_CONFIGS)
     assert "retention check" not in log, log[-3000:]
+    assert "DescribeConfigs" not in log, log[-3000:]
     counts = count_committed(secure, [*dests, secure.ws.dlq("orders")])
     assert counts == {**dict.fromkeys(dests, n), secure.ws.dlq("orders"): 0}
     # each audience reads its own topic, as itself, in a group of its own prefix
