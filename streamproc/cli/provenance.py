@@ -76,13 +76,18 @@ class Resolver:
         return self.resolve(prov.audience, prov.ref, prov.key_version)
 
 
-@provenance.command("resolve")
+@provenance.command(
+    "resolve",
+    # A reference is base64url: one in 32 starts with "-".  Unknown "options" are therefore
+    # references, and "-h" is not a help flag here (a reference may start with it).
+    context_settings={"ignore_unknown_options": True, "help_option_names": ["--help"]},
+)
 @config_option("Processor config (kms, policy, pipelines, audit).")
 @click.option("--audience", help="Audience of bare references (a header value names its own).")
 @click.option("--version", "version", type=click.IntRange(1), help="Pseudonym master version (header k=).")
 @click.option("--reason", help="Why (a ticket id), recorded in the audit event. No personal data.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per reference.")
-@click.argument("refs", nargs=-1)
+@click.argument("refs", nargs=-1, type=click.UNPROCESSED)
 def resolve(
     config_path: str,
     audience: str | None,

@@ -304,6 +304,14 @@ def test_provenance_resolve_cli(tmp_path: Path) -> None:
                if e["type"] == "provenance_resolved"]
     assert event["attrs"]["audiences"] == ["analytics"] and event["attrs"]["count"] == 1
     assert event["attrs"]["reason"] == "LIN-7" and event["attrs"]["outcome"] == "success"
+    # a reference is base64url: those that look like options (even "-h") are references
+    dash = [(o, r) for o in range(20000)
+            if (r := provenance.reference(keys.provenance_key("analytics")[1], "logins", 0, o))
+            .startswith(("-h", "-"))]
+    for offset, r in [next(x for x in dash if x[1].startswith("-h")), dash[0]]:
+        res = run(cli, [*args, "--audience", "analytics", r])
+        assert res.exit_code == 0, res.output
+        assert res.stdout.split() == [r, "logins", "0", str(offset)]
     res = run(cli, [*args, "--json"], input=f"streamproc.prov={header}\n")
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout) == {"ref": ref, "audience": "analytics", "topic": "logins", "partition": 2,
