@@ -68,7 +68,27 @@ class RecordError(StreamprocError):
 
 
 class EnvelopeError(RecordError):
-    """The envelope could not be opened.  Opaque on purpose: it says why, never what."""
+    """The envelope could not be opened.  Opaque on purpose: it says why, never what.
+
+    ``kek_id`` and ``kek_version`` name the key the envelope's header claims, when the
+    header parsed (``None`` for a malformed or unsupported header), so that callers -- the
+    audit trail's ``key_revocation_seen``, say -- never re-parse the record's bytes: the
+    envelope layout is known to ``streamproc.crypto.envelope`` alone.  They are attributes
+    only, never part of the message: the KEK id is producer-chosen text, and code that
+    shows it goes through ``envelope.kek_label`` (a configured id, or a digest).
+    """
+
+    def __init__(
+        self,
+        reason: Reason,
+        detail: str = "",
+        *,
+        kek_id: str | None = None,
+        kek_version: int | None = None,
+    ) -> None:
+        super().__init__(reason, detail)
+        self.kek_id = kek_id
+        self.kek_version = kek_version
 
 
 class TransientError(StreamprocError):

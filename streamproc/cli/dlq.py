@@ -171,16 +171,12 @@ def _b64(b: bytes | None) -> str | None:
 
 def _describe_value(value: bytes | None) -> dict[str, Any] | None:
     """Whether the original value is an envelope, and under which KEK (never its bytes)."""
-    from streamproc.crypto.envelope import parse_header
-    from streamproc.errors import EnvelopeError
+    from streamproc.crypto.envelope import header_key
 
-    if value is None:
+    key = None if value is None else header_key(value)
+    if key is None:
         return None
-    try:
-        h = parse_header(value)
-    except EnvelopeError:
-        return None
-    return {"kek_id": h.kek_id, "kek_version": h.kek_version}
+    return {"kek_id": key[0], "kek_version": key[1]}
 
 
 def _common(f: Any) -> Any:

@@ -23,6 +23,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -55,12 +56,10 @@ class DekCache:
         self._failures: dict[CacheKey, tuple[float, KmsError]] = {}
         self._lock = threading.Lock()
         self._last_sweep = clock()
-        #: Plain counters read by the observability layer (cheap on the hot path).
+        #: Plain counters (cheap on the hot path); read them through :meth:`stats`.
         self.hits = 0
         self.misses = 0
         self.evictions = 0
-        #: Optional observer called as ``on_kms_call(operation, outcome, seconds)``.
-        self.on_kms_call: Callable[[str, str, float], None] | None = None
 
     def get(self, kek_id: str, kek_version: int, wrapped: bytes, topic: str) -> AESGCM:
         """Return the AEAD for a wrapped data key, unwrapping through the KMS on a miss."""
@@ -88,16 +87,11 @@ class DekCache:
             del self._failures[key]
         kek_id, kek_version, wrapped, topic = key
         ctx: Mapping[str, str] = {"topic": topic}
-        t0 = time.perf_counter()
-        outcome = "ok"
         try:
             dek = self.kms.unwrap(kek_id, kek_version, wrapped, ctx)
         except TransientError:
-            outcome = "unavailable"
             raise
         except Exception as exc:
-            mapped = isinstance(exc, KmsError) and type(exc) is not KmsError
-            outcome = type(exc).__name__ if mapped else "error"
             err = (
                 exc
                 if isinstance(exc, KmsError)
@@ -107,9 +101,6 @@ class DekCache:
                 self._failures.clear()
             self._failures[key] = (now + self.negative_ttl, err)
             raise err from None
-        finally:
-            if self.on_kms_call is not None:
-                self.on_kms_call("unwrap", outcome, time.perf_counter() - t0)
         try:
             aead = AESGCM(dek)
         except (TypeError, ValueError):  # not 128/192/256 bits: the provider misbehaved
@@ -149,5 +140,23 @@ class DekCache:
             self.evictions += len(doomed)
             return len(doomed)
 
+    def stats(self) -> DekCacheStats:
+        """The cumulative counters and current size, as one value for reporters."""
+        return DekCacheStats(self.hits, self.misses, self.evictions, len(self._entries))
+
     def __len__(self) -> int:
         return len(self._entries)
+
+
+@dataclass(frozen=True, slots=True)
+class DekCacheStats:
+    """What a data-key cache reports: cumulative hits, misses, evictions; entries now.
+
+    Cumulative so that a reporter can turn them into counter increments by difference
+    (and notice a new cache by a smaller value).
+    """
+
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    entries: int = 0

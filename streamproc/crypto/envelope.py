@@ -153,6 +153,20 @@ def parse_header(data: bytes) -> EnvelopeHeader:
     return EnvelopeHeader(kek_id, kver, data[pos:end], data[end : end + 4], end + 4)
 
 
+def header_key(data: bytes) -> tuple[str, int] | None:
+    """The (KEK id, KEK version) an envelope's header names, or ``None`` if it is none.
+
+    For tools that describe a stored value (``streamproc dlq inspect``) without knowing
+    the layout; nothing is authenticated here, and the id is producer-chosen text (show
+    it through :func:`kek_label`).
+    """
+    try:
+        h = parse_header(data)
+    except EnvelopeError:
+        return None
+    return h.kek_id, h.kek_version
+
+
 class Sealer:
     """Seals values for one topic under one KEK, reusing a data key within bounds.
 
@@ -324,7 +338,10 @@ class Opener:
                     pt = aead.decrypt(data[hl : hl + NONCE_LEN], data[hl + NONCE_LEN :], aad)
                 except InvalidTag:
                     raise EnvelopeError(
-                        Reason.TAMPERED, f"ciphertext under {self.label(kek_id)} v{kver}"
+                        Reason.TAMPERED,
+                        f"ciphertext under {self.label(kek_id)} v{kver}",
+                        kek_id=kek_id,
+                        kek_version=kver,
                     ) from None
                 self._last = hit
                 return pt, kek_id, kver
@@ -333,11 +350,15 @@ class Opener:
             raise EnvelopeError(
                 Reason.KEK_NOT_ALLOWED,
                 f"key {self.label(h.kek_id)} v{h.kek_version} may not seal this source topic",
+                kek_id=h.kek_id,
+                kek_version=h.kek_version,
             )
         if h.fingerprint != topic_fingerprint(topic):
             raise EnvelopeError(
                 Reason.WRONG_TOPIC,
                 f"key {self.label(h.kek_id)} v{h.kek_version}; sealed for another topic",
+                kek_id=h.kek_id,
+                kek_version=h.kek_version,
             )
         aead = self._aead(h.kek_id, h.kek_version, h.wrapped, topic)
         hl = h.header_len
@@ -347,7 +368,10 @@ class Opener:
             pt = aead.decrypt(data[hl : hl + NONCE_LEN], data[hl + NONCE_LEN :], aad)
         except InvalidTag:
             raise EnvelopeError(
-                Reason.TAMPERED, f"ciphertext under {self.label(h.kek_id)} v{h.kek_version}"
+                Reason.TAMPERED,
+                f"ciphertext under {self.label(h.kek_id)} v{h.kek_version}",
+                kek_id=h.kek_id,
+                kek_version=h.kek_version,
             ) from None
         memo = self._memo.get(topic)
         if memo is None:
@@ -380,7 +404,7 @@ class Opener:
                 what = f"wrapped key under {self.label(kek_id)} v{kek_version}"
             elif reason is Reason.KMS_ERROR:
                 what += f" ({type(exc).__name__})"
-            raise EnvelopeError(reason, what) from None
+            raise EnvelopeError(reason, what, kek_id=kek_id, kek_version=kek_version) from None
 
 
 _MemoEntry = tuple[str, bytes, str, int, bytes, bytes, int]

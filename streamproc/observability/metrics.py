@@ -519,12 +519,6 @@ class Metrics(Observer):
             self._child("streamproc_dependency_outage_seconds", dep).set(round(now - since, 3))
 
     # -- beyond the interface ---------------------------------------------------------------
-    def kms_hook(self, provider: str) -> Callable[[str, str, float], None]:
-        """A ``DekCache.on_kms_call`` callback that reports under ``provider``."""
-        def hook(operation: str, outcome: str, seconds: float) -> None:
-            self.kms_call(provider, operation, outcome, seconds)
-        return hook
-
     def tick(self) -> None:
         """Close elapsed anomaly intervals and refresh liveness; call when idle."""
         if self.detector is not None:

@@ -34,13 +34,15 @@ import functools
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from streamproc import __version__
+from streamproc.crypto.dek_cache import DekCache, DekCacheStats
 from streamproc.crypto.envelope import Opener, Sealer, fast_dataclass_constructor, kek_digest
 from streamproc.crypto.kms import KmsProvider
+from streamproc.crypto.kms.instrumented import KmsObserver, instrumented
 from streamproc.crypto.provenance import H_PROVENANCE, header_prefix, make_referencer
 from streamproc.crypto.pseudonym import PseudonymKeys, make_tokenizer
 from streamproc.errors import (
@@ -124,6 +126,11 @@ class Quarantined:
     record: InputRecord
     reason: Reason
     detail: str
+    #: The key the envelope header names, when it parsed (from :class:`EnvelopeError`):
+    #: readers such as the audit trail never re-parse the record.  Producer-chosen text:
+    #: show it only through ``envelope.kek_label``.
+    kek_id: str | None = field(default=None, repr=False)
+    kek_version: int | None = None
 
 
 @dataclass
@@ -246,6 +253,9 @@ class Pipeline:
         self.on_compile = on_compile
         self.observer_errors = 0
         self.opener = opener
+        #: The KMS provider the sealers use (instrumented by :meth:`instrument_kms`), for
+        #: collaborators that seal on the pipeline's behalf (the dead-letter writer).
+        self.kms = kms
         self.schemas = schemas
         self.keys = keys
         self.max_record_bytes = max_record_bytes
@@ -451,7 +461,9 @@ class Pipeline:
                 gate = (purpose, subject.name, compile_subject(rs.node, subject, offset=HEADER_LEN))
         return _Compiled(fn, out_id, prefix, tuple(plan.transforms.items()), info, gate)
 
-    def _admit(self, plain: bytes, targets: list[Any], withheld: dict[tuple[str, str], int]) -> list[bool]:
+    def _admit(
+        self, plain: bytes, targets: tuple[_Target, ...], withheld: dict[tuple[str, str], int]
+    ) -> list[bool]:
         """Per target: may this record flow to it?  Counts each refusal in ``withheld``."""
         gate = self.consent
         assert gate is not None
@@ -459,7 +471,7 @@ class Pipeline:
         tokens: dict[bytes, list[tuple[int, str]]] = {}
         out = []
         for t in targets:
-            c = t[1].consent
+            c = t.plan.consent
             if c is None:
                 out.append(True)
                 continue
@@ -474,7 +486,7 @@ class Pipeline:
                 tokens[subj] = gate.tokens(subj)
             why = gate.reason(purpose, subj, None if subj is None else tokens[subj])
             if why is not None:
-                wk = (t[0].dest.audience, why)
+                wk = (t.pending.state.dest.audience, why)
                 withheld[wk] = withheld.get(wk, 0) + 1
             out.append(why is None)
         return out
@@ -490,37 +502,81 @@ class Pipeline:
         with self._lock:
             self._plans.clear()
 
-    # -- processing ---------------------------------------------------------------------------
-    def _targets(self, schema_id: int, dests: list[_DestState]) -> list[tuple[_DestState, _Compiled]] | None:
-        """The compiled plan of every destination, or None if any is missing or failed.
+    # -- observability --------------------------------------------------------------------
+    def dek_cache_stats(self) -> DekCacheStats:
+        """The opener's data-key cache counters (hits, misses, evictions, entries).
 
-        None sends the record down the general path, which compiles (or raises) in
-        destination order exactly as before, so reason classes do not change.
+        Zeros for an opener without a :class:`~streamproc.crypto.dek_cache.DekCache`
+        (a caller-supplied opener): the runtime reports these once per batch and never
+        needs to know how the opener is built.
         """
-        plans = self._plans
-        out = []
-        for st in dests:
-            c = plans.get((schema_id, st.dest.topic))
-            if c is None or isinstance(c, PolicyError):
-                return None
-            out.append((st, c))
-        return out
+        cache = getattr(self.opener, "cache", None)
+        return cache.stats() if isinstance(cache, DekCache) else DekCacheStats()
 
+    def instrument_kms(self, observer: KmsObserver) -> None:
+        """Report every KMS call this pipeline makes (unwraps, data keys) to ``observer``.
+
+        Wraps the opener's and each sealer's provider in an
+        :class:`~streamproc.crypto.kms.instrumented.InstrumentedKms`.  A provider already
+        instrumented (the composition root instruments the one it builds) is left as is,
+        so no call is counted twice.  Call before processing starts.
+        """
+        cache = getattr(self.opener, "cache", None)
+        if isinstance(cache, DekCache):
+            cache.kms = instrumented(cache.kms, observer)
+        self.kms = instrumented(self.kms, observer)
+        for st in self._dest_by_topic.values():
+            st.sealer.kms = instrumented(st.sealer.kms, observer)
+
+    # -- processing ---------------------------------------------------------------------------
     def process(self, batch: Iterable[InputRecord]) -> BatchResult:
-        # Hot path; the per-record work is kept to: one envelope open, one plan call and one
-        # join per destination, a few list appends.  Everything that is the same for many
-        # records (compiled plans, header tuples, counters) is looked up once and reused:
-        # * the plans of the last (source topic, schema id) are memoized for the batch;
-        # * per destination, plaintexts, inputs and plans go to three parallel lists (no
-        #   per-record tuple), sealed with one ``seal_many`` call, in input order;
-        # * one output header: the plan's constant prefix plus one AES block (the
-        #   audience-keyed provenance reference) per record;
-        # * statistics are counted per run or per batch, not per record.
+        """Sanitize a batch: two named stages, then the failure counts.
+
+        1. :meth:`_open_and_transform` -- per record, in input order: route it, open its
+           envelope, run the plan of every destination.  Tombstones and quarantined
+           records are final here; sanitized plaintexts wait in one :class:`_Pending` per
+           destination (all destinations of a record or none: a record whose plan fails
+           for one destination is quarantined and added to none).
+        2. :meth:`_seal` -- per destination: one ``seal_many`` call for all of its
+           plaintexts (one lock round trip per data key), then the output records (record
+           key rule, provenance header) in input order.
+
+        Outputs are the tombstones first, then each destination's sealed records.
+        """
         outputs: list[OutputRecord] = []
         quarantined: list[Quarantined] = []
         stats = BatchStats()
-        # destination topic -> (state, plaintexts to seal, input records, compiled plans)
-        pending: dict[str, tuple[_DestState, list[bytes], list[InputRecord], list[_Compiled]]] = {}
+        pending = self._open_and_transform(batch, outputs, quarantined, stats)
+        if pending:
+            self.check_sealers()
+            for pend in pending.values():
+                if pend.plains:  # a destination whose every record failed has none
+                    self._seal(pend, outputs, stats)
+        failures = stats.failures
+        for q in quarantined:
+            stats.quarantined[q.reason] = stats.quarantined.get(q.reason, 0) + 1
+            fk = (q.record.topic, q.reason)
+            failures[fk] = failures.get(fk, 0) + 1
+        return BatchResult(outputs, quarantined, stats)
+
+    def _open_and_transform(
+        self,
+        batch: Iterable[InputRecord],
+        outputs: list[OutputRecord],
+        quarantined: list[Quarantined],
+        stats: BatchStats,
+    ) -> dict[str, _Pending]:
+        """Stage 1: open and transform every record; returns the outputs waiting to be sealed.
+
+        Hot path: per record one envelope open, then per destination one plan call, one
+        join and two list appends (the :class:`_Pending` lists, bound once).  What is the
+        same for many records is looked up once: the targets (plan and pending outputs of
+        each destination) per (source topic, schema id) of the batch -- the only point
+        where a destination's plan can change, so that is where :meth:`_Pending.mark`
+        records it -- and decryptions are counted per run of one (topic, KEK id).
+        """
+        pending: dict[str, _Pending] = {}
+        targets_of: dict[tuple[str, int], tuple[_Target, ...]] = {}
         routes = self._routes
         max_bytes = self.max_record_bytes
         opener = self.opener
@@ -531,11 +587,16 @@ class Pipeline:
         decryptions = stats.decryptions
         run_topic = run_kek = ""  # run-length count of decryptions per (topic, KEK id)
         run_n = 0
-        memo_topic: str | None = None
-        memo_sid = -1
-        memo_targets: list[tuple[_DestState, _Compiled, list[bytes], list[InputRecord], list[_Compiled]]] = []
-        memo_gated = False  # does any destination of the memoized targets check consent?
+        last_key: tuple[str, int] | None = None
+        targets: tuple[_Target, ...] = ()
+        single = False  # one destination: its plan and lists are bound below
+        gated = False  # does any destination of the current targets check consent?
         withheld = stats.withheld
+        fns: list[Callable[[bytes], list[bytes]]] = []
+        puts: list[tuple[Callable[[bytes], None], Callable[[InputRecord], None]]] = []
+        fn0: Callable[[bytes], list[bytes]]
+        put_plain0: Callable[[bytes], None]
+        put_rec0: Callable[[InputRecord], None]
         schema_id = -1
         for rec in batch:
             topic = rec.topic
@@ -561,38 +622,38 @@ class Pipeline:
                 if len(plain) < HEADER_LEN or plain[0] != MAGIC:
                     raise RecordError(Reason.BAD_PAYLOAD, "plaintext is not Confluent-framed")
                 schema_id = unpack_u32(plain, 1)[0]
-                if schema_id != memo_sid or topic != memo_topic:
-                    targets = self._targets(schema_id, dests)
-                    if targets is None:
-                        # First record of this schema for some destination: compile (or
-                        # raise) in destination order, then memoize.
-                        for st in dests:
-                            self._compile(schema_id, st)
-                        targets = self._targets(schema_id, dests)
-                        assert targets is not None
-                    memo_targets = []
-                    for st, c in targets:
-                        pend = pending.get(st.dest.topic)
-                        if pend is None:
-                            pend = pending[st.dest.topic] = (st, [], [], [])
-                        memo_targets.append((st, c, pend[1], pend[2], pend[3]))
-                    memo_topic, memo_sid = topic, schema_id
-                    memo_gated = any(t[1].consent is not None for t in memo_targets)
+                key = (topic, schema_id)
+                if key != last_key:
+                    hit = targets_of.get(key)
+                    if hit is None:
+                        hit = targets_of[key] = self._targets_for(schema_id, dests, pending)
+                    targets, last_key = hit, key
+                    for t in targets:
+                        t.pending.mark(t.plan)
+                    # Bound once per (topic, schema): each destination's plan and lists.
+                    fns = [t.plan.fn for t in targets]
+                    puts = [(t.pending.plains.append, t.pending.records.append) for t in targets]
+                    gated = any(t.plan.consent is not None for t in targets)
+                    single = len(targets) == 1 and not gated
+                    if single:  # the common case, without a loop per record
+                        fn0 = fns[0]
+                        put_plain0, put_rec0 = puts[0]
                 try:
-                    if len(memo_targets) == 1:
-                        st, compiled, plains, recs, comps = memo_targets[0]
-                        out_plain = join(compiled.fn(plain))
+                    if single:
+                        out_plain = join(fn0(plain))
                     else:
-                        outs = [join(t[1].fn(plain)) for t in memo_targets]
+                        outs = [join(fn(plain)) for fn in fns]
                 except TransformFailed as exc:
                     raise RecordError(exc.reason, f"field {exc.args[0]}") from None
                 except (BadPayload, IndexError, UnicodeDecodeError, struct.error, ValueError, OverflowError):
                     raise RecordError(Reason.BAD_PAYLOAD, f"Avro does not match schema id {schema_id}") from None
             except SchemaNotFound:
                 quarantined.append(Quarantined(rec, Reason.UNKNOWN_SCHEMA, f"schema id {schema_id}"))
-                memo_sid = -1
                 continue
-            except RecordError as exc:  # includes EnvelopeError
+            except EnvelopeError as exc:
+                quarantined.append(Quarantined(rec, exc.reason, exc.detail, exc.kek_id, exc.kek_version))
+                continue
+            except RecordError as exc:
                 quarantined.append(Quarantined(rec, exc.reason, exc.detail))
                 continue
             if kek_id != run_kek or topic != run_topic:
@@ -601,67 +662,73 @@ class Pipeline:
                     decryptions[dk] = decryptions.get(dk, 0) + run_n
                 run_topic, run_kek, run_n = topic, kek_id, 0
             run_n += 1
-            if memo_gated:
+            if single:
+                put_plain0(out_plain)
+                put_rec0(rec)
+            elif gated:
                 # Withheld from an audience: no output for that destination, no dead letter.
-                admitted = self._admit(plain, memo_targets, withheld)
-                if len(memo_targets) == 1:
-                    outs = [out_plain]
-                for (_, compiled, plains, recs, comps), out_plain, ok in zip(memo_targets, outs, admitted, strict=True):
+                admitted = self._admit(plain, targets, withheld)
+                for (put_plain, put_rec), out_plain, ok in zip(puts, outs, admitted, strict=True):
                     if ok:
-                        plains.append(out_plain)
-                        recs.append(rec)
-                        comps.append(compiled)
-            elif len(memo_targets) == 1:
-                plains.append(out_plain)
-                recs.append(rec)
-                comps.append(compiled)
+                        put_plain(out_plain)
+                        put_rec(rec)
             else:
-                for (_, compiled, plains, recs, comps), out_plain in zip(memo_targets, outs, strict=True):
-                    plains.append(out_plain)
-                    recs.append(rec)
-                    comps.append(compiled)
+                for (put_plain, put_rec), out_plain in zip(puts, outs, strict=True):
+                    put_plain(out_plain)
+                    put_rec(rec)
         if run_n:
             dk = (run_topic, self._kek_stat(run_kek))
             decryptions[dk] = decryptions.get(dk, 0) + run_n
-        # Seal per destination in one go (one lock round trip per data key).
+        return pending
+
+    def _targets_for(
+        self, schema_id: int, dests: list[_DestState], pending: dict[str, _Pending]
+    ) -> tuple[_Target, ...]:
+        """The plan and pending outputs of every destination for one schema id.
+
+        Compiles what is missing in destination order, so the first failing destination
+        decides the reason class (:meth:`_compile` raises); nothing is returned unless
+        every destination has a plan.
+        """
+        plans = self._plans
+        compiled = []
+        for st in dests:
+            c = plans.get((schema_id, st.dest.topic))
+            compiled.append(c if isinstance(c, _Compiled) else self._compile(schema_id, st))
+        out = []
+        for st, c in zip(dests, compiled, strict=True):
+            pend = pending.get(st.dest.topic)
+            if pend is None:
+                pend = pending[st.dest.topic] = _Pending(st)
+            out.append(_Target(c, pend))
+        return tuple(out)
+
+    def _seal(self, pend: _Pending, outputs: list[OutputRecord], stats: BatchStats) -> None:
+        """Stage 2, for one destination: seal its plaintexts in one go, then build outputs."""
+        st = pend.state
+        topic = st.dest.topic
+        sealed_all = self._guarded(st, functools.partial(st.sealer.seal_many, pend.plains))
+        key_mode, key_fn = st.key_mode, st.key_fn
+        recs = pend.records
+        refs = None if st.references is None else st.references(recs)
         transforms = stats.transforms
-        if pending:
-            self.check_sealers()
-        for topic, (st, plains, recs, comps) in pending.items():
-            if not plains:
-                continue
-            sealed_all = self._guarded(st, functools.partial(st.sealer.seal_many, plains))
-            key_mode, key_fn = st.key_mode, st.key_fn
-            refs = None if st.references is None else st.references(recs)
-            last_comp: _Compiled | None = None
-            n_comp = 0
-            prefix = b""
-            for i, (sealed, rec, compiled) in enumerate(zip(sealed_all, recs, comps, strict=True)):
-                if compiled is not last_comp:
-                    if n_comp:
-                        _count_transforms(transforms, last_comp, n_comp)  # type: ignore[arg-type]
-                    last_comp, n_comp, prefix = compiled, 0, compiled.prov_prefix
-                n_comp += 1
+        for compiled, start, end in pend.runs():
+            _count_transforms(transforms, compiled, end - start)
+            prefix = compiled.prov_prefix
+            for j in range(start, end):
+                rec = recs[j]
                 # One header: the constant fields, then the audience-keyed reference.
-                headers = [(H_PROVENANCE, prefix if refs is None else prefix + refs[i])]
+                headers = [(H_PROVENANCE, prefix if refs is None else prefix + refs[j])]
                 if key_mode == "keep":
                     key = rec.key
                 elif key_mode == "drop":
                     key = None
                 else:
                     key = key_fn(rec.key)
-                outputs.append(_new_output(topic, key, sealed, headers, rec))
-            if n_comp:
-                _count_transforms(transforms, last_comp, n_comp)  # type: ignore[arg-type]
-            ek = (topic, st.dest.audience)
-            stats.egress_records[ek] = stats.egress_records.get(ek, 0) + len(sealed_all)
-            stats.egress_bytes[ek] = stats.egress_bytes.get(ek, 0) + sum(map(len, sealed_all))
-        failures = stats.failures
-        for q in quarantined:
-            stats.quarantined[q.reason] = stats.quarantined.get(q.reason, 0) + 1
-            fk = (q.record.topic, q.reason)
-            failures[fk] = failures.get(fk, 0) + 1
-        return BatchResult(outputs, quarantined, stats)
+                outputs.append(_new_output(topic, key, sealed_all[j], headers, rec))
+        ek = (topic, st.dest.audience)
+        stats.egress_records[ek] = stats.egress_records.get(ek, 0) + len(sealed_all)
+        stats.egress_bytes[ek] = stats.egress_bytes.get(ek, 0) + sum(map(len, sealed_all))
 
     def _tomb_headers(self, st: _DestState, rec: InputRecord) -> Headers:
         """A tombstone's provenance: as a record's, without an output schema."""
@@ -669,6 +736,45 @@ class Pipeline:
         if st.references is not None:
             value += st.references([rec])[0]
         return [(H_PROVENANCE, value)]
+
+
+class _Pending:
+    """One destination's sanitized plaintexts of a batch, waiting to be sealed.
+
+    The plaintexts go to :meth:`Sealer.seal_many <streamproc.crypto.envelope.Sealer>` as
+    one list, so stage 1 appends them (and their input records, same index) directly.  The
+    plans that produced them change only when the batch's (source topic, schema id)
+    changes: stage 1 then calls :meth:`mark`, so nothing per record is spent on them, and
+    :meth:`runs` gives the stretches of one plan (how transforms are counted).
+    """
+
+    __slots__ = ("marks", "plains", "records", "state")
+
+    def __init__(self, state: _DestState) -> None:
+        self.state = state
+        self.plains: list[bytes] = []
+        self.records: list[InputRecord] = []
+        self.marks: list[tuple[_Compiled, int]] = []  # (plan, index of its first output)
+
+    def mark(self, plan: _Compiled) -> None:
+        """Outputs from here on come from ``plan`` (until the next mark)."""
+        if not self.marks or self.marks[-1][0] is not plan:
+            self.marks.append((plan, len(self.plains)))
+
+    def runs(self) -> Iterator[tuple[_Compiled, int, int]]:
+        """``(plan, start, end)`` for every non-empty stretch of outputs of one plan."""
+        marks = self.marks
+        for k, (plan, start) in enumerate(marks):
+            end = marks[k + 1][1] if k + 1 < len(marks) else len(self.plains)
+            if end > start:
+                yield plan, start, end
+
+
+class _Target(NamedTuple):
+    """Where one destination's output of a (source topic, schema id) goes."""
+
+    plan: _Compiled
+    pending: _Pending
 
 
 def _count_transforms(transforms: dict[str, int], compiled: _Compiled, records: int) -> None:

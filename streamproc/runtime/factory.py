@@ -13,7 +13,6 @@ import functools
 import hashlib
 import logging
 import re
-import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, cast
@@ -28,10 +27,11 @@ from streamproc.audit import (
     open_log,
 )
 from streamproc.config import Config
-from streamproc.crypto.envelope import Opener, Sealer, parse_header
-from streamproc.crypto.kms import DataKey, KmsProvider
+from streamproc.crypto.envelope import Opener
+from streamproc.crypto.kms import KmsProvider
+from streamproc.crypto.kms.instrumented import instrumented
 from streamproc.crypto.pseudonym import PseudonymKeys, SecretSource
-from streamproc.errors import ConfigError, EnvelopeError, Reason
+from streamproc.errors import ConfigError, Reason
 from streamproc.observability import Observer
 from streamproc.pipeline.core import Destination, Pipeline, Quarantined, Route
 from streamproc.policy.model import Policy
@@ -94,49 +94,6 @@ def build_secret_source(config: Config, kms: KmsProvider) -> SecretSource:
     return cast(SecretSource, kms)
 
 
-class _TimedKms:
-    """Reports ``generate_data_key`` calls (sealer rotations) to the observer.
-
-    Unwraps are reported by the data-key cache's ``on_kms_call`` hook; this wrapper only
-    sees the calls the sealers make, so nothing is counted twice.
-    """
-
-    def __init__(self, inner: KmsProvider, observer: Observer) -> None:
-        self.inner = inner
-        self.observer = observer
-        self.name = getattr(inner, "name", "unknown")
-
-    def generate_data_key(self, kek_id: str, context: Mapping[str, str]) -> DataKey:
-        t0 = time.perf_counter()
-        outcome = "ok"
-        try:
-            return self.inner.generate_data_key(kek_id, context)
-        except Exception as exc:
-            outcome = "unavailable" if _is_transient(exc) else type(exc).__name__
-            raise
-        finally:
-            self.observer.kms_call(
-                self.name, "generate_data_key", outcome, time.perf_counter() - t0
-            )
-
-    def unwrap(
-        self, kek_id: str, kek_version: int, wrapped: bytes, context: Mapping[str, str]
-    ) -> bytes:
-        return self.inner.unwrap(kek_id, kek_version, wrapped, context)
-
-    def is_revoked(self, kek_id: str, kek_version: int) -> bool:
-        return self.inner.is_revoked(kek_id, kek_version)
-
-    def __getattr__(self, item: str) -> Any:  # get_secret and provider extras
-        return getattr(self.inner, item)
-
-
-def _is_transient(exc: BaseException) -> bool:
-    from streamproc.errors import TransientError
-
-    return isinstance(exc, TransientError)
-
-
 def build_pipeline(
     config: Config,
     *,
@@ -164,24 +121,19 @@ def build_pipeline(
     from streamproc.crypto.kms.factory import revocation_check_interval
 
     sweep = revocation_check_interval(config.kms)
-    opener = Opener.for_kms(kms, revocation_check_interval=sweep)
-    provider = getattr(kms, "name", "unknown")
-    opener.cache.on_kms_call = lambda op, outcome, s: observer.kms_call(provider, op, outcome, s)
-    timed = _TimedKms(kms, observer)
-
-    def make_sealer(_kms: KmsProvider, kek: str, topic: str) -> Sealer:
-        return Sealer(timed, kek, topic)
-
+    # Every data-path KMS call (the opener's unwraps, the sealers' data keys) goes through
+    # one instrumented provider: the only place KMS calls are measured.
+    measured = instrumented(kms, observer)
+    opener = Opener.for_kms(measured, revocation_check_interval=sweep)
     return Pipeline(
         routes=routes_from_config(config),
         policy=policy,
         opener=opener,
-        kms=kms,
+        kms=measured,
         schemas=schemas,
         keys=keys,
         # The worker lowers this to the limit it derives from the producer and topics.
         max_record_bytes=config.max_record_bytes or 1 << 20,
-        sealer_factory=make_sealer,
         reserved_keks=[k for k in (config.pseudonym_secrets.kek, config.dead_letter_kek) if k],
         revocation_check_interval=sweep,
     )
@@ -271,16 +223,13 @@ class WorkerAudit:
         for q in quarantined:
             k = (q.reason.value, q.record.topic)
             dead_letters[k] = dead_letters.get(k, 0) + 1
-            if q.reason is not Reason.KEY_REVOKED or q.record.value is None:
+            kek_id, kek_version = q.kek_id, q.kek_version
+            if q.reason is not Reason.KEY_REVOKED or kek_id is None or kek_version is None:
                 continue
-            try:
-                h = parse_header(q.record.value)
-            except EnvelopeError:  # cannot happen for key_revoked; nothing to name then
+            if (kek_id, kek_version) in seen:
                 continue
-            if (h.kek_id, h.kek_version) in seen:
-                continue
-            seen.add((h.kek_id, h.kek_version))
-            key_id = _audit_safe("key_id", h.kek_id)
+            seen.add((kek_id, kek_version))
+            key_id = _audit_safe("key_id", kek_id)
             topic = _audit_safe("topic", q.record.topic)
             self._call(
                 "key_revocation_seen",
@@ -288,7 +237,7 @@ class WorkerAudit:
                     self.log.key_revocation_seen,
                     self.kms,
                     key_id,
-                    h.kek_version,
+                    kek_version,
                     topic=topic,
                     partition=q.record.partition,
                 ),

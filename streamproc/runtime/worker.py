@@ -260,11 +260,7 @@ class Worker:
         self.aborts = 0
         self._consecutive_aborts = 0
         self._revoked_in_flight: set[TP] = set()
-        cache = pipeline.opener.cache
-        if cache.on_kms_call is None:  # factory.build_pipeline hooks it already
-            provider = getattr(cache.kms, "name", "unknown")
-            obs = self.observer
-            cache.on_kms_call = lambda op, outcome, secs: obs.kms_call(provider, op, outcome, secs)
+        pipeline.instrument_kms(self.observer)  # no-op where build_pipeline did it
         #: The audit trail (a ``streamproc.runtime.factory.WorkerAudit``) or ``None``.
         self.audit = audit
         #: Every record this worker produces must fit; set at start-up (_derive_limit).
@@ -272,7 +268,7 @@ class Worker:
         #: The current batch's sealed dead letters (built in _process, produced in step 4).
         self._dead: list[tuple[str, bytes | None, bytes, list[tuple[str, bytes | None]]]] = []
         self.dead_letters = DeadLetterWriter(
-            cache.kms, config.dead_letter_kek, key_token=_dlq_key_token(pipeline)
+            pipeline.kms, config.dead_letter_kek, key_token=_dlq_key_token(pipeline)
         )
         if audit is not None and hasattr(self.observer, "on_anomaly"):
             self.observer.on_anomaly = audit.anomaly  # in-process detector -> anomaly events
@@ -890,7 +886,7 @@ class Worker:
             )
         for (reason, topic), n in dl.items():
             self.observer.dead_lettered(reason, topic, n)
-        cache = self.pipeline.opener.cache
+        cache = self.pipeline.dek_cache_stats()
         self.observer.dek_cache(cache.hits, cache.misses)
         log.debug(
             "batch committed: %d outputs, %d dead letters",

@@ -298,7 +298,7 @@ def test_in_process_pipeline_counters_and_anomaly_seen_by_prometheus(prometheus:
     known = KnownLabels.of(topics=["orders", *(d["topic"] for d in dests)], audiences=[d["audience"] for d in dests],
                            kek_ids=["orders-kek", *(d["kek"] for d in dests)])
     metrics = Metrics(allowed_destinations=[d["topic"] for d in dests], anomaly=ANOMALY, clock=clock, known=known)
-    pipeline.opener.cache.on_kms_call = metrics.kms_hook("local")
+    pipeline.instrument_kms(metrics)
     port = prometheus.targets[1]
     offset = [0]
 
@@ -317,7 +317,8 @@ def test_in_process_pipeline_counters_and_anomaly_seen_by_prometheus(prometheus:
             by_reason[q.reason.value] = by_reason.get(q.reason.value, 0) + 1
         for reason, n in by_reason.items():
             metrics.dead_lettered(reason, "orders", n)
-        metrics.dek_cache(pipeline.opener.cache.hits, pipeline.opener.cache.misses)
+        cache = pipeline.dek_cache_stats()
+        metrics.dek_cache(cache.hits, cache.misses)
 
     with start_server(metrics, "127.0.0.1", port):
         metrics.assignment([("orders", 0)])

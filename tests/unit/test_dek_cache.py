@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from streamproc.crypto.dek_cache import DekCache
+from streamproc.crypto.dek_cache import DekCache, DekCacheStats
+from streamproc.crypto.kms.instrumented import InstrumentedKms
 from streamproc.crypto.kms.local import LocalKeyring
 from streamproc.errors import (
     ConfigError,
@@ -315,10 +316,20 @@ def test_evict_kek(kms: ScriptedKms, clock: FakeClock) -> None:
     assert len(kms.calls) == calls + 1
 
 
-def test_on_kms_call_observer(kms: ScriptedKms, clock: FakeClock) -> None:
-    cache = make(kms, clock)
-    seen: list[tuple[str, str, float]] = []
-    cache.on_kms_call = lambda op, outcome, secs: seen.append((op, outcome, secs))
+class Recorder:
+    """A KMS observer that records what it is told."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, str, float]] = []
+
+    def kms_call(self, provider: str, operation: str, outcome: str, seconds: float) -> None:
+        self.seen.append((provider, operation, outcome, seconds))
+
+
+def test_instrumented_kms_reports_every_unwrap_the_cache_makes(kms: ScriptedKms, clock: FakeClock) -> None:
+    """The cache has no hook of its own: the instrumented provider it holds sees each miss."""
+    rec = Recorder()
+    cache = make(InstrumentedKms(kms, rec), clock)  # type: ignore[arg-type]
 
     cache.get("kek", 1, b"w", TOPIC)
     cache.get("kek", 1, b"w", TOPIC)  # a hit: no KMS call, no observation
@@ -340,16 +351,17 @@ def test_on_kms_call_observer(kms: ScriptedKms, clock: FakeClock) -> None:
     with pytest.raises(KmsError):
         cache.get("odd", 1, b"w", TOPIC)
 
-    assert [(op, outcome) for op, outcome, _ in seen] == [
-        ("unwrap", "ok"),
-        ("unwrap", "KeyNotFound"),
-        ("unwrap", "KeyRevoked"),
-        ("unwrap", "UnwrapFailed"),
-        ("unwrap", "unavailable"),
-        ("unwrap", "error"),
+    assert [(p, op, outcome) for p, op, outcome, _ in rec.seen] == [
+        ("scripted", "unwrap", "ok"),
+        ("scripted", "unwrap", "KeyNotFound"),
+        ("scripted", "unwrap", "KeyRevoked"),
+        ("scripted", "unwrap", "UnwrapFailed"),
+        ("scripted", "unwrap", "unavailable"),
+        ("scripted", "unwrap", "error"),
     ]
-    assert all(isinstance(s, float) and 0.0 <= s < 5.0 for _, _, s in seen)
-    assert len(seen) == len(kms.calls)
+    assert all(isinstance(s, float) and 0.0 <= s < 5.0 for _, _, _, s in rec.seen)
+    assert len(rec.seen) == len(kms.calls)
+    assert cache.stats() == DekCacheStats(hits=1, misses=7, evictions=0, entries=1)
 
 
 def test_hit_and_miss_counters(kms: ScriptedKms, clock: FakeClock) -> None:

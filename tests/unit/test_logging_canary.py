@@ -129,7 +129,7 @@ def run_scenario(tmp: Path) -> list[str]:
                       known=KnownLabels.of(topics=["orders", "orders.analytics", "orders.support"],
                                            audiences=["analytics", "support"], kek_ids=["orders-kek", "analytics-kek"]),
                       anomaly=AnomalyConfig(interval=1.0, warmup_intervals=3, failure_threshold=5))
-    pipeline.opener.cache.on_kms_call = metrics.kms_hook("local")
+    pipeline.instrument_kms(metrics)
     log = logging.getLogger("streamproc.runtime.worker")
 
     def process(topic_values: list[tuple[str, bytes]], offset0: int) -> None:
@@ -143,7 +143,8 @@ def run_scenario(tmp: Path) -> list[str]:
                 "reason": q.reason.value, "topic": q.record.topic, "partition": q.record.partition,
                 "offset": q.record.offset, "detail": q.detail})
             metrics.dead_lettered(q.reason.value, q.record.topic, 1)
-        metrics.dek_cache(pipeline.opener.cache.hits, pipeline.opener.cache.misses)
+        cache = pipeline.dek_cache_stats()
+        metrics.dek_cache(cache.hits, cache.misses)
 
     # Steady traffic to warm the detector up, then a 10x burst, then every failure kind.
     off = 0

@@ -157,13 +157,8 @@ def test_simple_observer_calls() -> None:
 
 def test_kms_calls_normalise_outcome_and_operation() -> None:
     m = Metrics(anomaly=False, known=KNOWN)
-    hook = m.kms_hook("vault")
-    hook("unwrap", "ok", 0.002)
-    hook("unwrap", "KeyNotFound", 0.001)
-    hook("unwrap", "KeyRevoked", 0.001)
-    hook("unwrap", "UnwrapFailed", 0.001)
-    hook("unwrap", "unavailable", 0.5)
-    hook("unwrap", "SomethingNew", 0.5)
+    for outcome in ("ok", "KeyNotFound", "KeyRevoked", "UnwrapFailed", "unavailable", "SomethingNew"):
+        m.kms_call("vault", "unwrap", outcome, 0.001)
     m.kms_call("vault", "frobnicate", "ok", 0.1)
     for outcome in ("ok", "not_found", "revoked", "unwrap_failed", "unavailable", "error"):
         assert value(m, "streamproc_kms_calls_total", provider="vault", operation="unwrap", outcome=outcome) == 1
@@ -171,19 +166,20 @@ def test_kms_calls_normalise_outcome_and_operation() -> None:
     assert value(m, "streamproc_kms_call_duration_seconds_count", provider="vault", operation="unwrap") == 6
 
 
-def test_kms_hook_with_a_real_dek_cache(tmp_path: Path) -> None:
+def test_instrumented_kms_with_a_real_dek_cache(tmp_path: Path) -> None:
     from streamproc.crypto.envelope import Opener, Sealer
+    from streamproc.crypto.kms.instrumented import InstrumentedKms
     from streamproc.crypto.kms.local import LocalKeyring
 
     k = LocalKeyring.create(tmp_path / "k.json")
     k.create_key("orders-kek")
-    opener = Opener.for_kms(k)
     m = Metrics(anomaly=False, known=KNOWN)
-    opener.cache.on_kms_call = m.kms_hook("local")
+    opener = Opener.for_kms(InstrumentedKms(k, m))
     sealed = Sealer(k, "orders-kek", "orders").seal_many([b"a", b"b", b"c"])
     for s in sealed:
         opener.open("orders", s)
-    m.dek_cache(opener.cache.hits, opener.cache.misses)
+    stats = opener.cache.stats()
+    m.dek_cache(stats.hits, stats.misses)
     assert value(m, "streamproc_kms_calls_total", provider="local", operation="unwrap", outcome="ok") == 1
     assert value(m, "streamproc_dek_cache_hits_total") == 2
     assert value(m, "streamproc_dek_cache_misses_total") == 1
@@ -366,7 +362,7 @@ def test_no_record_value_reaches_a_metric(tmp_path: Path) -> None:
     vals = sealer.seal_many(recs)
     vals[1] = vals[1][:-3] + b"CANARY"
     m = Metrics(allowed_destinations={"orders.analytics"}, known=KNOWN)
-    p.opener.cache.on_kms_call = m.kms_hook("local")
+    p.instrument_kms(m)
     res = p.process([InputRecord("orders", 0, i, b"CANARY-key", v) for i, v in enumerate(vals)])
     m.batch_processed(res.stats, len(vals), 0.01)
     for q in res.quarantined:

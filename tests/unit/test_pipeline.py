@@ -581,3 +581,45 @@ def test_deeply_nested_recursive_record_is_quarantined_not_a_crash(make_pipeline
         assert [q.record.offset for q in res.quarantined] == [0]
         assert res.quarantined[0].reason in (Reason.BAD_PAYLOAD, Reason.TRANSFORM_FAILED)
         assert sorted(o.source.offset for o in res.outputs) == [1, 1, 1]
+
+
+# -- stages: open+transform, then seal ---------------------------------------------------------
+
+
+def test_interleaved_schemas_keep_input_order_and_count_like_single_records(make_pipeline: Maker) -> None:
+    """Stage 1 queues outputs per destination with alternating plans; stage 2 seals them
+    in input order and counts transforms per run: the batch must agree, per destination
+    and counter, with the same records processed one by one."""
+    kit = make_pipeline(routes=[Route(("orders", "logins"), TWO)])
+    s_order, s_login = sealers(kit)
+    batch = []
+    for i in range(9):  # order, order, login, order, order, login, ... plus failures
+        if i % 3 == 2:
+            batch.append(inp("logins", s_login.seal(login(i)), offset=i, partition=0))
+        else:
+            batch.append(inp("orders", s_order.seal(order(i)), offset=i))
+    batch.insert(4, inp("orders", b"\x01garbage", offset=100))
+    batch.insert(7, inp("orders", None, offset=101))  # tombstone
+    res = kit.pipeline.process(batch)
+    assert reasons(res) == [Reason.MALFORMED]
+    # tombstones first, then each destination's outputs in input order
+    assert [(o.topic, o.source.offset, o.value is None) for o in res.outputs[:2]] == [
+        ("sanitized.analytics", 101, True), ("sanitized.fraud", 101, True),
+    ]
+    for dest in ("sanitized.analytics", "sanitized.fraud"):
+        got = [o.source.offset for o in res.outputs[2:] if o.topic == dest]
+        assert got == list(range(9))
+    assert [o.topic for o in res.outputs[2:]] == ["sanitized.analytics"] * 9 + ["sanitized.fraud"] * 9
+    transforms: dict[str, int] = {}
+    egress: dict[tuple[str, str], int] = {}
+    for rec in batch:
+        one = kit.pipeline.process([rec]).stats
+        for op, n in one.transforms.items():
+            transforms[op] = transforms.get(op, 0) + n
+        for k, n in one.egress_records.items():
+            egress[k] = egress.get(k, 0) + n
+    assert res.stats.transforms == transforms and sum(transforms.values()) > 0
+    assert res.stats.egress_records == egress == {("sanitized.analytics", "analytics"): 9, ("sanitized.fraud", "fraud"): 9}
+    opener = RecordOpener(kit.keyring, kit.schemas)
+    for o in res.outputs[2:]:
+        assert opener.decode(o.topic, o.value)  # sealed under the destination's key
