@@ -50,20 +50,23 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import struct
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from streamproc import __version__
 from streamproc.crypto.envelope import Opener, Sealer
 from streamproc.crypto.kms import KmsProvider
-from streamproc.errors import StreamprocError
+from streamproc.errors import KmsError, SealingUnavailable, StreamprocError
 from streamproc.pipeline.core import (
     H_PROCESSOR,
     H_SOURCE_OFFSET,
     H_SOURCE_PARTITION,
     H_SOURCE_TOPIC,
+    Pipeline,
     Quarantined,
 )
+from streamproc.runtime.checkpoint import InvariantViolation
 from streamproc.runtime.limits import RecordLimit, record_size
 
 H_DLQ_REASON = "streamproc.dlq.reason"
@@ -362,6 +365,57 @@ class DeadLetterWriter:
         self.references += 1
         return key, value, headers
 
+
+    def seal_batch(
+        self, quarantined: Sequence[Quarantined], dlq_for: Mapping[str, str]
+    ) -> list[OutDeadLetter]:
+        """One sealed dead letter per quarantined record, in order (``dlq_for``: source
+        topic -> its dead-letter topic).
+
+        Every KMS error of the quarantine KEK is :class:`SealingUnavailable` (transient):
+        the KEK is configuration, never a record's fault, so the batch waits, it does not
+        exit and it does not go anywhere unsealed.
+        """
+        out = []
+        for q in quarantined:
+            dlq = dlq_for.get(q.record.topic)
+            if dlq is None:
+                raise InvariantViolation(
+                    f"quarantined record of {q.record.topic!r} has no dead-letter topic"
+                )
+            try:
+                key, value, headers = self.build(q, dlq)
+            except SealingUnavailable:
+                raise
+            except KmsError as exc:
+                raise SealingUnavailable(
+                    f"dead letters for {dlq!r} under {self.kek_id!r}: {type(exc).__name__}"
+                ) from None
+            out.append(OutDeadLetter(dlq, key, value, headers))
+        return out
+
+
+class OutDeadLetter(NamedTuple):
+    """A sealed dead letter on its way to the dead-letter topic (an ``OutRecord``)."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes | None]]
+
+
+def dlq_key_token(pipeline: Pipeline) -> Callable[[bytes], bytes] | None:
+    """original key -> DLQ key: a token in a domain of its own, or ``None`` (no keys)."""
+    keys = getattr(pipeline, "keys", None)
+    if keys is None:
+        return None
+    from streamproc.crypto.pseudonym import TOKEN_SALT, hkdf, make_tokenizer
+
+    # HKDF info "dead_letter\0<domain>": outside the "audience\0..." and "shared\0..."
+    # namespaces of every audience's token keys, so DLQ keys never join with any output.
+    version, master = keys.master()
+    tok = make_tokenizer(version, hkdf(master, TOKEN_SALT, f"dead_letter\x00{KEY_TOKEN_DOMAIN}"))
+    return lambda k: tok(k).encode()
 
 class DeadLetterReader:
     """Opens dead letters with a KMS that may unwrap under the quarantine KEK."""

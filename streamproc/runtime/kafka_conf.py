@@ -9,10 +9,14 @@ are forced last and cannot be overridden.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 from typing import Any
 
+from confluent_kafka import KafkaError, KafkaException
+
 from streamproc.config import Config
+from streamproc.errors import ConfigError
 
 
 def consumer_conf(
@@ -71,3 +75,48 @@ def producer_conf(
 
 
 __all__ = ["consumer_conf", "producer_conf"]
+
+
+def build_client(factory: Callable[[dict[str, Any]], Any], conf: dict[str, Any], what: str) -> Any:
+    """Build a client; a librdkafka settings error is a configuration error (exit 78)."""
+    try:
+        return factory(conf)
+    except KafkaException as exc:
+        err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+        if err is not None and err.code() == KafkaError._INVALID_ARG:
+            raise ConfigError(f"{what} settings: {setting_error(err.str(), conf)}") from None
+        raise
+
+
+_PROPERTY = re.compile(r'property:? "([A-Za-z0-9._-]+)"')
+
+
+def setting_error(message: str, keys: Iterable[str] = ()) -> str:
+    """librdkafka's complaint about a setting, without the value it quotes.
+
+    librdkafka says ``Invalid value "<value>" for configuration property "<name>"``; the
+    value may be a SASL password or an SSL key, so only the property name is kept.  Some
+    failures name the property unquoted (``ssl.ca.location failed: ...``) or not at all
+    (``No provider for SASL mechanism GSSAPI``): then the configured key (``keys``) the
+    message mentions is named, or the setting the message is about.
+    """
+    names = _PROPERTY.findall(message)
+    if names and "No such configuration property" in message:
+        return f"unknown librdkafka property {names[-1]!r}"
+    if names:
+        return f"invalid or unsupported value for librdkafka property {names[-1]!r}"
+    for k in sorted((k for k in keys if isinstance(k, str)), key=len, reverse=True):
+        if re.search(rf"(?<![\w.]){re.escape(k)}(?![\w.])", message):
+            return f"librdkafka cannot use the value of {k!r} (a file it cannot read, an unsupported choice)"
+    if "SASL mechanism" in message:
+        return "unsupported SASL mechanism: set 'sasl.mechanisms' (e.g. SCRAM-SHA-512, PLAIN) for security.protocol SASL_*"
+    return "invalid librdkafka setting (see librdkafka CONFIGURATION.md)"
+
+
+def default_instance() -> str:
+    """``STREAMPROC_INSTANCE`` or the host name: stable per pod in a StatefulSet (the
+    ``transactional.id`` of a worker is ``<group_id>-<instance>-<index>``)."""
+    import os
+    import socket
+
+    return os.environ.get("STREAMPROC_INSTANCE") or socket.gethostname() or "streamproc"

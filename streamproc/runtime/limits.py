@@ -22,10 +22,11 @@ same; :func:`check_consumer` refuses such settings at start-up.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from streamproc.errors import ConfigError
+from streamproc.errors import ConfigError, Reason
+from streamproc.pipeline.core import BatchResult, InputRecord, Quarantined
 
 #: librdkafka's default ``message.max.bytes``.
 LIBRDKAFKA_MESSAGE_MAX_BYTES = 1_000_000
@@ -127,3 +128,72 @@ __all__ = [
     "derive_limit",
     "record_size",
 ]
+
+
+def split_oversized(
+    inputs: list[InputRecord], limit: RecordLimit | None
+) -> tuple[list[InputRecord], list[Quarantined]]:
+    """Quarantine inputs (key + value + headers) over the record limit."""
+    if limit is None:
+        return inputs, []
+    max_bytes = limit.max_bytes
+    ok: list[InputRecord] = []
+    big: list[Quarantined] = []
+    for rec in inputs:
+        v, k = rec.value, rec.key
+        # Cheap bound first: most records are far below the limit.
+        if (len(v) if v else 0) + (len(k) if k else 0) + 4096 < max_bytes and not rec.headers:
+            ok.append(rec)
+            continue
+        n = record_size(k, v, rec.headers)
+        if n > max_bytes:
+            big.append(Quarantined(rec, Reason.OVERSIZED, f"{n} bytes > limit {max_bytes}"))
+        else:
+            ok.append(rec)
+    return ok, big
+
+
+def enforce_output_limit(
+    result: BatchResult,
+    early: list[Quarantined],
+    limit: RecordLimit | None,
+    audience_of: Callable[[str], str],
+) -> None:
+    """Dead-letter every input one of whose outputs a transform made too large, and merge
+    ``early`` (inputs already over the limit) into ``result.quarantined`` in offset order.
+
+    All or nothing per input: its other outputs are dropped too, and the egress counters
+    (``audience_of(topic)`` names the audience of a destination topic) forget them.
+    """
+    if limit is not None:
+        too_big: dict[int, tuple[str, int]] = {}
+        for o in result.outputs:
+            n = record_size(o.key, o.value, o.headers)
+            if n > limit.max_bytes:
+                too_big.setdefault(id(o.source), (o.topic, n))
+        if too_big:
+            kept = []
+            stats = result.stats
+            for o in result.outputs:
+                if id(o.source) in too_big:
+                    ek = (o.topic, audience_of(o.topic))
+                    if ek in stats.egress_records:
+                        stats.egress_records[ek] -= 1
+                        stats.egress_bytes[ek] -= len(o.value or b"")
+                else:
+                    kept.append(o)
+            seen: set[int] = set()
+            for o in result.outputs:
+                sid = id(o.source)
+                if sid in too_big and sid not in seen:
+                    seen.add(sid)
+                    topic, n = too_big[sid]
+                    detail = f"output for {topic!r} is {n} bytes > limit {limit.max_bytes}"
+                    early.append(Quarantined(o.source, Reason.OVERSIZED, detail))
+            result.outputs = kept
+    if early:
+        for q in early:
+            result.stats.quarantined[q.reason] = result.stats.quarantined.get(q.reason, 0) + 1
+        merged = [*result.quarantined, *early]
+        merged.sort(key=lambda q: (q.record.topic, q.record.partition, q.record.offset))
+        result.quarantined = merged

@@ -369,7 +369,7 @@ def test_audit_write_failure_is_fatal_and_commits_nothing(
 def test_fatal_descriptions_are_value_free() -> None:
     from confluent_kafka import KafkaError, KafkaException
 
-    from streamproc.runtime.worker import _describe
+    from streamproc.runtime.checkpoint import describe as _describe
 
     secret = "4111111111111111"
     assert _describe(ValueError(f"invalid value {secret!r}")) == "ValueError"

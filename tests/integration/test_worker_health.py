@@ -123,7 +123,7 @@ def test_readyz_names_the_broker_during_an_outage(tmp_path: Path, unique: str) -
             # the callback librdkafka then runs is invoked here): the reason stays.
             from confluent_kafka import TopicPartition
 
-            worker._on_lost(worker.consumer, [TopicPartition(ws.topic("orders"), 0)])  # type: ignore[arg-type]
+            worker.assignment.on_lost(worker.consumer, [TopicPartition(ws.topic("orders"), 0)])  # type: ignore[arg-type]
             assert _get(url) == (503, {"status": "not ready", "reason": "broker"})
             text = urllib.request.urlopen(metrics, timeout=5).read().decode()
             retries = [

@@ -147,7 +147,7 @@ def json_log(caplog: pytest.LogCaptureFixture) -> Iterator[io.StringIO]:
 
 
 def log_like_the_worker(q: Quarantined) -> None:
-    """The worker's dead-letter log line (streamproc.runtime.worker._after_commit)."""
+    """The worker's dead-letter log line (streamproc.runtime.report.report_commit)."""
     log.warning(
         "record dead-lettered (%s)", q.detail,
         extra={"reason": q.reason.value, "topic": q.record.topic, "partition": q.record.partition, "offset": q.record.offset},

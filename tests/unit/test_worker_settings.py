@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from confluent_kafka import KafkaException, Producer
 
-from streamproc.runtime.worker import _setting_error
+from streamproc.runtime.kafka_conf import setting_error as _setting_error
 
 
 @pytest.mark.parametrize(
