@@ -544,16 +544,9 @@ def load_subscriber_config(
     _apply_overrides(raw, env, ctx)
     raw.pop("metrics", None)  # STREAMPROC_METRICS_PORT means nothing to a subscriber
     base = p.parent
-    kafka_raw = dict(_mapping(ctx, "kafka", raw.get("kafka")))
-    kafka_insecure = _bool(ctx, "kafka.insecure", kafka_raw.pop("insecure", False))
-    kafka = _kafka_section(ctx, "kafka", kafka_raw, base)
-    if "bootstrap.servers" not in kafka:
-        raise ctx.error("kafka.bootstrap.servers", f"is required (or set {ENV_BOOTSTRAP})")
-    _str(ctx, "kafka.bootstrap.servers", kafka["bootstrap.servers"])
-    consumer = _kafka_section(ctx, "consumer", raw.get("consumer"), base)
-    insecure = []
-    if _check_verification(ctx, {"kafka": kafka, "consumer": consumer}, kafka_insecure):
-        insecure.append("kafka")
+    clients = _client_sections(ctx, raw, base, ("consumer",))
+    kafka, consumer = clients["kafka"], clients["consumer"]
+    insecure = ["kafka"] if clients.insecure else []
     schemas = _schemas_section(ctx, raw, base)
     if schemas.get("ssl.ca.location") is False:
         insecure.append("schema_registry")  # refused above unless schemas.insecure: true
@@ -722,6 +715,32 @@ def disables_verification(key: str, value: Any) -> bool:
     return bad is not None and str(value).strip().lower() in bad
 
 
+class _ClientSections(dict[str, dict[str, Any]]):
+    """``kafka`` plus the client sections asked for; ``insecure``: verification is off."""
+
+    insecure: bool = False
+
+
+def _client_sections(
+    ctx: _Ctx, raw: Mapping[str, Any], base: Path, clients: Sequence[str]
+) -> _ClientSections:
+    """The librdkafka sections of a processor or subscriber config, checked the same way.
+
+    ``kafka.bootstrap.servers`` is required, ``kafka.insecure`` is the only switch that
+    allows settings disabling certificate verification in any of the sections.
+    """
+    kafka_raw = dict(_mapping(ctx, "kafka", raw.get("kafka")))
+    allowed = _bool(ctx, "kafka.insecure", kafka_raw.pop("insecure", False))
+    out = _ClientSections(kafka=_kafka_section(ctx, "kafka", kafka_raw, base))
+    if "bootstrap.servers" not in out["kafka"]:
+        raise ctx.error("kafka.bootstrap.servers", f"is required (or set {ENV_BOOTSTRAP})")
+    _str(ctx, "kafka.bootstrap.servers", out["kafka"]["bootstrap.servers"])
+    for name in clients:
+        out[name] = _kafka_section(ctx, name, raw.get(name), base)
+    out.insecure = _check_verification(ctx, out, allowed)
+    return out
+
+
 def _check_verification(
     ctx: _Ctx,
     sections: Mapping[str, Mapping[str, Any]],
@@ -873,19 +892,9 @@ def _validate(raw: dict[str, Any], path: Path, ctx: _Ctx, check_policy: bool) ->
                 f"unknown top-level key{_did_you_mean(str(k), TOP_LEVEL)} (expected one of: {', '.join(TOP_LEVEL)})",
             )
 
-    kafka_raw = dict(_mapping(ctx, "kafka", raw.get("kafka")))
-    kafka_insecure = _bool(ctx, "kafka.insecure", kafka_raw.pop("insecure", False))
-    kafka = _kafka_section(ctx, "kafka", kafka_raw, base)
-    if "bootstrap.servers" not in kafka:
-        raise ctx.error("kafka.bootstrap.servers", f"is required (or set {ENV_BOOTSTRAP})")
-    _str(ctx, "kafka.bootstrap.servers", kafka["bootstrap.servers"])
-    consumer = _kafka_section(ctx, "consumer", raw.get("consumer"), base)
-    producer = _kafka_section(ctx, "producer", raw.get("producer"), base)
-    insecure: list[str] = []
-    if _check_verification(
-        ctx, {"kafka": kafka, "consumer": consumer, "producer": producer}, kafka_insecure
-    ):
-        insecure.append("kafka")
+    clients = _client_sections(ctx, raw, base, ("consumer", "producer"))
+    kafka, consumer, producer = clients["kafka"], clients["consumer"], clients["producer"]
+    insecure: list[str] = ["kafka"] if clients.insecure else []
 
     group_id = _str(ctx, "group_id", raw.get("group_id", "streamproc"))
     guarantee = _choice(
