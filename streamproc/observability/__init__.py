@@ -24,6 +24,12 @@ class Observer:
     def end_to_end_latency(self, seconds: Sequence[float]) -> None:
         """Now minus each input record's Kafka timestamp, when the batch commits."""
 
+    def end_to_end_latency_ms(self, now: float, timestamps_ms: Sequence[int]) -> None:
+        """The same for a whole batch: ``now`` (epoch seconds) and the records' Kafka
+        timestamps (ms).  The runtime calls this, once per batch; an implementation may
+        bucket the batch at once (Metrics does) instead of one update per record."""
+        self.end_to_end_latency([now - ts / 1000.0 for ts in timestamps_ms])
+
     def dead_lettered(self, reason: str, source_topic: str, count: int) -> None:
         """Records written to the dead-letter topic, by reason class."""
 

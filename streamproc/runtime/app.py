@@ -14,6 +14,7 @@ configuration is invalid or the broker refuses the principal (do not restart: fi
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -114,9 +115,13 @@ def run_worker(
         if consent is not None:
             consent.stop()
         return EXIT_FATAL
+    # gc.freeze() once the clients exist: the start-up heap (pipeline, plans, schemas,
+    # policy, clients) moves out of the collector's reach, so full collections during
+    # the run walk only what the run allocates.
     worker = Worker(
-        config, pipeline, index=index, instance=instance, observer=observer, audit=audit
-    )
+        config, pipeline, index=index, instance=instance, observer=observer, audit=audit,
+        on_started=gc.freeze,
+    )  # fmt: skip
     if consent is not None:
         consent.on_failure = lambda _exc: worker.stop()  # never process on a stale table
         consent.start()

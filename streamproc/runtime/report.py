@@ -27,8 +27,7 @@ def report_commit(
     """Report a committed batch (end-to-end latency, dead letters, DEK cache)."""
     stamps = batch.timestamps_ms()
     if stamps:
-        now = time.time()
-        observer.end_to_end_latency([now - ts / 1000.0 for ts in stamps])
+        observer.end_to_end_latency_ms(time.time(), stamps)
     dl: dict[tuple[str, str], int] = defaultdict(int)
     for q in result.quarantined:
         dl[(q.reason.value, q.record.topic)] += 1

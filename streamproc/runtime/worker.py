@@ -90,6 +90,7 @@ from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Producer
+from confluent_kafka.admin import AdminClient
 
 from streamproc.config import Config
 from streamproc.errors import ConfigError, TransientError
@@ -152,6 +153,7 @@ class Worker:
         kafka_timeout: float = 30.0,
         lag_interval: float = 1.0,
         audit: WorkerAudit | None = None,
+        on_started: Callable[[], None] = lambda: None,
     ) -> None:
         self.config, self.pipeline, self.index = config, pipeline, index
         self.observer = observer or Observer()
@@ -183,7 +185,7 @@ class Worker:
         self._dlq_for = {s: p.dead_letter_topic for p in config.pipelines for s in p.sources}
         audience_of = {d.topic: d.audience for d in reversed(pipeline.destinations)}
         self._audience = lambda topic: audience_of.get(topic, "")
-        #: Counters for tests and the final log line.
+        self._on_started = on_started  # after the clients exist (the root passes gc.freeze)
         self.batches_committed = self.records_committed = self.aborts = 0
         self._consecutive_aborts = 0
         pipeline.instrument_kms(self.observer)  # no-op where the composition root did it
@@ -253,8 +255,6 @@ class Worker:
         )  # fmt: skip
         self.producer = build_client(self._producer_factory, pconf, "producer")
         cconf = consumer_conf(self.config, index=self.index, error_cb=self.errors.on_error)
-        from confluent_kafka.admin import AdminClient
-
         admin_conf: dict[str, Any] = {**self.config.admin_config(), "error_cb": pconf["error_cb"]}
         topics = TopicLimits(
             (self._admin_factory or AdminClient)(admin_conf), timeout=self.kafka_timeout,
@@ -288,6 +288,7 @@ class Worker:
             extra={"group_id": self.config.group_id, "worker": self.index,
                    "transactional_id": self.transactional_id if eos else None},
         )  # fmt: skip
+        self._on_started()
 
     def _close(self, *, clean: bool) -> None:
         c, self.consumer = self.consumer, None
