@@ -976,17 +976,10 @@ def _validate(raw: dict[str, Any], path: Path, ctx: _Ctx, check_policy: bool) ->
     )
     dl = _mapping(ctx, "dead_letter", raw.get("dead_letter"), allowed=("kek",))
     quarantine_kek = _str(ctx, "dead_letter.kek", dl.get("kek", DEFAULT_QUARANTINE_KEK))
-    for i, p in enumerate(pipelines):
-        if quarantine_kek in {d.kek for d in p.destinations}:
-            raise ctx.error(
-                "dead_letter.kek",
-                f"{quarantine_kek!r} is also an audience KEK of pipelines[{i}]; dead letters "
-                "need a key of their own (only incident response may open them)",
-            )
-        if quarantine_kek in (p.source_keks or ()):
-            raise ctx.error(
-                "dead_letter.kek", f"{quarantine_kek!r} is also in pipelines[{i}].source_keks"
-            )
+    _reserved_kek(
+        ctx, "dead_letter.kek", quarantine_kek, pipelines,
+        "dead letters need a key of their own (only incident response may open them)",
+    )  # fmt: skip
     lg = _mapping(ctx, "logging", raw.get("logging"), allowed=("level", "format"))
     level = lg.get("level", "INFO")
     logging_cfg = LoggingConfig(
@@ -996,7 +989,9 @@ def _validate(raw: dict[str, Any], path: Path, ctx: _Ctx, check_policy: bool) ->
         format=_choice(ctx, "logging.format", lg.get("format", "json"), LOG_FORMATS),
     )
     audit = _audit(ctx, raw.get("audit"), base, pipelines)
-    secrets = _pseudonym_secrets(ctx, raw.get("pseudonym_secrets"), base, pipelines)
+    secrets = _pseudonym_secrets(
+        ctx, raw.get("pseudonym_secrets"), base, pipelines, quarantine_kek
+    )
     if parsed_policy is not None:
         _check_secret_source(ctx, str(provider), secrets, parsed_policy, policy)
     consent = _consent(ctx, raw.get("consent"), pipelines)
@@ -1272,7 +1267,7 @@ def _acls(
 
 
 def _pseudonym_secrets(
-    ctx: _Ctx, v: Any, base: Path, pipelines: Sequence[PipelineConfig]
+    ctx: _Ctx, v: Any, base: Path, pipelines: Sequence[PipelineConfig], quarantine_kek: str
 ) -> PseudonymSecretsConfig:
     if v is None:
         return PseudonymSecretsConfig()
@@ -1295,20 +1290,38 @@ def _pseudonym_secrets(
             raise ctx.error(f"pseudonym_secrets.{k}", f"is required for 'wrapped_file': {what}")
     path = Path(_resolve(base, _str(ctx, "pseudonym_secrets.path", m["path"])))
     kek = _str(ctx, "pseudonym_secrets.kek", m["kek"])
+    _reserved_kek(
+        ctx, "pseudonym_secrets.kek", kek, pipelines,
+        "use a dedicated KEK for the pseudonym master", also={"dead_letter.kek": quarantine_kek},
+    )  # fmt: skip
+    return PseudonymSecretsConfig("wrapped_file", path, kek)
+
+
+def _reserved_kek(
+    ctx: _Ctx, section: str, kek: str, pipelines: Sequence[PipelineConfig], why: str, *,
+    also: Mapping[str, str] | None = None,
+) -> None:  # fmt: skip
+    """Refuse a KEK reserved for one role (``section``) that something else also uses.
+
+    The quarantine KEK and the KEK wrapping the pseudonym master must be theirs alone:
+    an audience holding a destination KEK, a producer sealing under a source KEK, or
+    (``also``: other reserved settings -> their KEK) incident response holding the
+    quarantine KEK could otherwise unwrap dead letters or the pseudonym master.  ``why``
+    ends the message; the section named first says which setting to change.
+    """
+    for other, other_kek in (also or {}).items():
+        if other_kek == kek:
+            raise ctx.error(section, f"{kek!r} is also {other}; {why}")
     for i, p in enumerate(pipelines):
         for j, d in enumerate(p.destinations):
             if d.kek == kek:
                 raise ctx.error(
-                    "pseudonym_secrets.kek",
-                    f"{kek!r} is also the KEK of pipelines[{i}].destinations[{j}]; use a "
-                    "dedicated KEK for the pseudonym master",
+                    section,
+                    f"{kek!r} is also the KEK of pipelines[{i}].destinations[{j}] (an audience "
+                    f"KEK); {why}",
                 )
         if kek in (p.source_keks or ()):
-            raise ctx.error(
-                "pseudonym_secrets.kek",
-                f"{kek!r} is also in pipelines[{i}].source_keks; use a dedicated KEK",
-            )
-    return PseudonymSecretsConfig("wrapped_file", path, kek)
+            raise ctx.error(section, f"{kek!r} is also in pipelines[{i}].source_keks; {why}")
 
 
 def _parse_policy(ctx: _Ctx, policy_path: Path) -> Policy:
