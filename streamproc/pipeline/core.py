@@ -59,6 +59,7 @@ from streamproc.pipeline.codegen import BadPayload, TransformFailed, compile_pla
 from streamproc.pipeline.consent import ConsentGate
 from streamproc.pipeline.lineage import FieldTreatment, field_treatments
 from streamproc.pipeline.plan import build_plan, subject_of
+from streamproc.pipeline.state import StateWrite
 from streamproc.policy.model import Audience, Policy, Purpose
 from streamproc.schema.avro import Record
 from streamproc.schema.framing import HEADER_LEN, MAGIC, frame_prefix
@@ -161,6 +162,9 @@ class BatchResult:
     outputs: list[OutputRecord]
     quarantined: list[Quarantined]
     stats: BatchStats
+    state_writes: list[StateWrite] = field(default_factory=list)
+    """Changelog records of the stateful collaborators (:attr:`Pipeline.state_stores`),
+    to be produced in the batch's transaction (:mod:`streamproc.pipeline.state`)."""
 
 
 @dataclass
@@ -375,6 +379,12 @@ class Pipeline:
             if isinstance(exc, TransientError):
                 raise SealingUnavailable(detail + "; KMS unavailable") from None
             raise SealingUnavailable(detail) from None
+
+    @property
+    def state_stores(self) -> list[Any]:
+        """The changelog-backed stateful collaborators (``ChangelogStore`` of
+        :mod:`streamproc.runtime.state`) whose writes come in ``BatchResult.state_writes``."""
+        return []
 
     @property
     def source_topics(self) -> list[str]:

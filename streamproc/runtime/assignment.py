@@ -57,6 +57,8 @@ class Assignment:
         #: Set by the worker once its health and pause exist (they read :attr:`owned`).
         self.health: Health | None = None
         self.on_gone: Callable[[set[TP]], None] = lambda _gone: None
+        #: Called with the partitions assigned (the worker's changelog stores restore them).
+        self.on_added: Callable[[set[TP]], None] = lambda _added: None
 
     def committed(self, tp: TP) -> int | None:
         cp = self._checkpoint()
@@ -67,6 +69,7 @@ class Assignment:
         if self.health is not None:
             self.health.broker_ok()  # an assignment came from the group coordinator
         self.owned |= added
+        self.on_added(added)
         cp = self._checkpoint()
         if cp is not None:
             cp.forget(added)  # someone else may have committed meanwhile

@@ -215,6 +215,14 @@ class OutRecord(Protocol):
     def headers(self) -> Sequence[tuple[str, bytes | None]]: ...
 
 
+#: An OutRecord may also name its partition (``partition: int | None``): a changelog write
+#: (:class:`~streamproc.pipeline.state.StateWrite`) goes to the changelog partition of the
+#: input partition it belongs to.  Records without the attribute (outputs, dead letters)
+#: are placed by the producer's partitioner, as before.
+def _partition_of(r: OutRecord) -> int | None:
+    return getattr(r, "partition", None)
+
+
 class BrokerHealth(Protocol):
     """Told about retries and recoveries (the worker reports them as readiness/metrics).
 
@@ -316,7 +324,11 @@ class _Base:
         for r in records:
             h = r.headers
             try:
-                produce(r.topic, r.value, r.key, headers=h if type(h) is list else list(h))
+                part = getattr(r, "partition", None)  # _partition_of, inlined (hot path)
+                if part is None:
+                    produce(r.topic, r.value, r.key, headers=h if type(h) is list else list(h))
+                else:
+                    produce(r.topic, r.value, r.key, partition=part, headers=list(h))
             except (BufferError, KafkaException):
                 self._produce_careful(r, on_delivery)
             n += 1
@@ -324,6 +336,9 @@ class _Base:
 
     def _produce_careful(self, r: OutRecord, on_delivery: Callable[..., None] | None) -> None:
         kwargs: dict[str, Any] = {"key": r.key, "value": r.value, "headers": list(r.headers)}
+        part = _partition_of(r)
+        if part is not None:
+            kwargs["partition"] = part
         if on_delivery is not None:
             kwargs["on_delivery"] = on_delivery
         while True:

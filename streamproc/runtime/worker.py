@@ -125,6 +125,7 @@ from streamproc.runtime.limits import RecordLimit, enforce_output_limit, split_o
 from streamproc.runtime.pause import Pause
 from streamproc.runtime.report import report_commit
 from streamproc.runtime.startup import TopicLimits, start_checks
+from streamproc.runtime.state import KafkaChangelogReader, StateStores, with_state
 
 log = logging.getLogger("streamproc.runtime.worker")
 
@@ -179,7 +180,18 @@ class Worker:
         owned = lambda: a.owned  # noqa: E731
         self.pause = Pause(lambda: self.consumer, owned=owned, seek=a.seek, stop=self._stop)
         self.health = a.health = Health(self.observer, owned=owned, paused=lambda: self.pause.active)
-        a.on_gone = self.pause.forget
+        #: Changelog-backed state of the pipeline (privacy budgets): epochs around each
+        #: batch, restored on assignment, dropped on revocation (streamproc.runtime.state).
+        self.state = StateStores(
+            pipeline.state_stores, self._changelog_reader, restore_timeout=kafka_timeout * 4
+        )
+        a.on_added = self.state.assigned
+
+        def gone(tps: set[TP]) -> None:
+            self.pause.forget(tps)
+            self.state.released(a.owned)
+
+        a.on_gone = gone
         self.errors = ClientErrors(self.access, self.health, self.stop)
         self.lag = LagReporter(self.observer, lag_interval, a.committed)
         self._dlq_for = {s: p.dead_letter_topic for p in config.pipelines for s in p.sources}
@@ -290,7 +302,12 @@ class Worker:
         )  # fmt: skip
         self._on_started()
 
+    def _changelog_reader(self) -> KafkaChangelogReader:
+        conf = consumer_conf(self.config, index=self.index, error_cb=self.errors.on_error)
+        return KafkaChangelogReader(conf, group_prefix=self.config.group_id, consumer_factory=self._consumer_factory)
+
     def _close(self, *, clean: bool) -> None:
+        self.state.close()
         c, self.consumer = self.consumer, None
         p, self.producer = self.producer, None
         if self.checkpoint is not None:
@@ -331,9 +348,11 @@ class Worker:
         self.assignment.revoked_in_flight = set()
         for tp, n in batch.counts.items():
             self.observer.records_consumed(tp[0], tp[1], n)
+        self.state.restore_pending()  # newly assigned partitions' state, before their records
         result = self._process(batch)
         if result is None:  # stopped while waiting out an outage: abandon (nothing produced)
             return
+        epoch = self.state.epoch
         if self.audit is not None and result.quarantined:
             # Audited before committed: if the write fails (fatal), the batch is redone.
             self.audit.after_batch(result.quarantined)
@@ -343,11 +362,13 @@ class Worker:
         try:
             self.checkpoint.commit(self._out_records(result), batch.last, self.assignment.owned)
         except Aborted:
+            self.state.rollback()  # the batch is redone from the committed state
             self.aborts += 1
             self._consecutive_aborts += 1
             self.assignment.rewind(batch)
             self._stop.wait(self.backoff.delay(self._consecutive_aborts))
             return
+        self.state.committed(epoch)
         self._consecutive_aborts = 0
         self.batches_committed += 1
         self.records_committed += len(batch.messages)
@@ -363,6 +384,7 @@ class Worker:
                 return None
             inputs, oversized = split_oversized(batch.inputs(), self.limit)
             t0 = time.perf_counter()
+            epoch = self.state.begin()
             try:
                 result = self.pipeline.process(inputs)
                 enforce_output_limit(result, oversized, self.limit, self._audience)
@@ -370,6 +392,7 @@ class Worker:
                 # seal right now is an outage to wait out like any other.
                 self._dead = self.dead_letters.seal_batch(result.quarantined, self._dlq_for)
             except TransientError as exc:
+                self.state.discard(epoch)  # the same records again: charged once
                 attempt += 1
                 self.health.dependency_down(exc, attempt, len(inputs))
                 if not self.pause.hold(self.backoff.delay(attempt)):
@@ -386,12 +409,14 @@ class Worker:
             return result
 
     def _out_records(self, result: BatchResult) -> list[Any]:
-        """Outputs, then one dead letter per quarantined record (the produce order)."""
+        """Outputs, then one dead letter per quarantined record, then the changelog writes
+        (the produce order; all in the batch's transaction)."""
         if not result.quarantined:
-            return result.outputs
+            return with_state(result.outputs, result.state_writes)
         if len(self._dead) != len(result.quarantined):
             raise InvariantViolation("dead letters were not sealed for this batch")
-        return [*result.outputs, *self._dead]  # sealed in _process, within the limit
+        # sealed in _process, within the limit
+        return with_state([*result.outputs, *self._dead], result.state_writes)
 
 
 
