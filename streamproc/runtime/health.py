@@ -42,15 +42,18 @@ class Health:
     """Dependencies currently down (with the time each went down) and readiness.
 
     ``owned`` and ``paused`` read the worker's state: readiness is "no partitions" while
-    nothing is assigned and "paused" while a transient outage is waited out.
+    nothing is assigned and "paused" while a transient outage is waited out.  ``clock``
+    (monotonic seconds) orders the outages and times the broker's; tests pass their own.
     """
 
     def __init__(
-        self, observer: Observer, *, owned: Callable[[], object], paused: Callable[[], bool]
-    ) -> None:
+        self, observer: Observer, *, owned: Callable[[], object], paused: Callable[[], bool],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:  # fmt: skip
         self.observer = observer
         self._owned = owned
         self._paused = paused
+        self._clock = clock
         #: Dependencies (broker, kms, schema_registry) currently being retried: while any
         #: is down, /readyz names it, even after the partitions were lost because of it.
         self.down: dict[str, float] = {}
@@ -69,17 +72,17 @@ class Health:
 
     def broker_down(self, attempt: int) -> None:
         if self._broker_down_since is None:
-            self._broker_down_since = time.monotonic()
+            self._broker_down_since = self._clock()
             log.warning("broker unavailable; retrying")
         self.observer.retrying("broker", attempt)
-        self.down.setdefault("broker", time.monotonic())
+        self.down.setdefault("broker", self._clock())
         self.ready()
 
     def broker_ok(self) -> None:
         if self._broker_down_since is not None:
             log.info(
                 "broker reachable again",
-                extra={"seconds": round(time.monotonic() - self._broker_down_since, 3)},
+                extra={"seconds": round(self._clock() - self._broker_down_since, 3)},
             )
             self._broker_down_since = None
             self.broker_attempt = 0
@@ -118,7 +121,7 @@ class Health:
             },
         )
         self.observer.retrying(dep, attempt)
-        self.down.setdefault(dep, time.monotonic())
+        self.down.setdefault(dep, self._clock())
         self.ready()
 
     def dependencies_restored(self) -> None:

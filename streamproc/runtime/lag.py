@@ -18,18 +18,23 @@ TP = tuple[str, int]
 
 
 class LagReporter:
-    """``due()`` says whether an interval has passed; ``report()`` observes the lags."""
+    """``due()`` says whether an interval has passed; ``report()`` observes the lags.
+
+    ``clock`` (monotonic seconds) is injectable so that tests need not sleep.
+    """
 
     def __init__(
-        self, observer: Observer, interval: float, committed: Callable[[TP], int | None]
-    ) -> None:
+        self, observer: Observer, interval: float, committed: Callable[[TP], int | None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:  # fmt: skip
         self.observer = observer
         self.interval = interval
         self._committed = committed
+        self._clock = clock
         self._last = 0.0
 
     def due(self) -> bool:
-        now = time.monotonic()
+        now = self._clock()
         if now - self._last < self.interval:
             return False
         self._last = now

@@ -21,7 +21,8 @@ TP = tuple[str, int]
 class Pause:
     """Pause/wait/resume bookkeeping of one consumer (see the module docstring).
 
-    ``owned`` returns the partitions the worker owns now; ``seek`` rewinds one of them.
+    ``owned`` returns the partitions the worker owns now; ``seek`` rewinds one of them;
+    ``clock`` (monotonic seconds) bounds :meth:`wait` (tests pass their own).
     """
 
     def __init__(
@@ -31,11 +32,13 @@ class Pause:
         owned: Callable[[], set[TP]],
         seek: Callable[[TP, int], None],
         stop: threading.Event,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._consumer = consumer
         self._owned = owned
         self._seek = seek
         self._stop = stop
+        self._clock = clock
         self.active = False
         #: Per partition, the first offset ``consume()`` returned while paused.
         self.dropped: dict[TP, int] = {}
@@ -67,9 +70,9 @@ class Pause:
         consumer = self._consumer()
         assert consumer is not None
         dropped = self.dropped
-        deadline = time.monotonic() + seconds
+        deadline = self._clock() + seconds
         while not self._stop.is_set():
-            left = deadline - time.monotonic()
+            left = deadline - self._clock()
             if left <= 0:
                 return True
             for m in consumer.consume(100, min(left, 0.2)):
