@@ -3,7 +3,7 @@
 Design rules, and why:
 
 * **Labels come from bounded sets only** (topic, partition, audience, kek_id, reason,
-  operator, provider, operation, outcome, kind, dependency).  A label value is never a
+  operator, provider, operation, outcome, kind, dependency, action).  A label value is never a
   record value or key: a time series per customer would both leak personal data into the
   monitoring system and blow up its memory.  As defence in depth every label value goes
   through :class:`_LabelGuard`, which caps the distinct values per label (overflow
@@ -127,6 +127,15 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("streamproc_workers", "gauge", (), "Live worker processes (1 per process, summed).", "livesum"),
     MetricSpec("streamproc_insecure_transport", "gauge", ("component",), "1 when TLS certificate verification is switched off for a component (kafka, kms, schema_registry) by an explicit insecure: true; 0 otherwise.", "max"),
     MetricSpec("streamproc_retention_drift", "gauge", ("topic",), "1 when a governed topic's live retention.ms (or cleanup.policy) differs from what the policy and config call for; 0 when it matches. Topics from the config only.", "max"),
+    MetricSpec("streamproc_risk_window_records", "gauge", ("audience",), "Records in the audience's re-identification risk window (its outputs of the policy's risk window, capped by max_records); summed over live workers.", "livesum"),
+    MetricSpec("streamproc_risk_min_class_size", "gauge", ("audience",), "Smallest equivalence class of quasi-identifier tuples the audience received in the window: its k (0 when empty); the worst live worker.", "livemin"),
+    MetricSpec("streamproc_risk_share_below_k", "gauge", ("audience",), "Share of the window's records in classes smaller than the policy's k; the worst live worker.", "livemax"),
+    MetricSpec("streamproc_risk_share_unique", "gauge", ("audience",), "Share of the window's records whose quasi-identifier tuple is unique in it; the worst live worker.", "livemax"),
+    MetricSpec("streamproc_risk_min_l", "gauge", ("audience",), "Distinct l-diversity of the window: the fewest distinct sensitive values in a class (audiences with l only); the worst live worker.", "livemin"),
+    MetricSpec("streamproc_risk_share_below_l", "gauge", ("audience",), "Share of the window's records in classes with fewer distinct sensitive values than the policy's l; the worst live worker.", "livemax"),
+    MetricSpec("streamproc_risk_k_target", "gauge", ("audience",), "The policy's k for the audience (alerts compare the window with it).", "max"),
+    MetricSpec("streamproc_risk_l_target", "gauge", ("audience",), "The policy's l for the audience (audiences with l only).", "max"),
+    MetricSpec("streamproc_risk_enforced_total", "counter", ("audience", "action"), "Records whose quasi-identifiers k-anonymity enforcement rewrote, by audience and action (suppressed, generalized)."),
     MetricSpec("streamproc_anomalies_total", "counter", ("kind",), "Anomalies found by the in-process detector, by kind (decryption_spike, egress_spike, decryption_failure_burst, unknown_key, revoked_key, unexpected_destination, kek_not_allowed)."),
 )
 
@@ -163,6 +172,8 @@ DEPENDENCIES = frozenset({"kms", "schema_registry", "broker"})
 TX_OUTCOMES = frozenset({"committed", "aborted"})
 #: KMS provider names (``kms.provider`` of the config): the factory's closed list.
 KMS_PROVIDERS = frozenset(_KMS_PROVIDERS)
+#: ``streamproc_risk_enforced_total{action}``: how enforcement released an at-risk record.
+RISK_ACTIONS = frozenset({"suppressed", "generalized"})
 #: Partitions are Kafka integers, never text; above this a value is not a partition.
 MAX_PARTITION = 100_000
 
@@ -233,6 +244,7 @@ class _LabelGuard:
             "reason": frozenset(r.value for r in Reason) | frozenset(WITHHELD_REASONS),
             "operator": frozenset(REGISTRY),
             "provider": KMS_PROVIDERS,
+            "action": RISK_ACTIONS,
         }
         self._seen: dict[str, set[str]] = {}
         self._lock = threading.Lock()
@@ -431,9 +443,31 @@ class Metrics(Observer):
             self._child("streamproc_tombstones_total").inc(st.tombstones)
         for (aud, why), n in getattr(st, "withheld", {}).items():
             self._child("streamproc_consent_withheld_total", L("audience", aud), L("reason", why)).inc(n)
+        risk = getattr(st, "risk", None)
+        if risk:
+            self._risk(risk, getattr(st, "risk_enforced", {}))
         if self.detector is not None:
             self.detector.observe_batch(st)
         self.heartbeat()
+
+    def _risk(self, reports: Mapping[str, Any], enforced: Mapping[tuple[str, str], int]) -> None:
+        """The risk windows after a batch (one report per audience, counts and shares only)."""
+        L = self._label
+        for aud, r in reports.items():
+            a = L("audience", aud)
+            if a == OTHER:
+                continue  # an audience the config does not name has no series of its own
+            self._child("streamproc_risk_window_records", a).set(r.records)
+            self._child("streamproc_risk_min_class_size", a).set(r.min_class)
+            self._child("streamproc_risk_share_below_k", a).set(r.share_below_k)
+            self._child("streamproc_risk_share_unique", a).set(r.share_unique)
+            self._child("streamproc_risk_k_target", a).set(r.k_target)
+            if r.l_target is not None:
+                self._child("streamproc_risk_min_l", a).set(r.min_l or 0)
+                self._child("streamproc_risk_share_below_l", a).set(r.share_below_l or 0.0)
+                self._child("streamproc_risk_l_target", a).set(r.l_target)
+        for (aud, action), n in enforced.items():
+            self._child("streamproc_risk_enforced_total", L("audience", aud), L("action", action)).inc(n)
 
     def end_to_end_latency(self, seconds: Sequence[float]) -> None:
         h = self._child("streamproc_end_to_end_latency_seconds")

@@ -652,3 +652,47 @@ def compile_plan(
     env = dict(g.env)
     exec(compile(src, f"<streamproc plan {schema.fullname}/{plan.audience}>", "exec"), env)
     return env["_plan"], src
+
+
+def compile_reader(
+    schema: Record, names: list[str], *, offset: int = 0
+) -> Callable[[bytes], tuple[list[Any], list[int]]]:
+    """``f(buf) -> (values, spans)``: the top-level fields ``names`` (in schema order)
+    decoded from a record *this processor wrote* (an output plaintext, so no structure
+    check), with the byte span of each (``spans[2i]``, ``spans[2i + 1]``).  A null branch
+    reads as ``None``.  Fields after the last one named are not walked.
+
+    The risk measurement reads an audience's quasi-identifiers with it, and enforcement
+    rewrites a field in place by its span (top-level fields have no enclosing length).
+    """
+    wanted = set(names)
+    g = _Gen()
+    body = [f"    pos = {offset}", "    vals = []", "    spans = []"]
+    last = max((i for i, f in enumerate(schema.fields) if f.name in wanted), default=-1)
+    for f in schema.fields[: last + 1]:
+        if f.name not in wanted:
+            g.skip(f.type, "    ", body)
+            continue
+        v = g.var("rv")
+        body.append("    spans.append(pos)")
+        t = f.type
+        if isinstance(t, Union):
+            i = g.var("u")
+            body.append(f"    {i} = buf[pos]")
+            body.append("    pos += 1")
+            for idx, br in enumerate(t.branches):
+                body.append(f"    {'if' if idx == 0 else 'elif'} {i} == {idx << 1}:")
+                inner: list[str] = []
+                g.decode(br, v, "        ", inner)
+                body.extend(inner)
+            body.append("    else: raise _Bad('union branch')")
+        else:
+            g.decode(t, v, "    ", body)
+        body.append(f"    vals.append({v})")
+        body.append("    spans.append(pos)")
+    body.append("    return vals, spans")
+    src = "\n".join([*g.lines, "def _read(buf):", *body]) + "\n"
+    env = dict(g.env)
+    exec(compile(src, f"<streamproc reader {schema.fullname}>", "exec"), env)
+    fn: Callable[[bytes], tuple[list[Any], list[int]]] = env["_read"]
+    return fn

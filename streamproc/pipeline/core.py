@@ -59,8 +59,10 @@ from streamproc.pipeline.codegen import BadPayload, TransformFailed, compile_pla
 from streamproc.pipeline.consent import ConsentGate
 from streamproc.pipeline.lineage import FieldTreatment, field_treatments
 from streamproc.pipeline.plan import build_plan, subject_of
+from streamproc.pipeline.risk import RiskGuard, RiskProbe
 from streamproc.pipeline.state import StateWrite
 from streamproc.policy.model import Audience, Policy, Purpose
+from streamproc.privacy.risk import RiskReport
 from streamproc.schema.avro import Record
 from streamproc.schema.framing import HEADER_LEN, MAGIC, frame_prefix
 from streamproc.schema.registry import SchemaSource
@@ -155,6 +157,11 @@ class BatchStats:
     withheld: dict[tuple[str, str], int] = field(default_factory=dict)
     """(audience, reason) -> records withheld from that audience for lack of consent or an
     objection (``streamproc.policy.consent.WITHHELD_REASONS``); no output, no dead letter."""
+    risk: dict[str, RiskReport] = field(default_factory=dict)
+    """audience -> its risk window after this batch (audiences with ``risk:`` that had outputs)."""
+    risk_enforced: dict[tuple[str, str], int] = field(default_factory=dict)
+    """(audience, ``suppressed`` | ``generalized``) -> records whose quasi-identifiers
+    enforcement rewrote (streamproc.pipeline.risk)."""
 
 
 @dataclass
@@ -180,6 +187,8 @@ class _Compiled:
     consent: tuple[Purpose, str, Callable[[bytes], bytes | None] | None] | None = None
     """For a gated audience: its purpose, the subject field's name and the function that
     reads the subject from the framed plaintext (``None``: the schema has no subject)."""
+    probe: RiskProbe | None = None
+    """For an audience with ``risk:``: reads (and rewrites) its outputs' quasi-identifiers."""
 
 
 @dataclass(frozen=True)
@@ -211,8 +220,11 @@ class _DestState:
         sealer: Sealer,
         key_fn: Callable[[bytes | None], bytes | None],
         prov_key: tuple[int, bytes] | None,
+        risk: RiskGuard | None = None,
     ) -> None:
         self.dest = dest
+        #: The audience's risk windows (shared by its destinations), or None without ``risk:``.
+        self.risk = risk
         self.audience = audience
         self.sealer = sealer
         self.key_fn = key_fn
@@ -265,6 +277,8 @@ class Pipeline:
         self.max_record_bytes = max_record_bytes
         self.register_schemas = register_schemas
         make_sealer = sealer_factory or (lambda k, kek, topic: Sealer(k, kek, topic))
+        #: audience -> its re-identification risk windows (audiences with ``risk:``).
+        self.risk_guards: dict[str, RiskGuard] = {}
         self._routes: dict[str, list[_DestState]] = {}
         self._dest_by_topic: dict[str, _DestState] = {}
         for route in routes:
@@ -276,7 +290,10 @@ class Pipeline:
                 else:
                     aud = policy.audience(d.audience)
                     prov = None if keys is None else keys.provenance_key(aud.name)
-                    state = _DestState(d, aud, make_sealer(kms, d.kek_id, d.topic), self._key_fn(aud), prov)
+                    guard = None
+                    if aud.risk is not None:
+                        guard = self.risk_guards.get(aud.name) or self.risk_guards.setdefault(aud.name, RiskGuard(aud))
+                    state = _DestState(d, aud, make_sealer(kms, d.kek_id, d.topic), self._key_fn(aud), prov, guard)
                     self._dest_by_topic[d.topic] = state
                 for src in route.sources:
                     if src in self._dest_by_topic:
@@ -469,7 +486,10 @@ class Pipeline:
                 gate = (purpose, "", None)
             else:
                 gate = (purpose, subject.name, compile_subject(rs.node, subject, offset=HEADER_LEN))
-        return _Compiled(fn, out_id, prefix, tuple(plan.transforms.items()), info, gate)
+        probe = None
+        if state.audience.risk is not None and isinstance(rs.node, Record):
+            probe = RiskProbe(plan, rs.node, state.audience, HEADER_LEN)
+        return _Compiled(fn, out_id, prefix, tuple(plan.transforms.items()), info, gate, probe)
 
     def _admit(
         self, plain: bytes, targets: tuple[_Target, ...], withheld: dict[tuple[str, str], int]
@@ -558,16 +578,46 @@ class Pipeline:
         stats = BatchStats()
         pending = self._open_and_transform(batch, outputs, quarantined, stats)
         if pending:
-            self.check_sealers()
-            for pend in pending.values():
-                if pend.plains:  # a destination whose every record failed has none
-                    self._seal(pend, outputs, stats)
+            saved = self.savepoint() if self.risk_guards else None
+            try:
+                if saved is not None:
+                    self._measure_risk(pending, stats)
+                self.check_sealers()
+                for pend in pending.values():
+                    if pend.plains:  # a destination whose every record failed has none
+                        self._seal(pend, outputs, stats)
+            except BaseException:
+                if saved is not None:  # the batch will come again: count it once
+                    self.rollback(saved)
+                raise
         failures = stats.failures
         for q in quarantined:
             stats.quarantined[q.reason] = stats.quarantined.get(q.reason, 0) + 1
             fk = (q.record.topic, q.reason)
             failures[fk] = failures.get(fk, 0) + 1
         return BatchResult(outputs, quarantined, stats)
+
+    def _measure_risk(self, pending: dict[str, _Pending], stats: BatchStats) -> None:
+        """Between the stages: each ``risk:`` audience's windows take the batch's outputs,
+        and enforcement rewrites the plaintexts of at-risk records before they are sealed
+        (:mod:`streamproc.pipeline.risk`).  One clock reading per batch."""
+        now = self._clock()
+        for pend in pending.values():
+            guard = pend.state.risk
+            if guard is None or not pend.plains:
+                continue
+            runs = [(c.probe, start, end) for c, start, end in pend.runs() if c.probe is not None]
+            stats.risk[guard.audience] = guard.apply(runs, pend.plains, now, stats.risk_enforced)
+
+    def savepoint(self) -> dict[str, tuple[int, ...]]:
+        """A mark of every risk window, for :meth:`rollback` when the batch's transaction
+        aborts (its records come again and must not be counted twice)."""
+        return {name: g.savepoint() for name, g in self.risk_guards.items()}
+
+    def rollback(self, savepoint: dict[str, tuple[int, ...]]) -> None:
+        """Undo what every batch since ``savepoint`` added to the risk windows."""
+        for name, sp in savepoint.items():
+            self.risk_guards[name].rollback(sp)
 
     def _open_and_transform(
         self,

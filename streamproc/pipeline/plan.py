@@ -393,11 +393,94 @@ def build_plan(schema: AvroType, audience: Audience, keys: PseudonymKeys | None)
             st = st.nullable_of
         if st.kind not in ("string", "bytes", "int", "long", "fixed"):
             raise PolicyError(f"schema {schema.fullname}: subject field {subject.name!r} must be a scalar")
+    if audience.risk is not None and audience.risk.action is not None:
+        root = _enforceable(root, schema, audience)
     try:
         out_schema = output_schema(schema, root)
     except SchemaError as exc:
         raise PolicyError(f"audience {audience.name!r}, schema {schema.fullname}: {exc}") from None
     return Plan(audience.name, root, out_schema, subject, b.transforms)
+
+
+# -- risk enforcement (see streamproc.pipeline.risk) -------------------------------------------
+
+RISK_PROP = "streamproc.risk"
+"""Field property of a quasi-identifier under enforcement: ``{k, action}`` -- a subscriber
+knows the value may be null (suppressed) or coarser than the rule says (generalized)."""
+
+_QI_KINDS = frozenset({"string", "bytes", "int", "long", "float", "double", "boolean", "enum", "fixed"})
+
+
+def _identity(v: Any) -> Any:
+    return v
+
+
+def quasi_identifier_fields(schema: Record, tags: tuple[str, ...]) -> list[Field]:
+    """The top-level fields carrying one of ``tags`` (the values risk is measured on)."""
+    wanted = set(tags)
+    return [f for f in schema.fields if not wanted.isdisjoint(f.tags)]
+
+
+def scalar_of(t: AvroType) -> AvroType:
+    """The non-null branch of ``["null", T]``, else ``t``."""
+    if isinstance(t, Union) and t.nullable_of is not None:
+        return t.nullable_of
+    return t
+
+
+def _enforceable(root: Node, schema: Record, audience: Audience) -> Node:
+    """Make every quasi-identifier field of the output nullable, so enforcement can
+    suppress it, and check each ladder step against the field's output type.
+
+    A field the audience drops stays dropped.  A transformed scalar gets a ``["null", T]``
+    output (the operator's value goes in the second branch); a kept scalar becomes an
+    identity :class:`Apply` with that output; an output that already has a null branch is
+    left as is.  Anything else (a record, array or map) cannot be suppressed as one value
+    and is refused: quasi-identifiers are scalar top-level fields.
+    """
+    risk = audience.risk
+    assert risk is not None and risk.action is not None
+    qi = set(risk.quasi_identifiers)
+    if isinstance(root, Keep):
+        root = RecordNode(schema, [(f, Keep(f.type)) for f in schema.fields])
+    assert isinstance(root, RecordNode)
+    ladder = dict(audience.risk_ladder)
+    prop = {"k": risk.k, "action": risk.action}
+    fields: list[tuple[Field, Node]] = []
+    for f, node in root.fields:
+        if qi.isdisjoint(f.tags) or isinstance(node, Drop):
+            fields.append((f, node))
+            continue
+        where = f"audience {audience.name!r}, field {f.name!r} (quasi-identifier)"
+        out = node_out_type(node)
+        assert out is not None
+        base = scalar_of(out)
+        if base.kind not in _QI_KINDS or (isinstance(out, Union) and out.nullable_of is None):
+            raise PolicyError(
+                f"{where}: risk.action needs a scalar or [\"null\", scalar] field, not {out.kind}; "
+                "quasi-identifiers are scalar top-level fields"
+            )
+        nullable = Union("union", branches=[Primitive("null"), base])
+        if isinstance(node, Apply) and not isinstance(out, Union):
+            node.out = nullable
+        elif isinstance(node, Keep) and not isinstance(out, Union):
+            node = Apply(f.type, nullable, _identity, "", f.name, False, True)
+        if isinstance(node, Apply):
+            node.props[RISK_PROP] = prop
+        for tag in f.tags:
+            for level, step in enumerate(ladder.get(tag, ()), 1):
+                try:
+                    got = step.operator.output_type(step.params, base)
+                except OperatorError as exc:
+                    raise PolicyError(f"{where}: risk.ladder.{tag} level {level}: {exc}") from None
+                if got is None or avro.canonical_json(avro.to_json(got)) != avro.canonical_json(avro.to_json(base)):
+                    raise PolicyError(
+                        f"{where}: risk.ladder.{tag} level {level} ({step.op}) turns {base.kind} into "
+                        f"{'nothing' if got is None else got.kind}; a ladder step keeps the type"
+                    )
+        fields.append((f, node))
+    root.fields = fields
+    return root
 
 
 # -- output schema --------------------------------------------------------------------------
@@ -463,7 +546,7 @@ def _ops_in(n: Node, seen: set[int] | None = None, *, into_records: bool = True)
         return set()
     seen.add(id(n))
     if isinstance(n, Apply):
-        return {n.op}
+        return {n.op} if n.op else set()  # "": the identity a nullable quasi-identifier needs
     if isinstance(n, RecordNode):
         if not into_records:
             return set()

@@ -48,7 +48,7 @@ from streamproc.errors import PolicyError
 from streamproc.operators import Operator, OperatorError, get_operator
 from streamproc.operators.base import ON_FAILURE, strictness
 from streamproc.privacy.budget import Budget
-from streamproc.privacy.risk import RiskTarget
+from streamproc.privacy.risk import ACTIONS, RiskTarget
 
 RECORD_KEY_MODES = ("keep", "token", "drop")
 #: The pseudonym domain of a record-key token or a date_shift rule that names none.
@@ -104,6 +104,9 @@ class Audience:
     """Per-subject privacy budget over the audience's DP rules (``budget:``)."""
     risk: RiskTarget | None = None
     """Re-identification risk target over the audience's outputs (``risk:``)."""
+    risk_ladder: tuple[tuple[str, tuple[Rule, ...]], ...] = ()
+    """``risk.ladder``: per quasi-identifier tag, the rules ``generalize_more`` applies, one
+    level further each, to the value the audience would otherwise receive."""
 
     def rule_for(self, tags: tuple[str, ...]) -> Rule | None:
         """The strictest rule whose tag the field carries (ties: the first in file order).
@@ -241,11 +244,12 @@ def parse_policy(raw: Any, source: str = "<policy>") -> Policy:
                 f"not {purpose!r}"
             )
         subject = spec.get("subject")
+        risk, ladder = _risk(where, spec.get("risk"), source, name)
         audiences[name] = Audience(
             name, untagged, rk, rules, str(spec.get("description", "")), mine,
             parse_duration_ms(spec.get("retention"), f"{where}: retention"), purpose,
             subject=subject if isinstance(subject, str) else None,
-            budget=_budget(where, spec.get("budget"), rules), risk=_risk(where, spec.get("risk")),
+            budget=_budget(where, spec.get("budget"), rules), risk=risk, risk_ladder=ladder,
         )
     pseudonym = keys.get("pseudonym")
     if needs_keys is not None and not pseudonym:
@@ -338,13 +342,34 @@ def _budget(where: str, spec: Any, rules: tuple[Rule, ...]) -> Budget | None:
     return budget
 
 
-def _risk(where: str, spec: Any) -> RiskTarget | None:
+#: Operators a ``risk.ladder`` step may use: each coarsens the value it is given, needs no
+#: key and no subject, and keeps the type (checked when the plan compiles).
+LADDER_OPS = ("generalize", "mask", "redact")
+
+_HOLD_REFUSED = (
+    "action 'hold' is not supported: a held record must survive a crash, which needs a hold "
+    "topic written in the worker's transaction and released later; this version does not keep "
+    "one, and holding records in memory could lose them. Use suppress or generalize_more"
+)
+
+
+def _risk(where: str, spec: Any, source: str = "<policy>", audience: str = "") -> tuple[
+    RiskTarget | None, tuple[tuple[str, tuple[Rule, ...]], ...]
+]:
     """``risk: {quasi_identifiers: [POSTCODE, BIRTH_DATE, GENDER], k: 5, window: 1h,
-    l: 2, sensitive: DIAGNOSIS, max_records: 100000}``."""
+    l: 2, sensitive: DIAGNOSIS, max_records: 100000, action: suppress | generalize_more,
+    ladder: {POSTCODE: [{op: generalize, prefix: 2}], ...}}``.
+
+    Without ``action`` the audience's risk is measured only.  With ``action`` a record
+    whose quasi-identifier tuple is shared by fewer than k records of the window has its
+    quasi-identifiers suppressed (null) or, with ``generalize_more``, generalized one
+    ladder level further at a time until its class reaches k (and suppressed when even
+    the last level does not).  ``hold`` is refused (see :data:`_HOLD_REFUSED`).
+    """
     if spec is None:
-        return None
+        return None, ()
     where = f"{where}: risk"
-    allowed = {"quasi_identifiers", "k", "l", "sensitive", "window", "max_records"}
+    allowed = {"quasi_identifiers", "k", "l", "sensitive", "window", "max_records", "action", "ladder"}
     if not isinstance(spec, Mapping) or set(spec) - allowed:
         raise PolicyError(f"{where}: a mapping with {', '.join(sorted(allowed))}")
     qi = spec.get("quasi_identifiers")
@@ -366,10 +391,57 @@ def _risk(where: str, spec: Any) -> RiskTarget | None:
     window_ms = parse_duration_ms(spec.get("window"), f"{where}.window")
     if window_ms is None:
         raise PolicyError(f"{where}: 'window' is required (e.g. 1h)")
+    action = spec.get("action")
+    if action == "hold":
+        raise PolicyError(f"{where}: {_HOLD_REFUSED}")
+    if action is not None and action not in ACTIONS:
+        raise PolicyError(f"{where}: 'action' is one of {', '.join(ACTIONS)} (or absent: measure only), not {action!r}")
+    ladder = _ladder(where, spec.get("ladder"), action, qi, source, audience)
     try:
-        return RiskTarget(tuple(qi), k, window_ms / 1000, l_, sensitive, max_records)
+        target = RiskTarget(tuple(qi), k, window_ms / 1000, l_, sensitive, max_records, action)
     except ValueError as exc:
         raise PolicyError(f"{where}: {exc}") from None
+    return target, ladder
+
+
+def _ladder(
+    where: str, spec: Any, action: Any, qi: list[str], source: str, audience: str
+) -> tuple[tuple[str, tuple[Rule, ...]], ...]:
+    """``ladder: {TAG: [rule, ...]}``: required by ``generalize_more``, refused otherwise.
+
+    Each step is an ordinary rule (validated like any other) of a :data:`LADDER_OPS`
+    operator, applied to the value the audience would receive at the level before: it can
+    only coarsen what the audience already sees.  That each step keeps the field's type
+    is checked when the plan compiles (``policy check``), where types are known.
+    """
+    if action != "generalize_more":
+        if spec is not None:
+            raise PolicyError(f"{where}: 'ladder' applies only with action: generalize_more")
+        return ()
+    if not isinstance(spec, Mapping) or not spec:
+        raise PolicyError(f"{where}: generalize_more needs 'ladder': {{TAG: [rule, ...]}} for one or more quasi-identifiers")
+    out = []
+    for tag, steps in spec.items():
+        if tag not in qi:
+            raise PolicyError(f"{where}.ladder: {tag!r} is not one of the quasi_identifiers")
+        if not isinstance(steps, list) or not steps:
+            raise PolicyError(f"{where}.ladder.{tag}: a non-empty list of rules, one per level")
+        rules = []
+        for i, step in enumerate(steps, 1):
+            r = _rule(source, audience, f"{tag} (risk ladder level {i})", step)
+            if r.op not in LADDER_OPS:
+                raise PolicyError(
+                    f"{where}.ladder.{tag}: level {i} uses {r.op!r}; a ladder step is one of "
+                    f"{', '.join(LADDER_OPS)} (it coarsens the value, with no key)"
+                )
+            if r.op == "redact" and r.params.get("value") is None:
+                raise PolicyError(
+                    f"{where}.ladder.{tag}: level {i}: redact to null is what suppression does; "
+                    "give redact a constant 'value' or end the ladder before it"
+                )
+            rules.append(Rule(tag, r.op, r.params, r.operator))
+        out.append((str(tag), tuple(rules)))
+    return tuple(out)
 
 
 def parse_duration_ms(value: Any, where: str) -> int | None:

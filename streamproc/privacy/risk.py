@@ -26,6 +26,17 @@ so a record reported at risk is at risk and enforcement errs on the cautious sid
 evicted records themselves are no longer assessed.  Size the cap to the window's
 expected volume (100 000 by default: about 10 MB for three short quasi-identifiers).
 
+**Incremental.** The measurements are kept up to date on every addition and removal (a
+histogram of class sizes, the records in classes below k, the unique classes, and the same
+for distinct sensitive values), so :meth:`RiskWindow.report` costs O(distinct class
+sizes), not O(classes): the worker reports once per batch at no cost per record.
+
+**Savepoints.** The runtime adds a batch's outputs before its transaction commits; when
+the transaction aborts, the same records come again.  :meth:`RiskWindow.savepoint` and
+:meth:`RiskWindow.rollback` take a batch's records back out (newest first), so a record
+is never counted twice.  Records that left by age or by the cap while the batch was
+added stay gone: the window only gets smaller, which errs on the cautious side.
+
 Values are compared as they are given (the caller passes output values, after the
 policy's transformations: a suppressed value is ``None`` or ``*`` and is one value like
 any other, as in ARX and pycanon).  Nothing here logs or exports a value: the report holds
@@ -41,6 +52,10 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
+#: Enforcement actions (``risk.action``): ``suppress`` writes null for the record's
+#: quasi-identifiers; ``generalize_more`` walks the policy's ladder first.
+ACTIONS = ("suppress", "generalize_more")
+
 
 @dataclass(frozen=True)
 class RiskTarget:
@@ -52,6 +67,8 @@ class RiskTarget:
     l: int | None = None  # noqa: E741 -- the name the literature uses
     sensitive: str | None = None
     max_records: int = 100_000
+    action: str | None = None
+    """``None``: measure only; else one of :data:`ACTIONS` (enforce k on the outputs)."""
 
     def __post_init__(self) -> None:
         if not self.quasi_identifiers:
@@ -66,6 +83,8 @@ class RiskTarget:
             raise ValueError("the risk window must be positive")
         if not 1 <= self.max_records <= 10_000_000:
             raise ValueError("max_records must be 1..10000000")
+        if self.action is not None and self.action not in ACTIONS:
+            raise ValueError(f"action must be one of {', '.join(ACTIONS)}")
 
 
 @dataclass(frozen=True)
@@ -95,6 +114,14 @@ class RiskReport:
         return ok
 
 
+def _bump(hist: Counter[int], key: int, by: int) -> None:
+    n = hist[key] + by
+    if n:
+        hist[key] = n
+    else:
+        del hist[key]
+
+
 @dataclass
 class RiskWindow:
     """The sliding window of one audience's quasi-identifier tuples (see the module doc)."""
@@ -107,28 +134,63 @@ class RiskWindow:
     """(tuple, sensitive value) -> records; with ``_distinct``, l-diversity in O(1) per record."""
     _distinct: Counter[Hashable] = field(default_factory=Counter)
     """tuple -> number of distinct sensitive values in its class."""
+    _sizes: Counter[int] = field(default_factory=Counter)
+    """class size -> number of classes of that size (the smallest key is the window's k)."""
+    _diversity: Counter[int] = field(default_factory=Counter)
+    """distinct sensitive values -> number of classes with that many (smallest: the window's l)."""
+    _below_k: int = 0
+    """Records in classes smaller than the target k."""
+    _below_l: int = 0
+    """Records in classes with fewer distinct sensitive values than the target l."""
     evicted_by_cap: int = 0
+    added: int = 0
+    """Records ever added (a savepoint is a value of this counter)."""
 
     def add(self, qi: tuple[Hashable, ...], sensitive: Hashable = None, ts: float | None = None) -> int:
         """Add one output's tuple; returns the size of its class in the window afterwards
         (what enforcement compares with k)."""
         now = self.clock() if ts is None else ts
         entries = self._entries
-        if entries and entries[0][0] <= now - self.target.window_s:
+        t = self.target
+        if entries and entries[0][0] <= now - t.window_s:
             self._expire(now)
-        if len(entries) >= self.target.max_records:
+        if len(entries) >= t.max_records:
             self._pop()
             self.evicted_by_cap += 1
         entries.append((now, qi, sensitive))
+        self.added += 1
         classes = self._classes
-        classes[qi] += 1
-        if self.target.sensitive is not None:
+        c = classes[qi]
+        classes[qi] = n = c + 1
+        sizes = self._sizes
+        if c:
+            _bump(sizes, c, -1)
+        sizes[n] += 1
+        k = t.k
+        if n < k:
+            self._below_k += 1
+        elif n == k:
+            self._below_k -= c
+        if t.sensitive is not None:
             pair = (qi, sensitive)
             pairs = self._pairs
             pairs[pair] += 1
-            if pairs[pair] == 1:
-                self._distinct[qi] += 1
-        return classes[qi]
+            d = self._distinct[qi]
+            d2 = d + 1 if pairs[pair] == 1 else d
+            if d2 != d:
+                self._distinct[qi] = d2
+            self._move_diversity(c, d, n, d2)
+        return n
+
+    def _move_diversity(self, c: int, d: int, n: int, d2: int) -> None:
+        """A class went from ``c`` records with ``d`` distinct values to ``n`` with ``d2``."""
+        lt = self.target.l
+        assert lt is not None
+        if c:
+            _bump(self._diversity, d, -1)
+        if n:
+            self._diversity[d2] += 1
+        self._below_l += (n if d2 < lt else 0) - (c if d < lt else 0)
 
     def class_size(self, qi: tuple[Hashable, ...]) -> int:
         return self._classes.get(qi, 0)
@@ -142,11 +204,27 @@ class RiskWindow:
             del counter[key]
         return n
 
+    def _remove(self, qi: Hashable, s: Hashable) -> None:
+        c = self._classes[qi]
+        n = self._decrement(self._classes, qi)
+        _bump(self._sizes, c, -1)
+        if n:
+            self._sizes[n] += 1
+        k = self.target.k
+        self._below_k += (n if n < k else 0) - (c if c < k else 0)
+        if self.target.sensitive is not None:
+            d = self._distinct[qi]
+            d2 = d - 1 if self._decrement(self._pairs, (qi, s)) == 0 else d
+            if d2 != d:
+                if d2:
+                    self._distinct[qi] = d2
+                else:
+                    del self._distinct[qi]
+            self._move_diversity(c, d, n, d2)
+
     def _pop(self) -> None:
         _, qi, s = self._entries.popleft()
-        self._decrement(self._classes, qi)
-        if self.target.sensitive is not None and self._decrement(self._pairs, (qi, s)) == 0:
-            self._decrement(self._distinct, qi)
+        self._remove(qi, s)
 
     def _expire(self, now: float) -> None:
         horizon = now - self.target.window_s
@@ -154,34 +232,70 @@ class RiskWindow:
         while entries and entries[0][0] <= horizon:
             self._pop()
 
+    def savepoint(self) -> int:
+        """A mark to :meth:`rollback` to (the number of records ever added)."""
+        return self.added
+
+    def rollback(self, savepoint: int) -> int:
+        """Take back every record added after ``savepoint`` (newest first); returns how
+        many were still held.  Records evicted meanwhile stay gone (see the module doc)."""
+        n = min(self.added - savepoint, len(self._entries))
+        entries = self._entries
+        for _ in range(max(0, n)):
+            _, qi, s = entries.pop()
+            self._remove(qi, s)
+        self.added = min(self.added, max(savepoint, 0))
+        return max(0, n)
+
     def __len__(self) -> int:
         return len(self._entries)
 
     def report(self, now: float | None = None) -> RiskReport:
-        """The measurements over the records in the window at ``now`` (default: the clock)."""
+        """The measurements over the records in the window at ``now`` (default: the clock);
+        O(distinct class sizes), from the counters kept by :meth:`add`."""
         self._expire(self.clock() if now is None else now)
         t = self.target
         n = len(self._entries)
-        sizes = self._classes.values()
-        below_k = sum(c for c in sizes if c < t.k)
-        unique = sum(1 for c in sizes if c == 1)
         min_l: int | None = None
         share_below_l: float | None = None
         if t.sensitive is not None:
-            diversity = [(d, self._classes[qi]) for qi, d in self._distinct.items()]
-            min_l = min((d for d, _ in diversity), default=0)
-            assert t.l is not None
-            share_below_l = (sum(c for d, c in diversity if d < t.l) / n) if n else 0.0
+            min_l = min(self._diversity, default=0)
+            share_below_l = self._below_l / n if n else 0.0
         covered = (self._entries[-1][0] - self._entries[0][0]) if n else 0.0
         return RiskReport(
             records=n,
             classes=len(self._classes),
-            min_class=min(sizes, default=0),
-            share_below_k=below_k / n if n else 0.0,
-            share_unique=unique / n if n else 0.0,
+            min_class=min(self._sizes, default=0),
+            share_below_k=self._below_k / n if n else 0.0,
+            share_unique=self._sizes.get(1, 0) / n if n else 0.0,
             min_l=min_l,
             share_below_l=share_below_l,
             covered_s=covered,
             k_target=t.k,
             l_target=t.l,
+        )
+
+    def recount(self) -> RiskReport:
+        """The same report computed from scratch over the held records (tests compare the
+        two; never on the hot path)."""
+        t = self.target
+        n = len(self._entries)
+        sizes = Counter(qi for _, qi, _ in self._entries)
+        below_k = sum(c for c in sizes.values() if c < t.k)
+        min_l: int | None = None
+        share_below_l: float | None = None
+        if t.sensitive is not None:
+            values: dict[Hashable, set[Hashable]] = {}
+            for _, qi, s in self._entries:
+                values.setdefault(qi, set()).add(s)
+            min_l = min((len(v) for v in values.values()), default=0)
+            assert t.l is not None
+            below = sum(sizes[qi] for qi, v in values.items() if len(v) < t.l)
+            share_below_l = below / n if n else 0.0
+        covered = (self._entries[-1][0] - self._entries[0][0]) if n else 0.0
+        return RiskReport(
+            records=n, classes=len(sizes), min_class=min(sizes.values(), default=0),
+            share_below_k=below_k / n if n else 0.0,
+            share_unique=sum(1 for c in sizes.values() if c == 1) / n if n else 0.0,
+            min_l=min_l, share_below_l=share_below_l, covered_s=covered, k_target=t.k, l_target=t.l,
         )

@@ -349,6 +349,7 @@ class Worker:
         for tp, n in batch.counts.items():
             self.observer.records_consumed(tp[0], tp[1], n)
         self.state.restore_pending()  # newly assigned partitions' state, before their records
+        saved = self.pipeline.savepoint()  # the risk windows, undone if the batch aborts
         result = self._process(batch)
         if result is None:  # stopped while waiting out an outage: abandon (nothing produced)
             return
@@ -363,6 +364,7 @@ class Worker:
             self.checkpoint.commit(self._out_records(result), batch.last, self.assignment.owned)
         except Aborted:
             self.state.rollback()  # the batch is redone from the committed state
+            self.pipeline.rollback(saved)  # the batch comes again: its outputs count once
             self.aborts += 1
             self._consecutive_aborts += 1
             self.assignment.rewind(batch)

@@ -28,7 +28,7 @@ from streamproc.pipeline.core import BatchStats
 ROOT = Path(__file__).resolve().parents[2]
 BOUNDED_LABELS = {
     "topic", "partition", "audience", "kek_id", "reason", "operator", "provider",
-    "operation", "outcome", "kind", "dependency", "version", "component",
+    "operation", "outcome", "kind", "dependency", "version", "component", "action",
 }
 
 
@@ -395,3 +395,37 @@ def test_demo_summary_names_exported_samples() -> None:
     missing = [k for k in SUMMARY_METRICS if k not in samples]
     assert not missing
     assert "streamproc_dead_letters_total" in SUMMARY_METRICS  # the demo's dead letters show
+
+
+def test_risk_gauges_per_audience_and_enforcement_counter() -> None:
+    """The risk windows' reports become gauges per configured audience; an audience the
+    config does not name gets no series, and an unknown action label becomes _other."""
+    from streamproc.pipeline.core import BatchStats
+    from streamproc.privacy.risk import RiskTarget, RiskWindow
+
+    w = RiskWindow(RiskTarget(("A", "B"), 3, 60.0, 2, "S"), clock=lambda: 0.0)
+    for qi, sv in [(("x", 1), "p"), (("x", 1), "q"), (("x", 1), "p"), (("y", 2), "p")]:
+        w.add(qi, sv, ts=0.0)
+    st = BatchStats()
+    st.risk = {"analytics": w.report(now=0.0), "not-configured": w.report(now=0.0)}
+    st.risk_enforced = {("analytics", "suppressed"): 2, ("analytics", "generalized"): 1, ("analytics", "bogus"): 5}
+    m = Metrics(known=KNOWN)
+    m.batch_processed(st, 4, 0.01)
+    text = generate_latest(m.registry).decode()
+
+    def val(name: str, **labels: str) -> float | None:
+        sel = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        hit = re.search(rf"^{name}\{{{sel}\}} (\S+)$", text, re.M)
+        return None if hit is None else float(hit.group(1))
+
+    assert val("streamproc_risk_window_records", audience="analytics") == 4
+    assert val("streamproc_risk_min_class_size", audience="analytics") == 1  # ("y", 2) once
+    assert val("streamproc_risk_share_below_k", audience="analytics") == 0.25
+    assert val("streamproc_risk_share_unique", audience="analytics") == 0.25
+    assert val("streamproc_risk_min_l", audience="analytics") == 1
+    assert val("streamproc_risk_share_below_l", audience="analytics") == 0.25
+    assert (val("streamproc_risk_k_target", audience="analytics"), val("streamproc_risk_l_target", audience="analytics")) == (3, 2)
+    assert val("streamproc_risk_enforced_total", action="suppressed", audience="analytics") == 2
+    assert val("streamproc_risk_enforced_total", action="generalized", audience="analytics") == 1
+    assert val("streamproc_risk_enforced_total", action="_other", audience="analytics") == 5
+    assert "not-configured" not in text and 'audience="_other"' not in text

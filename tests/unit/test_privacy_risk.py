@@ -113,3 +113,37 @@ def test_targets_are_validated() -> None:
         RiskTarget(QI, k=5, window_s=60, l=2)
     with pytest.raises(ValueError):
         RiskTarget(QI, k=5, window_s=0)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(1, 300),
+    cap=st.sampled_from([7, 40, 10_000]),
+    with_l=st.booleans(),
+)
+def test_incremental_counters_equal_a_recount_through_adds_expiry_and_rollbacks(
+    seed: int, n: int, cap: int, with_l: bool
+) -> None:
+    """report() (kept incrementally) equals recount() (from scratch over the held records)
+    after any mix of additions, expiry by age, eviction by the cap and rollbacks; and a
+    rollback holds exactly the records a plain list says were committed."""
+    rng = random.Random(seed)
+    target = RiskTarget(QI, k=3, window_s=50.0, max_records=cap,
+                        l=2 if with_l else None, sensitive="DIAGNOSIS" if with_l else None)
+    w = RiskWindow(target, clock=lambda: 0.0)
+    t = 0.0
+    for _ in range(n):
+        t += rng.expovariate(1.0)
+        sp = w.savepoint()
+        before = list(w._entries)
+        batch = rng.randint(1, 6)
+        for _ in range(batch):
+            qi = (rng.choice(["A", "B", "C"]), rng.randint(0, 2), "F")
+            w.add(qi, rng.choice(["x", "y", "z"]), ts=t)
+        if rng.random() < 0.3:
+            w.rollback(sp)
+            # what is left is the committed records that neither age nor the cap removed
+            assert list(w._entries) == before[len(before) - len(w._entries):]
+        assert w.report(now=t) == w.recount()
+    assert w.report(now=t + 1000.0) == w.recount() and len(w) == 0

@@ -1,0 +1,225 @@
+"""Re-identification risk in the pipeline: measured on, and enforced in, each audience's outputs.
+
+An audience with ``risk:`` in the policy gets a :class:`RiskGuard`.  Once per batch, after
+its plans ran and before its outputs are sealed, the guard reads the quasi-identifier
+tuple (and the sensitive value) of every output plaintext -- the values the audience's
+subscribers will decrypt, after every transformation -- with a reader compiled per output
+schema (:class:`RiskProbe`), and:
+
+* **measures**: every released tuple goes into a :class:`~streamproc.privacy.risk.RiskWindow`
+  (``released``), whose report the worker exports as gauges per audience;
+* **enforces** (``risk.action``): a *candidate* window per ladder level counts the tuple
+  each record would have at that level (level 0: what the policy's rules give).  A record
+  is released at the lowest level whose class, counting this record, holds at least k
+  records of the window; ``suppress`` has only level 0, ``generalize_more`` climbs the
+  policy's ladder (each step applied to the previous level's value: it can only coarsen
+  what the audience already sees); when no level reaches k the record's
+  quasi-identifiers are written as null (the plan made those fields nullable).  Every
+  record counts in every level's window, whatever it was released as: a class is the set
+  of records that truly share the tuple.
+
+Why the candidate counts and not the released ones decide: a tuple is released only once
+k records of the window truly have it, and the k - 1 before it were released with their
+quasi-identifiers suppressed (which matches any tuple), so the released record is one of
+at least k candidates.  Deciding on released tuples alone would never release a new
+tuple.  The released window measures exact equality (a null is one value), as pycanon
+and ``streamproc risk`` do, so it is the stricter reading: it shows the first released
+records of a new class as below k even though their suppressed peers hide them.
+
+The windows are per worker process (each sees the partitions it owns), in memory, and
+start empty: after a restart or a rebalance every class starts from 0, so enforcement
+suppresses more until the window refills (it errs towards suppression, never towards
+release).  A batch's additions are undone when its transaction aborts
+(:meth:`RiskGuard.savepoint` / :meth:`RiskGuard.rollback`): a record is never counted
+twice.  Nothing here logs or reports a value: only counts and shares leave.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
+
+from streamproc.errors import PolicyError
+from streamproc.operators import OpContext
+from streamproc.pipeline.codegen import compile_reader, enc_long, encoder
+from streamproc.pipeline.plan import Plan, node_out_type, quasi_identifier_fields, scalar_of
+from streamproc.policy.model import Audience
+from streamproc.privacy.risk import RiskReport, RiskWindow
+from streamproc.schema.avro import Record, Union
+
+#: ``streamproc_risk_enforced_total{action}`` values: how an at-risk record was released.
+SUPPRESSED = "suppressed"
+GENERALIZED = "generalized"
+
+_MEMO_MAX = 4096
+"""Ladder values remembered per (field, level): quasi-identifiers repeat (that is the point
+of them), so most records cost a dict lookup, not an operator call."""
+
+
+@dataclass
+class _Field:
+    """One quasi-identifier (or sensitive) output field, as the probe reads and rewrites it."""
+
+    name: str
+    null: bytes
+    """The Avro encoding of null in this field (its union's null branch index)."""
+    prefix: bytes
+    """The union branch index of a value."""
+    encode: Callable[[Any], bytes]
+    steps: list[Callable[[Any], Any]]
+    """Ladder steps for this field (the first ladder of its tags; empty without one)."""
+    memo: list[dict[Hashable, Any]]
+
+
+class RiskProbe:
+    """Reads (and rewrites) the quasi-identifiers of one output schema's plaintexts."""
+
+    def __init__(self, plan: Plan, schema: Record, audience: Audience, offset: int) -> None:
+        risk = audience.risk
+        assert risk is not None
+        out = node_out_type(plan.root)
+        if not isinstance(out, Record):
+            raise PolicyError(f"audience {audience.name!r}: risk is measured on record outputs")
+        present = {f.name: f for f in out.fields}
+        ladder = dict(audience.risk_ladder)
+
+        def field_of(tag: str) -> str | None:
+            return next((f.name for f in quasi_identifier_fields(schema, (tag,)) if f.name in present), None)
+
+        qi_names = [field_of(t) for t in risk.quasi_identifiers]
+        sens_name = field_of(risk.sensitive) if risk.sensitive is not None else None
+        names = [f.name for f in out.fields if f.name in set(qi_names) | {sens_name}]
+        self.read = compile_reader(out, names, offset=offset)
+        index = {n: i for i, n in enumerate(names)}
+        #: Position in the reader's values of each quasi-identifier (-1: not received).
+        self.qi = [-1 if n is None else index[n] for n in qi_names]
+        self.sensitive = -1 if sens_name is None else index[sens_name]
+        #: Reader positions of the distinct quasi-identifier fields enforcement rewrites.
+        self.rewrite = sorted({i for i in self.qi if i >= 0})
+        self.fields: list[_Field | None] = [None] * len(names)
+        self.levels = max((len(steps) for _, steps in audience.risk_ladder), default=0)
+        if risk.action is None:
+            return
+        for i in self.rewrite:
+            f = present[names[i]]
+            t = f.type
+            if not (isinstance(t, Union) and t.nullable_of is not None):
+                raise PolicyError(f"audience {audience.name!r}, field {f.name!r}: not nullable (plan not enforceable)")
+            null_idx = next(j for j, b in enumerate(t.branches) if b.kind == "null")
+            base = scalar_of(t)
+            src = next(sf for sf in schema.fields if sf.name == f.name)
+            tag = next((tg for tg in src.tags if tg in ladder), None)
+            steps = []
+            for step in ladder.get(tag, ()) if tag is not None else ():
+                ctx = OpContext(audience.name, str(tag), f.name, None, audience.shared_domains)
+                steps.append(step.operator.bind_checked(step.params, base, ctx))
+            self.fields[i] = _Field(
+                f.name, enc_long(null_idx), enc_long(1 - null_idx), encoder(base), steps,
+                [{} for _ in steps],
+            )
+
+    def level_values(self, vals: list[Any], level: int) -> list[Any]:
+        """``vals`` one ladder level further (level >= 1): each field's step ``level`` on
+        its level - 1 value, or its value unchanged past the end of its ladder."""
+        out = list(vals)
+        for i in self.rewrite:
+            f = self.fields[i]
+            assert f is not None
+            if level > len(f.steps):
+                continue
+            v = vals[i]
+            if v is None:
+                continue  # null stays null (the operators never see it)
+            memo = f.memo[level - 1]
+            hit = memo.get(v, _MISS)
+            if hit is _MISS:
+                if len(memo) >= _MEMO_MAX:
+                    memo.clear()
+                hit = memo[v] = f.steps[level - 1](v)
+            out[i] = hit
+        return out
+
+    def splice(self, plain: bytes, spans: list[int], vals: list[Any] | None) -> bytes:
+        """``plain`` with the quasi-identifier fields rewritten: null (``vals`` None) or the
+        given values.  Fields are top-level, so no enclosing length changes."""
+        parts = []
+        pos = 0
+        for i in self.rewrite:
+            f = self.fields[i]
+            assert f is not None
+            start, end = spans[2 * i], spans[2 * i + 1]
+            parts.append(plain[pos:start])
+            v = None if vals is None else vals[i]
+            parts.append(f.null if v is None else f.prefix + f.encode(v))
+            pos = end
+        parts.append(plain[pos:])
+        return b"".join(parts)
+
+
+_MISS = object()
+
+
+class RiskGuard:
+    """One audience's windows (see the module doc): measurement and enforcement."""
+
+    def __init__(self, audience: Audience) -> None:
+        target = audience.risk
+        assert target is not None
+        self.audience = audience.name
+        self.target = target
+        self.released = RiskWindow(target)
+        levels = max((len(steps) for _, steps in audience.risk_ladder), default=0)
+        self.candidates = [] if target.action is None else [RiskWindow(target) for _ in range(levels + 1)]
+
+    def savepoint(self) -> tuple[int, ...]:
+        return (self.released.savepoint(), *(w.savepoint() for w in self.candidates))
+
+    def rollback(self, savepoint: tuple[int, ...]) -> None:
+        self.released.rollback(savepoint[0])
+        for w, sp in zip(self.candidates, savepoint[1:], strict=True):
+            w.rollback(sp)
+
+    def apply(
+        self, runs: list[tuple[RiskProbe, int, int]], plains: list[bytes], now: float,
+        enforced: dict[tuple[str, str], int],
+    ) -> RiskReport:
+        """Measure (and enforce on) ``plains[start:end]`` of each run; rewrites ``plains`` in
+        place where enforcement says so, counts in ``enforced[(audience, action)]``."""
+        add = self.released.add
+        k = self.target.k
+        cands = self.candidates
+        suppressed = generalized = 0
+        nulls = (None,) * len(self.target.quasi_identifiers)
+        for probe, start, end in runs:
+            read, qi, sens = probe.read, probe.qi, probe.sensitive
+            for j in range(start, end):
+                vals, spans = read(plains[j])
+                tup = tuple([vals[i] if i >= 0 else None for i in qi])
+                s = vals[sens] if sens >= 0 else None
+                if cands:
+                    tup_l = tup
+                    level = 0 if cands[0].add(tup, None, now) >= k else -1
+                    chosen = vals
+                    cur = vals
+                    for lv in range(1, len(cands)):
+                        cur = probe.level_values(cur, lv)
+                        t_l = tuple([cur[i] if i >= 0 else None for i in qi])
+                        if cands[lv].add(t_l, None, now) >= k and level < 0:
+                            level, chosen, tup_l = lv, cur, t_l
+                    if level < 0:
+                        plains[j] = probe.splice(plains[j], spans, None)
+                        tup = nulls
+                        suppressed += 1
+                    elif level > 0:
+                        plains[j] = probe.splice(plains[j], spans, chosen)
+                        tup = tup_l
+                        generalized += 1
+                add(tup, s, now)
+        if suppressed:
+            key = (self.audience, SUPPRESSED)
+            enforced[key] = enforced.get(key, 0) + suppressed
+        if generalized:
+            key = (self.audience, GENERALIZED)
+            enforced[key] = enforced.get(key, 0) + generalized
+        return self.released.report(now)
