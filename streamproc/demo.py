@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shutil
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,28 @@ def dest_topic(source: str, audience: str) -> str:
 
 def dead_letter_topic(source: str) -> str:
     return f"{source}.dlq"
+
+
+def scrape_metrics(url: str) -> dict[str, float]:
+    """Sum each metric family over its labels (enough for a short summary).
+
+    The demo's scenes print a few of the processor's own counters, read the way
+    Prometheus reads them; ``{}`` if the endpoint does not answer (a summary is optional).
+    """
+    try:
+        text = urllib.request.urlopen(url, timeout=2).read().decode()
+    except OSError:
+        return {}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        try:
+            out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+        except ValueError:
+            continue
+    return out
 
 
 @dataclass

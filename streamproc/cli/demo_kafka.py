@@ -9,6 +9,8 @@ Steps (each shows progress):
 5. consume every sanitized topic with the subscriber SDK until all outputs exist;
 6. show, per source, the producer's record beside what each audience received, matched
    through the provenance headers; show dead letters and a few live metrics;
+6b. the consent scene (:mod:`streamproc.cli.demo_consent`): a customer withdraws consent
+   mid-stream and their later orders are missing from analytics only;
 7. SIGTERM the worker (it drains and commits) and stop the broker.
 """
 
@@ -20,7 +22,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from typing import Any
 
 from rich.console import Console
@@ -56,22 +57,8 @@ SUMMARY_METRICS = (
 )
 
 
-def _scrape(url: str) -> dict[str, float]:
-    """Sum each metric family over its labels (enough for a short summary)."""
-    try:
-        text = urllib.request.urlopen(url, timeout=2).read().decode()
-    except OSError:
-        return {}
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        try:
-            out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
-        except ValueError:
-            continue
-    return out
+#: Sum each metric family over its labels (enough for a short summary).
+_scrape = d.scrape_metrics
 
 
 def run_kafka_demo(console: Console, ws: d.Workspace, events: int, show_n: int, seed: int, keep_running: bool) -> None:
@@ -199,6 +186,9 @@ def run_kafka_demo(console: Console, ws: d.Workspace, events: int, show_n: int, 
         if m:
             summary = ", ".join(f"{k.removeprefix('streamproc_')}={m[k]:g}" for k in SUMMARY_METRICS if k in m)
             console.print(f"metrics (http://127.0.0.1:{metrics_port}/metrics): {summary}")
+        from streamproc.cli.demo_consent import run_consent_scene
+
+        run_consent_scene(console, ws, broker.bootstrap, seed)  # a withdrawal mid-stream
         if keep_running:
             console.print("[bold]running[/]: broker, processor and metrics stay up; Ctrl-C to stop.")
             try:
