@@ -16,7 +16,9 @@ in batches of ``--batch`` records like the runtime:
 (d) pipeline 2 -- ``Pipeline.process`` with two destinations (a1, a2).
 
 plus two components for the cost breakdown: ``Opener.open`` alone and ``Sealer.seal_many``
-alone.  Each figure is the median of ``--repeat`` timed repetitions after one warm-up
+alone.  When the compiled plan interpreter (``streamproc._native``, crate ``native/``) is
+built, (b)-(d) run on it, and (b py)-(d py) are the same cases with the generated Python
+plan functions, measured in the same run.  Each figure is the median of ``--repeat`` timed repetitions after one warm-up
 repetition; rates are *input* records per second, and every row also gets its ratio to (a)
 measured in the same run.  Nothing here touches a broker.
 """
@@ -45,6 +47,7 @@ from streamproc.client import RecordSealer
 from streamproc.crypto.envelope import Opener, Sealer
 from streamproc.crypto.kms.local import LocalKeyring
 from streamproc.crypto.pseudonym import PseudonymKeys
+from streamproc.pipeline import native
 from streamproc.pipeline.core import InputRecord, Pipeline, build_routes
 from streamproc.policy import load_policy
 from streamproc.schema.avro import strip_logical
@@ -128,6 +131,10 @@ class Setup:
     kms: LocalKeyring
     fastavro_schema: Any
     plan_fn: Callable[[bytes], list[bytes]] = field(repr=False, default=None)  # type: ignore[assignment]
+    plan_fn_py: Callable[[bytes], list[bytes]] = field(repr=False, default=None)  # type: ignore[assignment]
+    """The generated Python plan function of a1 (the same as ``plan_fn`` without the extension)."""
+    pipelines_py: dict[int, Pipeline] = field(default_factory=dict)
+    """Like ``pipelines``, with every plan compiled to the generated Python function."""
 
     def close(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
@@ -167,8 +174,8 @@ def setup(n_records: int, n_distinct: int = 2000, seed: int = 7, root: Path | No
         for i in range(n_records)
     ]
 
-    pipelines = {}
-    for n_aud in (1, 2):
+    pipelines, pipelines_py = {}, {}
+    for n_aud, target in ((1, pipelines), (2, pipelines), (1, pipelines_py), (2, pipelines_py)):
         spec = [
             {
                 "sources": [SOURCE_TOPIC],
@@ -178,7 +185,7 @@ def setup(n_records: int, n_distinct: int = 2000, seed: int = 7, root: Path | No
                 ],
             }
         ]
-        pipelines[n_aud] = Pipeline(
+        target[n_aud] = Pipeline(
             routes=build_routes(spec),
             policy=policy,
             opener=Opener.for_kms(kms),
@@ -193,9 +200,20 @@ def setup(n_records: int, n_distinct: int = 2000, seed: int = 7, root: Path | No
     s = Setup(
         root, records, plaintexts, sealed, inputs, pipelines, sealer.schema_id, kms, fa_schema
     )
-    p1 = pipelines[1]
-    p1.explain(sealer.schema_id, f"{SOURCE_TOPIC}.a1")  # compiles the plan
-    s.plan_fn = p1._plans[(sealer.schema_id, f"{SOURCE_TOPIC}.a1")].fn  # type: ignore[union-attr]
+    for p in pipelines.values():
+        for d in p._dest_by_topic:
+            p.explain(sealer.schema_id, d)  # compiles the plans (natively where it can)
+    saved, native.ENABLED = native.ENABLED, False
+    try:
+        for p in pipelines_py.values():
+            for d in p._dest_by_topic:
+                p.explain(sealer.schema_id, d)  # the generated Python functions
+    finally:
+        native.ENABLED = saved
+    s.pipelines_py = pipelines_py
+    a1 = (sealer.schema_id, f"{SOURCE_TOPIC}.a1")
+    s.plan_fn = pipelines[1]._plans[a1].fn  # type: ignore[union-attr]
+    s.plan_fn_py = pipelines_py[1]._plans[a1].fn  # type: ignore[union-attr]
     return s
 
 
@@ -223,10 +241,10 @@ def run_baseline(s: Setup, n: int, batch: int) -> int:
     return done
 
 
-def run_plan(s: Setup, n: int, batch: int) -> int:
-    """(b) the generated plan function alone (audience a1), plaintext to plaintext."""
+def run_plan(s: Setup, n: int, batch: int, python: bool = False) -> int:
+    """(b) the plan function alone (audience a1), plaintext to plaintext."""
     plains = _cycle(s.plaintexts, n)
-    fn, join = s.plan_fn, b"".join
+    fn, join = s.plan_fn_py if python else s.plan_fn, b"".join
     done = 0
     for i in range(0, n, batch):
         outs = [join(fn(p)) for p in plains[i : i + batch]]
@@ -234,9 +252,9 @@ def run_plan(s: Setup, n: int, batch: int) -> int:
     return done
 
 
-def run_pipeline(s: Setup, n_audiences: int, n: int, batch: int) -> int:
+def run_pipeline(s: Setup, n_audiences: int, n: int, batch: int, python: bool = False) -> int:
     """(c)/(d) ``Pipeline.process`` over batches of input records."""
-    p = s.pipelines[n_audiences]
+    p = (s.pipelines_py if python else s.pipelines)[n_audiences]
     inputs = s.inputs[:n]
     done = 0
     for i in range(0, n, batch):
@@ -309,7 +327,8 @@ def dp_plan_fn(name: str, s: Setup) -> Callable[[bytes], list[bytes]]:
         raw["audiences"]["a1"]["tags"].update(DP_CASES[name])
         node = avro.parse(schema)
         plan = build_plan(node, parse_policy(raw).audience("a1"), PseudonymKeys(s.kms, PSEUDONYM_SECRET))
-        fn = compile_plan(plan, node, offset=HEADER_LEN)[0]  # type: ignore[arg-type]
+        # Like (b): the compiled interpreter where it is built, the generated function otherwise.
+        fn = native.compile_native(plan, node, offset=HEADER_LEN) or compile_plan(plan, node, offset=HEADER_LEN)[0]  # type: ignore[arg-type]
         _DP_FNS[(id(s), name)] = fn
     return fn
 
@@ -405,6 +424,9 @@ CASES: dict[str, tuple[str, Callable[[Setup, int, int], int]]] = {
     "plan": ("(b) plan fn alone (a1)", run_plan),
     "pipeline_1": ("(c) Pipeline.process, 1 audience", lambda s, n, b: run_pipeline(s, 1, n, b)),
     "pipeline_2": ("(d) Pipeline.process, 2 audiences", lambda s, n, b: run_pipeline(s, 2, n, b)),
+    "plan_py": ("(b py) generated Python plan fn (a1)", lambda s, n, b: run_plan(s, n, b, python=True)),
+    "pipeline_1_py": ("(c py) (c), generated Python plans", lambda s, n, b: run_pipeline(s, 1, n, b, python=True)),
+    "pipeline_2_py": ("(d py) (d), generated Python plans", lambda s, n, b: run_pipeline(s, 2, n, b, python=True)),
     "pipeline_2_consent": ("(d) + consent check (2 audiences)", run_consent),
     "open": ("    component: Opener.open", run_open),
     "seal": ("    component: Sealer.seal_many", run_seal),
@@ -528,6 +550,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"streamproc bench_core · python {platform.python_version()} · pinned to cpu {cpu} of {os.cpu_count()} · "
         f"{args.records} records/rep ({args.distinct} distinct) · batch {args.batch} · median of {args.repeat} after warm-up"
     )
+    print(f"plan functions: {type(s.plan_fn).__name__} (compiled interpreter built: {native.available()}, enabled: {native.ENABLED})")
     print(
         f"load average before {load_before[0]:.2f} / after {load_after[0]:.2f} (1 min); "
         "left: wall clock, right: CPU time of this thread (robust to other load)"
@@ -547,6 +570,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "repeat": args.repeat,
                     "loadavg_before": load_before,
                     "loadavg_after": load_after,
+                    "native": {"available": native.available(), "enabled": native.ENABLED},
                     "results": results,
                 },
                 indent=2,

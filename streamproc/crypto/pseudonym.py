@@ -214,6 +214,10 @@ def make_text_tokenizer(
         return prefix + b2a(o.digest()[:TOKEN_BYTES], newline=False)[:22].translate(table).decode()
 
     if normalize is None:
+        # What the compiled plan interpreter (streamproc.pipeline.native) needs to compute
+        # this very function itself: same key, same prefix, same 128-bit truncation.  Only
+        # this unwrapped, non-normalizing function carries it.
+        setattr(token, "native_op", ("token", prefix, key))  # noqa: B010 (a function attribute)
         return token
     return lambda text: token(normalize(text))
 

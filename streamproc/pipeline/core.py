@@ -58,6 +58,7 @@ from streamproc.errors import (
 from streamproc.pipeline.codegen import BadPayload, TransformFailed, compile_plan, compile_subject
 from streamproc.pipeline.consent import ConsentGate
 from streamproc.pipeline.lineage import FieldTreatment, field_treatments
+from streamproc.pipeline.native import compile_native
 from streamproc.pipeline.plan import build_plan, subject_of
 from streamproc.pipeline.risk import RiskGuard, RiskProbe
 from streamproc.pipeline.state import StateWrite
@@ -470,6 +471,9 @@ class Pipeline:
 
             out_id = content_id(plan.out_schema)
         fn, _src = compile_plan(plan, rs.node, offset=HEADER_LEN, prefix=frame_prefix(out_id))  # type: ignore[arg-type]
+        # The compiled interpreter when it is built and handles the plan (same bytes, same
+        # failures: streamproc.pipeline.native); the generated function otherwise.
+        fn = compile_native(plan, rs.node, offset=HEADER_LEN, prefix=frame_prefix(out_id)) or fn
         prefix = state.prov_prefix(self.policy.version, out_id)
         info = None
         if self.on_compile is not None and isinstance(rs.node, Record):
