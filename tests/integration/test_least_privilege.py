@@ -25,24 +25,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 hvac = pytest.importorskip("hvac")
 
 from streamproc.client import RecordOpener, RecordSealer  # noqa: E402
-from streamproc.client.generator import EventGenerator  # noqa: E402
 from streamproc.crypto.envelope import parse_header  # noqa: E402
 from streamproc.crypto.kms.vault import VaultTransitKms, canonical_context  # noqa: E402
 from streamproc.crypto.pseudonym import PseudonymKeys, make_text_tokenizer  # noqa: E402
 from streamproc.errors import EnvelopeError, KeyAccessDenied, Reason  # noqa: E402
-from streamproc.runtime.topics import apply_topics  # noqa: E402
 from tests.integration.conftest import (  # noqa: E402
     AUDIENCES,
     REPO,
     WorkerProcess,
-    make_workspace,
-    produce_raw,
-    read_topics,
+    vault_transit,
+    worker_end_to_end,
 )
 from tests.integration.servers import OpenBaoServer, start_openbao  # noqa: E402
 
@@ -101,56 +97,25 @@ def test_processor_and_subscribers_on_the_shipped_policies(
     producer_token = token(root, "streamproc-producer")
     subscriber_token = token(root, f"streamproc-subscriber-{A}")
 
-    ws = make_workspace(tmp_path / "ws", kafka_bootstrap, unique, sources=("orders",), partitions=2)
-    cfg = yaml.safe_load(ws.config_path.read_text())
-    cfg["kms"] = {"provider": "vault", "url": bao.url, "mount": "transit"}
-    cfg["dead_letter"] = {"kek": "streamproc-quarantine"}
-    for d in cfg["pipelines"][0]["destinations"]:
-        d["kek"] = f"streamproc-dst-{d['audience']}"
-    ws.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    apply_topics(ws.load_config())
     for k in ("VAULT_TOKEN", "VAULT_ADDR", "BAO_ADDR", "VAULT_NAMESPACE"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("BAO_TOKEN", processor_token)  # the worker's only credential
 
-    # producers seal with the producer policy (datakey on source KEKs, nothing else)
+    # producers seal with the producer policy (datakey on source KEKs, nothing else); the
+    # worker opens every source record and seals every destination (checked by the helper)
     producer = VaultTransitKms(bao.url, producer_token)
-    sealer = RecordSealer(
-        producer,
-        "streamproc-src-orders",
-        ws.topic("orders"),
-        ws.schema_json("orders"),
-        ws.schema_source(),
-    )
-    recs = list(EventGenerator(5).events("order", N))
-    produced = produce_raw(
-        ws.bootstrap,
-        ws.topic("orders"),
-        [
-            (r["customer_id"].encode(), v, r)
-            for r, v in zip(recs, sealer.seal_many(recs), strict=True)
-        ],
-    )
-
-    w = WorkerProcess(ws)
-    workers.append(w)
-    dests = {a: ws.dest("orders", a) for a in AUDIENCES}
-    dlq = ws.dlq("orders")
-    out = read_topics(
-        ws.bootstrap,
-        [*dests.values(), dlq],
-        until=lambda r: all(len(r[t]) >= N for t in dests.values()),
-        timeout=60,
-    )
-    assert w.alive(), w.log()[-3000:]
-    # the worker processed everything: every source record opened, every destination sealed
+    e2e = worker_end_to_end(
+        tmp_path / "ws", kafka_bootstrap, unique, workers,
+        configure=vault_transit(bao.url, mount="transit"),
+        sealer=lambda ws: RecordSealer(
+            producer, "streamproc-src-orders", ws.topic("orders"), ws.schema_json("orders"),
+            ws.schema_source(),
+        ),
+        n=N, seed=5,
+    )  # fmt: skip
+    ws, produced, dests, out = e2e.ws, e2e.produced, e2e.dests, e2e.out
     for a, t in dests.items():
-        assert len(out[t]) == N, (a, w.log()[-3000:])
-        assert {(r.source[1], r.source[2]) for r in out[t]} == set(produced.records)
         assert {parse_header(r.value).kek_id for r in out[t] if r.value} == {f"streamproc-dst-{a}"}
-    assert out[dlq] == []
-    w.terminate()
-    assert w.wait(30) == 0, w.log()[-3000:]
 
     # the processor token cannot decrypt what it sealed for an audience ...
     sample = out[dests[B]][0]

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 hvac = pytest.importorskip("hvac")
 devtls = pytest.importorskip("streamproc.devtls")
@@ -31,9 +30,8 @@ from streamproc.errors import ConfigError, KmsError  # noqa: E402
 from tests.integration.conftest import (  # noqa: E402
     AUDIENCES,
     WorkerProcess,
-    make_workspace,
-    produce_raw,
-    read_topics,
+    vault_transit,
+    worker_end_to_end,
 )
 from tests.integration.servers import OpenBaoServer, start_openbao_tls  # noqa: E402
 
@@ -112,57 +110,25 @@ def test_worker_end_to_end_with_vault_over_tls(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from streamproc.client import RecordSealer
-    from streamproc.client.generator import EventGenerator
     from streamproc.crypto.envelope import parse_header
-    from streamproc.runtime.topics import apply_topics
 
-    n = 20
     bao.client().secrets.kv.v2.create_or_update_secret(
         path="streamproc/pseudonym-master",
         secret={"material": base64.b64encode(os.urandom(32)).decode()},
     )
-    ws = make_workspace(tmp_path / "ws", kafka_bootstrap, unique, sources=("orders",), partitions=2)
-    cfg = yaml.safe_load(ws.config_path.read_text())
-    cfg["kms"] = {"provider": "vault", "url": bao.url, "ca_cert": str(bao.ca_file)}
-    cfg["dead_letter"] = {"kek": "streamproc-quarantine"}
-    for d in cfg["pipelines"][0]["destinations"]:
-        d["kek"] = f"streamproc-dst-{d['audience']}"
-    ws.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    apply_topics(ws.load_config())
     for k in ("VAULT_TOKEN", "VAULT_ADDR", "BAO_ADDR", "VAULT_NAMESPACE", "VAULT_CACERT"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("BAO_TOKEN", bao.root_token)
-
     kms = build_kms(spec(bao, ca_cert=str(bao.ca_file)), env={})
-    sealer = RecordSealer(
-        kms,
-        "streamproc-src-orders",
-        ws.topic("orders"),
-        ws.schema_json("orders"),
-        ws.schema_source(),
-    )
-    recs = list(EventGenerator(3).events("order", n))
-    produce_raw(
-        ws.bootstrap,
-        ws.topic("orders"),
-        [
-            (r["customer_id"].encode(), v, r)
-            for r, v in zip(recs, sealer.seal_many(recs), strict=True)
-        ],
-    )
-    w = WorkerProcess(ws)
-    workers.append(w)
-    dests = {a: ws.dest("orders", a) for a in AUDIENCES}
-    out = read_topics(
-        ws.bootstrap,
-        [*dests.values(), ws.dlq("orders")],
-        until=lambda r: all(len(r[t]) >= n for t in dests.values()),
-        timeout=60,
-    )
-    assert w.alive(), w.log()[-3000:]
-    for a, t in dests.items():
-        assert len(out[t]) == n, (a, w.log()[-3000:])
-        assert {parse_header(r.value).kek_id for r in out[t] if r.value} == {f"streamproc-dst-{a}"}
-    assert out[ws.dlq("orders")] == []
-    w.terminate()
-    assert w.wait(30) == 0, w.log()[-3000:]
+
+    e2e = worker_end_to_end(
+        tmp_path / "ws", kafka_bootstrap, unique, workers,
+        configure=vault_transit(bao.url, ca_cert=str(bao.ca_file)),
+        sealer=lambda ws: RecordSealer(
+            kms, "streamproc-src-orders", ws.topic("orders"), ws.schema_json("orders"),
+            ws.schema_source(),
+        ),
+        seed=3,
+    )  # fmt: skip
+    for a, t in e2e.dests.items():
+        assert {parse_header(r.value).kek_id for r in e2e.out[t] if r.value} == {f"streamproc-dst-{a}"}

@@ -33,14 +33,7 @@ import yaml
 
 from streamproc.errors import SchemaError, SchemaNotFound
 from streamproc.schema.registry import ConfluentSchemaSource
-from tests.integration.conftest import (
-    AUDIENCES,
-    REPO,
-    WorkerProcess,
-    make_workspace,
-    produce_raw,
-    read_topics,
-)
+from tests.integration.conftest import REPO, WorkerProcess, worker_end_to_end
 from tests.integration.servers import ApicurioServer, start_apicurio
 
 pytestmark = pytest.mark.integration
@@ -113,45 +106,22 @@ def test_worker_end_to_end_registers_output_schemas(
     workers: list[WorkerProcess],
 ) -> None:
     from streamproc.client import RecordOpener
-    from streamproc.client.generator import EventGenerator
-    from streamproc.runtime.topics import apply_topics
 
-    n = 20
-    ws = make_workspace(tmp_path / "ws", kafka_bootstrap, unique, sources=("orders",), partitions=2)
-    cfg = yaml.safe_load(ws.config_path.read_text())
-    cfg["schemas"] = {"url": apicurio.ccompat}
-    ws.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    apply_topics(ws.load_config())
     registry = ConfluentSchemaSource({"url": apicurio.ccompat})
-    sealer = ws.sealer("orders", schemas=registry)
-    recs = list(EventGenerator(9).events("order", n))
-    produce_raw(
-        ws.bootstrap,
-        ws.topic("orders"),
-        [
-            (r["customer_id"].encode(), v, r)
-            for r, v in zip(recs, sealer.seal_many(recs), strict=True)
-        ],
-    )
-    w = WorkerProcess(ws)
-    workers.append(w)
-    dests = {a: ws.dest("orders", a) for a in AUDIENCES}
-    out = read_topics(
-        ws.bootstrap,
-        [*dests.values(), ws.dlq("orders")],
-        until=lambda r: all(len(r[t]) >= n for t in dests.values()),
-        timeout=90,
-    )
-    assert w.alive(), w.log()[-3000:]
-    assert out[ws.dlq("orders")] == []
+    e2e = worker_end_to_end(
+        tmp_path / "ws", kafka_bootstrap, unique, workers,
+        configure=lambda cfg: cfg.update(schemas={"url": apicurio.ccompat}),
+        sealer=lambda ws: ws.sealer("orders", schemas=registry),
+        seed=9, timeout=90,
+    )  # fmt: skip
+    ws, out = e2e.ws, e2e.out
     with urllib.request.urlopen(f"{apicurio.ccompat}/subjects", timeout=10) as resp:
         subjects = set(json.loads(resp.read()))
     assert f"{ws.topic('orders')}-value" in subjects
     source = json.loads((REPO / "schemas" / "order.avsc").read_text())
     policy = yaml.safe_load((REPO / "policy.yaml").read_text())
     opener = RecordOpener(ws.kms(), registry)
-    for a, t in dests.items():
-        assert len(out[t]) == n, (a, w.log()[-3000:])
+    for a, t in e2e.dests.items():
         assert f"{t}-value" in subjects
         ids = set()
         for r in out[t]:
@@ -178,5 +148,3 @@ def test_worker_end_to_end_registers_output_schemas(
             assert {"card_number", "phone"} <= dropped  # the check is not vacuous
         assert names <= {f["name"] for f in source["fields"]}
         assert not names & dropped, (a, names & dropped)
-    w.terminate()
-    assert w.wait(30) == 0, w.log()[-3000:]
