@@ -98,6 +98,7 @@ def _consent_scene(console: Console, ws: d.Workspace, kms: Any, schemas: Any, se
     """
     import yaml
 
+    from streamproc.cli.demo_consent import consent_policy
     from streamproc.client import RecordSealer
     from streamproc.client.consent import subject_token
     from streamproc.client.generator import EventGenerator
@@ -108,17 +109,9 @@ def _consent_scene(console: Console, ws: d.Workspace, kms: Any, schemas: Any, se
     from streamproc.policy.consent import ConsentState, encode, record_key
     from streamproc.policy.model import parse_policy
 
-    raw = yaml.safe_load(ws.policy.read_text())
-    purpose_of = {"analytics": "marketing", "fraud": "fraud_prevention", "support": "service"}
-    if set(raw.get("audiences") or {}) != set(purpose_of) or "purposes" in raw:
+    raw = consent_policy(yaml.safe_load(ws.policy.read_text()))  # the Kafka scene's purposes
+    if raw is None:
         return  # a custom policy: the scene is written for the example one
-    raw["purposes"] = {
-        "marketing": {"basis": "consent"},
-        "fraud_prevention": {"basis": "legitimate_interest"},
-        "service": {"basis": "contract"},
-    }
-    for a, p in purpose_of.items():
-        raw["audiences"][a]["purpose"] = p
     policy = parse_policy(raw, str(ws.policy))
     keys = PseudonymKeys(kms, d.PSEUDONYM_SECRET)
     state = ConsentState()

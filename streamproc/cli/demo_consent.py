@@ -22,6 +22,7 @@ Kept apart from ``demo_kafka`` so that each scene of the demo is a function of i
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -75,7 +76,7 @@ def consent_policy(raw: dict[str, Any]) -> dict[str, Any] | None:
     audiences are not the example's (the scene is written for the example one)."""
     if set(raw.get("audiences") or {}) != set(AUDIENCE_PURPOSE) or "purposes" in raw:
         return None
-    out = json.loads(json.dumps(raw, default=str))
+    out = copy.deepcopy(raw)
     out["purposes"] = PURPOSES
     for a, p in AUDIENCE_PURPOSE.items():
         out["audiences"][a]["purpose"] = p
