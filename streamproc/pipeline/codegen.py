@@ -696,3 +696,41 @@ def compile_reader(
     exec(compile(src, f"<streamproc reader {schema.fullname}>", "exec"), env)
     fn: Callable[[bytes], tuple[list[Any], list[int]]] = env["_read"]
     return fn
+
+
+def compile_tuple_reader(
+    schema: Record, qi: list[str | None], sensitive: str | None, *, offset: int = 0
+) -> Callable[[bytes], tuple[tuple[Any, ...], Any]]:
+    """``f(buf) -> (quasi-identifier tuple, sensitive value)`` from a record this processor
+    wrote: the measurement-only form of :func:`compile_reader` (no spans, no lists; a name
+    ``None`` -- a field the audience does not receive -- reads as ``None``)."""
+    wanted = {n for n in (*qi, sensitive) if n is not None}
+    g = _Gen()
+    body = [f"    pos = {offset}"]
+    var: dict[str, str] = {}
+    last = max((i for i, f in enumerate(schema.fields) if f.name in wanted), default=-1)
+    for f in schema.fields[: last + 1]:
+        if f.name not in wanted:
+            g.skip(f.type, "    ", body)
+            continue
+        v = var[f.name] = g.var("rv")
+        t = f.type
+        if isinstance(t, Union):
+            i = g.var("u")
+            body.append(f"    {i} = buf[pos]")
+            body.append("    pos += 1")
+            for idx, br in enumerate(t.branches):
+                body.append(f"    {'if' if idx == 0 else 'elif'} {i} == {idx << 1}:")
+                inner: list[str] = []
+                g.decode(br, v, "        ", inner)
+                body.extend(inner)
+            body.append("    else: raise _Bad('union branch')")
+        else:
+            g.decode(t, v, "    ", body)
+    items = ", ".join("None" if n is None else var[n] for n in qi)
+    body.append(f"    return ({items},), {'None' if sensitive is None else var[sensitive]}")
+    src = "\n".join([*g.lines, "def _read(buf):", *body]) + "\n"
+    env = dict(g.env)
+    exec(compile(src, f"<streamproc tuple reader {schema.fullname}>", "exec"), env)
+    fn: Callable[[bytes], tuple[tuple[Any, ...], Any]] = env["_read"]
+    return fn

@@ -42,7 +42,7 @@ from typing import Any
 
 from streamproc.errors import PolicyError
 from streamproc.operators import OpContext
-from streamproc.pipeline.codegen import compile_reader, enc_long, encoder
+from streamproc.pipeline.codegen import compile_reader, compile_tuple_reader, enc_long, encoder
 from streamproc.pipeline.plan import Plan, node_out_type, quasi_identifier_fields, scalar_of
 from streamproc.policy.model import Audience
 from streamproc.privacy.risk import RiskReport, RiskWindow
@@ -91,6 +91,8 @@ class RiskProbe:
         sens_name = field_of(risk.sensitive) if risk.sensitive is not None else None
         names = [f.name for f in out.fields if f.name in set(qi_names) | {sens_name}]
         self.read = compile_reader(out, names, offset=offset)
+        #: Measurement only: the tuple and the sensitive value, straight from the bytes.
+        self.read_tuple = compile_tuple_reader(out, qi_names, sens_name, offset=offset)
         index = {n: i for i, n in enumerate(names)}
         #: Position in the reader's values of each quasi-identifier (-1: not received).
         self.qi = [-1 if n is None else index[n] for n in qi_names]
@@ -191,6 +193,12 @@ class RiskGuard:
         cands = self.candidates
         suppressed = generalized = 0
         nulls = (None,) * len(self.target.quasi_identifiers)
+        if not cands:  # measurement only: read the tuples, one batch into the window
+            self.released.add_many(
+                [read(plains[j]) for probe, start, end in runs for read in (probe.read_tuple,) for j in range(start, end)],
+                now,
+            )
+            return self.released.report(now)
         for probe, start, end in runs:
             read, qi, sens = probe.read, probe.qi, probe.sensitive
             for j in range(start, end):

@@ -19,7 +19,6 @@ import json
 import re
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -32,7 +31,16 @@ from tests.integration.conftest import (
     wait_for,
 )
 from tests.integration.servers import free_port
-from tests.unit.test_risk_pipeline import K, LADDER, RULES, SCHEMA, base_tuple, expected, pycanon_report, visits
+from tests.unit.test_risk_pipeline import (
+    LADDER,
+    RULES,
+    SCHEMA,
+    K,
+    base_tuple,
+    expected,
+    pycanon_report,
+    visits,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +48,7 @@ N = 300
 
 
 def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:  # noqa: S310 - loopback
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         return r.read().decode()
 
 

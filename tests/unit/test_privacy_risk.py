@@ -147,3 +147,24 @@ def test_incremental_counters_equal_a_recount_through_adds_expiry_and_rollbacks(
             assert list(w._entries) == before[len(before) - len(w._entries):]
         assert w.report(now=t) == w.recount()
     assert w.report(now=t + 1000.0) == w.recount() and len(w) == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 200), cap=st.sampled_from([5, 30, 10_000]),
+       with_l=st.booleans())
+def test_add_many_keeps_the_same_counters_as_add(seed: int, n: int, cap: int, with_l: bool) -> None:
+    """The batch path (the worker's) and the per-record path hold the same window."""
+    rng = random.Random(seed)
+    target = RiskTarget(QI, k=3, window_s=20.0, max_records=cap,
+                        l=2 if with_l else None, sensitive="DIAGNOSIS" if with_l else None)
+    one, many = RiskWindow(target, clock=lambda: 0.0), RiskWindow(target, clock=lambda: 0.0)
+    t = 0.0
+    for _ in range(n):
+        t += rng.expovariate(0.5)
+        rows = [((rng.choice("AB"), rng.randint(0, 2), "F"), rng.choice("xyz") if with_l else None)
+                for _ in range(rng.randint(1, 8))]
+        for qi, sv in rows:
+            one.add(qi, sv, t)
+        many.add_many(rows, t)
+        assert many.report(now=t) == one.report(now=t) == many.recount()
+        assert many.savepoint() == one.savepoint() and many.evicted_by_cap == one.evicted_by_cap
