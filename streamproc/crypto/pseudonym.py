@@ -21,6 +21,10 @@ audiences never share a key unless the policy names the domain as shared between
   subject's token keying the consent topic.  Not an audience's key: the consent table is
   the processor's own, and its own salt keeps it unequal to every audience's tokens, even
   in a policy-shared domain of the same name.
+* the erasure key (:data:`ERASURE_SALT`, info :data:`ERASURE_INFO`): the subject's token
+  keying the subject-key topic of erasable ``encrypt_deterministic`` rules
+  (:mod:`streamproc.crypto.erasure`).  Processor-own like the consent key, and unequal to
+  it: a consent record and a key record of one subject do not share a key.
 
 Output formats embed the master version so keys can rotate: ``tk<v>_<22 base64url>``
 for tokens (128-bit truncated HMAC-SHA256) and ``de<v>_<base64url>`` for deterministic
@@ -52,6 +56,8 @@ SIV_SALT = b"streamproc/siv/v1"
 SHIFT_SALT = b"streamproc/dateshift/v2"
 PROVENANCE_SALT = b"streamproc/provenance/v1"
 CONSENT_SALT = b"streamproc/consent/v1"
+ERASURE_SALT = b"streamproc/erasure/v1"
+ERASURE_INFO = "subject-keys"
 TOKEN_BYTES = 16
 
 
@@ -135,6 +141,11 @@ class PseudonymKeys:
         """The token key of the consent topic's subject keys (one per consent domain)."""
         v, m = self.master(version)
         return v, hkdf(m, CONSENT_SALT, domain)
+
+    def erasure_key(self, version: int | None = None) -> tuple[int, bytes]:
+        """The token key of the subject-key topic's subject tokens (processor-own)."""
+        v, m = self.master(version)
+        return v, hkdf(m, ERASURE_SALT, ERASURE_INFO)
 
     def provenance_key(self, audience: str, version: int | None = None) -> tuple[int, bytes]:
         """The AES-256 key of an audience's provenance references (never shared)."""

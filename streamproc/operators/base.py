@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from streamproc.crypto.erasure import SubjectKeyTable
 from streamproc.crypto.pseudonym import PseudonymKeys
 from streamproc.schema.avro import AvroType, Enum, Primitive
 
@@ -76,6 +77,8 @@ class OpContext:
     keys: PseudonymKeys | None
     shared_domains: frozenset[str] = frozenset()
     """Domains the policy shares between this audience and others (``keys.shared_domains``)."""
+    erasure: SubjectKeyTable | None = None
+    """The per-subject key table of ``erasable`` rules (``None``: none configured)."""
 
     def key_audience(self, domain: str) -> str | None:
         """Whose keys to derive for ``domain``: the audience, or ``None`` if the policy shares it."""

@@ -15,6 +15,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from streamproc.crypto.erasure import offline_table
 from streamproc.crypto.pseudonym import PseudonymKeys
 from streamproc.errors import PolicyError
 from streamproc.pipeline.lineage import field_treatments
@@ -47,6 +48,7 @@ def data_map(
 ) -> dict[str, Any]:
     """The data map as a JSON-able dict (``topics``: audience -> its destination topics)."""
     keys = PseudonymKeys(_Throwaway(), policy.pseudonym_key or "catalog")
+    erasure = offline_table(keys)  # erasable rules bind; no key is ever made
     audiences = {
         a.name: {
             "purpose": a.purpose,
@@ -69,7 +71,7 @@ def data_map(
         fields: dict[str, Any] = {}
         for aud in policy.audiences.values():
             try:
-                rows = field_treatments(node, build_plan(node, aud, keys))
+                rows = field_treatments(node, build_plan(node, aud, keys, erasure))
             except PolicyError as exc:
                 fields.setdefault("<plan>", {"tags": [], "audiences": {}})["audiences"][aud.name] = {
                     "operation": "error",

@@ -26,7 +26,8 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from streamproc.errors import Reason
+from streamproc.crypto.erasure import SubjectForgotten
+from streamproc.errors import Reason, TransientError
 from streamproc.operators.base import Ineffective, canonical_bytes
 from streamproc.pipeline.plan import (
     Apply,
@@ -44,6 +45,13 @@ from streamproc.schema.avro import Array, AvroType, Enum, Fixed, Map, Primitive,
 
 class BadPayload(Exception):
     """The Avro binary does not match its schema."""
+
+
+#: Exceptions an operator may raise that are not a failure of the record: a forgotten
+#: subject (the pipeline withholds the record from that audience) and a transient outage
+#: (a KMS call opening a subject key: the runtime retries the batch).  Every other
+#: exception of an operator is ``transform_failed``.
+PASS_THROUGH = (SubjectForgotten, TransientError)
 
 
 class TransformFailed(Exception):
@@ -180,6 +188,7 @@ class _Gen:
             "_TF": TransformFailed,
             "_TFI": _ineffective,
             "_Ineff": Ineffective,
+            "_Pass": PASS_THROUGH,
             "_F": _F.unpack_from,
             "_D": _D.unpack_from,
             "enc_long": enc_long,
@@ -379,6 +388,7 @@ class _Gen:
                 # failures inside the try (a non-str result or a lone surrogate).
                 k = self.var("k")
                 out.append(f"{ind}try: {w} = {fn}({args}).encode()")
+                out.append(f"{ind}except _Pass: raise")
                 out.append(f"{ind}except _Ineff: raise _TFI({path}) from None")
                 out.append(f"{ind}except Exception: raise _TF({path}) from None")
                 out.append(f"{ind}{k} = len({w})")
@@ -386,6 +396,7 @@ class _Gen:
                 out.append(f"{ind}out.append({w})")
             else:
                 out.append(f"{ind}try: {w} = {enc}({fn}({args}))")
+                out.append(f"{ind}except _Pass: raise")
                 out.append(f"{ind}except _Ineff: raise _TFI({path}) from None")
                 out.append(f"{ind}except Exception: raise _TF({path}) from None")
                 out.append(f"{ind}out.append({w})")
@@ -463,7 +474,9 @@ class _Gen:
         path = self.const(n.path, "_path")
         v, w, k = self.var("v"), self.var("w"), self.var("k")
         self.decode(n.t, v, ind, out)
-        out.append(f"{ind}try: {w} = {fn}({v}).encode()")
+        args = f"{v}, subj" if n.needs_subject else v
+        out.append(f"{ind}try: {w} = {fn}({args}).encode()")
+        out.append(f"{ind}except _Pass: raise")
         out.append(f"{ind}except _Ineff: raise _TFI({path}) from None")
         out.append(f"{ind}except Exception: raise _TF({path}) from None")
         out.append(f"{ind}if {w} in {seen}: raise _TF({path})")

@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 from streamproc import __version__
 from streamproc.crypto.dek_cache import DekCache, DekCacheStats
 from streamproc.crypto.envelope import Opener, Sealer, fast_dataclass_constructor, kek_digest
+from streamproc.crypto.erasure import SubjectForgotten, SubjectKeyTable
 from streamproc.crypto.kms import KmsProvider
 from streamproc.crypto.kms.instrumented import KmsObserver, instrumented
 from streamproc.crypto.provenance import H_PROVENANCE, header_prefix, make_referencer
@@ -62,6 +63,7 @@ from streamproc.pipeline.native import compile_native
 from streamproc.pipeline.plan import build_plan, subject_of
 from streamproc.pipeline.risk import RiskGuard, RiskProbe
 from streamproc.pipeline.state import StateWrite
+from streamproc.policy.consent import FORGOTTEN
 from streamproc.policy.model import Audience, Policy, Purpose
 from streamproc.privacy.risk import RiskReport
 from streamproc.schema.avro import Record
@@ -261,8 +263,11 @@ class Pipeline:
         clock: Callable[[], float] = time.monotonic,
         on_compile: Callable[[CompiledPlan], None] | None = None,
         consent: ConsentGate | None = None,
+        erasure: SubjectKeyTable | None = None,
     ) -> None:
         self.policy = policy
+        #: The subject-key table of ``erasable`` rules (``None``: such rules do not compile).
+        self.erasure = erasure
         #: The consent check (``None``: nothing is withheld); see streamproc.pipeline.consent.
         self.consent = consent
         #: Called after each new plan compilation (outside the plan lock); its errors are
@@ -402,7 +407,7 @@ class Pipeline:
     def state_stores(self) -> list[Any]:
         """The changelog-backed stateful collaborators (``ChangelogStore`` of
         :mod:`streamproc.runtime.state`) whose writes come in ``BatchResult.state_writes``."""
-        return []
+        return [] if self.erasure is None else [self.erasure]
 
     @property
     def source_topics(self) -> list[str]:
@@ -461,7 +466,7 @@ class Pipeline:
     def _build(self, schema_id: int, state: _DestState) -> _Compiled:
         rs = self.schemas.get(schema_id)  # SchemaNotFound propagates (not cached here)
         try:
-            plan = build_plan(rs.node, state.audience, self.keys)
+            plan = build_plan(rs.node, state.audience, self.keys, self.erasure)
         except SchemaError as exc:
             raise PolicyError(str(exc)) from None
         if self.register_schemas:
@@ -599,7 +604,21 @@ class Pipeline:
             stats.quarantined[q.reason] = stats.quarantined.get(q.reason, 0) + 1
             fk = (q.record.topic, q.reason)
             failures[fk] = failures.get(fk, 0) + 1
-        return BatchResult(outputs, quarantined, stats)
+        writes = [] if self.erasure is None else self._key_writes(self.erasure)
+        return BatchResult(outputs, quarantined, stats, writes)
+
+    @staticmethod
+    def _key_writes(table: SubjectKeyTable) -> list[StateWrite]:
+        """The subject keys created (and shreds queued) by this batch, sealed now: they
+        commit in the batch's transaction with the outputs that use them.  A KMS error is
+        :class:`SealingUnavailable` (transient, as for a destination key)."""
+        try:
+            writes = table.take_writes()
+        except TransientError:
+            raise
+        except Exception as exc:
+            raise SealingUnavailable(f"subject keys for {table.topic!r} cannot be sealed ({type(exc).__name__})") from None
+        return [StateWrite(table.topic, None, k, v) for k, v in writes]
 
     def _measure_risk(self, pending: dict[str, _Pending], stats: BatchStats) -> None:
         """Between the stages: each ``risk:`` audience's windows take the batch's outputs,
@@ -702,11 +721,16 @@ class Pipeline:
                     if single:  # the common case, without a loop per record
                         fn0 = fns[0]
                         put_plain0, put_rec0 = puts[0]
+                forgot = False
                 try:
                     if single:
                         out_plain = join(fn0(plain))
                     else:
                         outs = [join(fn(plain)) for fn in fns]
+                except SubjectForgotten:
+                    # Erasable rules of a forgotten subject: withheld from those audiences.
+                    forgot = True
+                    each = self._each(plain, fns, targets, withheld, schema_id)
                 except TransformFailed as exc:
                     raise RecordError(exc.reason, f"field {exc.args[0]}") from None
                 except (BadPayload, IndexError, UnicodeDecodeError, struct.error, ValueError, OverflowError):
@@ -726,7 +750,13 @@ class Pipeline:
                     decryptions[dk] = decryptions.get(dk, 0) + run_n
                 run_topic, run_kek, run_n = topic, kek_id, 0
             run_n += 1
-            if single:
+            if forgot:
+                admitted = self._admit(plain, targets, withheld) if gated else [True] * len(targets)
+                for (put_plain, put_rec), o, ok in zip(puts, each, admitted, strict=True):
+                    if ok and o is not None:
+                        put_plain(o)
+                        put_rec(rec)
+            elif single:
                 put_plain0(out_plain)
                 put_rec0(rec)
             elif gated:
@@ -744,6 +774,34 @@ class Pipeline:
             dk = (run_topic, self._kek_stat(run_kek))
             decryptions[dk] = decryptions.get(dk, 0) + run_n
         return pending
+
+    @staticmethod
+    def _each(
+        plain: bytes,
+        fns: list[Callable[[bytes], list[bytes]]],
+        targets: tuple[_Target, ...],
+        withheld: dict[tuple[str, str], int],
+        schema_id: int,
+    ) -> list[bytes | None]:
+        """Every destination's output of one record, ``None`` where its subject is forgotten.
+
+        The slow path, taken only when some plan raised :class:`SubjectForgotten`: each
+        plan runs on its own, so an audience without erasable rules still gets the record.
+        Any other failure fails the whole record, as on the fast path.
+        """
+        outs: list[bytes | None] = []
+        for fn, t in zip(fns, targets, strict=True):
+            try:
+                outs.append(b"".join(fn(plain)))
+            except SubjectForgotten:
+                wk = (t.pending.state.dest.audience, FORGOTTEN)
+                withheld[wk] = withheld.get(wk, 0) + 1
+                outs.append(None)
+            except TransformFailed as exc:
+                raise RecordError(exc.reason, f"field {exc.args[0]}") from None
+            except (BadPayload, IndexError, UnicodeDecodeError, struct.error, ValueError, OverflowError):
+                raise RecordError(Reason.BAD_PAYLOAD, f"Avro does not match schema id {schema_id}") from None
+        return outs
 
     def _targets_for(
         self, schema_id: int, dests: list[_DestState], pending: dict[str, _Pending]

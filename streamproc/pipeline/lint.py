@@ -30,6 +30,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from streamproc.crypto.erasure import offline_table
 from streamproc.crypto.pseudonym import PseudonymKeys
 from streamproc.errors import PolicyError
 from streamproc.pipeline.plan import build_plan, subject_of
@@ -162,7 +163,7 @@ def check(policy: Policy, schemas: list[RegisteredSchema]) -> Report:
                 ))
             keys.derived.clear()
             try:
-                build_plan(node, aud, keys)
+                build_plan(node, aud, keys, offline_table(keys))
             except PolicyError as exc:
                 report.findings.append(Finding("error", name, str(exc)))
             for domain, key_audience in sorted(keys.derived, key=str):

@@ -20,6 +20,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
+from streamproc.crypto.erasure import SubjectKeyTable
 from streamproc.crypto.pseudonym import PseudonymKeys
 from streamproc.errors import PolicyError, SchemaError
 from streamproc.operators import OpContext, Operator, OperatorError, get_operator
@@ -116,9 +117,12 @@ def is_keep(n: Node) -> bool:
 
 
 class _Builder:
-    def __init__(self, audience: Audience, keys: PseudonymKeys | None, root: Record) -> None:
+    def __init__(
+        self, audience: Audience, keys: PseudonymKeys | None, root: Record, erasure: SubjectKeyTable | None = None
+    ) -> None:
         self.audience = audience
         self.keys = keys
+        self.erasure = erasure
         self.records: dict[tuple[str, tuple[str, ...]], RecordNode] = {}
         self.transforms: dict[str, int] = {}
         self.subject_needed = False
@@ -311,7 +315,9 @@ class _Builder:
         try:
             out = op.output_type(rule.params, t)
             fn = op.bind_checked(
-                rule.params, t, OpContext(self.audience.name, domain, path, self.keys, self.audience.shared_domains)
+                rule.params, t, OpContext(
+                    self.audience.name, domain, path, self.keys, self.audience.shared_domains, self.erasure
+                ),
             )
         except OperatorError as exc:
             raise PolicyError(f"{where}: {exc}") from None
@@ -364,12 +370,16 @@ def subject_of(schema: AvroType, audience: Audience) -> Field | None:
     return f if st.kind in ("string", "bytes", "int", "long", "fixed") else None
 
 
-def build_plan(schema: AvroType, audience: Audience, keys: PseudonymKeys | None) -> Plan:
+def build_plan(
+    schema: AvroType, audience: Audience, keys: PseudonymKeys | None, erasure: SubjectKeyTable | None = None
+) -> Plan:
+    """The plan of ``audience`` for ``schema``; ``erasure`` is the subject-key table that
+    ``erasable`` rules bind to (without it such a rule is a policy error: fail closed)."""
     if not isinstance(schema, Record):
         raise PolicyError("streamproc processes record schemas only")
     if audience.budget is not None:
         raise PolicyError(f"audience {audience.name!r}: 'budget': {NOT_YET_ENFORCED}")
-    b = _Builder(audience, keys, schema)
+    b = _Builder(audience, keys, schema, erasure)
     root = b.record(schema, "")
     subject = None
     if b.subject_needed:

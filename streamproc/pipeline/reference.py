@@ -14,7 +14,7 @@ import fastavro
 
 from streamproc.errors import Reason
 from streamproc.operators.base import Ineffective, canonical_bytes
-from streamproc.pipeline.codegen import TransformFailed
+from streamproc.pipeline.codegen import PASS_THROUGH, TransformFailed
 from streamproc.pipeline.plan import (
     Apply,
     ArrayNode,
@@ -103,6 +103,8 @@ def _apply(n: Node, value: Any, subject: bytes | None) -> Any:
             if isinstance(n.out, Enum):
                 return n.out.symbols[result]  # an enum output is an index too (randomized_response)
             return result
+        except PASS_THROUGH:
+            raise
         except Ineffective:
             raise TransformFailed(n.path, Reason.INEFFECTIVE_TRANSFORM) from None
         except Exception:

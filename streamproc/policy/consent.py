@@ -48,7 +48,10 @@ NOT_GRANTED = "not_granted"
 WITHDRAWN = "withdrawn"
 OBJECTED = "objected"
 NO_SUBJECT = "no_subject"
-WITHHELD_REASONS = (NOT_GRANTED, WITHDRAWN, OBJECTED, NO_SUBJECT)
+#: The subject was forgotten (``streamproc forget``): no key may encrypt their erasable
+#: fields any more, so audiences with ``erasable`` rules get nothing of their records.
+FORGOTTEN = "forgotten"
+WITHHELD_REASONS = (NOT_GRANTED, WITHDRAWN, OBJECTED, NO_SUBJECT, FORGOTTEN)
 
 FORMAT_VERSION = 1
 _KEY = re.compile(rb"tk(\d+)_[A-Za-z0-9_-]{22}/[A-Za-z0-9_-]+")
@@ -178,6 +181,7 @@ def latest(records: Iterable[tuple[int, ConsentRecord | None]]) -> ConsentRecord
 
 
 __all__ = [
+    "FORGOTTEN",
     "NOT_GRANTED",
     "NO_SUBJECT",
     "OBJECTED",

@@ -170,6 +170,10 @@ def _rule(src: str, audience: str, tag: str, spec: Any, on_failure: str | None =
         raise PolicyError(f"{where}: {exc}") from None
     if on_failure is not None and "on_failure" in op.params and "on_failure" not in params:
         params = {**params, "on_failure": on_failure}  # defaults.on_failure (no effect where nothing can fail open)
+    if op.name == "encrypt_deterministic" and params.get("erasable") is True:
+        from streamproc.operators.deterministic import ERASABLE
+
+        op = ERASABLE  # per-subject keys (crypto-shredding); same operator name
     return Rule(tag, op.name, dict(params), op)
 
 
@@ -222,6 +226,7 @@ def parse_policy(raw: Any, source: str = "<policy>") -> Policy:
         if not isinstance(tags, Mapping):
             raise PolicyError(f"{where}: 'tags' must map tag names to rules")
         rules = _date_shift_rules(where, spec.get("subject"), tuple(_rule(source, name, str(t), r, on_failure) for t, r in tags.items()))
+        rules = _erasable_rules(where, spec.get("subject"), rules)
         rk = _record_key(source, name, spec.get("record_key", defaults.get("record_key", "token")))
         mine = frozenset(d for d, members in shared.items() if name in members)
         for r in (*rules, rk):
@@ -526,6 +531,29 @@ def _date_shift_rules(where: str, subject: Any, rules: tuple[Rule, ...]) -> tupl
         Rule(r.tag, r.op, {**r.params, "subject_field": subject}, r.operator) if r.op == "date_shift" else r
         for r in rules
     )
+
+
+def erasable(rule: Rule) -> bool:
+    """Whether ``rule`` encrypts under per-subject keys (``erasable: true``)."""
+    return rule.op == "encrypt_deterministic" and rule.params.get("erasable") is True
+
+
+def _erasable_rules(where: str, subject: Any, rules: tuple[Rule, ...]) -> tuple[Rule, ...]:
+    """``erasable: true`` needs the audience's ``subject:``, folded in as ``subject_field``.
+
+    The key a value is encrypted under is the subject's; a subject found only through a
+    schema hint could differ between schemas of one audience, and ``forget SUBJECT`` must
+    name exactly what the keys are keyed by, so the audience names it explicitly.
+    """
+    if not any(erasable(r) for r in rules):
+        return rules
+    if not isinstance(subject, str) or not subject:
+        tag = next(r.tag for r in rules if erasable(r))
+        raise PolicyError(
+            f"{where}, tag {tag!r}: erasable encrypt_deterministic needs the audience's 'subject:' "
+            "(the top-level field naming the data subject whose key encrypts the value)"
+        )
+    return tuple(Rule(r.tag, r.op, {**r.params, "subject_field": subject}, r.operator) if erasable(r) else r for r in rules)
 
 
 def _ordered_tags(raw: Mapping[str, Any]) -> Any:

@@ -409,9 +409,9 @@ def test_plans_compiled_once_per_schema_and_destination(make_pipeline: Maker, mo
         calls.append(f"{schema.fullname}/{plan.audience}")
         return real_compile(plan, schema, **kw)
 
-    def counting_build(schema: Any, audience: Any, keys: Any) -> Any:
+    def counting_build(schema: Any, audience: Any, keys: Any, erasure: Any = None) -> Any:
         builds.append(f"{schema.fullname}/{audience.name}")
-        return real_build(schema, audience, keys)
+        return real_build(schema, audience, keys, erasure)
 
     monkeypatch.setattr(core, "compile_plan", counting_compile)
     monkeypatch.setattr(core, "build_plan", counting_build)
