@@ -111,6 +111,7 @@ TOP_LEVEL = (
     "dead_letter",
     "lineage",
     "consent",
+    "erasure",
 )
 
 #: The KEK dead letters are sealed under when ``dead_letter.kek`` is not set.
@@ -242,6 +243,25 @@ class ConsentConfig:
 
 
 @dataclass(frozen=True)
+class ErasureConfig:
+    """The subject-key topic (``erasure:``) of ``erasable`` rules: a compacted topic of
+    per-subject data keys, each sealed under its audience's *subject-key KEK*
+    (streamproc.crypto.erasure).
+
+    ``keks`` names, per audience with erasable rules, a KEK of its own for its subject
+    keys: not a destination KEK (the processor must never be able to unwrap what it sealed
+    for an audience, and it must unwrap the subject keys after a restart), not another
+    audience's (whoever may re-identify one audience's values could open the other's
+    keys).  ``restore_timeout_seconds`` bounds how long a worker waits to read the topic
+    to its end before it processes anything (a partial table would create second keys).
+    """
+
+    topic: str
+    keks: Mapping[str, str] = field(default_factory=dict)
+    restore_timeout_seconds: int = 120
+
+
+@dataclass(frozen=True)
 class PseudonymSecretsConfig:
     """Where the pseudonym master comes from (``pseudonym_secrets:``).
 
@@ -328,6 +348,7 @@ class Config:
     dead_letter_kek: str = DEFAULT_QUARANTINE_KEK
     lineage: LineageConfig | None = None
     consent: ConsentConfig | None = None
+    erasure: ErasureConfig | None = None
     #: The policy file as parsed when the config was validated (``None`` with
     #: ``check_policy=False``); read it through :meth:`load_policy`.
     parsed_policy: Policy | None = field(default=None, compare=False, repr=False)
@@ -370,14 +391,20 @@ class Config:
         return list(dict.fromkeys(p.dead_letter_topic for p in self.pipelines))
 
     def all_topics(self) -> list[str]:
-        """Sources, destinations, DLQs, the audit and the consent topic, in that order, without repeats."""
+        """Sources, destinations, DLQs, the audit, the consent and the subject-key topic, in that
+        order, without repeats."""
         audit = [self.audit.kafka_topic] if self.audit and self.audit.kafka_topic else []
         consent = [self.consent.topic] if self.consent is not None else []
+        keys = [self.erasure.topic] if self.erasure is not None else []
         return list(
             dict.fromkeys(
-                [*self.source_topics, *self.destination_topics, *self.dead_letter_topics, *audit, *consent]
+                [*self.source_topics, *self.destination_topics, *self.dead_letter_topics, *audit, *consent, *keys]
             )
         )
+
+    def subject_key_keks(self) -> dict[str, str]:
+        """audience -> the KEK its subject keys are sealed under (``erasure.keks``)."""
+        return {} if self.erasure is None else dict(self.erasure.keks)
 
     def dead_letter_topic_for(self, source_topic: str) -> str:
         for p in self.pipelines:
@@ -998,6 +1025,11 @@ def _validate(raw: dict[str, Any], path: Path, ctx: _Ctx, check_policy: bool) ->
     acls = _acls(ctx, raw.get("acls"), pipelines, group_id, consent_topic=consent.topic if consent else None)
     if parsed_policy is not None:
         _check_consent(ctx, consent, parsed_policy, policy)
+    erasure = _erasure(ctx, raw.get("erasure"), pipelines, consent, {
+        "dead_letter.kek": quarantine_kek, "pseudonym_secrets.kek": secrets.kek or "",
+    })  # fmt: skip
+    if parsed_policy is not None:
+        _check_erasure(ctx, erasure, parsed_policy, policy)
     return Config(
         path=path,
         kafka=kafka,
@@ -1022,6 +1054,7 @@ def _validate(raw: dict[str, Any], path: Path, ctx: _Ctx, check_policy: bool) ->
         dead_letter_kek=quarantine_kek,
         lineage=_lineage(ctx, raw.get("lineage")),
         consent=consent,
+        erasure=erasure,
         parsed_policy=parsed_policy,
     )
 
@@ -1044,6 +1077,64 @@ def _consent(ctx: _Ctx, v: Any, pipelines: Sequence[PipelineConfig]) -> ConsentC
             ctx, "consent.restore_timeout_seconds", m.get("restore_timeout_seconds", 120), minimum=1
         ),
     )
+
+
+def _erasure(
+    ctx: _Ctx, v: Any, pipelines: Sequence[PipelineConfig], consent: ConsentConfig | None,
+    reserved: Mapping[str, str],
+) -> ErasureConfig | None:  # fmt: skip
+    """``erasure:`` -- topic (required), keks (audience -> its subject-key KEK),
+    restore_timeout_seconds."""
+    if v is None:
+        return None
+    m = _mapping(ctx, "erasure", v, allowed=("topic", "keks", "restore_timeout_seconds"))
+    if m.get("topic") is None:
+        raise ctx.error("erasure.topic", "is required (the compacted subject-key topic)")
+    topic = _str(ctx, "erasure.topic", m["topic"])
+    taken = {t for p in pipelines for t in (*p.sources, *(d.topic for d in p.destinations), p.dead_letter_topic)}
+    if consent is not None:
+        taken.add(consent.topic)
+    if topic in taken:
+        raise ctx.error("erasure.topic", f"{topic!r} is also a pipeline or the consent topic; the keys need their own")
+    km = _mapping(ctx, "erasure.keks", m.get("keks"))
+    audiences = {d.audience for p in pipelines for d in p.destinations}
+    keks: dict[str, str] = {}
+    for aud, kek_v in km.items():
+        where = f"erasure.keks.{aud}"
+        if aud not in audiences:
+            raise ctx.error(where, f"{aud!r} is not an audience of pipelines[*].destinations")
+        kek = _str(ctx, where, kek_v)
+        clash = next((a for a, k in keks.items() if k == kek), None)
+        if clash is not None:
+            raise ctx.error(where, f"{kek!r} is also the subject-key KEK of {clash!r}; each audience needs its own")
+        _reserved_kek(
+            ctx, where, kek, pipelines,
+            "subject keys need a KEK of their own (the processor unwraps it; it must never unwrap an audience's)",
+            also={k: x for k, x in reserved.items() if x},
+        )  # fmt: skip
+        keks[aud] = kek
+    return ErasureConfig(
+        topic=topic,
+        keks=keks,
+        restore_timeout_seconds=_int(
+            ctx, "erasure.restore_timeout_seconds", m.get("restore_timeout_seconds", 120), minimum=1
+        ),
+    )
+
+
+def _check_erasure(ctx: _Ctx, erasure: ErasureConfig | None, policy: Policy, policy_path: Path) -> None:
+    """Erasable rules need the subject-key topic (fail closed: without it they would not
+    compile and every record of those audiences would be quarantined)."""
+    from streamproc.policy.model import erasable
+
+    need = sorted(a.name for a in policy.audiences.values() if any(erasable(r) for r in a.rules))
+    if erasure is None and need:
+        raise ctx.error(
+            "erasure", f"is required: {policy_path.name} has erasable rules, whose keys live in the subject-key topic"
+        )
+    missing = [a for a in need if erasure is not None and a not in erasure.keks]
+    if missing:
+        raise ctx.error("erasure.keks", f"names no subject-key KEK for {', '.join(missing)} (audiences with erasable rules)")
 
 
 def _check_consent(ctx: _Ctx, consent: ConsentConfig | None, policy: Policy, policy_path: Path) -> None:

@@ -121,6 +121,12 @@ def desired_acls(config: Config) -> list[Acl]:
         # committed) under a group id of its own, <group_id>.consent-<random>.
         add(proc, TOPIC, LITERAL, config.consent.topic, "READ", "consent table")
         add(proc, GROUP, PREFIXED, f"{config.group_id}.consent-", "READ", "consent table reader")
+    if config.erasure is not None:
+        # Every worker reads the whole subject-key table (like the consent table) and
+        # writes the keys it creates in its batch transactions.
+        add(proc, TOPIC, LITERAL, config.erasure.topic, "READ", "subject-key table")
+        add(proc, TOPIC, LITERAL, config.erasure.topic, "WRITE", "subject keys, in the batch transaction")
+        add(proc, GROUP, PREFIXED, f"{config.group_id}.erasure-", "READ", "subject-key table reader")
     add(proc, GROUP, LITERAL, config.group_id, "READ", "consumer group and transactional offsets")
     if config.exactly_once:
         add(

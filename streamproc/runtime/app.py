@@ -27,6 +27,7 @@ from streamproc.errors import ConfigError, KmsError, PolicyError, SchemaError, T
 from streamproc.observability import Observer
 from streamproc.runtime.backoff import Backoff
 from streamproc.runtime.consent import ConsentUnavailable
+from streamproc.runtime.erasure import start_key_table
 from streamproc.runtime.factory import build_audit, build_kms, build_pipeline, build_schemas
 from streamproc.runtime.supervisor import Supervisor
 from streamproc.runtime.worker import (
@@ -100,6 +101,14 @@ def run_worker(
     except ConsentUnavailable as exc:
         log.error("fatal: %s", exc)
         return EXIT_FATAL
+    try:
+        subject_keys = start_key_table(config, pipeline)  # likewise (erasable rules)
+    except ConsentUnavailable as exc:
+        log.error("fatal: %s", exc)
+        if consent is not None:
+            consent.stop()
+        return EXIT_FATAL
+    tables = [t for t in (consent, subject_keys) if t is not None]
     instance = instance or default_instance()
     try:
         audit = build_audit(
@@ -112,8 +121,8 @@ def run_worker(
             else str(exc)
         )
         log.error("fatal: audit log unavailable: %s", what)
-        if consent is not None:
-            consent.stop()
+        for t in tables:
+            t.stop()
         return EXIT_FATAL
     # gc.freeze() once the clients exist: the start-up heap (pipeline, plans, schemas,
     # policy, clients) moves out of the collector's reach, so full collections during
@@ -122,16 +131,16 @@ def run_worker(
         config, pipeline, index=index, instance=instance, observer=observer, audit=audit,
         on_started=gc.freeze,
     )  # fmt: skip
-    if consent is not None:
-        consent.on_failure = lambda _exc: worker.stop()  # never process on a stale table
-        consent.start()
+    for t in tables:
+        t.on_failure = lambda _exc: worker.stop()  # never process on a stale table
+        t.start()
     if install_signals:
         worker.install_signal_handlers()
         if stop.is_set():
             if audit is not None:
                 audit.abandon()
-            if consent is not None:
-                consent.stop()
+            for t in tables:
+                t.stop()
             return EXIT_OK
     monitor_stop = start_retention_monitor(config, pipeline.policy, observer)
     if lineage is not None:
@@ -139,13 +148,13 @@ def run_worker(
     code = EXIT_FATAL
     try:
         code = worker.run()
-        if consent is not None and consent.failed is not None and code == EXIT_OK:
+        if any(t.failed is not None for t in tables) and code == EXIT_OK:
             code = EXIT_FATAL
         return code
     finally:
         monitor_stop.set()
-        if consent is not None:
-            consent.stop()
+        for t in tables:
+            t.stop()
         if lineage is not None:
             lineage.finish(code == EXIT_OK)
             lineage.close()

@@ -74,8 +74,17 @@ class ConsentTable:
         topic: str = "<consent>",
         clock: Callable[[], float] = time.time,
         on_failure: Callable[[BaseException], None] | None = None,
+        apply: Callable[[bytes | None, bytes | None], None] | None = None,
+        format_errors: tuple[type[Exception], ...] = (ConsentFormatError,),
+        what: str = "consent",
     ) -> None:
         self.source = source
+        #: The restore/follow machinery is shared with the subject-key table
+        #: (:mod:`streamproc.runtime.erasure`): ``apply`` replaces the consent state's, and
+        #: ``format_errors`` are the malformed-record errors it raises (skipped, logged).
+        self._apply_one = apply
+        self._format_errors = format_errors
+        self.what = what
         #: Called (from the follower thread) when it stops on an error: a table that no
         #: longer follows the topic would miss withdrawals, so the worker must stop.
         self.on_failure = on_failure
@@ -101,11 +110,14 @@ class ConsentTable:
                 eof.add(m.partition)
                 continue
             try:
-                self.state.apply(m.key, m.value)
-            except ConsentFormatError as exc:
+                if self._apply_one is not None:
+                    self._apply_one(m.key, m.value)
+                else:
+                    self.state.apply(m.key, m.value)
+            except self._format_errors as exc:
                 self.rejected += 1
                 log.warning(
-                    "consent record skipped: %s",
+                    f"{self.what} record skipped: %s",
                     exc,
                     extra={"topic": self.topic, "partition": m.partition, "offset": m.offset},
                 )
@@ -118,26 +130,28 @@ class ConsentTable:
         """Read every partition to its end; raises :class:`ConsentUnavailable` after ``timeout``."""
         waiting = set(self.source.partitions())
         if not waiting:
-            raise ConsentUnavailable(f"consent topic {self.topic!r} has no partitions (does it exist?)")
+            raise ConsentUnavailable(f"{self.what} topic {self.topic!r} has no partitions (does it exist?)")
         deadline = time.monotonic() + timeout
         while waiting:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise ConsentUnavailable(
-                    f"consent topic {self.topic!r}: partitions {sorted(waiting)} not read to "
-                    f"their end within {timeout:.0f}s; not starting (a worker without the table "
-                    "would let records flow that need consent)"
+                    f"{self.what} topic {self.topic!r}: partitions {sorted(waiting)} not read to "
+                    f"their end within {timeout:.0f}s; not starting (a worker without the whole "
+                    "table would decide on a partial one)"
                 )
             waiting -= self._apply(self.source.poll(min(left, 0.5)))
         log.info(
-            "consent table restored",
+            f"{self.what} table restored",
             extra={"topic": self.topic, "records": self.applied, "keys": len(self.state)},
         )
 
     # -- following ------------------------------------------------------------------------
     def start(self, poll_timeout: float = 0.1) -> None:
         """Apply updates in a daemon thread until :meth:`stop` (after :meth:`restore`)."""
-        self._thread = threading.Thread(target=self._follow, args=(poll_timeout,), name="consent-table", daemon=True)
+        self._thread = threading.Thread(
+            target=self._follow, args=(poll_timeout,), name=f"{self.what}-table", daemon=True
+        )
         self._thread.start()
 
     def _follow(self, poll_timeout: float) -> None:
@@ -149,12 +163,12 @@ class ConsentTable:
                 if self.applied != before and self.last_applied is not None:
                     p, o, _ = self.last_applied
                     log.info(
-                        "consent updates applied",
+                        f"{self.what} updates applied",
                         extra={"topic": self.topic, "count": self.applied - before, "partition": p, "offset": o},
                     )
         except BaseException as exc:  # surfaced by `failed`; the worker stops on it
             self._error = exc
-            log.error("consent table consumer failed (%s)", type(exc).__name__, extra={"topic": self.topic})
+            log.error(f"{self.what} table consumer failed (%s)", type(exc).__name__, extra={"topic": self.topic})
             if self.on_failure is not None:
                 self.on_failure(exc)
 
@@ -186,13 +200,14 @@ class KafkaConsentSource:
         group_prefix: str = "streamproc",
         consumer_factory: Callable[[dict[str, Any]], Any] | None = None,
         timeout: float = 10.0,
+        role: str = "consent",
     ) -> None:
         from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
         conf = {
             **consumer_config,
             # Its own, never committed: ACLs grant READ on the prefix <group_id>.consent-.
-            "group.id": f"{group_prefix}.consent-{uuid.uuid4().hex[:12]}",
+            "group.id": f"{group_prefix}.{role}-{uuid.uuid4().hex[:12]}",
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "enable.partition.eof": True,
@@ -203,12 +218,13 @@ class KafkaConsentSource:
         for k in ("group.instance.id", "partition.assignment.strategy"):
             conf.pop(k, None)
         self.topic = topic
+        self.role = role
         self.consumer = (consumer_factory or Consumer)(conf)
         meta = self.consumer.list_topics(topic, timeout=timeout).topics.get(topic)
         if meta is None or meta.error is not None or not meta.partitions:
             self.consumer.close()
             raise ConfigError(
-                f"consent.topic: {topic!r} does not exist or cannot be described "
+                f"{role}.topic: {topic!r} does not exist or cannot be described "
                 "(create it with `streamproc topics apply`)"
             )
         self._partitions = sorted(meta.partitions)
@@ -228,9 +244,9 @@ class KafkaConsentSource:
             elif err.code() == KafkaError._PARTITION_EOF:
                 out.append(ConsentMessage(cast(int, m.partition()), cast(int, m.offset()), None, None, eof=True))
             elif err.fatal():
-                raise ConsentUnavailable(f"consent topic {self.topic!r}: {err.name()}")
+                raise ConsentUnavailable(f"{self.role} topic {self.topic!r}: {err.name()}")
             else:
-                log.warning("consent consumer error: %s", err.name(), extra={"topic": self.topic})
+                log.warning(f"{self.role} consumer error: %s", err.name(), extra={"topic": self.topic})
         return out
 
     def close(self) -> None:

@@ -134,7 +134,9 @@ def build_pipeline(
         keys=keys,
         # The worker lowers this to the limit it derives from the producer and topics.
         max_record_bytes=config.max_record_bytes or 1 << 20,
-        reserved_keks=[k for k in (config.pseudonym_secrets.kek, config.dead_letter_kek) if k],
+        reserved_keks=[
+            k for k in (config.pseudonym_secrets.kek, config.dead_letter_kek, *config.subject_key_keks().values()) if k
+        ],
         revocation_check_interval=sweep,
     )
 

@@ -60,7 +60,13 @@ class StateUnavailable(StreamprocError):
 
 
 class ChangelogStore(Protocol):
-    """A stateful collaborator backed by a changelog topic (see the module docstring)."""
+    """A stateful collaborator backed by a changelog topic (see the module docstring).
+
+    A store whose ``partitioned`` attribute is False (the subject-key table of
+    :mod:`streamproc.runtime.erasure`) takes part in the epochs and the transaction only:
+    it needs its whole topic, which it restores at start and follows itself, so
+    :meth:`StateStores.restore_pending` and :meth:`StateStores.released` skip it.
+    """
 
     @property
     def topic(self) -> str: ...
@@ -161,7 +167,8 @@ class StateStores:
             return
         for p in sorted(gone):
             for s in self.stores:
-                s.drop(p)
+                if getattr(s, "partitioned", True):
+                    s.drop(p)
         self.held -= gone
         self.pending -= gone
         log.info("state dropped", extra={"partitions": sorted(gone)})
@@ -176,6 +183,8 @@ class StateStores:
         parts = sorted(self.pending)
         t0 = time.monotonic()
         for s in self.stores:
+            if not getattr(s, "partitioned", True):
+                continue  # a whole-topic table (subject keys): restored at start, followed
             n = self._reader.read(s.topic, parts, s.restore, self.restore_timeout)
             self.restored_records += n
             log.info(

@@ -16,6 +16,12 @@ The consent topic (``consent.topic``) is created with ``cleanup.policy=compact``
 table (the last record per subject and purpose is the state), and a withdrawal that
 expired by age would turn back into "no record", i.e. into consent-by-default for the
 opt-out bases.
+
+The subject-key topic (``erasure.topic``) is compacted too, with settings that bound how
+long a shredded key stays in the log (:data:`KEY_TOPIC_CONFIG`, docs/governance.md): a
+closed segment after ``segment.ms``, cleaned as soon as it is dirty
+(``min.cleanable.dirty.ratio``) and at the latest after ``max.compaction.lag.ms``.
+``topics.overrides.<key topic>`` may change them.
 """
 
 from __future__ import annotations
@@ -39,6 +45,20 @@ from streamproc.runtime.retention import (
 )
 
 log = logging.getLogger("streamproc.runtime.topics")
+
+#: The subject-key topic's settings (overridable per topic): the old record of a shredded
+#: key is deleted by compaction once its segment is closed and cleaned.  A segment closes at
+#: the first write after ``segment.ms``; the cleaner takes any dirty segment (ratio 0.01)
+#: and at the latest ``max.compaction.lag.ms`` after the write; shred records and markers
+#: carry no key and stay (they are the last record of their key); a null tombstone (a
+#: lifted marker) is kept ``delete.retention.ms`` so that restoring readers still see it.
+KEY_TOPIC_CONFIG = {
+    "cleanup.policy": "compact",
+    "segment.ms": "3600000",
+    "min.cleanable.dirty.ratio": "0.01",
+    "max.compaction.lag.ms": "3600000",
+    "delete.retention.ms": "86400000",
+}
 
 
 @dataclass(frozen=True)
@@ -91,6 +111,9 @@ def apply_topics(
             # topic is compacted, never deleted by age (a withdrawal must not expire).
             # (retention.ms, if configured, is left: Kafka ignores it under compact only.)
             conf["cleanup.policy"] = "compact"
+        if config.erasure is not None and t == config.erasure.topic:
+            override = config.topics.overrides.get(t)
+            conf = {**KEY_TOPIC_CONFIG, **(override.config if override is not None else {}), "cleanup.policy": "compact"}
         new.append(NewTopic(t, num_partitions=parts, replication_factor=rf, config=conf))
     if new:
         futures = admin.create_topics(new, operation_timeout=timeout, request_timeout=timeout)
