@@ -52,6 +52,7 @@ from streamproc.audit import (
     EventType,
     check_actor,
 )
+from streamproc.crypto import erasure
 from streamproc.crypto.pseudonym import PseudonymKeys, ReidentificationError, siv_decrypt
 from streamproc.errors import ConfigError, StreamprocError
 from streamproc.policy.model import Policy
@@ -59,6 +60,19 @@ from streamproc.policy.model import Policy
 AUDIENCE_KEY_FORMAT = "streamproc-audience-key/1"
 _AUDIENCE_RE = re.compile(r"[A-Za-z0-9_-]{1,100}")
 _CIPHERTEXT_RE = re.compile(r"de(\d{1,9})_[A-Za-z0-9_-]+")
+
+#: ``subject_keys(audience, key id) -> key`` for erasable (``ds1_``) values: the subject
+#: key from the subject-key topic (:meth:`KeyDirectory.resolve
+#: <streamproc.crypto.erasure.KeyDirectory.resolve>`).  Raises
+#: :class:`~streamproc.crypto.erasure.SubjectForgotten` for a shredded key.
+SubjectKeys = Callable[[str, str], bytes]
+
+
+class SubjectForgottenError(ReidentificationError):
+    """The value's subject was forgotten (``streamproc forget``): its key is shredded and
+    the value cannot be re-identified by anyone.  ``reason`` is the audited error class."""
+
+    reason = "subject_forgotten"
 SIV_KEY_BYTES = 64
 
 
@@ -229,6 +243,7 @@ class Reidentifier:
         audit: AuditLog,
         policy: Policy,
         fields: Mapping[str, set[str]] | None = None,
+        subject_keys: SubjectKeys | None = None,
     ) -> None:
         if not isinstance(policy, Policy):
             raise ConfigError(
@@ -245,6 +260,14 @@ class Reidentifier:
         self.policy = policy
         self.policy_version = policy.version
         self.fields = fields
+        #: Resolves erasable values' subject keys (``None``: no subject-key topic, and
+        #: every ``ds1_`` value fails as an unknown key).
+        self.subject_keys = subject_keys
+
+    def _resolve(self, key_id: str) -> bytes:
+        if self.subject_keys is None:
+            raise ReidentificationError("no subject-key topic configured")
+        return self.subject_keys(self.audience, key_id)
 
     @property
     def audience(self) -> str:
@@ -254,7 +277,7 @@ class Reidentifier:
         self, value: str, domain: str, field: str, subject: str | None, reason: str
     ) -> str | None:
         """Why the request is refused before any decryption, or ``None``."""
-        if not isinstance(value, str) or not _CIPHERTEXT_RE.fullmatch(value):
+        if not isinstance(value, str) or not (_CIPHERTEXT_RE.fullmatch(value) or erasure.is_erasable(value)):
             if isinstance(value, str) and value.startswith("tk"):
                 return "token_not_reversible"
             return "not_ciphertext"
@@ -285,7 +308,7 @@ class Reidentifier:
 
     _MESSAGES = {
         "token_not_reversible": "value is a token; tokens are one-way and cannot be re-identified",
-        "not_ciphertext": "value is not a deterministic ciphertext (de<version>_...)",
+        "not_ciphertext": "value is not a deterministic ciphertext (de<version>_... or ds1_<key id>_...)",
         "invalid_domain": "domain must be an identifier",
         "invalid_field": "field must be a field path such as customer.email",
         "invalid_subject": "subject must be a token (tk<v>_...), a ciphertext (de<v>_...) or a record "
@@ -376,6 +399,8 @@ class Reidentifier:
             self._audit(who, safe, "denied", refusal)
             msg = self._MESSAGES.get(refusal, "actor must be an identifier")
             raise ReidentificationError(f"re-identification denied: {msg}")
+        if erasure.is_erasable(value):
+            return self._run_erasable(who, safe, value, domain, text)
         value_version = int(_CIPHERTEXT_RE.fullmatch(value).group(1))  # type: ignore[union-attr]
         if value_version != self.key.master_version:
             self._audit(who, safe, "denied", "version_mismatch")
@@ -393,6 +418,46 @@ class Reidentifier:
             raise ReidentificationError(
                 f"re-identification failed: the value is not a ciphertext of audience {self.audience!r} "
                 f"in domain {domain!r} (wrong audience, domain or a modified value)"
+            ) from None
+        except UnicodeDecodeError:
+            self._audit(who, safe, "failed", "not_text")
+            raise ReidentificationError(
+                "re-identification failed: the plaintext is binary; use reidentify_bytes"
+            ) from None
+        self._audit(who, safe, "success", None)
+        return result
+
+    def _run_erasable(self, who: str, safe: dict[str, Any], value: str, domain: str, text: bool) -> Any:
+        """An erasable ``ds1_`` value: its subject key from the key topic, then AES-SIV."""
+        safe = {**safe, "key_version": None}  # a subject key has no master version
+        try:
+            key = self._resolve(erasure.key_id_of(value))
+        except erasure.SubjectForgotten:
+            self._audit(who, safe, "failed", SubjectForgottenError.reason)
+            raise SubjectForgottenError(
+                "re-identification failed: the value's subject was forgotten (streamproc forget); "
+                "its key is shredded and the value can no longer be reversed"
+            ) from None
+        except erasure.SubjectKeyUnavailable:
+            self._audit(who, safe, "failed", "subject_key_unavailable")
+            raise ReidentificationError(
+                "re-identification failed: the value's subject key does not open (tampered key record, "
+                "or no unwrap right on the audience's KEK)"
+            ) from None
+        except ReidentificationError:
+            self._audit(who, safe, "failed", "unknown_subject_key")
+            raise ReidentificationError(
+                f"re-identification failed: no subject key of audience {self.audience!r} in the subject-key "
+                "topic has this value's key id (another audience's value, or not made by this processor)"
+            ) from None
+        try:
+            plain = erasure.decrypt(key, domain, value)
+            result: Any = plain.decode("utf-8") if text else plain
+        except ReidentificationError:
+            self._audit(who, safe, "failed", "decrypt_failed")
+            raise ReidentificationError(
+                f"re-identification failed: the value is not a ciphertext of audience {self.audience!r} "
+                f"in domain {domain!r} (wrong domain or a modified value)"
             ) from None
         except UnicodeDecodeError:
             self._audit(who, safe, "failed", "not_text")

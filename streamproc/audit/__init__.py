@@ -81,6 +81,7 @@ from streamproc.audit.events import (
     SecretCreated,
     SecretImported,
     SourceTopicRead,
+    SubjectForgottenEvent,
     check_actor,
     check_attrs,
 )
@@ -163,6 +164,7 @@ __all__ = [
     "SecretCreated",
     "SecretImported",
     "SourceTopicRead",
+    "SubjectForgottenEvent",
     "VerifyResult",
     "canonical_json",
     "check_actor",

@@ -64,6 +64,8 @@ class EventType(enum.StrEnum):
     """``streamproc dlq inspect``: a dead letter opened with the quarantine KEK."""
     DEAD_LETTER_REPLAYED = "dead_letter_replayed"
     """``streamproc dlq replay``: a dead letter re-produced to its source topic."""
+    SUBJECT_FORGOTTEN = "subject_forgotten"
+    """``streamproc forget``: a subject's keys shredded, a forgotten marker, consent withdrawn."""
 
 
 # -- attribute guard ----------------------------------------------------------------------
@@ -74,7 +76,7 @@ _CARD_RE = re.compile(r"\d{13,}")
 _HASH_RE = re.compile(r"(sha256:)?[0-9a-f]{8,64}")
 _FIELD_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\[\]|\{\}|\.[A-Za-z_][A-Za-z0-9_]*)*")
 _SUBJECT_RE = re.compile(
-    r"(?:tk|de)\d{1,9}_[A-Za-z0-9_-]{16,}"  # a token or deterministic ciphertext
+    r"(?:tk|de|ds)\d{1,9}_[A-Za-z0-9_-]{16,}"  # a token or deterministic (erasable) ciphertext
     r"|[A-Za-z0-9._-]{1,249}[:/]\d{1,10}[:/@]\d{1,20}"  # topic:partition:offset
 )
 _TEXT_RE = re.compile(r"[\x20-\x7e]{1,200}")
@@ -160,6 +162,7 @@ ATTRIBUTE_RULES: Mapping[str, Callable[[Any], bool]] = {
     "note": _text,
     "processor_version": _ident,
     "purpose": _ident,
+    "purposes": _ident_list,
     "reason": _text,
     "source": _ident,
     "subject": _subject,
@@ -434,6 +437,27 @@ class DeadLetterReplayed(Event):
     error: str | None = None
 
 
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class SubjectForgottenEvent(Event):
+    """``streamproc forget``: one subject forgotten, written before the writes (``outcome:
+    failed`` follows if they then fail).
+
+    ``subject`` is the subject's token in the subject-key domain (never the identifier);
+    ``count`` the key records shredded, ``audiences`` whose keys they were, ``purposes``
+    whose consent was withdrawn, ``topic`` the subject-key topic.
+    """
+
+    TYPE: ClassVar[EventType] = EventType.SUBJECT_FORGOTTEN
+    subject: str | None = None
+    topic: str | None = None
+    audiences: Sequence[str] | None = None
+    purposes: Sequence[str] | None = None
+    count: int | None = None
+    reason: str | None = None
+    outcome: str | None = None
+    error: str | None = None
+
+
 #: The dataclass of every event type (a test checks that each :class:`EventType` has one).
 EVENTS: Mapping[EventType, type[Event]] = {
     cls.TYPE: cls
@@ -456,6 +480,7 @@ EVENTS: Mapping[EventType, type[Event]] = {
         ConsentWithheld,
         DeadLetterInspected,
         DeadLetterReplayed,
+        SubjectForgottenEvent,
     )
 }
 

@@ -30,6 +30,7 @@ _COMMANDS = [
     ("streamproc.cli.policy", "policy"),
     ("streamproc.cli.catalog", "catalog"),
     ("streamproc.cli.consent", "consent"),
+    ("streamproc.cli.forget", "forget"),
     ("streamproc.cli.risk", "risk"),
     ("streamproc.cli.reidentify", "reidentify"),
     ("streamproc.cli.provenance", "provenance"),

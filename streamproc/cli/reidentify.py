@@ -122,6 +122,26 @@ def _close(log: AuditLog) -> None:
         click.echo(f"warning: closing the audit log: {exc}", err=True)
 
 
+def _subject_keys(config: Any) -> Any:
+    """``(audience, key id) -> subject key`` for erasable values, or ``None`` without
+    ``erasure:``.  The key topic is read once, on the first erasable value; the keys are
+    unwrapped through the config's KMS (the caller needs unwrap on the audience's KEK)."""
+    if config.erasure is None:
+        return None
+    from streamproc.runtime.erasure import key_opener, read_key_directory
+    from streamproc.runtime.factory import build_kms
+
+    state: dict[str, Any] = {}
+
+    def resolve(audience: str, key_id: str) -> bytes:
+        if "dir" not in state:
+            state["dir"] = read_key_directory(config)
+            state["open"] = key_opener(build_kms(config), config.erasure.topic)
+        return state["dir"].resolve(audience, key_id, state["open"])
+
+    return resolve
+
+
 def _values(values: tuple[str, ...]) -> list[str]:
     if values:
         return list(values)
@@ -200,7 +220,7 @@ def reidentify(
                 policy_version=policy.version,
             )
             raise click.ClickException(str(exc)) from None
-        reid = Reidentifier(key, log, policy, fields)
+        reid = Reidentifier(key, log, policy, fields, subject_keys=_subject_keys(config))
         for i, value in enumerate(_values(values), 1):
             try:
                 plain = reid.reidentify(

@@ -60,6 +60,7 @@ EXPECTED: dict[str, set[str]] = {
     "consent_withheld": {"audience", "purpose", "reason", "count"},
     "dead_letter_inspected": {"subject", "topic", "partition", "key_id", "reason", "outcome", "count", "error"},
     "dead_letter_replayed": {"subject", "topic", "partition", "key_id", "reason", "outcome", "count", "error"},
+    "subject_forgotten": {"subject", "topic", "audiences", "purposes", "count", "reason", "outcome", "error"},
 }
 
 
