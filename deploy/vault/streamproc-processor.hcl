@@ -10,6 +10,7 @@
 #   source KEKs        streamproc-src-<topic>      e.g. streamproc-src-orders
 #   destination KEKs   streamproc-dst-<audience>   e.g. streamproc-dst-analytics
 #   quarantine KEK     streamproc-quarantine       (config dead_letter.kek; dead letters)
+#   subject-key KEKs   streamproc-subject-<audience> (config erasure.keks; erasable rules)
 #   pseudonym secrets  secret/streamproc/<key_id>  (field "material", base64)
 # To list keys explicitly instead of by prefix, repeat a stanza per exact key name.
 #
@@ -58,4 +59,15 @@ path "transit/decrypt/streamproc-quarantine" {
 # Pseudonym master secrets (KV v2 data path; read only, current and older versions).
 path "secret/data/streamproc/*" {
   capabilities = ["read"]
+}
+
+# Subject-key KEKs (erasure.keks; one per audience with erasable rules, named
+# streamproc-subject-<audience>): the processor seals the per-subject keys it creates
+# (data keys) and opens them again after a restart (decrypt).  They are never destination
+# KEKs, so this grants nothing on what the processor sealed for an audience.
+path "transit/datakey/plaintext/streamproc-subject-*" {
+  capabilities = ["update"]
+}
+path "transit/decrypt/streamproc-subject-*" {
+  capabilities = ["update"]
 }

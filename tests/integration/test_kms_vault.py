@@ -289,6 +289,20 @@ def test_subscriber_policy_opens_only_its_audience(bao: OpenBaoServer, root: Any
 
 
 @integration
+def test_processor_seals_and_opens_subject_keys_and_a_subscriber_cannot(bao: OpenBaoServer, root: Any) -> None:
+    """The shipped policy's streamproc-subject-* stanza (erasure.keks): the processor
+    creates and re-opens per-subject keys; an audience's subscriber token opens none."""
+    subject_kek = new_key(root, suffix=f"streamproc-subject-{uuid.uuid4().hex[:8]}")
+    ctx = {"topic": "streamproc.subject-keys"}
+    processor = kms_for(bao, token_with(root, "streamproc-processor"))
+    subscriber = kms_for(bao, token_with(root, "streamproc-subscriber-analytics"))
+    dk = processor.generate_data_key(subject_kek, ctx)
+    assert processor.unwrap(subject_kek, 1, dk.wrapped, ctx) == dk.plaintext
+    with pytest.raises(KeyAccessDenied):
+        subscriber.unwrap(subject_kek, 1, dk.wrapped, ctx)
+
+
+@integration
 def test_processor_reads_pseudonym_secrets(bao: OpenBaoServer, root: Any) -> None:
     processor = kms_for(bao, token_with(root, "streamproc-processor"))
     name = f"pm-{uuid.uuid4().hex[:8]}"
