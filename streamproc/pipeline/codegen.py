@@ -716,7 +716,9 @@ def compile_tuple_reader(
 ) -> Callable[[bytes], tuple[tuple[Any, ...], Any]]:
     """``f(buf) -> (quasi-identifier tuple, sensitive value)`` from a record this processor
     wrote: the measurement-only form of :func:`compile_reader` (no spans, no lists; a name
-    ``None`` -- a field the audience does not receive -- reads as ``None``)."""
+    ``None`` -- a field the audience does not receive -- reads as ``None``).  The tuple
+    holds each quasi-identifier's *encoded bytes* (equal values, equal bytes); the
+    sensitive value is decoded, since distinct values are counted for l-diversity."""
     wanted = {n for n in (*qi, sensitive) if n is not None}
     g = _Gen()
     body = [f"    pos = {offset}"]
@@ -728,6 +730,16 @@ def compile_tuple_reader(
             continue
         v = var[f.name] = g.var("rv")
         t = f.type
+        if f.name != sensitive:
+            # A quasi-identifier is only compared for equality: its encoded bytes serve as
+            # well as its value, without decoding.  (Avro's encoding of a value is unique
+            # for what this processor writes; a producer's non-minimal varint in a kept
+            # field could only split a class, which shows more risk, never less.)
+            st = g.var("st")
+            body.append(f"    {st} = pos")
+            g.skip(t, "    ", body)
+            body.append(f"    {v} = buf[{st}:pos]")
+            continue
         if isinstance(t, Union):
             i = g.var("u")
             body.append(f"    {i} = buf[pos]")

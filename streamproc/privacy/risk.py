@@ -130,10 +130,9 @@ class RiskWindow:
     clock: Callable[[], float] = time.time
     _entries: deque[tuple[float, Hashable, Hashable]] = field(default_factory=deque)
     _classes: Counter[Hashable] = field(default_factory=Counter)
-    _pairs: Counter[tuple[Hashable, Hashable]] = field(default_factory=Counter)
-    """(tuple, sensitive value) -> records; with ``_distinct``, l-diversity in O(1) per record."""
-    _distinct: Counter[Hashable] = field(default_factory=Counter)
-    """tuple -> number of distinct sensitive values in its class."""
+    _values: dict[Hashable, dict[Hashable, int]] = field(default_factory=dict)
+    """tuple -> its sensitive values -> records: the class's distinct values are the
+    inner dict's length, so l-diversity costs two lookups per record."""
     _sizes: Counter[int] = field(default_factory=Counter)
     """class size -> number of classes of that size (the smallest key is the window's k)."""
     _diversity: Counter[int] = field(default_factory=Counter)
@@ -172,14 +171,12 @@ class RiskWindow:
         elif n == k:
             self._below_k -= c
         if t.sensitive is not None:
-            pair = (qi, sensitive)
-            pairs = self._pairs
-            pairs[pair] += 1
-            d = self._distinct[qi]
-            d2 = d + 1 if pairs[pair] == 1 else d
-            if d2 != d:
-                self._distinct[qi] = d2
-            self._move_diversity(c, d, n, d2)
+            vals = self._values.get(qi)
+            if vals is None:
+                vals = self._values[qi] = {}
+            d = len(vals)
+            vals[sensitive] = vals.get(sensitive, 0) + 1
+            self._move_diversity(c, d, n, len(vals))
         return n
 
     def add_many(self, rows: list[tuple[tuple[Hashable, ...], Hashable]], now: float) -> None:
@@ -229,10 +226,14 @@ class RiskWindow:
         cap, k = t.max_records, t.k
         lt = t.l
         assert lt is not None
-        classes, sizes, pairs, distinct, div = self._classes, self._sizes, self._pairs, self._distinct, self._diversity
-        append, get, pget, dget = entries.append, classes.get, pairs.get, distinct.get
+        classes, sizes, values, div = self._classes, self._sizes, self._values, self._diversity
+        append, get, vget = entries.append, classes.get, values.get
+        below_k = below_l = 0
         for qi, sv in rows:
             if len(entries) >= cap:
+                self._below_k += below_k
+                self._below_l += below_l
+                below_k = below_l = 0
                 self._pop()
                 self.evicted_by_cap += 1
             append((now, qi, sv))
@@ -245,26 +246,31 @@ class RiskWindow:
                     sizes[c] = m
                 else:
                     del sizes[c]
+                vals = vget(qi)
+                assert vals is not None
+            else:
+                vals = values[qi] = {}
             sizes[n] = sizes.get(n, 0) + 1
             if n < k:
-                self._below_k += 1
+                below_k += 1
             elif n == k:
-                self._below_k -= c
-            pair = (qi, sv)
-            pc = pget(pair, 0)
-            pairs[pair] = pc + 1
-            d = dget(qi, 0)
-            d2 = d if pc else d + 1
+                below_k -= c
+            d = len(vals)
+            vals[sv] = vals.get(sv, 0) + 1
+            d2 = len(vals)
             if d2 != d:
-                distinct[qi] = d2
-            if c:
-                m = div[d] - 1
-                if m:
-                    div[d] = m
-                else:
-                    del div[d]
-            div[d2] = div.get(d2, 0) + 1
-            self._below_l += (n if d2 < lt else 0) - (c if d < lt else 0)
+                if c:
+                    m = div[d] - 1
+                    if m:
+                        div[d] = m
+                    else:
+                        del div[d]
+                div[d2] = div.get(d2, 0) + 1
+                below_l += (n if d2 < lt else 0) - (c if d < lt else 0)
+            elif d < lt:
+                below_l += 1
+        self._below_k += below_k
+        self._below_l += below_l
         self.added += len(rows)
 
     def _move_diversity(self, c: int, d: int, n: int, d2: int) -> None:
@@ -281,7 +287,7 @@ class RiskWindow:
         return self._classes.get(qi, 0)
 
     @staticmethod
-    def _decrement(counter: Counter[Any], key: Any) -> int:
+    def _decrement(counter: dict[Any, int], key: Any) -> int:
         n = counter[key] - 1
         if n:
             counter[key] = n
@@ -298,13 +304,12 @@ class RiskWindow:
         k = self.target.k
         self._below_k += (n if n < k else 0) - (c if c < k else 0)
         if self.target.sensitive is not None:
-            d = self._distinct[qi]
-            d2 = d - 1 if self._decrement(self._pairs, (qi, s)) == 0 else d
-            if d2 != d:
-                if d2:
-                    self._distinct[qi] = d2
-                else:
-                    del self._distinct[qi]
+            vals = self._values[qi]
+            d = len(vals)
+            self._decrement(vals, s)
+            d2 = len(vals)
+            if not vals:
+                del self._values[qi]
             self._move_diversity(c, d, n, d2)
 
     def _pop(self) -> None:
