@@ -131,7 +131,73 @@ def make_workspace(root: Path, schemas: Path, policy: Path) -> Workspace:
         ring.ensure_key(f"{a}-kek")
     ring.ensure_key(PSEUDONYM_SECRET, "secret")
     ring.ensure_key(DEFAULT_QUARANTINE_KEK)  # dead letters are sealed under it
+    add_statistical_privacy(sdir / "order.avsc", pol)
     return Workspace(root, ring_path, sdir, pol)
+
+
+#: What the demo adds to the example policy for analytics (its workspace copy only): a
+#: noised amount and a re-identification risk target over what analytics receives.
+DEMO_NOISE = {"op": "dp_noise", "mechanism": "laplace", "epsilon": 1.0, "bounds": [0, 100_000]}
+DEMO_RISK = {"quasi_identifiers": ["BIRTH_DATE"], "k": 5, "window": "1h"}
+
+
+def add_statistical_privacy(order_schema: Path, policy: Path) -> bool:
+    """Tag ``amount_cents`` of the workspace's order schema ``AMOUNT`` and give analytics a
+    ``dp_noise`` rule for it and a ``risk:`` target (the birth year as quasi-identifier), so the demo shows a noised field and the risk gauges.  Only for the
+    example files (a custom schema or policy is left as it is); returns whether it did."""
+    import yaml
+
+    if not order_schema.exists():
+        return False
+    schema = json.loads(order_schema.read_text())
+    raw = yaml.safe_load(policy.read_text())
+    fields = {f["name"]: f for f in schema.get("fields", [])}
+    analytics = (raw.get("audiences") or {}).get("analytics")
+    if "amount_cents" not in fields or not isinstance(analytics, dict) or "risk" in analytics:
+        return False
+    f = fields["amount_cents"]
+    f["confluent:tags"] = [*f.get("confluent:tags", []), "AMOUNT"]
+    order_schema.write_text(json.dumps(schema, indent=2))
+    analytics.setdefault("tags", {})["AMOUNT"] = DEMO_NOISE
+    analytics["risk"] = DEMO_RISK
+    for name, aud in raw["audiences"].items():  # the others keep the amount (PUBLIC)
+        if name != "analytics" and isinstance(aud, dict):
+            aud.setdefault("tags", {}).setdefault("AMOUNT", "keep")
+    policy.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return True
+
+
+RISK_GAUGES = (
+    "streamproc_risk_window_records", "streamproc_risk_min_class_size", "streamproc_risk_k_target",
+    "streamproc_risk_share_below_k", "streamproc_risk_share_unique",
+)
+
+
+def risk_line(audience: str, g: Mapping[str, float]) -> str:
+    """One line of an audience's risk gauges (counts and shares, never a value)."""
+    k, target = int(g.get("streamproc_risk_min_class_size", 0)), int(g.get("streamproc_risk_k_target", 0))
+    status = "[green]target met[/]" if k >= target else "[red]below target: StreamprocReidentificationRisk would fire[/]"
+    return (
+        f"risk ({audience}): {int(g.get('streamproc_risk_window_records', 0))} records in the window, "
+        f"k = {k} (target {target}), {g.get('streamproc_risk_share_below_k', 0.0):.0%} of records in classes "
+        f"below k, {g.get('streamproc_risk_share_unique', 0.0):.0%} unique · {status}"
+    )
+
+
+def scrape_risk(url: str) -> dict[str, dict[str, float]]:
+    """audience -> its risk gauges, from a /metrics exposition (``{}`` if it does not answer)."""
+    try:
+        text = urllib.request.urlopen(url, timeout=2).read().decode()
+    except OSError:
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0]
+        if name not in RISK_GAUGES or 'audience="' not in line:
+            continue
+        audience = line.split('audience="', 1)[1].split('"', 1)[0]
+        out.setdefault(audience, {})[name] = float(line.rsplit(" ", 1)[1])
+    return out
 
 
 def _fmt(v: Any) -> str:

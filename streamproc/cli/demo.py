@@ -66,6 +66,7 @@ def _in_process(console: Console, ws: d.Workspace, events: int, show_n: int, see
     )
     gen = EventGenerator(seed)
     opener = RecordOpener(kms, schemas)
+    last_risk = None  # analytics' risk window after the last batch
     for topic, (schema_file, kek, kind) in d.SOURCES.items():
         schema = json.loads((ws.schemas / schema_file).read_text())
         sealer = RecordSealer(kms, kek, topic, schema, schemas)
@@ -75,6 +76,7 @@ def _in_process(console: Console, ws: d.Workspace, events: int, show_n: int, see
         t0 = time.perf_counter()
         result = pipeline.process(batch)
         secs = time.perf_counter() - t0
+        last_risk = result.stats.risk.get("analytics", last_risk)
         console.print(
             f"[green]{topic}[/]: {len(batch)} sealed events -> {len(result.outputs)} sanitized records "
             f"for {len(d.AUDIENCES)} audiences, {len(result.quarantined)} dead-lettered, {secs * 1000:.0f} ms"
@@ -86,6 +88,15 @@ def _in_process(console: Console, ws: d.Workspace, events: int, show_n: int, see
         for i in range(min(show_n, len(records))):
             # "Before" is the source record opened with the source key, as the processor saw it.
             d.show(console, f"{topic} offset {i}", opener.decode(topic, _value(batch[i])), by_offset[i])
+    report = last_risk
+    if report is not None:  # what the worker exports as streamproc_risk_* gauges
+        console.print(d.risk_line("analytics", {
+            "streamproc_risk_window_records": report.records, "streamproc_risk_min_class_size": report.min_class,
+            "streamproc_risk_k_target": report.k_target, "streamproc_risk_share_below_k": report.share_below_k,
+            "streamproc_risk_share_unique": report.share_unique,
+        }))
+        console.print("[dim]analytics' amount_cents is noised (dp_noise, laplace, epsilon 1; the output "
+                      "schema says so in streamproc.dp): one value tells little, a mean over many is accurate. The risk window holds the birth years analytics received (orders; logins carry none)[/]\n")
     _consent_scene(console, ws, kms, schemas, seed)
 
 

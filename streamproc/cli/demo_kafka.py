@@ -186,6 +186,8 @@ def run_kafka_demo(console: Console, ws: d.Workspace, events: int, show_n: int, 
         if m:
             summary = ", ".join(f"{k.removeprefix('streamproc_')}={m[k]:g}" for k in SUMMARY_METRICS if k in m)
             console.print(f"metrics (http://127.0.0.1:{metrics_port}/metrics): {summary}")
+        for audience, gauges in d.scrape_risk(f"http://127.0.0.1:{metrics_port}/metrics").items():
+            console.print(d.risk_line(audience, gauges))
         from streamproc.cli.demo_consent import run_consent_scene
 
         run_consent_scene(console, ws, broker.bootstrap, seed)  # a withdrawal mid-stream
