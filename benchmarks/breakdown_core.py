@@ -60,7 +60,8 @@ def breakdown(s: bench_core.Setup, n: int, repeat: int) -> list[tuple[str, float
 
     aad = _topic_aad(topic) + values[0][:hl]
     cts = [(v[hl : hl + 12], v[hl + 12 :]) for v in values]
-    fn = s.plan_fn
+    fn = s.plan_fn_py  # the generated Python function: its operators are in its globals
+    nat = s.plan_fn  # the compiled interpreter's, when it is built (else the same function)
     g = fn.__globals__
     ops = {k: v for k, v in g.items() if k.startswith("_op")}
     paths = {k: g["_path" + str(int(k[3:]) + 2)] for k in ops}
@@ -92,8 +93,8 @@ def breakdown(s: bench_core.Setup, n: int, repeat: int) -> list[tuple[str, float
             _time(lambda: [aead.decrypt(a, b, aad) for a, b in cts], n, repeat),
         )
     )
-    t_plan = _time(lambda: [b"".join(fn(p)) for p in plains], n, repeat)
-    rows.append(("plan fn a1 + join", t_plan))
+    t_plan_py = _time(lambda: [b"".join(fn(p)) for p in plains], n, repeat)
+    rows.append(("plan fn a1 + join, generated Python", t_plan_py))
     for k, op in sorted(ops.items(), key=lambda kv: paths[kv[0]]):
         vs = bench_core._cycle(field_values[paths[k]], n)
 
@@ -112,6 +113,10 @@ def breakdown(s: bench_core.Setup, n: int, repeat: int) -> list[tuple[str, float
         )
     finally:
         g.update(ops)
+    t_plan = _time(lambda: [b"".join(nat(p)) for p in plains], n, repeat)
+    if nat is not fn:
+        rows.append(("plan fn a1 + join, compiled interpreter", t_plan))
+        rows.extend(_native_rows(s, plains, n, repeat))
     t_seal = _time(
         lambda: [sealer.seal_many(out_plains[i : i + batch]) for i in range(0, n, batch)], n, repeat
     )
@@ -130,6 +135,43 @@ def breakdown(s: bench_core.Setup, n: int, repeat: int) -> list[tuple[str, float
     rows.append(
         ("  pipeline overhead = total - open - plan - seal", t_total - t_open - t_plan - t_seal)
     )
+    return rows
+
+
+def _native_rows(s: bench_core.Setup, plains: list[bytes], n: int, repeat: int) -> list[tuple[str, float]]:
+    """The compiled interpreter's plan with its operators called back in Python (the
+    tokenizer too), and with every operator replaced by ``str``: the walk alone."""
+    import json
+
+    from streamproc.crypto.pseudonym import PseudonymKeys
+    from streamproc.pipeline import native
+    from streamproc.pipeline.plan import Apply, Node, RecordNode, build_plan
+    from streamproc.schema import avro
+    from streamproc.schema.framing import HEADER_LEN
+
+    node = avro.parse(json.loads(bench_core.SCHEMA_FILE.read_text()))
+    keys = PseudonymKeys(s.kms, bench_core.PSEUDONYM_SECRET)
+    plan = build_plan(node, s.pipelines[1].policy.audience("a1"), keys)
+    rows = []
+    saved, native.NATIVE_OPS = native.NATIVE_OPS, False
+    try:
+        cb = native.compile_native(plan, node, offset=HEADER_LEN, force=True)
+    finally:
+        native.NATIVE_OPS = saved
+    assert cb is not None
+    rows.append(("  of which: every operator called back in Python", _time(lambda: [cb(p) for p in plains], n, repeat)))
+
+    def to_str(x: Node) -> None:
+        if isinstance(x, Apply):
+            x.fn = str
+        elif isinstance(x, RecordNode):
+            for _, c in x.fields:
+                to_str(c)
+
+    to_str(plan.root)
+    walk = native.compile_native(plan, node, offset=HEADER_LEN, force=True)
+    assert walk is not None
+    rows.append(("  of which: walk/copy only (operators = str)", _time(lambda: [walk(p) for p in plains], n, repeat)))
     return rows
 
 

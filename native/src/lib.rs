@@ -63,13 +63,117 @@ enum Dec {
     Null,
 }
 
-/// An operator computed here instead of calling back into Python.  Only the exact bound
-/// function that carries a ``native_op`` attribute is replaced (the plain string tokenizer of
-/// ``streamproc.crypto.pseudonym.make_text_tokenizer``); a wrapped or normalizing variant has
-/// no such attribute and is called as usual.
+/// An operator computed here instead of calling back into Python.  Only an exact bound
+/// function that carries a ``native_op`` attribute is replaced (streamproc/crypto/pseudonym.py,
+/// operators/mask.py, operators/generalize.py, operators/base.py:fail_closed); any other
+/// variant has no such attribute and is called as usual.  Every one takes a string and
+/// returns a string.
 enum NatOp {
     /// ``"tk<v>_" + base64url(HMAC-SHA256(key, utf8)[:16])`` without padding (22 chars).
     Token { prefix: Vec<u8>, mac: Hmac<Sha256> },
+    /// ``mask`` without ``preserve`` or ``fixed_length``: keep_first / keep_last code points,
+    /// the rest replaced; everything replaced when that would show more than half.
+    Mask { first: usize, last: usize, ch: String },
+    /// ``generalize: {cidr: N}`` on a canonical dotted quad (what both Python fast paths
+    /// handle, with the same text); anything else declines and the Python function runs.
+    Ipv4Cidr { bits: u32 },
+    /// ``fail_closed`` around a text operator: an output containing (``contains``) or equal
+    /// to its input is replaced by ``suppressed``, or refused (``quarantine``: Ineffective).
+    Guard { inner: Box<NatOp>, contains: bool, suppressed: String, quarantine: bool },
+}
+
+/// What a native operator made of one value.
+enum NatOut {
+    Text(Vec<u8>),
+    /// Not handled here: call the Python function with the value.
+    Decline,
+    /// ``Ineffective``: the guard refused the output.
+    Ineffective,
+}
+
+impl NatOp {
+    fn eval(&self, v: &str) -> NatOut {
+        match self {
+            NatOp::Token { prefix, mac } => {
+                let mut m = mac.clone();
+                m.update(v.as_bytes());
+                let digest = m.finalize().into_bytes();
+                let mut w = Vec::with_capacity(prefix.len() + 22);
+                w.extend_from_slice(prefix);
+                b64url16(&digest[..16], &mut w);
+                NatOut::Text(w)
+            }
+            NatOp::Mask { first, last, ch } => {
+                let n = v.chars().count();
+                if (first + last) * 2 > n {
+                    return NatOut::Text(ch.repeat(n).into_bytes());
+                }
+                let head_end = v.char_indices().nth(*first).map_or(v.len(), |(i, _)| i);
+                let tail_start = if *last == 0 {
+                    v.len()
+                } else {
+                    v.char_indices().nth(n - last).map_or(v.len(), |(i, _)| i)
+                };
+                let mut w = Vec::with_capacity(v.len() + 8);
+                w.extend_from_slice(&v.as_bytes()[..head_end]);
+                w.extend_from_slice(ch.repeat(n - first - last).as_bytes());
+                w.extend_from_slice(&v.as_bytes()[tail_start..]);
+                NatOut::Text(w)
+            }
+            NatOp::Ipv4Cidr { bits } => match canonical_quad(v) {
+                None => NatOut::Decline,
+                Some(a) => {
+                    let m: u32 = if *bits == 0 { 0 } else { u32::MAX << (32 - bits) };
+                    let a = a & m;
+                    NatOut::Text(
+                        format!("{}.{}.{}.{}/{}", a >> 24, (a >> 16) & 255, (a >> 8) & 255, a & 255, bits)
+                            .into_bytes(),
+                    )
+                }
+            },
+            NatOp::Guard { inner, contains, suppressed, quarantine } => match inner.eval(v) {
+                NatOut::Text(out) => {
+                    let hit = if *contains { find(&out, v.as_bytes()) } else { out == v.as_bytes() };
+                    if !hit {
+                        NatOut::Text(out)
+                    } else if *quarantine {
+                        NatOut::Ineffective
+                    } else {
+                        NatOut::Text(suppressed.clone().into_bytes())
+                    }
+                }
+                other => other,
+            },
+        }
+    }
+}
+
+/// ``needle in haystack`` for valid UTF-8 (a byte match is a code-point match).
+fn find(hay: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Four 1-3 digit ASCII decimals <= 255 without leading zeros, dot-separated.
+fn canonical_quad(v: &str) -> Option<u32> {
+    let mut a: u32 = 0;
+    let mut parts = 0;
+    for p in v.split('.') {
+        parts += 1;
+        let b = p.as_bytes();
+        if parts > 4 || b.is_empty() || b.len() > 3 || !b.iter().all(u8::is_ascii_digit) || (b[0] == b'0' && b.len() > 1) {
+            return None;
+        }
+        let x: u32 = p.parse().ok()?;
+        if x > 255 {
+            return None;
+        }
+        a = (a << 8) | x;
+    }
+    if parts == 4 {
+        Some(a)
+    } else {
+        None
+    }
 }
 
 struct Apply {
@@ -155,15 +259,33 @@ fn parse_nat(spec: &Bound<'_, PyAny>) -> PyResult<Option<NatOp>> {
     }
     let t: &Bound<'_, PyTuple> = spec.downcast()?;
     let kind: String = t.get_item(0)?.extract()?;
-    match kind.as_str() {
+    Ok(Some(match kind.as_str() {
         "token" => {
             let prefix: String = t.get_item(1)?.extract()?;
             let key: Vec<u8> = t.get_item(2)?.extract()?;
             let mac = <Hmac<Sha256> as Mac>::new_from_slice(&key).map_err(|_| bad_spec("token key"))?;
-            Ok(Some(NatOp::Token { prefix: prefix.into_bytes(), mac }))
+            NatOp::Token { prefix: prefix.into_bytes(), mac }
         }
-        _ => Err(bad_spec("native op")),
-    }
+        "mask" => NatOp::Mask {
+            first: t.get_item(1)?.extract()?,
+            last: t.get_item(2)?.extract()?,
+            ch: t.get_item(3)?.extract()?,
+        },
+        "ipv4_cidr" => {
+            let bits: u32 = t.get_item(1)?.extract()?;
+            if bits > 32 {
+                return Err(bad_spec("cidr"));
+            }
+            NatOp::Ipv4Cidr { bits }
+        }
+        "guard" => NatOp::Guard {
+            inner: Box::new(parse_nat(&t.get_item(1)?)?.ok_or_else(|| bad_spec("guard"))?),
+            contains: t.get_item(2)?.extract()?,
+            suppressed: t.get_item(3)?.extract()?,
+            quarantine: t.get_item(4)?.extract()?,
+        },
+        _ => return Err(bad_spec("native op")),
+    }))
 }
 
 const B64URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
@@ -541,21 +663,32 @@ impl<'a, 'py> Walk<'a, 'py> {
 
     /// Run one operator on the value at `pos`; returns its encoded output.
     fn apply_value(&mut self, a: &Apply) -> R<Vec<u8>> {
-        if let Some(NatOp::Token { prefix, mac }) = &a.nat {
-            // decode() of a string, without building the Python str
+        if let Some(nat) = &a.nat {
+            // decode() of a string; the Python str is built only if the operator declines
             let n = self.read_len()?;
             let end = self.pos.saturating_add(n.min(usize::MAX as u64) as usize);
             let raw = self.slice(self.pos, end);
             self.pos = end;
-            std::str::from_utf8(raw).map_err(|_| Fail::Bad("utf-8"))?;
-            let mut m = mac.clone();
-            m.update(raw);
-            let digest = m.finalize().into_bytes();
-            let mut w = Vec::with_capacity(prefix.len() + 24);
-            push_len(&mut w, prefix.len() + 22);
-            w.extend_from_slice(prefix);
-            b64url16(&digest[..16], &mut w);
-            return Ok(w);
+            let s = std::str::from_utf8(raw).map_err(|_| Fail::Bad("utf-8"))?;
+            match nat.eval(s) {
+                NatOut::Text(out) => {
+                    let mut w = Vec::with_capacity(out.len() + 2);
+                    push_len(&mut w, out.len());
+                    w.extend_from_slice(&out);
+                    return Ok(w);
+                }
+                NatOut::Ineffective => {
+                    let py = self.py;
+                    return Err(match self.plan.tfi.bind(py).call1((a.path.bind(py),)) {
+                        Ok(exc) => Fail::Py(PyErr::from_value(exc)),
+                        Err(e) => Fail::Py(e),
+                    });
+                }
+                NatOut::Decline => {
+                    let v = PyString::new(self.py, s).into_any();
+                    return self.call_op(a, v);
+                }
+            }
         }
         let v = match &a.dec {
             Some(d) => self.decode(d)?,
@@ -564,6 +697,11 @@ impl<'a, 'py> Walk<'a, 'py> {
                 self.py.None().into_bound(self.py)
             }
         };
+        self.call_op(a, v)
+    }
+
+    /// The Python operator on a decoded value, its result encoded.
+    fn call_op(&mut self, a: &Apply, v: Bound<'py, PyAny>) -> R<Vec<u8>> {
         let r = a.func.bind(self.py).call1((v,)).map_err(|e| self.op_error(e, &a.path))?;
         match &a.enc {
             None => {

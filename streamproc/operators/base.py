@@ -199,12 +199,17 @@ def fail_closed(fn: ValueFn, on_failure: str, suppressed: str, text_input: bool,
             raise Ineffective()
         return suppressed
 
+    # A text operator the compiled plan interpreter computes itself (``native_op``) keeps
+    # that ability behind this guard: the interpreter applies the same check.
+    inner = getattr(fn, "native_op", None)
     if text_input and contains:
 
         def guard_text(v: str) -> Any:
             out = fn(v)
             return fail() if v in out else out
 
+        if inner is not None and isinstance(suppressed, str):
+            setattr(guard_text, "native_op", ("guard", inner, True, suppressed, quarantine))  # noqa: B010
         return guard_text
     if text_input:
 
@@ -212,6 +217,8 @@ def fail_closed(fn: ValueFn, on_failure: str, suppressed: str, text_input: bool,
             out = fn(v)
             return fail() if out == v else out
 
+        if inner is not None and isinstance(suppressed, str):
+            setattr(guard_equal, "native_op", ("guard", inner, False, suppressed, quarantine))  # noqa: B010
         return guard_equal
 
     def guard(v: Any) -> Any:

@@ -220,6 +220,10 @@ class Generalize(Operator):
             return str(ipaddress.ip_network(f"{ip}/{c4 if ip.version == 4 else c6}", strict=False))
 
         if c4 < 32 and c6 < 128:
+            # The compiled plan interpreter (streamproc.pipeline.native) computes canonical
+            # dotted quads itself (the text both fast paths above give) and calls this
+            # function for anything else.
+            setattr(network, "native_op", ("ipv4_cidr", c4))  # noqa: B010 (a function attribute)
             return network
 
         def full_prefix(v: str) -> str:

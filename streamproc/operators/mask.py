@@ -90,4 +90,8 @@ class Mask(Operator):
                 return head + masked + tail
             return head + ch * len(mid) + tail
 
+        if not keep_chars and fixed is None:
+            # The compiled plan interpreter (streamproc.pipeline.native) computes this
+            # variant itself on string fields (same code points, same floor).
+            setattr(mask, "native_op", ("mask", first, last, ch))  # noqa: B010 (a function attribute)
         return mask

@@ -120,8 +120,10 @@ def _apply(n: Apply) -> tuple[Any, ...]:
     if n.needs_subject:
         raise Unsupported("subject-keyed operator")
     enc = encoder(n.out)
-    # A bound operator that says how to compute it natively (the string tokenizer) runs in
-    # Rust; any other runs as the Python callable, called back with the decoded value.
+    # A bound operator that says how to compute it natively (``native_op``: the plain string
+    # tokenizer, mask without preserve/fixed_length, IPv4 cidr generalization, and those
+    # behind the fail-closed guard) runs in Rust; any other runs as the Python callable,
+    # called back with the decoded value.
     nat = getattr(n.fn, "native_op", None)
     if not (nat is not None and NATIVE_OPS and n.decode and n.t.kind == "string" and enc is enc_str):
         nat = None
