@@ -68,6 +68,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import statistics
@@ -105,6 +106,8 @@ class Case:
     headers: str = ""
     """Raw copy only: ``"ten"`` attaches the 10 provenance headers of 0.1 to every copy,
     ``"prov"`` the one ``streamproc.prov`` header of today's worker."""
+    overlap: bool = True
+    """Worker only: ``batch.overlap_commit`` (False: commit, then consume the next batch)."""
 
 
 CASES: dict[str, Case] = {
@@ -150,6 +153,22 @@ CASES: dict[str, Case] = {
             "streamproc worker, exactly-once, 2 audiences",
         ),
         Case("raw-eos-2", "raw", "exactly_once", 2, "raw copy loop, transactional, 2 topics"),
+        Case(
+            "streamproc-eos-serial",
+            "streamproc",
+            "exactly_once",
+            1,
+            "streamproc worker, exactly-once, 1 audience, commit not overlapped",
+            overlap=False,
+        ),
+        Case(
+            "streamproc-eos-2-serial",
+            "streamproc",
+            "exactly_once",
+            2,
+            "streamproc worker, exactly-once, 2 audiences, commit not overlapped",
+            overlap=False,
+        ),
     )
 }
 DEFAULT_CASES = (
@@ -174,6 +193,10 @@ RATIOS = (
     ("raw-eos", "raw-alo"),
     ("streamproc-eos-2", "raw-eos-2"),
     ("streamproc-eos-2", "streamproc-eos"),
+    ("streamproc-eos-serial", "raw-eos"),
+    ("streamproc-eos-2-serial", "raw-eos-2"),
+    ("streamproc-eos", "streamproc-eos-serial"),
+    ("streamproc-eos-2", "streamproc-eos-2-serial"),
 )
 
 
@@ -206,7 +229,7 @@ class Bench:
             "producer": dict(self.producer),
             "group_id": f"e2e-{suffix}",
             "processing_guarantee": case.guarantee,
-            "batch": dict(self.batch),
+            "batch": {**self.batch, "overlap_commit": case.overlap},
             "schemas": {"directory": str(self.root / "schemas")},
             "kms": {"provider": "local", "path": str(self.root / "keys" / "keyring.json")},
             "policy": str(self.root / "policy.yaml"),
@@ -418,6 +441,10 @@ class Run:
     """Raw copy loops: mean milliseconds per batch of each phase (produce, send_offsets or
     flush, commit), from the loop's last log line."""
     load_avg: float | None = None
+    rss_mb: float | None = None
+    """Resident set size of the worker/copy process at ``done`` (steady state), MiB."""
+    rss_peak_mb: float | None = None
+    """Its high-water mark (``VmHWM``: start-up included), MiB."""
 
     @property
     def raw_rate(self) -> float:
@@ -449,6 +476,19 @@ def cpu_seconds(pid: int | None, thread: int | None = None) -> float | None:
         return None
     tick = os.sysconf("SC_CLK_TCK")
     return (int(fields[11]) + int(fields[12])) / tick
+
+
+def rss_mib(pid: int | None) -> tuple[float | None, float | None]:
+    """(VmRSS, VmHWM) of a process in MiB, from ``/proc/<pid>/status``."""
+    if pid is None:
+        return None, None
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return None, None
+    kb = {k: int(v.split()[0]) for k, _, v in (ln.partition(":") for ln in lines) if k in ("VmRSS", "VmHWM")}
+    rss, hwm = kb.get("VmRSS"), kb.get("VmHWM")
+    return (None if rss is None else rss / 1024), (None if hwm is None else hwm / 1024)
 
 
 def _poll(cond: Callable[[], bool], timeout: float, what: str, interval: float) -> float:
@@ -539,6 +579,7 @@ def run_case(bench: Bench, case: Case, *, timeout: float = 600.0, pin: int | Non
         t_done = _poll(finished, timeout, "committed offsets", 0.02)
         cpu1, bcpu1 = cpu_seconds(proc.pid), cpu_seconds(bench.broker_pid)
         mcpu1 = cpu_seconds(proc.pid, proc.pid)
+        rss, rss_peak = rss_mib(proc.pid)  # taskset execs: the pid is the Python process
     finally:
         probe.close()
         if proc.poll() is None:
@@ -575,6 +616,8 @@ def run_case(bench: Bench, case: Case, *, timeout: float = 600.0, pin: int | Non
         batches=batches,
         phases_ms=phases,
         load_avg=load,
+        rss_mb=rss,
+        rss_peak_mb=rss_peak,
     )
 
 
@@ -587,8 +630,12 @@ def _last_line(log_path: Path) -> tuple[int | None, dict[str, float] | None]:
             continue
         msg = obj.get("message", "") if isinstance(obj, dict) else ""
         if msg.startswith("stopped after "):
+            phases = obj.get("ms_per_batch")
+            m = re.search(r"commit ([\d.]+) ms/batch, waited ([\d.]+) ms/batch", msg)
+            if phases is None and m:  # the worker: its committer thread, and the loop's wait
+                phases = {"commit (committer thread)": float(m[1]), "loop waited": float(m[2])}
             try:
-                return int(msg.split()[2]), obj.get("ms_per_batch")
+                return int(msg.split()[2]), phases
             except (IndexError, ValueError):
                 return None, None
     return None, None
@@ -749,9 +796,9 @@ def report(results: dict[str, Result], meta: dict[str, Any]) -> str:
         f"{meta['broker']} · {meta['cpus']} CPUs{'' if pin is None else f' · worker pinned to CPU {pin}'} · "
         f"metrics {'on' if meta.get('metrics') else 'off'}",
         f"load average (1 min) before {meta['load_before']:.2f}, after {meta['load_after']:.2f}",
-        f"{'case':<16} {'steady rec/s':>12} {'raw rec/s':>10} {'join s':>6} {'CPU':>5} {'CPU us/rec':>10} "
-        f"{'broker':>6} {'batches':>7}  steady runs",
-        "-" * 104,
+        f"{'case':<23} {'steady rec/s':>12} {'raw rec/s':>10} {'join s':>6} {'CPU':>5} {'CPU us/rec':>10} "
+        f"{'broker':>6} {'batches':>7} {'RSS MiB':>7} {'peak':>5}  steady runs",
+        "-" * 125,
     ]
     for name, res in results.items():
         runs = ", ".join(f"{r.steady_rate:,.0f}" for r in res.runs)
@@ -759,18 +806,23 @@ def report(results: dict[str, Result], meta: dict[str, Any]) -> str:
         us = [r.cpu_us_per_record for r in res.runs if r.cpu_us_per_record is not None]
         bcpu = [r.broker_cpu / r.assigned_to_done for r in res.runs if r.broker_cpu is not None]
         bat = [r.batches for r in res.runs if r.batches]
+        rss = [r.rss_mb for r in res.runs if r.rss_mb is not None]
+        hwm = [r.rss_peak_mb for r in res.runs if r.rss_peak_mb is not None]
         lines.append(
-            f"{name:<16} {res.median('steady_rate'):>12,.0f} {res.median('raw_rate'):>10,.0f} "
+            f"{name:<23} {res.median('steady_rate'):>12,.0f} {res.median('raw_rate'):>10,.0f} "
             f"{res.median('launch_to_assigned'):>6.2f} "
             f"{(f'{statistics.median(cpu):.0%}' if cpu else '-'):>5} "
             f"{(f'{statistics.median(us):.1f}' if us else '-'):>10} "
             f"{(f'{statistics.median(bcpu):.0%}' if bcpu else '-'):>6} "
-            f"{(f'{statistics.median(bat):.0f}' if bat else '-'):>7}  {runs}"
+            f"{(f'{statistics.median(bat):.0f}' if bat else '-'):>7} "
+            f"{(f'{statistics.median(rss):.0f}' if rss else '-'):>7} "
+            f"{(f'{statistics.median(hwm):.0f}' if hwm else '-'):>5}  {runs}"
         )
     lines.append(
         "steady = M / (assigned -> done), start-up and group join excluded; raw = M / (launch -> done); "
         "join s = launch -> assigned;\nCPU = the process's CPU (all threads) as a share of one core, "
-        "and per input record, during the steady phase; broker = the broker's CPU share"
+        "and per input record, during the steady phase; broker = the broker's CPU share;\n"
+        "RSS MiB = the process's resident set at done (steady state), peak = its high-water mark"
     )
     for name, res in results.items():
         ph = [r.phases_ms for r in res.runs if r.phases_ms]

@@ -349,6 +349,9 @@ class Config:
     lineage: LineageConfig | None = None
     consent: ConsentConfig | None = None
     erasure: ErasureConfig | None = None
+    #: Commit batch N on the committer thread while batch N+1 is consumed and processed
+    #: (``batch.overlap_commit``; streamproc.runtime.committer).
+    batch_overlap_commit: bool = True
     #: The policy file as parsed when the config was validated (``None`` with
     #: ``check_policy=False``); read it through :meth:`load_policy`.
     parsed_policy: Policy | None = field(default=None, compare=False, repr=False)
@@ -928,13 +931,16 @@ def _validate(raw: dict[str, Any], path: Path, ctx: _Ctx, check_policy: bool) ->
         ctx, "processing_guarantee", raw.get("processing_guarantee", "exactly_once"), GUARANTEES
     )
 
-    batch = _mapping(ctx, "batch", raw.get("batch"), allowed=("max_records", "max_wait_ms"))
+    batch = _mapping(
+        ctx, "batch", raw.get("batch"), allowed=("max_records", "max_wait_ms", "overlap_commit")
+    )
     max_records = _int(
         ctx, "batch.max_records", batch.get("max_records", 2000), minimum=1, maximum=1_000_000
     )
     max_wait = _int(
         ctx, "batch.max_wait_ms", batch.get("max_wait_ms", 100), minimum=1, maximum=60_000
     )
+    overlap = _bool(ctx, "batch.overlap_commit", batch.get("overlap_commit", True))
     max_bytes = (
         _int(ctx, "max_record_bytes", raw["max_record_bytes"], minimum=1024)
         if raw.get("max_record_bytes") is not None
@@ -1039,6 +1045,7 @@ def _validate(raw: dict[str, Any], path: Path, ctx: _Ctx, check_policy: bool) ->
         processing_guarantee=guarantee,
         batch_max_records=max_records,
         batch_max_wait_ms=max_wait,
+        batch_overlap_commit=overlap,
         max_record_bytes=max_bytes,
         schemas=schemas,
         kms=kms,

@@ -1,7 +1,9 @@
 """The partitions a worker owns, kept by the rebalance callbacks, and seeking within them.
 
-Rebalance callbacks only run inside ``consume()``, between batches (see the worker's
-module docstring), so the owned set never changes under a transaction.  A partition
+Rebalance callbacks only run inside ``consume()``.  With the commit overlapped
+(:mod:`streamproc.runtime.committer`) a batch's commit may be in flight then:
+:attr:`Assignment.before_release` (the committer's ``release``) waits for it before any
+partition is released, so the owned set never changes under a transaction.  A partition
 revoked while its records wait in hand (during an outage's backoff) is remembered in
 :attr:`Assignment.revoked_in_flight`: those records must not be processed even if the
 partition comes back, because another worker may have committed past them meanwhile.
@@ -59,6 +61,8 @@ class Assignment:
         self.on_gone: Callable[[set[TP]], None] = lambda _gone: None
         #: Called with the partitions assigned (the worker's changelog stores restore them).
         self.on_added: Callable[[set[TP]], None] = lambda _added: None
+        #: Called first on revoke/lost: waits for the commit in flight (the committer).
+        self.before_release: Callable[[set[TP]], None] = lambda _gone: None
 
     def committed(self, tp: TP) -> int | None:
         cp = self._checkpoint()
@@ -86,10 +90,12 @@ class Assignment:
 
     def _release(self, partitions: list[TopicPartition], *, lost: bool) -> None:
         gone = {(tp.topic, tp.partition) for tp in partitions}
+        self.before_release(gone)  # the commit in flight finishes first
         cp = self._checkpoint()
         if isinstance(cp, TransactionalCheckpoint) and cp.txn_open:
-            # Not reachable with this loop (no consume() inside a transaction), but if it
-            # ever is: the offsets in it may be for partitions we no longer own.  Abort.
+            # Not reachable (no consume() between staging and settling a batch but the
+            # joined one above), but if it ever is: the offsets in it may be for
+            # partitions we no longer own.  Abort.
             log.warning("rebalance with an open transaction; aborting it")
             cp.abort()
         self.owned -= gone
@@ -105,14 +111,24 @@ class Assignment:
         if self.health is not None:
             self.health.ready()
 
-    def rewind(self, batch: Batch) -> None:
+    def rewind(
+        self, batch: Batch, later: Batch | None = None, *, skip: set[TP] | frozenset[TP] = frozenset()
+    ) -> None:
         """Seek every batch partition back to the batch start.
 
         Batches commit in order, so the batch's first offset in a partition is the last
         committed offset (or past it only by offsets that hold no data records, such as
         transaction markers): re-consuming from there redoes exactly this batch.
+
+        ``later``: the next batch, processed while ``batch`` was committing and discarded
+        with it; its partitions go back to its own start unless ``batch`` had records
+        there (then to ``batch``'s, which is earlier).  ``skip``: partitions of ``batch``
+        revoked meanwhile; a reassignment restarted them at the committed offset already,
+        and any records of them in ``later`` were read from there.
         """
-        for tp, first in batch.first.items():
+        targets = {} if later is None else dict(later.first)
+        targets.update((tp, off) for tp, off in batch.first.items() if tp not in skip)
+        for tp, first in targets.items():
             if tp not in self.owned:
                 continue  # the new owner starts from the committed offset
             committed = self.committed(tp)

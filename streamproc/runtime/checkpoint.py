@@ -59,10 +59,13 @@ import enum
 import functools
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+from streamproc.runtime.watchdog import Watchdog
 
 log = logging.getLogger("streamproc.runtime.checkpoint")
 
@@ -110,6 +113,11 @@ class OffsetWentBack(InvariantViolation):
 
 class EmptyCommit(InvariantViolation):
     """Step 3 found no offsets for a non-empty batch."""
+
+
+class TransactionStuck(FatalWorkerError):
+    """A blocking client call overran its timeout by the watchdog's grace (see
+    :mod:`streamproc.runtime.watchdog`): exit rather than hang."""
 
 
 class Aborted(Exception):
@@ -247,6 +255,18 @@ class TransactionObserver(Protocol):
     def transaction(self, outcome: str) -> None: ...
 
 
+@dataclass
+class Staged:
+    """A batch whose records are produced and whose offsets are computed (``stage``),
+    waiting for the blocking rest of its commit (``complete``)."""
+
+    offsets: list[TopicPartition]
+    #: The consumer's group metadata, taken on the consuming thread (exactly once).
+    group_metadata: object = None
+    #: Failed deliveries seen so far (at least once: their error names).
+    failures: list[str] = field(default_factory=list)
+
+
 # -- the shared part ---------------------------------------------------------------------------
 class _Base:
     """Offsets bookkeeping, produce and the retry loop shared by both guarantees."""
@@ -264,6 +284,7 @@ class _Base:
         max_retries: int = 20,
         transactional_id: str = "",
         on_delivery_error: Callable[[KafkaError, str | None], None] | None = None,
+        watchdog: Watchdog | None = None,
     ) -> None:
         self.producer = producer
         self.consumer = consumer
@@ -278,6 +299,8 @@ class _Base:
         self.on_delivery_error = on_delivery_error
         #: Next offset to read per partition, as committed by this worker.
         self.committed: dict[TP, int] = {}
+        #: Deadlines of the blocking calls in flight (see :mod:`~streamproc.runtime.watchdog`).
+        self.watchdog = watchdog or Watchdog()
 
     # offsets ---------------------------------------------------------------------------------
     def forget(self, tps: Iterable[TP]) -> None:
@@ -367,7 +390,8 @@ class _Base:
         attempt = 0
         while True:
             try:
-                fn()
+                with self.watchdog.guard(what, self.timeout):
+                    fn()
             except KafkaException as exc:
                 kind = classify(exc)
                 err = kafka_error(exc)
@@ -427,6 +451,22 @@ class TransactionalCheckpoint(_Base):
         Raises :class:`Aborted` after aborting the transaction (rewind and redo the batch)
         and :class:`FatalWorkerError` (or a subclass) when the worker must stop.
         """
+        staged = self.stage(records, last, owned)
+        self.complete(staged)
+        return staged.offsets
+
+    def stage(
+        self,
+        records: Sequence[OutRecord],
+        last: Mapping[TP, int],
+        owned: set[TP] | frozenset[TP],
+    ) -> Staged:
+        """Steps 1-3, and the group metadata step 4 needs; the transaction stays open.
+
+        Called on the consuming thread (the group metadata is the consumer's); every
+        failure is handled as in :meth:`commit`.  :meth:`complete` must follow, before
+        anything else is produced.
+        """
         # 1. begin
         if self.txn_open:
             raise TransactionAlreadyOpen("begin_transaction with a transaction already open")
@@ -437,15 +477,23 @@ class TransactionalCheckpoint(_Base):
                 raise Aborted(f"begin_transaction: {describe(exc)}") from None
             raise_stop(exc, "begin_transaction", self.transactional_id)
         self.txn_open = True
-        try:
+        with self._closing_on_failure():
             # 2. produce
             produced = self.produce_all(records)
             if produced != len(records):
                 raise ProduceCountMismatch(f"produced {produced} records, expected {len(records)}")
             # 3. offsets
-            offsets = self.offsets(last, owned)
+            return Staged(self.offsets(last, owned), self.consumer.consumer_group_metadata())
+
+    def complete(self, staged: Staged) -> None:
+        """Steps 4-5 of a staged batch: only blocking client calls, safe on another thread.
+
+        Failures as in :meth:`commit`; on success the offsets count as committed (the
+        ``OffsetWentBack`` history) and the observer hears ``committed``.
+        """
+        offsets, meta = staged.offsets, staged.group_metadata
+        with self._closing_on_failure():
             # 4. offsets into the transaction, fenced by the group generation
-            meta = self.consumer.consumer_group_metadata()
             self.call(
                 "send_offsets_to_transaction",
                 lambda: self.producer.send_offsets_to_transaction(offsets, meta, self.timeout),
@@ -457,6 +505,16 @@ class TransactionalCheckpoint(_Base):
                 lambda: self.producer.commit_transaction(self.timeout),
                 in_transaction=True,
             )
+        self.txn_open = False
+        self._committed(offsets)
+        if self.observer is not None:
+            self.observer.transaction("committed")
+
+    @contextlib.contextmanager
+    def _closing_on_failure(self) -> Iterator[None]:
+        """What a failure inside the open transaction does to it (steps 2-5)."""
+        try:
+            yield
         except (Aborted, InvariantViolation):
             self.abort()
             raise
@@ -472,11 +530,6 @@ class TransactionalCheckpoint(_Base):
             # transaction timeout) aborts it.  Aborting a fenced producer fails anyway.
             self.txn_open = False
             raise
-        self.txn_open = False
-        self._committed(offsets)
-        if self.observer is not None:
-            self.observer.transaction("committed")
-        return offsets
 
     def abort(self) -> None:
         """Abort the open transaction: a few quick retries, then give up (fatal)."""
@@ -484,7 +537,8 @@ class TransactionalCheckpoint(_Base):
             return
         for attempt in range(1, 4):
             try:
-                self.producer.abort_transaction(self.timeout)
+                with self.watchdog.guard("abort_transaction", self.timeout):
+                    self.producer.abort_transaction(self.timeout)
                 break
             except KafkaException as exc:
                 if classify(exc) is not ErrorClass.RETRIABLE or attempt == 3:
@@ -522,7 +576,19 @@ class AtLeastOnceCheckpoint(_Base):
         last: Mapping[TP, int],
         owned: set[TP] | frozenset[TP],
     ) -> list[TopicPartition]:
-        failures: list[str] = []
+        staged = self.stage(records, last, owned)
+        self.complete(staged)
+        return staged.offsets
+
+    def stage(
+        self,
+        records: Sequence[OutRecord],
+        last: Mapping[TP, int],
+        owned: set[TP] | frozenset[TP],
+    ) -> Staged:
+        """Step 1 and the offsets (step 3, checked now, while the caller owns them)."""
+        staged = Staged([])
+        failures = staged.failures
 
         def on_delivery(err: KafkaError | None, msg: Any) -> None:
             if err is not None:
@@ -534,21 +600,31 @@ class AtLeastOnceCheckpoint(_Base):
         produced = self.produce_all(records, on_delivery)
         if produced != len(records):
             raise ProduceCountMismatch(f"produced {produced} records, expected {len(records)}")
+        # 3. offsets
+        staged.offsets = self.offsets(last, owned)
+        return staged
+
+    def complete(self, staged: Staged) -> None:
+        """Steps 2 and 4: only blocking client calls, safe on another thread."""
         # 2. flush and check deliveries
         attempt = 0
-        while self.producer.flush(self.timeout) > 0:
+        while True:
+            with self.watchdog.guard("flush", self.timeout):
+                left = self.producer.flush(self.timeout)
+            if left <= 0:
+                break
             attempt += 1
             self.health.down(attempt)
             if self.stop.is_set() and attempt > 3:
                 raise FatalWorkerError("could not deliver the batch before shutdown")
-        if failures:
-            log.warning("delivery failed (%s); re-processing the batch", failures[0])
-            raise Aborted(f"delivery failed: {failures[0]}")
-        # 3. offsets
-        offsets = self.offsets(last, owned)
+        if staged.failures:
+            log.warning("delivery failed (%s); re-processing the batch", staged.failures[0])
+            raise Aborted(f"delivery failed: {staged.failures[0]}")
         # 4. commit offsets
+        offsets = staged.offsets
         try:
-            self.consumer.commit(offsets=offsets, asynchronous=False)
+            with self.watchdog.guard("commit", self.timeout):
+                self.consumer.commit(offsets=offsets, asynchronous=False)
         except KafkaException as exc:
             # Rebalance-in-progress, unknown member and the like are neither retriable nor
             # abortable in librdkafka's sense, but a group commit never fences a producer:
@@ -561,7 +637,6 @@ class AtLeastOnceCheckpoint(_Base):
             log.warning("offset commit failed (%s); re-processing the batch", describe(exc))
             raise Aborted(f"commit: {describe(exc)}") from None
         self._committed(offsets)
-        return offsets
 
     def close(self, *, clean: bool) -> None:
         """Nothing is ever open between batches."""
@@ -581,7 +656,9 @@ __all__ = [
     "InvariantViolation",
     "OffsetWentBack",
     "ProduceCountMismatch",
+    "Staged",
     "TransactionAlreadyOpen",
+    "TransactionStuck",
     "TransactionalCheckpoint",
     "classify",
     "describe",

@@ -52,7 +52,7 @@ import hashlib
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from streamproc import __version__
 from streamproc.crypto.envelope import Opener, Sealer
@@ -63,6 +63,7 @@ from streamproc.pipeline.core import (
     H_SOURCE_OFFSET,
     H_SOURCE_PARTITION,
     H_SOURCE_TOPIC,
+    BatchResult,
     Pipeline,
     Quarantined,
 )
@@ -417,6 +418,16 @@ def dlq_key_token(pipeline: Pipeline) -> Callable[[bytes], bytes] | None:
     tok = make_tokenizer(version, hkdf(master, TOKEN_SALT, f"dead_letter\x00{KEY_TOKEN_DOMAIN}"))
     return lambda k: tok(k).encode()
 
+def produce_order(result: BatchResult, dead: Sequence[OutDeadLetter]) -> list[Any]:
+    """A batch's records in produce order: outputs, then one dead letter per quarantined
+    record (``dead``: sealed before the transaction, within the record limit)."""
+    if not result.quarantined:
+        return result.outputs
+    if len(dead) != len(result.quarantined):
+        raise InvariantViolation("dead letters were not sealed for this batch")
+    return [*result.outputs, *dead]
+
+
 class DeadLetterReader:
     """Opens dead letters with a KMS that may unwrap under the quarantine KEK."""
 
@@ -471,4 +482,5 @@ __all__ = [
     "decode_payload",
     "encode_payload",
     "from_quarantined",
+    "produce_order",
 ]

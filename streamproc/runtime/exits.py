@@ -10,6 +10,8 @@ Every message logged here is value-free: names, ids and librdkafka error names
 from __future__ import annotations
 
 import logging
+import signal
+from collections.abc import Callable
 
 from confluent_kafka import KafkaException
 
@@ -50,3 +52,14 @@ def exit_code(exc: Exception, access: AccessGuard) -> int:
     # third-party exception messages out of it.
     log.error("unexpected error; stopping without committing the batch", exc_info=exc)
     return EXIT_FATAL
+
+
+def install_stop(stop: Callable[[], None]) -> None:
+    """SIGTERM/SIGINT -> ``stop`` (main thread only): the worker drains, then exits 0."""
+
+    def handler(signum: int, _frame: object) -> None:
+        log.info("signal received; draining", extra={"signal": signal.Signals(signum).name})
+        stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -59,9 +60,15 @@ class Health:
         self.down: dict[str, float] = {}
         self._broker_down_since: float | None = None
         self.broker_attempt = 0
+        #: The committer thread reports broker retries while the loop reports the rest.
+        self._lock = threading.RLock()
 
     def ready(self) -> None:
         """Report readiness from the worker's state (see the module docstring)."""
+        with self._lock:
+            self._ready()
+
+    def _ready(self) -> None:
         if self.down:
             self.observer.ready(False, min(self.down, key=self.down.__getitem__))
         elif not self._owned():
@@ -71,6 +78,10 @@ class Health:
             self.observer.ready(not paused, "paused" if paused else "")
 
     def broker_down(self, attempt: int) -> None:
+        with self._lock:
+            self._broker_down(attempt)
+
+    def _broker_down(self, attempt: int) -> None:
         if self._broker_down_since is None:
             self._broker_down_since = self._clock()
             log.warning("broker unavailable; retrying")
@@ -79,6 +90,10 @@ class Health:
         self.ready()
 
     def broker_ok(self) -> None:
+        with self._lock:
+            self._broker_ok()
+
+    def _broker_ok(self) -> None:
         if self._broker_down_since is not None:
             log.info(
                 "broker reachable again",
@@ -109,6 +124,8 @@ class Health:
     def dependency_down(self, exc: TransientError, attempt: int, records: int) -> None:
         """A transient outage (KMS, schema registry...) holds up a batch of ``records``."""
         dep = dependency_of(exc)
+        with self._lock:
+            self.down.setdefault(dep, self._clock())
         log.warning(
             "transient outage (%s); pausing and retrying the batch",
             type(exc).__name__,
@@ -121,13 +138,15 @@ class Health:
             },
         )
         self.observer.retrying(dep, attempt)
-        self.down.setdefault(dep, self._clock())
         self.ready()
 
     def dependencies_restored(self) -> None:
         """The batch went through: every dependency but the broker answers again."""
-        for dep in [d for d in self.down if d != "broker"]:
-            del self.down[dep]
+        with self._lock:
+            gone = [d for d in self.down if d != "broker"]
+            for dep in gone:
+                del self.down[dep]
+        for dep in gone:
             self.observer.dependency_restored(dep)
         self.ready()
 

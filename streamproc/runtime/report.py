@@ -22,12 +22,16 @@ log = logging.getLogger("streamproc.runtime.worker")  # the worker's lines, as b
 
 def report_commit(
     observer: Observer, pipeline: Pipeline, dlq_for: Mapping[str, str], batch: Batch,
-    result: BatchResult,
+    result: BatchResult, now: float | None = None,
 ) -> None:  # fmt: skip
-    """Report a committed batch (end-to-end latency, dead letters, DEK cache)."""
+    """Report a committed batch (end-to-end latency, dead letters, DEK cache).
+
+    ``now``: when its commit returned (wall clock), which with the commit overlapped is
+    earlier than when the worker gets round to reporting it.
+    """
     stamps = batch.timestamps_ms()
     if stamps:
-        observer.end_to_end_latency_ms(time.time(), stamps)
+        observer.end_to_end_latency_ms(time.time() if now is None else now, stamps)
     dl: dict[tuple[str, str], int] = defaultdict(int)
     for q in result.quarantined:
         dl[(q.reason.value, q.record.topic)] += 1

@@ -1,15 +1,7 @@
 """The processor worker: consume a batch, run the pipeline, produce, commit.
 
-One worker = one consumer + one producer, in one thread.  The loop is deliberately
-simple: rebalance callbacks only ever run inside ``consume()``, and a transaction is
-never open while ``consume()`` runs, so a rebalance can never land in the middle of a
-transaction (the ``on_revoke`` handler still checks, and aborts one if it ever finds it).
-
-Checkpoint, ``processing_guarantee: exactly_once`` (per batch)
---------------------------------------------------------------
-
-Steps 3-7 are :class:`~streamproc.runtime.checkpoint.TransactionalCheckpoint` (its
-invariants, retry classification and unit tests live there); the worker does 1, 2 and 8.
+One consumer + one producer, driven by one thread (the batch loop) plus the committer
+thread that waits for the broker's answer to each commit.  Per batch (docs/runtime.md):
 
 1. **Consume** up to ``batch.max_records`` records within ``batch.max_wait_ms`` from the
    owned partitions (``isolation.level=read_committed``, ``enable.auto.commit=false``).
@@ -17,73 +9,29 @@ invariants, retry classification and unit tests live there); the worker does 1, 
    :class:`~streamproc.errors.TransientError` (KMS or registry outage) pauses the
    partitions, backs off and retries *the same records* (step 2 again); nothing is
    produced and nothing goes to the DLQ for it.
-3. **Begin** the transaction.  *Invariant: no transaction is open.*
-4. **Produce** every output record and every dead letter into the transaction.
-   *Invariant: one produce per output and per quarantined record.*
-5. **Compute offsets**: per partition, last record offset + 1.  *Invariants: every
-   partition is still owned by this worker, and every offset is beyond the last one this
-   worker committed for it.*
-6. **Send offsets** with ``send_offsets_to_transaction(offsets,
-   consumer_group_metadata())``: the offsets join the transaction and are fenced by the
-   group generation (KIP-447), so a worker that lost its partitions cannot commit them.
-7. **Commit** the transaction: outputs, dead letters and offsets become visible at once.
+3-7. **Checkpoint** (:mod:`~streamproc.runtime.checkpoint`): begin, produce outputs, dead
+   letters and changelog writes, compute offsets (invariants: owned, never backwards),
+   send them into the transaction (fenced by the group generation, KIP-447), commit.
+   Steps 3-5 run here; the blocking 6-7 on the committer thread
+   (:mod:`~streamproc.runtime.committer`) while this one consumes and processes the next
+   batch (``batch.overlap_commit``, on by default): nothing of N+1 is produced before
+   N's commit returned; if N aborted, N+1 is discarded and both are redone from N's
+   start; a rebalance waits for the commit in flight before releasing partitions.
 8. **Report** to the observer (transaction, latency, dead letters, lag, cache counters).
 
-Failures in steps 3-7: a *retriable* error retries the same call (with backoff); an
-*abortable* error aborts the transaction, seeks every partition of the batch back to the
-batch's first offset -- which, because batches commit in order, is the last committed
-offset -- and continues with step 1; a *fatal* error (fenced by a newer instance with the
-same ``transactional.id``, unsupported broker...) stops the worker with a non-zero exit
-and commits nothing.  Invariant violations raise :class:`InvariantViolation` and are
-fatal too: they mean a bug, and committing past one could lose data.
+Failures in steps 3-7: *retriable* errors retry the same call; *abortable* ones abort and
+redo the batch from its start (the last committed offset: batches commit in order);
+*fatal* ones (fenced by a newer instance with the same ``transactional.id``
+``<group_id>-<instance>-<index>``, an invariant violation, a call stuck past its timeout)
+stop the worker with a non-zero exit and commit nothing more.
 
-``transactional.id`` is ``<group_id>-<instance>-<index>`` (instance: ``--instance`` /
-``STREAMPROC_INSTANCE`` / the host name).  It must be unique among live processes and
-stable across restarts: a restarted worker then fences its own zombie
-(``init_transactions`` bumps the epoch and aborts whatever the dead instance left open)
-instead of leaving read_committed consumers stalled until the transaction times out.
-
-Checkpoint, ``processing_guarantee: at_least_once``
----------------------------------------------------
-
-Steps 1-2 as above; then produce everything with the idempotent producer, ``flush()``
-and check every delivery report; only then commit the offsets synchronously.  A failed
-delivery seeks back and re-processes the batch, so outputs may be duplicated, never lost.
-
-Rebalances
-----------
-
-Eager assignment (``range``) by default.  With eager rebalancing every partition is
-revoked at once, which is the clean barrier a transactional worker wants: the revoke
-callback runs between batches, after the last commit, so there is nothing to hand over
-but committed offsets.  Cooperative-sticky would move fewer partitions but needs two
-rebalance rounds per change, and each round costs a group join (about half the session
-timeout on Tansu); it works here too (set ``partition.assignment.strategy:
-cooperative-sticky`` under ``consumer:``) because the callbacks only look at the
-partitions they are given.
-
-Signals
--------
-
-SIGTERM/SIGINT only set a flag.  The loop finishes (commits) the batch in hand, or
-abandons it if it is waiting out a transient outage (nothing was produced, offsets stay
-where they were), closes the consumer (leaving the group) and returns 0.  SIGKILL loses
-nothing: an open transaction is aborted by the next instance's ``init_transactions`` or
-by the transaction timeout, and its records are re-read from the committed offsets.
-
-Collaborators
--------------
-
-The worker only sequences the steps; each concern has its own module in this package:
-``checkpoint`` (steps 3-7), ``batch`` (offsets, inputs), ``limits`` (record size), ``dlq``
-(sealed dead letters), ``health`` (dependencies, readiness), ``pause`` (outage backoff),
-``assignment`` (rebalances, seek), ``access`` (naming a refusal), ``client_errors``,
-``exits``, ``lag``, ``report`` (step 8), ``startup`` and ``kafka_conf``.
+SIGTERM/SIGINT only set a flag: the loop settles the commit in flight, commits the batch
+in hand (or abandons it while waiting out an outage), closes the consumer and returns 0.
+The worker only sequences the steps; each concern is a collaborator in this package.
 """
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -110,8 +58,9 @@ from streamproc.runtime.checkpoint import (
     describe,
 )
 from streamproc.runtime.client_errors import ClientErrors
-from streamproc.runtime.dlq import DeadLetterWriter, OutDeadLetter, dlq_key_token
-from streamproc.runtime.exits import EXIT_CONFIG, EXIT_FATAL, EXIT_OK, exit_code
+from streamproc.runtime.committer import Committer
+from streamproc.runtime.dlq import DeadLetterWriter, OutDeadLetter, dlq_key_token, produce_order
+from streamproc.runtime.exits import EXIT_CONFIG, EXIT_FATAL, EXIT_OK, exit_code, install_stop
 from streamproc.runtime.factory import WorkerAudit
 from streamproc.runtime.health import CheckpointHealth, Health, dependency_of
 from streamproc.runtime.kafka_conf import (
@@ -126,10 +75,12 @@ from streamproc.runtime.pause import Pause
 from streamproc.runtime.report import report_commit
 from streamproc.runtime.startup import TopicLimits, start_checks
 from streamproc.runtime.state import KafkaChangelogReader, StateStores, with_state
+from streamproc.runtime.watchdog import Watchdog
 
 log = logging.getLogger("streamproc.runtime.worker")
 
 TP = tuple[str, int]
+
 
 class Worker:
     """Runs the consume-process-produce loop for one worker index of a consumer group.
@@ -155,6 +106,7 @@ class Worker:
         lag_interval: float = 1.0,
         audit: WorkerAudit | None = None,
         on_started: Callable[[], None] = lambda: None,
+        watchdog: Watchdog | None = None,
     ) -> None:
         self.config, self.pipeline, self.index = config, pipeline, index
         self.observer = observer or Observer()
@@ -170,6 +122,9 @@ class Worker:
         self.producer: Producer | None = None
         #: The commit protocol (built in ``_start``, once the producer exists).
         self.checkpoint: Checkpoint | None = None
+        #: Steps 6-7 on the committer thread, overlapped with the next batch (``_start``).
+        self.committer: Committer | None = None
+        self.watchdog = watchdog or Watchdog()
         self.access = AccessGuard(
             config, self.transactional_id, producer=lambda: self.producer, stop=self.stop,
             timeout=kafka_timeout,
@@ -219,12 +174,7 @@ class Worker:
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT -> :meth:`stop` (main thread only)."""
-        def handler(signum: int, _frame: object) -> None:
-            log.info("signal received; draining", extra={"signal": signal.Signals(signum).name})
-            self.stop()
-
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
+        install_stop(self.stop)
 
     def run(self) -> int:
         """Run until stopped; returns an exit code (0 clean, 1 fatal, 78 bad settings)."""
@@ -232,6 +182,7 @@ class Worker:
             self._start()
             while not self._stop.is_set():
                 self._step()
+            self._settle()  # drain: the commit in flight, before the consumer closes
             if self.access.error is not None:
                 raise ConfigError(self.access.error)
             if self.errors.fatal is not None:
@@ -247,9 +198,11 @@ class Worker:
             except FatalWorkerError as exc:
                 log.error("fatal %s: %s", type(exc).__name__, exc)
                 return EXIT_FATAL
+        ms = self.committer.ms_per_batch() if self.committer is not None else {}
         log.info(
-            "stopped after %d batches (%d aborted transactions)", self.batches_committed,
-            self.aborts, extra={"records": self.records_committed, "worker": self.index},
+            "stopped after %d batches (%d aborted transactions; commit %.2f ms/batch, waited "
+            "%.2f ms/batch)", self.batches_committed, self.aborts, ms.get("commit", 0.0),
+            ms.get("wait", 0.0), extra={"records": self.records_committed, "worker": self.index},
         )  # fmt: skip
         return EXIT_OK
 
@@ -281,8 +234,10 @@ class Worker:
             self.producer, None, timeout=self.kafka_timeout, delay=self.backoff.delay,
             stop=self._stop, observer=self.observer, transactional_id=self.transactional_id,
             health=CheckpointHealth(self.health, self.access, lambda: self.producer),
-            on_delivery_error=self.access.on_delivery_error,
+            on_delivery_error=self.access.on_delivery_error, watchdog=self.watchdog,
         )  # fmt: skip
+        self.committer = Committer(self.checkpoint, overlap=self.config.batch_overlap_commit)
+        self.assignment.before_release = self.committer.release  # a rebalance joins it
         # Exactly once: fences any earlier instance with the same transactional.id and
         # aborts what it left open, so a restarted worker never races its own zombie.
         # Short attempts: init_transactions serves no callbacks while it blocks, and an
@@ -310,6 +265,8 @@ class Worker:
         self.state.close()
         c, self.consumer = self.consumer, None
         p, self.producer = self.producer, None
+        if self.committer is not None:
+            self.committer.close()  # after a fatal error: let a commit in flight end first
         if self.checkpoint is not None:
             # After a fatal error an open transaction is left as SIGKILL would leave it:
             # the next instance's init_transactions (or the transaction timeout) aborts it.
@@ -335,6 +292,8 @@ class Worker:
         if records:
             self.health.broker_ok()
             self._handle(Batch(records))
+        else:
+            self._settle()  # idle: report the batch in flight now, not with the next one
         if self.lag.due() and self.consumer is not None:
             tick = getattr(self.observer, "tick", None)  # optional: liveness/anomaly intervals
             if tick is not None:
@@ -350,31 +309,51 @@ class Worker:
             self.observer.records_consumed(tp[0], tp[1], n)
         self.state.restore_pending()  # newly assigned partitions' state, before their records
         saved = self.pipeline.savepoint()  # the risk windows, undone if the batch aborts
-        result = self._process(batch)
-        if result is None:  # stopped while waiting out an outage: abandon (nothing produced)
-            return
+        result = self._process(batch)  # while the previous batch commits
         epoch = self.state.epoch
+        if not self._settle(batch) or result is None:  # None: stopped during an outage
+            return
         if self.audit is not None and result.quarantined:
             # Audited before committed: if the write fails (fatal), the batch is redone.
             self.audit.after_batch(result.quarantined)
         if self.audit is not None and result.stats.withheld:  # consent: counts, pre-commit
             self.audit.withheld(result.stats.withheld, self.pipeline.policy)
-        assert self.checkpoint is not None
+        assert self.committer is not None
         try:
-            self.checkpoint.commit(self._out_records(result), batch.last, self.assignment.owned)
+            records = with_state(produce_order(result, self._dead), result.state_writes)
+            self.committer.submit(batch, result, records, self.assignment.owned, (epoch, saved))
         except Aborted:
-            self.state.rollback()  # the batch is redone from the committed state
-            self.pipeline.rollback(saved)  # the batch comes again: its outputs count once
-            self.aborts += 1
-            self._consecutive_aborts += 1
-            self.assignment.rewind(batch)
-            self._stop.wait(self.backoff.delay(self._consecutive_aborts))
+            self._aborted(batch, saved=saved)
             return
-        self.state.committed(epoch)
+        if not self.committer.overlap:
+            self._settle()
+
+    def _settle(self, held: Batch | None = None) -> bool:
+        """Settle the batch in flight: report it, or rewind it with ``held`` if it aborted."""
+        done = None if self.committer is None else self.committer.settle()
+        if done is None:
+            return True
+        if done.error is not None:
+            if not isinstance(done.error, Aborted):
+                raise done.error
+            self._aborted(done.batch, held, skip=done.revoked, saved=done.marks[1])
+            return False
+        self.state.committed(done.marks[0])
         self._consecutive_aborts = 0
         self.batches_committed += 1
-        self.records_committed += len(batch.messages)
-        report_commit(self.observer, self.pipeline, self._dlq_for, batch, result)
+        self.records_committed += len(done.batch.messages)
+        report_commit(
+            self.observer, self.pipeline, self._dlq_for, done.batch, done.result, done.finished_at
+        )
+        return True
+
+    def _aborted(self, batch: Batch, held: Batch | None = None, *, skip: set[TP] = set(), saved: Any) -> None:  # noqa: B006  (read only)
+        self.state.rollback()  # every epoch not committed: this batch's and ``held``'s
+        self.pipeline.rollback(saved)  # risk windows as before ``batch``: counted once
+        self.aborts += 1
+        self._consecutive_aborts += 1
+        self.assignment.rewind(batch, held, skip=skip)
+        self._stop.wait(self.backoff.delay(self._consecutive_aborts))
 
     def _process(self, batch: Batch) -> BatchResult | None:
         """Step 2, retrying a transient outage with the partitions paused."""
@@ -409,17 +388,6 @@ class Worker:
                 self.health.dependencies_restored()
                 log.info("dependency recovered", extra={"attempt": attempt})
             return result
-
-    def _out_records(self, result: BatchResult) -> list[Any]:
-        """Outputs, then one dead letter per quarantined record, then the changelog writes
-        (the produce order; all in the batch's transaction)."""
-        if not result.quarantined:
-            return with_state(result.outputs, result.state_writes)
-        if len(self._dead) != len(result.quarantined):
-            raise InvariantViolation("dead letters were not sealed for this batch")
-        # sealed in _process, within the limit
-        return with_state([*result.outputs, *self._dead], result.state_writes)
-
 
 
 __all__ = ["EXIT_CONFIG", "EXIT_FATAL", "EXIT_OK", "FatalWorkerError", "InvariantViolation"]
