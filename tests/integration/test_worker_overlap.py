@@ -1,0 +1,207 @@
+"""The overlapped commit on a real broker: the two interleavings it adds, forced.
+
+The worker runs in-process with its real producer wrapped, so a test can hold batch N's
+``commit_transaction`` until the interleaving under test has happened:
+
+* N aborts after N+1 was processed: N+1 must be discarded (never produced) and both
+  redone from N's first offsets -- every source offset ends up in every audience topic
+  exactly once (read_committed; on Tansu, which shows aborted records to read_committed
+  readers, at least once);
+* a second worker joins while N's commit is in flight: the revoke waits for the commit
+  before releasing the partitions, and the two workers together still write every source
+  offset exactly once (Kafka) / at least once (Tansu).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException, Producer
+
+from streamproc.runtime.factory import build_pipeline
+from streamproc.runtime.watchdog import Watchdog
+from streamproc.runtime.worker import Worker
+from tests.integration.conftest import (
+    Ticker,
+    WorkerProcess,
+    produce_events,
+    read_topics,
+    wait_for,
+)
+from tests.integration.test_worker_transient import RecordingObserver
+
+pytestmark = pytest.mark.integration
+
+HOLD = 30.0  # how long a held commit waits for the interleaving (only reached on failure)
+
+
+class HeldProducer:
+    """The real producer, except that ``commit_transaction`` can be held or failed."""
+
+    def __init__(self, conf: dict[str, Any]) -> None:
+        self.inner = Producer(conf)
+        self.commits = 0
+        #: Called before each commit with its number; may block or raise.
+        self.before_commit: Any = lambda n: None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def commit_transaction(self, timeout: float) -> None:
+        self.commits += 1
+        self.before_commit(self.commits)
+        self.inner.commit_transaction(timeout)
+
+
+def _check_outputs(ws: Any, produced: set[tuple[int, int]], tansu: bool) -> int:
+    dests = ws.destinations()
+    out = read_topics(
+        ws.bootstrap,
+        [*dests, ws.dlq("orders")],
+        until=lambda r: all({x.source[1:] for x in r[d]} >= produced for d in dests),
+        timeout=90,
+        idle=2.0,
+    )
+    dups = 0
+    for d in dests:
+        seen = Counter(r.source[1:] for r in out[d])
+        assert set(seen) == produced, f"{d}: {len(produced - set(seen))} source offsets missing"
+        dups += sum(n - 1 for n in seen.values())
+    if not tansu:
+        assert dups == 0, f"{dups} duplicates on read_committed"
+    assert not out[ws.dlq("orders")]
+    return dups
+
+
+def test_abort_of_n_after_n_plus_1_was_processed_redoes_both(
+    workspace_factory: Any, broker_is_tansu: bool
+) -> None:
+    ws = workspace_factory(sources=("orders",), batch={"max_records": 40, "max_wait_ms": 50})
+    produced = set(produce_events(ws, "orders", 400, seed=41).records)
+    config = ws.load_config()
+    assert config.batch_overlap_commit  # the default
+    obs = RecordingObserver()
+    held: list[HeldProducer] = []
+    failed: list[int] = []
+
+    def factory(conf: dict[str, Any]) -> HeldProducer:
+        held.append(HeldProducer(conf))
+        return held[-1]
+
+    worker = Worker(config, build_pipeline(config, observer=obs), instance="abort", observer=obs,
+                    producer_factory=factory)  # type: ignore[arg-type]  # fmt: skip
+
+    def before_commit(n: int) -> None:
+        if n != 2:
+            return
+        # Batch 2's commit: hold it until batch 3 was processed behind it, then fail it
+        # with an abortable error (the transaction is then really aborted on the broker).
+        wait_for(lambda: len(obs.of("batch_processed")) >= 3, HOLD, what="N+1 processed")
+        failed.append(len(obs.of("batch_processed")))
+        raise KafkaException(KafkaError(KafkaError._STATE, "test", txn_requires_abort=True))
+
+    rc: list[int] = []
+    t = threading.Thread(target=lambda: rc.append(worker.run()), daemon=True)
+    try:
+        t.start()
+        wait_for(lambda: bool(held), 30, what="producer")
+        held[0].before_commit = before_commit
+        wait_for(lambda: worker.records_committed >= len(produced), 90, what="all committed")
+    finally:
+        worker.stop()
+        t.join(60)
+    assert rc == [0]
+    assert failed == [3]  # batch 2 aborted once batch 3 had been processed
+    assert worker.aborts == 1 and obs.of("transaction").count(("aborted",)) == 1
+    # Batch 3 was processed, never committed on its own: it was redone after the abort.
+    assert worker.records_committed == len(produced)
+    dups = _check_outputs(ws, produced, broker_is_tansu)
+    print(f"\n[overlap abort] tansu={broker_is_tansu} produced={len(produced)} duplicates={dups}")
+
+
+def test_a_revoke_during_a_commit_in_flight_waits_for_it(
+    workspace_factory: Any, workers: list[WorkerProcess], broker_is_tansu: bool
+) -> None:
+    ws = workspace_factory(sources=("orders",), batch={"max_records": 50, "max_wait_ms": 50})
+    ticker = Ticker(ws, "orders", total=1500, rate=150).start()
+    config = ws.load_config()
+    obs = RecordingObserver()
+    held: list[HeldProducer] = []
+
+    def factory(conf: dict[str, Any]) -> HeldProducer:
+        held.append(HeldProducer(conf))
+        return held[-1]
+
+    settling = threading.Event()
+
+    class SettleSignal(Watchdog):
+        """Consulted by a thread waiting for the commit in flight: the loop's settle."""
+
+        def overdue(self) -> str | None:
+            settling.set()
+            return super().overdue()
+
+    worker = Worker(config, build_pipeline(config, observer=obs), instance="w1", observer=obs,
+                    producer_factory=factory, watchdog=SettleSignal())  # type: ignore[arg-type]  # fmt: skip
+    events: list[str] = []
+    revoking = threading.Event()
+    armed = threading.Event()
+
+    def before_commit(n: int) -> None:
+        # While armed, hold each commit while the loop is busy elsewhere (in consume(),
+        # where rebalances are served) until a revoke starts; let it go when the loop
+        # waits for it (settle), to hold the next one.  A commit released by the revoke
+        # proves the revoke found it in flight.
+        if not armed.is_set() or revoking.is_set():
+            return
+        settling.clear()
+        deadline = time.monotonic() + HOLD
+        while not revoking.is_set() and not settling.is_set() and time.monotonic() < deadline:
+            revoking.wait(0.02)
+        if revoking.is_set():
+            events.append("commit released by the revoke")
+            armed.clear()
+
+    rc: list[int] = []
+    t = threading.Thread(target=lambda: rc.append(worker.run()), daemon=True)
+    try:
+        t.start()
+        wait_for(lambda: bool(obs.of("assignment")) and worker.committer is not None, 60,
+                 what="w1 assigned")  # fmt: skip
+        original = worker.assignment.before_release
+
+        def before_release(gone: set[tuple[str, int]]) -> None:
+            events.append("revoke started")
+            revoking.set()
+            original(gone)
+            events.append("revoke released the partitions")
+
+        worker.assignment.before_release = before_release
+        held[0].before_commit = before_commit
+        wait_for(lambda: worker.records_committed >= 100, 60, what="w1 progress")
+        armed.set()
+        w2 = WorkerProcess(ws, "--instance", "w2", name="w2")
+        workers.append(w2)
+        wait_for(lambda: "revoke released the partitions" in events, 90, what="the revoke")
+        produced = set(ticker.join(timeout=60).records)
+        wait_for(lambda: w2.alive(), 5, what="w2 alive")
+    finally:
+        worker.stop()
+        t.join(60)
+    assert rc == [0]
+    # The revoke that found a commit in flight waited for it before releasing anything.
+    assert "commit released by the revoke" in events, events
+    i = events.index("commit released by the revoke")
+    assert events[i - 1 : i + 2] == [
+        "revoke started",
+        "commit released by the revoke",
+        "revoke released the partitions",
+    ], events
+    dups = _check_outputs(ws, produced, broker_is_tansu)
+    w2.terminate()
+    assert w2.wait(30) == 0
+    print(f"\n[overlap revoke] tansu={broker_is_tansu} produced={len(produced)} duplicates={dups}")
