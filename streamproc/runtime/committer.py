@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -58,6 +59,14 @@ from streamproc.runtime.watchdog import Watchdog
 log = logging.getLogger("streamproc.runtime.committer")
 
 TP = tuple[str, int]
+
+#: The GIL switch interval with the commit overlapped (CPython's default is 5 ms).  The
+#: committer thread needs the GIL back each time a client call returns, while the loop's
+#: thread holds it for the CPU-bound pipeline; CPython makes a waiting thread wait up to
+#: the interval for it, a few times per commit.  At 1 ms the commit is not held up by
+#: processing; the interval only matters while a thread waits, so it costs the loop
+#: nothing otherwise.
+SWITCH_INTERVAL = 0.001
 
 
 class BatchAlreadyInFlight(InvariantViolation):
@@ -109,6 +118,8 @@ class Committer:
         self.in_flight: InFlight | None = None
         self._jobs: queue.SimpleQueue[InFlight | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        if overlap:  # process-wide, and only ever lowered (see SWITCH_INTERVAL)
+            sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
         #: Batches settled; seconds the caller blocked waiting for them; seconds their
         #: commits took on the committer thread (the worker's last log line reports them).
         self.settled = 0

@@ -154,17 +154,13 @@ def test_a_revoke_during_a_commit_in_flight_waits_for_it(
     def before_commit(n: int) -> None:
         # While armed, hold each commit while the loop is busy elsewhere (in consume(),
         # where rebalances are served) until a revoke starts; let it go when the loop
-        # waits for it (settle), to hold the next one.  A commit released by the revoke
-        # proves the revoke found it in flight.
-        if not armed.is_set() or revoking.is_set():
+        # waits for it (settle), to hold the next one: a revoke then finds it in flight.
+        if not armed.is_set():
             return
         settling.clear()
         deadline = time.monotonic() + HOLD
         while not revoking.is_set() and not settling.is_set() and time.monotonic() < deadline:
             revoking.wait(0.02)
-        if revoking.is_set():
-            events.append("commit released by the revoke")
-            armed.clear()
 
     rc: list[int] = []
     t = threading.Thread(target=lambda: rc.append(worker.run()), daemon=True)
@@ -175,9 +171,15 @@ def test_a_revoke_during_a_commit_in_flight_waits_for_it(
         original = worker.assignment.before_release
 
         def before_release(gone: set[tuple[str, int]]) -> None:
-            events.append("revoke started")
+            job = worker.committer.in_flight if worker.committer is not None else None
+            busy = job is not None and not job.done.is_set()
+            events.append("revoke started, commit in flight" if busy else "revoke started")
             revoking.set()
+            armed.clear()
             original(gone)
+            if busy:
+                assert job is not None
+                events.append("commit done" if job.done.is_set() else "commit still in flight")
             events.append("revoke released the partitions")
 
         worker.assignment.before_release = before_release
@@ -194,11 +196,11 @@ def test_a_revoke_during_a_commit_in_flight_waits_for_it(
         t.join(60)
     assert rc == [0]
     # The revoke that found a commit in flight waited for it before releasing anything.
-    assert "commit released by the revoke" in events, events
-    i = events.index("commit released by the revoke")
-    assert events[i - 1 : i + 2] == [
-        "revoke started",
-        "commit released by the revoke",
+    assert "revoke started, commit in flight" in events, events
+    i = events.index("revoke started, commit in flight")
+    assert events[i : i + 3] == [
+        "revoke started, commit in flight",
+        "commit done",
         "revoke released the partitions",
     ], events
     dups = _check_outputs(ws, produced, broker_is_tansu)
