@@ -89,6 +89,9 @@ FAST_SETTINGS: dict[str, str] = {
     "background.threads": "2",
     "num.recovery.threads.per.data.dir": "1",
     "log.cleaner.threads": "1",
+    # The cleaner looks for dirty compacted logs every 15 s by default; tests that wait for
+    # compaction (the subject-key topic after `streamproc forget`) need it within a second.
+    "log.cleaner.backoff.ms": "500",
     # After a kill -9 the restarted broker can register only once the controller has
     # expired the dead incarnation's session (default 9 s).
     "broker.session.timeout.ms": "5000",
