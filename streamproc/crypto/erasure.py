@@ -50,7 +50,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
@@ -294,8 +293,10 @@ class SubjectKeyTable:
         self._clock = clock
         self._lock = threading.RLock()
         self._live: dict[str, _Entry] = {}
-        self._by_subject: dict[tuple[str, str], dict[str, _Entry]] = {}
         self._chosen: dict[tuple[str, str], _Entry] = {}
+        """(audience, token) -> the key in use: the lowest key id of the subject's keys."""
+        self._extras: dict[tuple[str, str], list[_Entry]] = {}
+        """The subject's other keys, for the rare subject with two (made concurrently)."""
         self._forgotten: set[str] = set()
         self._versions: set[int] = set()
         self._unsent: dict[str, _Entry] = {}
@@ -353,12 +354,15 @@ class SubjectKeyTable:
     def _install(self, e: _Entry) -> None:
         self._live[e.rkey] = e
         sk = (e.audience, e.token)
-        self._by_subject.setdefault(sk, {})[e.kid] = e
         cur = self._chosen.get(sk)
-        if cur is None or e.kid < cur.kid:
+        if cur is None:
             self._chosen[sk] = e
-            if cur is not None:
-                self.generation += 1
+        elif e.kid < cur.kid:
+            self._chosen[sk] = e
+            self._extras.setdefault(sk, []).append(cur)
+            self.generation += 1
+        else:
+            self._extras.setdefault(sk, []).append(e)
 
     def _remove(self, rkey: str) -> None:
         e = self._live.pop(rkey, None)
@@ -366,29 +370,44 @@ class SubjectKeyTable:
             return
         self._unsent.pop(rkey, None)
         sk = (e.audience, e.token)
-        group = self._by_subject.get(sk, {})
-        group.pop(e.kid, None)
-        if not group:
-            self._by_subject.pop(sk, None)
-            self._chosen.pop(sk, None)
-        elif self._chosen.get(sk) is e:
-            self._chosen[sk] = group[min(group)]
+        extras = self._extras.get(sk)
+        if self._chosen.get(sk) is e:
+            if extras:
+                nxt = min(extras, key=lambda x: x.kid)
+                extras.remove(nxt)
+                self._chosen[sk] = nxt
+            else:
+                del self._chosen[sk]
+        elif extras is not None and e in extras:
+            extras.remove(e)
+        if extras is not None and not extras:
+            del self._extras[sk]
         self.generation += 1
 
     # -- the hot path ---------------------------------------------------------------------------
-    def cipher_fn(self, audience: str) -> Callable[[bytes], Cipher]:
-        """``subject bytes -> Cipher`` for ``audience``, remembering the last subject.
+    def cipher_fn(self, audience: str, cache_size: int = 1 << 16) -> Callable[[bytes], Cipher]:
+        """``subject bytes -> Cipher`` for ``audience``; raises :class:`SubjectForgotten`.
 
-        Raises :class:`SubjectForgotten` for a forgotten subject.
+        Subjects seen recently are remembered (up to ``cache_size``, then the memo starts
+        over), so a returning subject costs one dict lookup instead of its token (an HMAC)
+        and the table lookup.  The memo is dropped whenever :attr:`generation` moves (a key
+        forgotten, shredded, rolled back or superseded): a forgotten subject is never
+        served from it.
         """
-        last: list[Any] = [None, -1, None]
+        memo: dict[bytes, Cipher] = {}
+        seen = [self.generation]
 
         def cipher(subject: bytes) -> Cipher:
-            if last[1] == self.generation and subject == last[0]:
-                return last[2]
             gen = self.generation
-            c = self._cipher(self.entry(audience, subject))
-            last[0], last[1], last[2] = subject, gen, c
+            if seen[0] != gen:
+                memo.clear()
+                seen[0] = gen
+            c = memo.get(subject)
+            if c is None:
+                c = self._cipher(self.entry(audience, subject))
+                if len(memo) >= cache_size:
+                    memo.clear()
+                memo[subject] = c
             return c
 
         return cipher
@@ -431,6 +450,7 @@ class SubjectKeyTable:
                 assert e.sealed is not None
                 key = e.key = open_sealed(self._open, e.rkey, e.audience, e.sealed)
             c = e.cipher = (f"{PREFIX}{e.kid}_", AESSIV(key), e.kid.encode())
+            e.sealed = None  # opened: the sealed copy is not needed again
         return c
 
     # -- the transaction seam (the epoch protocol of streamproc.pipeline.state) ------------
@@ -464,8 +484,7 @@ class SubjectKeyTable:
                 raise SubjectKeyUnavailable(f"audience {aud!r} has no KEK for its subject keys")
             plains = [_sealed_plaintext(e.rkey, aud, e.key or b"") for e in entries]
             for e, sealed in zip(entries, sealer.seal_many(plains), strict=True):
-                e.sealed = sealed
-                out.append((e.rkey.encode(), key_value(sealed, aud)))
+                out.append((e.rkey.encode(), key_value(sealed, aud)))  # the key stays in memory only
         now = int(self._clock() * 1000)
         out.extend((rkey.encode(), shred_value(aud, now)) for rkey, aud in shreds.items())
         with self._lock:

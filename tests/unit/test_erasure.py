@@ -179,6 +179,10 @@ def test_two_workers_keys_converge_on_the_lowest_key_id(keyring: LocalKeyring, k
     low = f"ds1_{(bytes([3]) * 8).hex()}_"
     assert fa(b"cust-1")[0] == fb(b"cust-1")[0] == low
     assert len(a) == len(b) == 2  # both records stay valid (and both are shredded by forget)
+    # The lower key shredded alone (a tombstone): the other one takes over, nothing new is made.
+    tok = erasure.subject_tokens(keys, b"cust-1", [1])[1]
+    a.apply(erasure.record_key(tok, (bytes([3]) * 8).hex()), None)
+    assert fa(b"cust-1")[0] == f"ds1_{(bytes([9]) * 8).hex()}_" and len(a) == 1 and a.created == 1
 
 
 def test_forget_marker_drops_keys_refuses_new_ones_and_shreds_stragglers(keyring: LocalKeyring, keys: PseudonymKeys) -> None:
