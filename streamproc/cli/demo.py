@@ -98,6 +98,9 @@ def _in_process(console: Console, ws: d.Workspace, events: int, show_n: int, see
         console.print("[dim]analytics' amount_cents is noised (dp_noise, laplace, epsilon 1; the output "
                       "schema says so in streamproc.dp): one value tells little, a mean over many is accurate. The risk window holds the birth years analytics received (orders; logins carry none)[/]\n")
     _consent_scene(console, ws, kms, schemas, seed)
+    from streamproc.cli.demo_erasure import erasure_scene
+
+    erasure_scene(console, ws, kms, schemas, seed)
 
 
 def _consent_scene(console: Console, ws: d.Workspace, kms: Any, schemas: Any, seed: int) -> None:

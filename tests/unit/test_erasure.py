@@ -541,3 +541,26 @@ def test_sealing_failure_of_new_keys_is_transient(make_pipeline: Maker, keyring:
         kit.pipeline.process(orders(kit, [("c1", "a@x.io")]))
     kms.down = False
     assert len(kit.pipeline.process(orders(kit, [("c1", "a@x.io")])).state_writes) == 1
+
+
+# -- the demo -------------------------------------------------------------------------------------
+
+
+def test_in_process_demo_shows_a_forgotten_subject_no_longer_reversible(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from streamproc.cli.main import cli
+    from streamproc.client.generator import EventGenerator
+
+    r = CliRunner().invoke(cli, ["demo", "--in-process", "--events", "2", "--workdir", str(tmp_path / "demo")], env={"COLUMNS": "250"})
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.output.split())
+    gen = EventGenerator(7 + 2)  # the scene's generator (demo seed 7): the same two orders
+    first, second = gen.order(), gen.order()
+    gone, stays = first["customer_id"], second["customer_id"]
+    assert f"subject {gone}: fraud gets email ds1_" in out
+    assert f"re-identified: {first['email'].strip().lower()}" in out  # reversible before the forget
+    assert f"streamproc forget {gone}: forgotten marker + 1 shred record(s)" in out
+    assert f"subject {gone}: the same fraud value as before -> subject_forgotten: not reversible" in out
+    assert f"subject {stays}: the same fraud value as before -> re-identified: {second['email'].strip().lower()}" in out
+    assert f"a new order of {gone}: delivered to analytics, support; withheld (fraud: forgotten)" in out
