@@ -15,6 +15,7 @@ import hmac
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -564,3 +565,100 @@ def test_in_process_demo_shows_a_forgotten_subject_no_longer_reversible(tmp_path
     assert f"subject {gone}: the same fraud value as before -> subject_forgotten: not reversible" in out
     assert f"subject {stays}: the same fraud value as before -> re-identified: {second['email'].strip().lower()}" in out
     assert f"a new order of {gone}: delivered to analytics, support; withheld (fraud: forgotten)" in out
+
+
+def test_keys_and_markers_of_an_older_master_version_still_count(keyring: LocalKeyring, keys: PseudonymKeys) -> None:
+    """After a rotation of the pseudonym master, a subject's key made under the old token is
+    still found (no second key), and a forget recorded under the old token still holds."""
+    v1 = new_table(keyring, keys)
+    before = v1.cipher_fn("fraud")(b"cust-1")[0]
+    writes = v1.take_writes()
+    keyring.rotate(PSEUDONYM)
+    keys2 = PseudonymKeys(keyring, PSEUDONYM)
+    assert keys2.primary_version == 2
+    v2 = new_table(keyring, keys2)
+    for k, v in writes:
+        v2.apply(k, v)
+    assert v2.cipher_fn("fraud")(b"cust-1")[0] == before and v2.created == 0
+    old_token = erasure.subject_tokens(keys2, b"cust-2", [1])[1]
+    assert old_token == erasure.subject_tokens(keys, b"cust-2", [1])[1]  # the v1 token, derived again
+    v2.apply(erasure.record_key(old_token, erasure.MARKER), erasure.marker_value(1))
+    with pytest.raises(erasure.SubjectForgotten):
+        v2.cipher_fn("fraud")(b"cust-2")
+
+
+def test_forget_writes_marker_shreds_withdrawals_and_one_audit_event(
+    keyring: LocalKeyring, keys: PseudonymKeys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """forget_subject on a directory holding two keys of the subject (two audiences' worth:
+    one live, one already shredded) and another subject's key: what it writes, withdraws and
+    audits, and that the subject's identifier appears in none of it."""
+    import streamproc.client.consent as client_consent
+    import streamproc.runtime.erasure as runtime_erasure
+    from streamproc.cli import forget as forget_mod
+
+    subject = "cust-0042"
+    master = keyring.get_secret(PSEUDONYM)[1]
+    token = expected_token(master, 1, subject.encode())
+    other = expected_token(master, 1, b"cust-0043")
+    directory = erasure.KeyDirectory()
+    rec = json.dumps({"v": 1, "audience": "fraud", "key": base64.b64encode(b"sealed").decode()}).encode()
+    directory.apply(f"{token}/{'a' * 16}".encode(), rec)
+    directory.apply(f"{token}/{'b' * 16}".encode(), rec)
+    directory.apply(f"{token}/{'b' * 16}".encode(), erasure.shred_value("fraud", 1))
+    directory.apply(f"{other}/{'c' * 16}".encode(), rec)
+    monkeypatch.setattr(runtime_erasure, "read_key_directory", lambda config, timeout: directory)
+    produced: list[tuple[bytes, bytes]] = []
+    monkeypatch.setattr(forget_mod, "_produce_all", lambda conf, topic, records, timeout: produced.extend(records))
+    withdrawn: list[tuple[str, str]] = []
+
+    class Writer:
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            pass
+
+        def withdraw(self, subj: str, purpose: str) -> None:
+            withdrawn.append((subj, purpose))
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(client_consent, "ConsentWriter", Writer)
+    raw = erasable_policy()
+    raw["purposes"] = {"marketing": {"basis": "consent"}, "service": {"basis": "contract"}}
+    for a, p in (("analytics", "marketing"), ("fraud", "service"), ("support", "service")):
+        raw["audiences"][a]["purpose"] = p
+    policy = parse_policy(raw)
+    config = SimpleNamespace(
+        erasure=SimpleNamespace(topic=TOPIC), consent=SimpleNamespace(topic="consent", domain="consent"),
+        producer_config=lambda: {},
+    )
+    sink = MemorySink()
+    done = forget_mod.forget_subject(config, policy, keys, subject, log=AuditLog([sink], stream="t"), reason="DSR-7")
+    assert done["shredded"] == 1 and done["audiences"] == ["fraud"] and done["token"] == token
+    written = {k.decode(): json.loads(v) for k, v in produced}
+    assert set(written) == {f"{token}/forgotten", f"{token}/{'a' * 16}", f"{token}/{'b' * 16}"}  # not the other subject
+    assert "forgotten" in written[f"{token}/forgotten"] and all(
+        "shredded" in v and "key" not in v for k, v in written.items() if not k.endswith("/forgotten")
+    )
+    assert sorted(withdrawn) == [(subject, "marketing"), (subject, "service")]
+    events = [json.loads(x) for x in sink.lines]
+    forgot = [e for e in events if e["type"] == "subject_forgotten"]
+    assert len(forgot) == 1 and forgot[0]["attrs"]["subject"] == token and forgot[0]["attrs"]["count"] == 1
+    assert forgot[0]["attrs"]["purposes"] == ["marketing", "service"]
+    assert subject not in json.dumps(events) and all(subject.encode() not in k + v for k, v in produced)
+
+
+def test_policy_check_and_the_data_map_show_the_rule_as_erasable() -> None:
+    from streamproc.pipeline.catalog import data_map
+    from streamproc.pipeline.lint import check
+    from streamproc.schema.registry import load_document
+
+    policy = parse_policy(erasable_policy())
+    schemas = [load_document(POLICY_FILE.parent / "schemas" / "order.avsc")]
+    report = check(policy, schemas)
+    assert report.ok, [f.message for f in report.errors]  # compiles without a key topic
+    (rows,) = report.matrix.values()
+    assert "'erasable': True" in rows["email"]["fraud"] and "'subject_field': 'customer_id'" in rows["email"]["fraud"]
+    (order,) = data_map(policy, schemas)["schemas"].values()
+    assert order["fields"]["email"]["audiences"]["fraud"]["operation"].startswith("encrypt_deterministic(erasable=true")
+    assert "erasable" not in order["fields"]["email"]["audiences"]["analytics"]["operation"]
