@@ -394,20 +394,35 @@ class Config:
         return list(dict.fromkeys(p.dead_letter_topic for p in self.pipelines))
 
     def all_topics(self) -> list[str]:
-        """Sources, destinations, DLQs, the audit, the consent and the subject-key topic, in that
-        order, without repeats."""
+        """Sources, destinations, DLQs, the audit, the consent and the subject-key topic, and
+        the budget changelog, in that order, without repeats."""
         audit = [self.audit.kafka_topic] if self.audit and self.audit.kafka_topic else []
         consent = [self.consent.topic] if self.consent is not None else []
         keys = [self.erasure.topic] if self.erasure is not None else []
+        budget = [t for t in (self.budget_changelog_topic,) if t]
         return list(
             dict.fromkeys(
-                [*self.source_topics, *self.destination_topics, *self.dead_letter_topics, *audit, *consent, *keys]
+                [*self.source_topics, *self.destination_topics, *self.dead_letter_topics, *audit, *consent, *keys,
+                 *budget]
             )
         )
 
     def subject_key_keks(self) -> dict[str, str]:
         """audience -> the KEK its subject keys are sealed under (``erasure.keks``)."""
         return {} if self.erasure is None else dict(self.erasure.keks)
+
+    @property
+    def budget_changelog_topic(self) -> str | None:
+        """``<group_id>.budget-changelog``: the compacted changelog of the per-subject
+        privacy budgets, when a routed audience has ``budget:`` (else ``None``).  Derived
+        from the group id like Kafka Streams' ``<application.id>-<store>-changelog``: one
+        consumer group, one budget state; a second group over the same inputs has budgets
+        of its own (docs/policy.md)."""
+        routed = {d.audience for p in self.pipelines for d in p.destinations}
+        policy = self.load_policy()
+        if not any(a.budget is not None for a in policy.audiences.values() if a.name in routed):
+            return None
+        return f"{self.group_id}.budget-changelog"
 
     def dead_letter_topic_for(self, source_topic: str) -> str:
         for p in self.pipelines:

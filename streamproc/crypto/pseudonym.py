@@ -58,6 +58,7 @@ PROVENANCE_SALT = b"streamproc/provenance/v1"
 CONSENT_SALT = b"streamproc/consent/v1"
 ERASURE_SALT = b"streamproc/erasure/v1"
 ERASURE_INFO = "subject-keys"
+BUDGET_SALT = b"streamproc/budget/v1"
 TOKEN_BYTES = 16
 
 
@@ -146,6 +147,12 @@ class PseudonymKeys:
         """The token key of the subject-key topic's subject tokens (processor-own)."""
         v, m = self.master(version)
         return v, hkdf(m, ERASURE_SALT, ERASURE_INFO)
+
+    def budget_key(self, audience: str, version: int | None = None) -> tuple[int, bytes]:
+        """The key of an audience's budget subject tokens (the budget changelog's keys):
+        per audience, so two audiences' changelog keys for one subject are unlinkable."""
+        v, m = self.master(version)
+        return v, hkdf(m, BUDGET_SALT, audience)
 
     def provenance_key(self, audience: str, version: int | None = None) -> tuple[int, bytes]:
         """The AES-256 key of an audience's provenance references (never shared)."""

@@ -107,6 +107,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("streamproc_records_quarantined_total", "counter", ("reason",), "Records the pipeline quarantined (any reason class); they go to the dead-letter topic."),
     MetricSpec("streamproc_tombstones_total", "counter", (), "Tombstones (null values) forwarded to every destination."),
     MetricSpec("streamproc_consent_withheld_total", "counter", ("audience", "reason"), "Records withheld from an audience by its purpose's legal basis (not_granted, withdrawn, objected, no_subject); no output, no dead letter."),
+    MetricSpec("streamproc_dp_budget_suppressed_total", "counter", ("audience", "reason"), "Records whose differentially private fields an audience received as null: the subject's privacy budget is spent (exhausted) or there is no subject to account against (no_subject)."),
     MetricSpec("streamproc_egress_records_total", "counter", ("topic", "audience"), "Sanitized records produced, by destination topic and audience."),
     MetricSpec("streamproc_egress_bytes_total", "counter", ("topic", "audience"), "Bytes of sealed sanitized values produced, by destination topic and audience."),
     MetricSpec("streamproc_transformed_fields_total", "counter", ("operator",), "Field values transformed, by operator (token, mask, generalize, ...)."),
@@ -443,6 +444,8 @@ class Metrics(Observer):
             self._child("streamproc_tombstones_total").inc(st.tombstones)
         for (aud, why), n in getattr(st, "withheld", {}).items():
             self._child("streamproc_consent_withheld_total", L("audience", aud), L("reason", why)).inc(n)
+        for (aud, why), n in getattr(st, "dp_suppressed", {}).items():
+            self._child("streamproc_dp_budget_suppressed_total", L("audience", aud), L("reason", why)).inc(n)
         risk = getattr(st, "risk", None)
         if risk:
             self._risk(risk, getattr(st, "risk_enforced", {}))

@@ -56,6 +56,7 @@ from streamproc.errors import (
     SealingUnavailable,
     TransientError,
 )
+from streamproc.pipeline.budget import BudgetBook
 from streamproc.pipeline.codegen import BadPayload, TransformFailed, compile_plan, compile_subject
 from streamproc.pipeline.consent import ConsentGate
 from streamproc.pipeline.lineage import FieldTreatment, field_treatments
@@ -66,6 +67,8 @@ from streamproc.pipeline.state import StateWrite
 from streamproc.policy.consent import FORGOTTEN
 from streamproc.policy.model import Audience, Policy, Purpose
 from streamproc.privacy.risk import RiskReport
+from streamproc.privacy.budget import Cost
+from streamproc.schema import avro
 from streamproc.schema.avro import Record
 from streamproc.schema.framing import HEADER_LEN, MAGIC, frame_prefix
 from streamproc.schema.registry import SchemaSource
@@ -165,6 +168,10 @@ class BatchStats:
     risk_enforced: dict[tuple[str, str], int] = field(default_factory=dict)
     """(audience, ``suppressed`` | ``generalized``) -> records whose quasi-identifiers
     enforcement rewrote (streamproc.pipeline.risk)."""
+    dp_suppressed: dict[tuple[str, str], int] = field(default_factory=dict)
+    """(audience, reason) -> records whose DP fields were written as null for that
+    audience: ``exhausted`` (the subject's budget is spent) or ``no_subject`` (no subject
+    value to account against: fail closed)."""
 
 
 @dataclass
@@ -192,6 +199,18 @@ class _Compiled:
     reads the subject from the framed plaintext (``None``: the schema has no subject)."""
     probe: RiskProbe | None = None
     """For an audience with ``risk:``: reads (and rewrites) its outputs' quasi-identifiers."""
+    budget: _BudgetPlan | None = None
+    """For an audience with ``budget:``: what a record costs and how to suppress it."""
+
+
+class _BudgetPlan(NamedTuple):
+    """A budgeted destination's plan parts: the suppressed variant of the plan (same
+    output schema, every DP field null), one record's cost, and the subject reader
+    (``None``: the schema names no subject, so every record is suppressed)."""
+
+    suppressed: Callable[[bytes], list[bytes]]
+    cost: Cost
+    subject: Callable[[bytes], bytes | None] | None
 
 
 @dataclass(frozen=True)
@@ -264,6 +283,8 @@ class Pipeline:
         on_compile: Callable[[CompiledPlan], None] | None = None,
         consent: ConsentGate | None = None,
         erasure: SubjectKeyTable | None = None,
+        budget_topic: str | None = None,
+        budget_clock: Callable[[], float] = time.time,
     ) -> None:
         self.policy = policy
         #: The subject-key table of ``erasable`` rules (``None``: such rules do not compile).
@@ -308,6 +329,8 @@ class Pipeline:
                     if state not in dests:
                         dests.append(state)
         self._init_keks(routes, reserved_keks)
+        #: The per-subject budgets of the audiences with ``budget:`` (``None``: none has one).
+        self.budgets = self._init_budgets(budget_topic, budget_clock)
         self.revocation_check_interval = revocation_check_interval
         self._clock = clock
         self._sealers_checked = clock()
@@ -320,6 +343,26 @@ class Pipeline:
         self._lock = threading.Lock()
         self._version_b = __version__.encode()
         self._policy_b = policy.version.encode()
+
+    def _init_budgets(self, topic: str | None, clock: Callable[[], float]) -> BudgetBook | None:
+        """The :class:`BudgetBook` of the routed audiences that have a budget.
+
+        Fail closed: a budget needs subject tokens (``keys.pseudonym``) and a changelog
+        topic to survive restarts; without either, the pipeline does not start.
+        """
+        budgets = {}
+        for st in self._dest_by_topic.values():
+            if st.audience.budget is not None:
+                budgets[st.audience.name] = st.audience.budget
+        if not budgets:
+            return None
+        name = sorted(budgets)[0]
+        if self.keys is None:
+            raise PolicyError(f"audience {name!r}: 'budget' needs keys.pseudonym (the changelog keys are subject tokens)")
+        if not topic:
+            raise PolicyError(f"audience {name!r}: 'budget' needs a changelog topic (budget state survives restarts there)")
+        keys = self.keys
+        return BudgetBook(topic, budgets, {a: keys.budget_key(a)[1] for a in budgets}, clock=clock)
 
     def _init_keks(self, routes: Sequence[Route], reserved: Iterable[str]) -> None:
         """Per-source KEK admission, installed on the opener (checked before the KMS)."""
@@ -407,7 +450,7 @@ class Pipeline:
     def state_stores(self) -> list[Any]:
         """The changelog-backed stateful collaborators (``ChangelogStore`` of
         :mod:`streamproc.runtime.state`) whose writes come in ``BatchResult.state_writes``."""
-        return [] if self.erasure is None else [self.erasure]
+        return [s for s in (self.erasure, self.budgets) if s is not None]
 
     @property
     def source_topics(self) -> list[str]:
@@ -498,7 +541,61 @@ class Pipeline:
         probe = None
         if state.audience.risk is not None and isinstance(rs.node, Record):
             probe = RiskProbe(plan, rs.node, state.audience, HEADER_LEN)
-        return _Compiled(fn, out_id, prefix, tuple(plan.transforms.items()), info, gate, probe)
+        budget = None
+        if state.audience.budget is not None:
+            budget = self._budget_plan(rs.node, state, plan, out_id)
+        return _Compiled(fn, out_id, prefix, tuple(plan.transforms.items()), info, gate, probe, budget)
+
+    def _budget_plan(self, schema: Any, state: _DestState, plan: Any, out_id: int) -> _BudgetPlan:
+        """The suppressed variant, the cost and the subject reader of a budgeted plan."""
+        sup = build_plan(schema, state.audience, self.keys, self.erasure, dp_suppressed=True)
+        if avro.canonical_json(sup.out_schema) != avro.canonical_json(plan.out_schema):
+            raise PolicyError(f"audience {state.audience.name!r}: the suppressed plan's output schema differs")
+        sfn, _src = compile_plan(sup, schema, offset=HEADER_LEN, prefix=frame_prefix(out_id))
+        subject = subject_of(schema, state.audience)
+        read = None if subject is None else compile_subject(schema, subject, offset=HEADER_LEN)
+        assert plan.dp_cost is not None
+        return _BudgetPlan(sfn, plan.dp_cost, read)
+
+    def _spend(
+        self,
+        plain: bytes,
+        partition: int,
+        targets: tuple[_Target, ...],
+        outs: list[bytes] | list[bytes | None],
+        admitted: list[bool],
+        suppressed: dict[tuple[str, str], int],
+    ) -> None:
+        """Charge the record's DP releases to its subject's budget, per budgeted target;
+        where the cost does not fit (or there is no subject), replace the output by the
+        suppressed variant (every DP field null) and count why.  Targets the record is
+        withheld from are not charged.  A suppressed variant that fails (it ran the same
+        structure as the plan, so it should not) withholds the record from that target:
+        never the noised output of a subject over budget."""
+        book = self.budgets
+        assert book is not None
+        for i, t in enumerate(targets):
+            b = t.plan.budget
+            if b is None or not admitted[i]:
+                continue
+            aud = t.pending.state.dest.audience
+            try:
+                subj = None if b.subject is None else b.subject(plain)
+            except (BadPayload, IndexError, UnicodeDecodeError, struct.error, ValueError, OverflowError):
+                subj = None  # cannot happen after the plan ran; fail closed
+            if subj is None:
+                why = "no_subject"
+            elif book.spend(aud, partition, book.key(aud, subj), b.cost):
+                continue
+            else:
+                why = "exhausted"
+            try:
+                outs[i] = b"".join(b.suppressed(plain))
+            except Exception:
+                admitted[i] = False
+                why = "withheld"
+            k = (aud, why)
+            suppressed[k] = suppressed.get(k, 0) + 1
 
     def _admit(
         self, plain: bytes, targets: tuple[_Target, ...], withheld: dict[tuple[str, str], int]
@@ -605,6 +702,8 @@ class Pipeline:
             fk = (q.record.topic, q.reason)
             failures[fk] = failures.get(fk, 0) + 1
         writes = [] if self.erasure is None else self._key_writes(self.erasure)
+        if self.budgets is not None:
+            writes += self.budgets.writes()
         return BatchResult(outputs, quarantined, stats, writes)
 
     @staticmethod
@@ -674,6 +773,7 @@ class Pipeline:
         targets: tuple[_Target, ...] = ()
         single = False  # one destination: its plan and lists are bound below
         gated = False  # does any destination of the current targets check consent?
+        budgeted = False  # does any destination of the current targets have a budget?
         withheld = stats.withheld
         fns: list[Callable[[bytes], list[bytes]]] = []
         puts: list[tuple[Callable[[bytes], None], Callable[[InputRecord], None]]] = []
@@ -717,7 +817,8 @@ class Pipeline:
                     fns = [t.plan.fn for t in targets]
                     puts = [(t.pending.plains.append, t.pending.records.append) for t in targets]
                     gated = any(t.plan.consent is not None for t in targets)
-                    single = len(targets) == 1 and not gated
+                    budgeted = any(t.plan.budget is not None for t in targets)
+                    single = len(targets) == 1 and not gated and not budgeted
                     if single:  # the common case, without a loop per record
                         fn0 = fns[0]
                         put_plain0, put_rec0 = puts[0]
@@ -752,6 +853,9 @@ class Pipeline:
             run_n += 1
             if forgot:
                 admitted = self._admit(plain, targets, withheld) if gated else [True] * len(targets)
+                admitted = [ok and o is not None for ok, o in zip(admitted, each, strict=True)]
+                if budgeted:
+                    self._spend(plain, rec.partition, targets, each, admitted, stats.dp_suppressed)
                 for (put_plain, put_rec), o, ok in zip(puts, each, admitted, strict=True):
                     if ok and o is not None:
                         put_plain(o)
@@ -759,9 +863,12 @@ class Pipeline:
             elif single:
                 put_plain0(out_plain)
                 put_rec0(rec)
-            elif gated:
-                # Withheld from an audience: no output for that destination, no dead letter.
-                admitted = self._admit(plain, targets, withheld)
+            elif gated or budgeted:
+                # Withheld from an audience (consent): no output for that destination, no
+                # dead letter; over its budget: the DP fields null.
+                admitted = self._admit(plain, targets, withheld) if gated else [True] * len(targets)
+                if budgeted:
+                    self._spend(plain, rec.partition, targets, outs, admitted, stats.dp_suppressed)
                 for (put_plain, put_rec), out_plain, ok in zip(puts, outs, admitted, strict=True):
                     if ok:
                         put_plain(out_plain)

@@ -24,7 +24,9 @@ from streamproc.crypto.erasure import SubjectKeyTable
 from streamproc.crypto.pseudonym import PseudonymKeys
 from streamproc.errors import PolicyError, SchemaError
 from streamproc.operators import OpContext, Operator, OperatorError, get_operator
-from streamproc.policy.model import Audience, Rule
+from streamproc.operators.dp import DP_PROP
+from streamproc.policy.model import DP_OPERATORS, Audience, Rule
+from streamproc.privacy.budget import Cost
 from streamproc.schema import avro
 from streamproc.schema.annotations import (
     DOMAIN_HINT,
@@ -110,6 +112,9 @@ class Plan:
     subject: Field | None
     transforms: dict[str, int]
     """Operator name -> number of transformed positions (for metrics and docs)."""
+    dp_cost: Cost | None = None
+    """With an audience ``budget:``: what one record's DP releases cost (see
+    :func:`build_plan`); ``None`` without a budget."""
 
 
 def is_keep(n: Node) -> bool:
@@ -118,11 +123,19 @@ def is_keep(n: Node) -> bool:
 
 class _Builder:
     def __init__(
-        self, audience: Audience, keys: PseudonymKeys | None, root: Record, erasure: SubjectKeyTable | None = None
+        self,
+        audience: Audience,
+        keys: PseudonymKeys | None,
+        root: Record,
+        erasure: SubjectKeyTable | None = None,
+        dp_suppressed: bool = False,
     ) -> None:
         self.audience = audience
         self.keys = keys
         self.erasure = erasure
+        #: A budgeted audience's DP fields are nullable; the suppressed variant writes null.
+        self.budgeted = audience.budget is not None
+        self.dp_suppressed = dp_suppressed
         self.records: dict[tuple[str, tuple[str, ...]], RecordNode] = {}
         self.transforms: dict[str, int] = {}
         self.subject_needed = False
@@ -256,6 +269,8 @@ class _Builder:
     def rule(self, rule: Rule, t: AvroType, path: str, domain: str, krule: Rule | None, kdomain: str) -> Node:
         """``rule`` on a value of type ``t``; ``krule`` for the keys of maps inside it."""
         op = rule.operator
+        if self.budgeted and rule.op in DP_OPERATORS:
+            return self.budgeted_dp(rule, t, path, domain)
         if rule.op == "drop":
             return Drop(t)
         if rule.op == "keep" and (krule is None or krule.op == "keep" or not maps_in(t)):
@@ -281,6 +296,42 @@ class _Builder:
         if rule.op == "keep":
             return Keep(t)
         return self.apply(op, rule, t, path, domain, decode=True)
+
+    def budgeted_dp(self, rule: Rule, t: AvroType, path: str, domain: str) -> Node:
+        """A DP rule under an audience budget: the output can always be null.
+
+        A scalar field's output becomes ``["null", T]``; a union field must already have a
+        null branch (its output is the same union).  Both plan variants (noised, and
+        suppressed for a subject whose budget is spent) have the same output schema, so a
+        subscriber sees one schema whatever the budget decided.  The suppressed variant
+        skips the value and writes null.  Repeated values (arrays, maps) are refused: the
+        cost of a record would depend on its length (see :func:`dp_cost`).
+        """
+        where = f"audience {self.audience.name!r}, field {path!r}, tag {rule.tag!r}"
+        if isinstance(t, (Array, Map)):
+            raise PolicyError(f"{where}: a budget accounts a fixed number of releases per record; "
+                              f"{rule.op} on the values of an array or map is not supported with 'budget'")
+        if isinstance(t, Union):
+            if not any(b.kind == "null" for b in t.branches):
+                raise PolicyError(f"{where}: with 'budget' a {rule.op} union field needs a null branch "
+                                  "(a suppressed value is written as null)")
+            branches = [
+                Keep(b) if b.kind == "null" else self.apply(rule.operator, rule, b, path, domain, decode=True)
+                for b in t.branches
+            ]
+            if not self.dp_suppressed:
+                return self.union(t, branches)
+            props: dict[str, Any] = {}
+            for br in branches:
+                if isinstance(br, Apply):
+                    props.update(br.props)
+            return Apply(t, t, _to_null, rule.op, path, False, False, dict(rule.params), props)
+        node = self.apply(rule.operator, rule, t, path, domain, decode=True)
+        assert isinstance(node, Apply)
+        node.out = Union("union", branches=[Primitive("null"), node.out])
+        if self.dp_suppressed:
+            node.fn, node.decode = _to_null, False
+        return node
 
     def map_keys(self, rule: Rule, path: str, domain: str) -> Node:
         """The rule applied to the keys of a map it governs: keys are data too.
@@ -344,10 +395,74 @@ def _to_null(_value: Any) -> None:
     return None
 
 
-#: Why a policy with ``budget:`` is refused when its plans compile (fail closed): the
-#: accountant exists (streamproc.privacy.budget) but the runtime does not yet keep its
-#: changelog, and a budget nobody enforces would be a promise silently broken.
-NOT_YET_ENFORCED = "per-subject budgets are not enforced by this version (the accountant's changelog is not wired)"
+def dp_cost(root: Node, audience: str) -> Cost:
+    """What one record's DP releases cost: the sum over DP fields (several noised fields
+    of one record are several releases), the largest branch of a union (one branch per
+    value), each field once.  A DP value that can repeat within a record -- inside an
+    array or a map, or in a record that contains itself -- is refused: its cost would
+    depend on the record."""
+    zero = Cost(0.0, 0.0, 0.0)
+
+    def walk(n: Node, path: tuple[int, ...], repeated: bool) -> Cost:
+        if isinstance(n, Apply):
+            if n.op not in DP_OPERATORS:
+                return zero
+            if repeated:
+                raise PolicyError(
+                    f"audience {audience!r}, field {n.path!r}: a budget accounts a fixed number of releases "
+                    f"per record; {n.op} inside an array, a map or a recursive record is not supported with 'budget'"
+                )
+            params = n.params or {}
+            rho = (n.props.get(DP_PROP) or {}).get("rho")
+            return Cost(float(params["epsilon"]), float(params.get("delta", 0.0)), None if rho is None else float(rho))
+        if isinstance(n, RecordNode):
+            if id(n) in path:  # recursion: the record can occur any number of times
+                dp = _dp_apply_in(n, set())
+                if dp is not None:
+                    walk(dp, path, True)  # raises
+                return zero
+            total = zero
+            for _, c in n.fields:
+                total = total + walk(c, (*path, id(n)), repeated)
+            return total
+        if isinstance(n, (ArrayNode, MapNode)):
+            inner = [n.items] if isinstance(n, ArrayNode) else [n.values, n.keys]
+            return _cost_max([walk(c, path, True) for c in inner])
+        if isinstance(n, UnionNode):
+            return _cost_max([walk(b, path, repeated) for b in n.branches])
+        return zero
+
+    return walk(root, (), False)
+
+
+def _dp_apply_in(n: Node, seen: set[int]) -> Apply | None:
+    """A DP :class:`Apply` anywhere under ``n`` (following recursion once), or None."""
+    if id(n) in seen:
+        return None
+    seen.add(id(n))
+    if isinstance(n, Apply):
+        return n if n.op in DP_OPERATORS else None
+    children: list[Node] = []
+    if isinstance(n, RecordNode):
+        children = [c for _, c in n.fields]
+    elif isinstance(n, ArrayNode):
+        children = [n.items]
+    elif isinstance(n, MapNode):
+        children = [n.values, n.keys]
+    elif isinstance(n, UnionNode):
+        children = n.branches
+    for c in children:
+        hit = _dp_apply_in(c, seen)
+        if hit is not None:
+            return hit
+    return None
+
+
+def _cost_max(costs: list[Cost]) -> Cost:
+    """A cost at least as large as each of ``costs`` (component-wise)."""
+    if not costs:
+        return Cost(0.0, 0.0, 0.0)
+    return Cost(max(c.epsilon for c in costs), max(c.delta for c in costs), max(c.zcdp for c in costs))
 
 
 def subject_of(schema: AvroType, audience: Audience) -> Field | None:
@@ -371,15 +486,25 @@ def subject_of(schema: AvroType, audience: Audience) -> Field | None:
 
 
 def build_plan(
-    schema: AvroType, audience: Audience, keys: PseudonymKeys | None, erasure: SubjectKeyTable | None = None
+    schema: AvroType,
+    audience: Audience,
+    keys: PseudonymKeys | None,
+    erasure: SubjectKeyTable | None = None,
+    *,
+    dp_suppressed: bool = False,
 ) -> Plan:
-    """The plan of ``audience`` for ``schema``; ``erasure`` is the subject-key table that
-    ``erasable`` rules bind to (without it such a rule is a policy error: fail closed)."""
+    """The plan of ``audience`` for records of ``schema``; ``erasure`` is the subject-key
+    table that ``erasable`` rules bind to (without it such a rule is a policy error: fail
+    closed).
+
+    With an audience ``budget:`` every DP field's output is nullable and the plan carries
+    the cost of one record's releases (:attr:`Plan.dp_cost`); ``dp_suppressed=True``
+    builds the variant for a subject whose budget is spent: the same output schema, every
+    DP field null (the pipeline picks the variant per record).
+    """
     if not isinstance(schema, Record):
         raise PolicyError("streamproc processes record schemas only")
-    if audience.budget is not None:
-        raise PolicyError(f"audience {audience.name!r}: 'budget': {NOT_YET_ENFORCED}")
-    b = _Builder(audience, keys, schema, erasure)
+    b = _Builder(audience, keys, schema, erasure, dp_suppressed)
     root = b.record(schema, "")
     subject = None
     if b.subject_needed:
@@ -409,7 +534,8 @@ def build_plan(
         out_schema = output_schema(schema, root)
     except SchemaError as exc:
         raise PolicyError(f"audience {audience.name!r}, schema {schema.fullname}: {exc}") from None
-    return Plan(audience.name, root, out_schema, subject, b.transforms)
+    cost = dp_cost(root, audience.name) if audience.budget is not None else None
+    return Plan(audience.name, root, out_schema, subject, b.transforms, cost)
 
 
 # -- risk enforcement (see streamproc.pipeline.risk) -------------------------------------------

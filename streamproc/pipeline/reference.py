@@ -100,8 +100,11 @@ def _apply(n: Node, value: Any, subject: bytes | None) -> Any:
             if n.needs_subject:
                 return n.fn(value, subject)
             result = n.fn(value if n.decode else None)
-            if isinstance(n.out, Enum):
-                return n.out.symbols[result]  # an enum output is an index too (randomized_response)
+            out_t = n.out
+            if isinstance(out_t, Union) and out_t.nullable_of is not None:
+                out_t = out_t.nullable_of  # a budgeted DP field: null when suppressed
+            if isinstance(out_t, Enum) and result is not None:
+                return out_t.symbols[result]  # an enum output is an index too (randomized_response)
             return result
         except PASS_THROUGH:
             raise

@@ -20,6 +20,9 @@ names the principals; :func:`desired_acls` derives, for each:
   ``READ`` on groups starting with its ``group_prefix`` (``PREFIXED``).
   With ``consent:``, ``READ`` on the consent topic and on the groups ``<group_id>.consent-``
   (``PREFIXED``) of its table readers.
+  With an audience ``budget:``, ``READ`` and ``WRITE`` on the budget changelog
+  (``<group_id>.budget-changelog``) and ``READ`` on the groups ``<group_id>.state-``
+  (``PREFIXED``) of its restore reader.
 * **each producer principal**: ``WRITE`` on its source topics only (and on the consent
   topic when its ``topics`` name it: the application that records consent).
 
@@ -127,6 +130,13 @@ def desired_acls(config: Config) -> list[Acl]:
         add(proc, TOPIC, LITERAL, config.erasure.topic, "READ", "subject-key table")
         add(proc, TOPIC, LITERAL, config.erasure.topic, "WRITE", "subject keys, in the batch transaction")
         add(proc, GROUP, PREFIXED, f"{config.group_id}.erasure-", "READ", "subject-key table reader")
+    changelog = config.budget_changelog_topic
+    if changelog is not None:
+        # The per-subject budgets: written in the worker's transactions, read back from the
+        # beginning on partition assignment under <group_id>.state-<random> (no commits).
+        add(proc, TOPIC, LITERAL, changelog, "WRITE", "budget changelog (state in the transaction)")
+        add(proc, TOPIC, LITERAL, changelog, "READ", "budget changelog restore")
+        add(proc, GROUP, PREFIXED, f"{config.group_id}.state-", "READ", "budget changelog reader")
     add(proc, GROUP, LITERAL, config.group_id, "READ", "consumer group and transactional offsets")
     if config.exactly_once:
         add(

@@ -138,6 +138,7 @@ def build_pipeline(
             k for k in (config.pseudonym_secrets.kek, config.dead_letter_kek, *config.subject_key_keks().values()) if k
         ],
         revocation_check_interval=sweep,
+        budget_topic=config.budget_changelog_topic,
     )
 
 

@@ -47,16 +47,17 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol, cast
 
-from streamproc.errors import StreamprocError
 from streamproc.pipeline.state import StateWrite
+from streamproc.runtime.checkpoint import FatalWorkerError
 
 log = logging.getLogger("streamproc.runtime.state")
 
 TP = tuple[str, int]
 
 
-class StateUnavailable(StreamprocError):
-    """A changelog partition could not be read to its end: the worker must not process."""
+class StateUnavailable(FatalWorkerError):
+    """A changelog partition could not be read to its end (or holds a record the store
+    cannot read): the worker stops rather than process without its state."""
 
 
 class ChangelogStore(Protocol):
@@ -247,6 +248,17 @@ class KafkaChangelogReader:
         from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
 
         deadline = time.monotonic() + timeout
+        meta = self.consumer.list_topics(topic, timeout=max(1.0, timeout / 4)).topics.get(topic)
+        if meta is None or meta.error is not None or not meta.partitions:
+            raise StateUnavailable(
+                f"changelog {topic!r} does not exist or cannot be described (create it with `streamproc topics apply`)"
+            )
+        missing = sorted(set(partitions) - set(meta.partitions))
+        if missing:
+            raise StateUnavailable(
+                f"changelog {topic!r} has {len(meta.partitions)} partitions; input partition {missing[0]} needs "
+                "its own (a changelog has at least the input's partition count)"
+            )
         ends: dict[int, int] = {}
         for p in partitions:
             _low, high = self.consumer.get_watermark_offsets(
@@ -272,7 +284,12 @@ class KafkaChangelogReader:
                     if err is None:
                         key = m.key()
                         if key is not None:
-                            apply(part, key, m.value())
+                            try:
+                                apply(part, key, m.value())
+                            except ValueError as exc:  # value-free messages (the store's)
+                                raise StateUnavailable(
+                                    f"changelog {topic!r}[{part}] offset {m.offset()}: unreadable state ({exc})"
+                                ) from None
                             n += 1
                     elif err.code() == KafkaError._PARTITION_EOF:
                         eof.add(part)

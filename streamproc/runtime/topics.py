@@ -22,13 +22,19 @@ long a shredded key stays in the log (:data:`KEY_TOPIC_CONFIG`, docs/governance.
 closed segment after ``segment.ms``, cleaned as soon as it is dirty
 (``min.cleanable.dirty.ratio``) and at the latest after ``max.compaction.lag.ms``.
 ``topics.overrides.<key topic>`` may change them.
+
+The budget changelog (``<group_id>.budget-changelog``, when an audience has ``budget:``)
+is compacted too, with the largest partition count of the source topics (changelog
+partition p holds the state of input partition p).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -94,9 +100,12 @@ def apply_topics(
     existing = admin.list_topics(timeout=timeout).topics
     results: dict[str, TopicResult] = {}
     new: list[NewTopic] = []
+    changelog = config.budget_changelog_topic
     for t in wanted:
         s = config.topics.for_topic(t)
         parts, rf = s.partitions or 1, s.replication_factor or 1
+        if t == changelog:
+            parts = _changelog_partitions(config, existing)
         meta = existing.get(t)
         if meta is not None and meta.error is None:
             have = len(meta.partitions)
@@ -114,6 +123,10 @@ def apply_topics(
         if config.erasure is not None and t == config.erasure.topic:
             override = config.topics.overrides.get(t)
             conf = {**KEY_TOPIC_CONFIG, **(override.config if override is not None else {}), "cleanup.policy": "compact"}
+        if t == changelog:
+            # The budget changelog: the last state per (audience, subject token) is the
+            # state, partition p for input partition p (streamproc.runtime.state).
+            conf["cleanup.policy"] = "compact"
         new.append(NewTopic(t, num_partitions=parts, replication_factor=rf, config=conf))
     if new:
         futures = admin.create_topics(new, operation_timeout=timeout, request_timeout=timeout)
@@ -133,6 +146,19 @@ def apply_topics(
         _wait_for_leaders(admin, [nt.topic for nt in new], timeout)
     _align_retention(admin, results, retention, timeout)
     return [results[t] for t in wanted]
+
+
+def _changelog_partitions(config: Config, existing: Mapping[str, Any]) -> int:
+    """The budget changelog's partition count: the largest of the source topics' (as they
+    exist, else as configured), so input partition p always has changelog partition p."""
+    counts = []
+    for src in config.source_topics:
+        meta = existing.get(src)
+        if meta is not None and meta.error is None and meta.partitions:
+            counts.append(len(meta.partitions))
+        else:
+            counts.append(config.topics.for_topic(src).partitions or 1)
+    return max(counts, default=1)
 
 
 def _align_retention(

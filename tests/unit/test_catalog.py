@@ -201,8 +201,8 @@ def test_privacy_budget_columns(tmp_path: Path) -> None:
     assert '| amount | AMOUNT | research | dp_noise(bounds=[0,1000], epsilon=0.5, mechanism="laplace") | amount | - | - | - | 0.5 |' in render_markdown(dm)
 
 
-def test_audience_budget_and_risk_are_shown_and_refused_plans_say_so(tmp_path: Path) -> None:
-    """budget/risk (not enforced yet, so plans refuse them): the map shows the targets and the refusal."""
+def test_audience_budget_and_risk_are_shown_with_the_noised_field(tmp_path: Path) -> None:
+    """budget/risk: the map shows the targets, and the budgeted field as noised."""
     from streamproc.pipeline.catalog import data_map, render_markdown
     from streamproc.policy.model import parse_policy
     from streamproc.schema.registry import RegisteredSchema
@@ -224,6 +224,6 @@ def test_audience_budget_and_risk_are_shown_and_refused_plans_say_so(tmp_path: P
     aud = dm["audiences"]["research"]
     assert aud["budget"] == {"epsilon": 2.0, "window": "1d", "delta": 0.0}
     assert aud["risk"] == {"k": 5, "l": None, "quasi_identifiers": ["AMOUNT"]}
-    cell = dm["schemas"]["Pay"]["fields"]["<plan>"]["audiences"]["research"]
-    assert cell["operation"] == "error" and "not enforced" in cell["error"]
+    cell = dm["schemas"]["Pay"]["fields"]["amount"]["audiences"]["research"]
+    assert cell["operation"].startswith("dp_noise(") and cell["epsilon"] == 0.5
     assert "| research | - | - | - | epsilon 2.0 per 1d | k 5 over AMOUNT |" in render_markdown(dm)

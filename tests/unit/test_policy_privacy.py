@@ -64,15 +64,18 @@ def test_bad_settings_are_policy_errors_naming_the_audience(audience: dict[str, 
     assert "audience 'a'" in str(info.value)
 
 
-def test_plans_refuse_a_budget_the_runtime_does_not_enforce_yet() -> None:
-    """Fail closed: a budget nobody enforces is refused when the plan compiles, so neither
-    the worker nor ``policy check`` accepts it silently.  A risk target compiles: it is
-    measured by ``streamproc risk`` (tests/unit/test_cli_risk.py), and changes no output."""
+def test_a_budget_makes_dp_fields_nullable_and_a_risk_target_changes_nothing() -> None:
+    """A budgeted audience's DP fields can be suppressed (null) once a subject's budget is
+    spent, so its plans make them nullable (tests/unit/test_budget_pipeline.py runs them).
+    A risk target compiles: it is measured by ``streamproc risk`` (tests/unit/test_cli_risk.py),
+    and changes no output."""
     schema = avro.parse({"type": "record", "name": "R", "fields": [
         {"name": "amount", "type": "double", "confluent:tags": ["AMOUNT"]}]})
     aud = parse_policy(policy(budget={"epsilon": 4.0, "window": "1d"})).audience("a")
-    with pytest.raises(PolicyError, match="not enforced by this version"):
-        build_plan(schema, aud, None)
+    budgeted = build_plan(schema, aud, None)
+    assert budgeted.out_schema["fields"][0]["type"] == ["null", "double"]
+    assert budgeted.dp_cost is not None and budgeted.dp_cost.epsilon == NOISE["epsilon"]
     plain = build_plan(schema, parse_policy(policy()).audience("a"), None)
+    assert plain.out_schema["fields"][0]["type"] == "double" and plain.dp_cost is None
     with_risk = parse_policy(policy(risk={"quasi_identifiers": ["POSTCODE"], "k": 5, "window": "1h"})).audience("a")
     assert build_plan(schema, with_risk, None).out_schema == plain.out_schema
