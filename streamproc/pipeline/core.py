@@ -66,8 +66,8 @@ from streamproc.pipeline.risk import RiskGuard, RiskProbe
 from streamproc.pipeline.state import StateWrite
 from streamproc.policy.consent import FORGOTTEN
 from streamproc.policy.model import Audience, Policy, Purpose
-from streamproc.privacy.risk import RiskReport
 from streamproc.privacy.budget import Cost
+from streamproc.privacy.risk import RiskReport
 from streamproc.schema import avro
 from streamproc.schema.avro import Record
 from streamproc.schema.framing import HEADER_LEN, MAGIC, frame_prefix
