@@ -59,6 +59,7 @@ def data_map(
             },
             "risk": None if a.risk is None else {
                 "k": a.risk.k, "l": a.risk.l, "quasi_identifiers": list(a.risk.quasi_identifiers),
+                **({"action": a.risk.action} if a.risk.action else {}),  # enforced: outputs change
             },
         }
         for a in policy.audiences.values()
@@ -116,6 +117,8 @@ def render_markdown(dm: Mapping[str, Any]) -> str:
         b, r = a.get("budget"), a.get("risk")
         budget = "-" if b is None else f"epsilon {b['epsilon']} per {b['window']}" + (f", delta {b['delta']}" if b["delta"] else "")
         risk = "-" if r is None else f"k {r['k']}" + (f", l {r['l']}" if r["l"] else "") + f" over {', '.join(r['quasi_identifiers'])}"
+        if r is not None and r.get("action"):
+            risk += f", enforced ({r['action']})"
         lines.append(
             f"| {name} | {_cell(a['purpose'])} | {_cell(a['retention'])} | {_cell(', '.join(a['topics']))} | "
             f"{_cell(budget)} | {_cell(risk)} |"

@@ -9,6 +9,7 @@ against pycanon over the decoded outputs -- what a subscriber actually receives.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import random
 from collections import Counter
 from pathlib import Path
@@ -298,3 +299,20 @@ def test_a_ladder_step_must_keep_the_type(ladder: dict[str, Any], message: str) 
         **risk(action="generalize_more", ladder=ladder), "quasi_identifiers": [*QI, "AGE"]}}}})
     with pytest.raises(PolicyError, match=message):
         build_plan(avro.parse(schema), pol.audience("a"), None)
+
+
+def test_the_data_map_shows_enforcement_and_its_diff(tmp_path: Path) -> None:
+    """The catalog names the action (enforcement changes outputs), and ``catalog --diff``
+    reports turning it on."""
+    from streamproc.pipeline.catalog import data_map, diff, render_markdown
+    from streamproc.schema.registry import RegisteredSchema
+
+    schemas = [RegisteredSchema(1, json.dumps(SCHEMA), "visits")]
+    new = data_map(parse_policy(POLICY), schemas)
+    assert new["audiences"]["suppressed"]["risk"]["action"] == "suppress"
+    assert "action" not in new["audiences"]["measured"]["risk"]
+    assert "k 3, l 2 over POSTCODE, BIRTH_DATE, GENDER, enforced (suppress)" in render_markdown(new)
+    measured_only = {**POLICY, "audiences": {**POLICY["audiences"], "suppressed": POLICY["audiences"]["measured"]}}
+    old = data_map(parse_policy(measured_only), schemas)
+    changes = [c for c in diff(old, new) if c["attribute"] == "risk"]
+    assert [(c["audience"], c["after"].get("action")) for c in changes] == [("suppressed", "suppress")]
