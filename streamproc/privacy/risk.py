@@ -187,18 +187,12 @@ class RiskWindow:
             self._add_many_l(rows, now)
             return
         entries = self._entries
-        if entries and entries[0][0] <= now - t.window_s:
-            self._expire(now)
-        cap, k = t.max_records, t.k
+        rows = self._make_room(rows, now)
+        k = t.k
         classes, sizes = self._classes, self._sizes
         append, get = entries.append, classes.get
         below = 0
         for qi, _ in rows:
-            if len(entries) >= cap:
-                self._below_k += below
-                below = 0
-                self._pop()
-                self.evicted_by_cap += 1
             append((now, qi, None))
             c = get(qi, 0)
             n = c + 1
@@ -215,27 +209,89 @@ class RiskWindow:
             elif n == k:
                 below -= c
         self._below_k += below
+
+    def _make_room(
+        self, rows: list[tuple[tuple[Hashable, ...], Hashable]], now: float
+    ) -> list[tuple[tuple[Hashable, ...], Hashable]]:
+        """Before a batch: expire by age, then evict the oldest records the cap would evict
+        while adding ``rows`` one by one (the held records end the same: the newest
+        ``max_records``).  Returns the rows to append (all, unless the batch alone exceeds
+        the cap) and counts them all as added."""
+        t = self.target
+        entries = self._entries
+        if entries and entries[0][0] <= now - t.window_s:
+            self._expire(now)
         self.added += len(rows)
+        excess = len(entries) + len(rows) - t.max_records
+        if excess > 0:
+            held = min(excess, len(entries))
+            self._drop_oldest(held)
+            self.evicted_by_cap += excess
+            if excess > held:  # the batch alone is over the cap: its oldest rows never stay
+                rows = rows[excess - held:]
+        return rows
+
+    def _drop_oldest(self, n: int, horizon: float | None = None) -> None:
+        """Remove the ``n`` oldest records (or, with ``horizon``, those at or before it):
+        :meth:`_remove` inlined, for eviction and expiry in bulk."""
+        entries = self._entries
+        classes, sizes, k = self._classes, self._sizes, self.target.k
+        lt = self.target.l
+        values, div = self._values, self._diversity
+        popleft = entries.popleft
+        below_k = below_l = 0
+        while entries and (n > 0 if horizon is None else entries[0][0] <= horizon):
+            n -= 1
+            _, qi, sv = popleft()
+            c = classes[qi]
+            m = c - 1
+            if m:
+                classes[qi] = m
+            else:
+                del classes[qi]
+            x = sizes[c] - 1
+            if x:
+                sizes[c] = x
+            else:
+                del sizes[c]
+            if m:
+                sizes[m] = sizes.get(m, 0) + 1
+            below_k += (m if m < k else 0) - (c if c < k else 0)
+            if lt is not None:
+                vals = values[qi]
+                d = len(vals)
+                y = vals[sv] - 1
+                if y:
+                    vals[sv] = y
+                else:
+                    del vals[sv]
+                d2 = len(vals)
+                if not m:
+                    del values[qi]
+                if c:
+                    z = div[d] - 1
+                    if z:
+                        div[d] = z
+                    else:
+                        del div[d]
+                if m:
+                    div[d2] = div.get(d2, 0) + 1
+                below_l += (m if d2 < lt else 0) - (c if d < lt else 0)
+        self._below_k += below_k
+        self._below_l += below_l
 
     def _add_many_l(self, rows: list[tuple[tuple[Hashable, ...], Hashable]], now: float) -> None:
         """:meth:`add_many` with l-diversity (the same counters as :meth:`add`, inlined)."""
         t = self.target
         entries = self._entries
-        if entries and entries[0][0] <= now - t.window_s:
-            self._expire(now)
-        cap, k = t.max_records, t.k
+        rows = self._make_room(rows, now)
+        k = t.k
         lt = t.l
         assert lt is not None
         classes, sizes, values, div = self._classes, self._sizes, self._values, self._diversity
         append, get, vget = entries.append, classes.get, values.get
         below_k = below_l = 0
         for qi, sv in rows:
-            if len(entries) >= cap:
-                self._below_k += below_k
-                self._below_l += below_l
-                below_k = below_l = 0
-                self._pop()
-                self.evicted_by_cap += 1
             append((now, qi, sv))
             c = get(qi, 0)
             n = c + 1
@@ -271,7 +327,6 @@ class RiskWindow:
                 below_l += 1
         self._below_k += below_k
         self._below_l += below_l
-        self.added += len(rows)
 
     def _move_diversity(self, c: int, d: int, n: int, d2: int) -> None:
         """A class went from ``c`` records with ``d`` distinct values to ``n`` with ``d2``."""
@@ -317,10 +372,7 @@ class RiskWindow:
         self._remove(qi, s)
 
     def _expire(self, now: float) -> None:
-        horizon = now - self.target.window_s
-        entries = self._entries
-        while entries and entries[0][0] <= horizon:
-            self._pop()
+        self._drop_oldest(0, now - self.target.window_s)
 
     def savepoint(self) -> int:
         """A mark to :meth:`rollback` to (the number of records ever added)."""
