@@ -852,8 +852,11 @@ class Pipeline:
                 run_topic, run_kek, run_n = topic, kek_id, 0
             run_n += 1
             if forgot:
-                admitted = self._admit(plain, targets, withheld) if gated else [True] * len(targets)
-                admitted = [ok and o is not None for ok, o in zip(admitted, each, strict=True)]
+                # Withheld as forgotten where a plan refused (counted there); the others by
+                # consent as usual: one refusal, one reason.
+                live = tuple(t for t, o in zip(targets, each, strict=True) if o is not None)
+                ok_live = iter(self._admit(plain, live, withheld) if gated else [True] * len(live))
+                admitted = [o is not None and next(ok_live) for o in each]
                 if budgeted:
                     self._spend(plain, rec.partition, targets, each, admitted, stats.dp_suppressed)
                 for (put_plain, put_rec), o, ok in zip(puts, each, admitted, strict=True):

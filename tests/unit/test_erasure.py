@@ -662,3 +662,32 @@ def test_policy_check_and_the_data_map_show_the_rule_as_erasable() -> None:
     (order,) = data_map(policy, schemas)["schemas"].values()
     assert order["fields"]["email"]["audiences"]["fraud"]["operation"].startswith("encrypt_deterministic(erasable=true")
     assert "erasable" not in order["fields"]["email"]["audiences"]["analytics"]["operation"]
+
+
+def test_a_forgotten_subject_is_counted_once_per_audience_even_when_consent_also_withholds(
+    make_pipeline: Maker, keyring: LocalKeyring
+) -> None:
+    """forget also withdraws consent: on an audience that is both erasable and consent-gated
+    the record is withheld once, as forgotten (not once per reason)."""
+    from streamproc.client.consent import subject_token
+    from streamproc.pipeline.consent import ConsentGate
+    from streamproc.policy.consent import ConsentState, encode, record_key
+
+    raw = erasable_policy()
+    raw["purposes"] = {"marketing": {"basis": "consent"}, "service": {"basis": "contract"}}
+    for a, p in (("analytics", "service"), ("fraud", "marketing"), ("support", "service")):
+        raw["audiences"][a]["purpose"] = p
+        raw["audiences"][a]["subject"] = "customer_id"
+    kit = make_pipeline(policy_obj=parse_policy(raw))
+    kit.pipeline.erasure = new_table(kit.kms, kit.keys)
+    state = ConsentState()
+    kit.pipeline.consent = ConsentGate(kit.policy, state, kit.keys, "consent")
+    for c, status in (("c1", "withdrawn"), ("c2", "granted")):
+        state.apply(record_key(subject_token(kit.keys, "consent", c), "marketing"), encode("marketing", status, 1))
+    tok = erasure.subject_tokens(kit.keys, b"c1", [1])[1]
+    kit.pipeline.erasure.apply(erasure.record_key(tok, erasure.MARKER), erasure.marker_value(1))
+    result = kit.pipeline.process(orders(kit, [("c1", "a@x.io"), ("c2", "b@x.io")]))
+    assert result.stats.withheld == {("fraud", "forgotten"): 1}
+    fraud = [o.source.offset for o in result.outputs if o.topic == FRAUD]
+    assert fraud == [1]
+    assert sorted(o.source.offset for o in result.outputs if o.topic == SUPPORT) == [0, 1]
