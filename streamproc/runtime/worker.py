@@ -366,6 +366,7 @@ class Worker:
             inputs, oversized = split_oversized(batch.inputs(), self.limit)
             t0 = time.perf_counter()
             epoch = self.state.begin()
+            marks = self.pipeline.savepoint()  # risk windows: a retried batch counts once
             try:
                 result = self.pipeline.process(inputs)
                 enforce_output_limit(result, oversized, self.limit, self._audience)
@@ -374,6 +375,7 @@ class Worker:
                 self._dead = self.dead_letters.seal_batch(result.quarantined, self._dlq_for)
             except TransientError as exc:
                 self.state.discard(epoch)  # the same records again: charged once
+                self.pipeline.rollback(marks)  # ... and counted once (dead letters may fail late)
                 attempt += 1
                 self.health.dependency_down(exc, attempt, len(inputs))
                 if not self.pause.hold(self.backoff.delay(attempt)):
