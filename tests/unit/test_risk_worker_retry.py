@@ -24,7 +24,7 @@ from streamproc.runtime.backoff import Backoff
 from streamproc.runtime.batch import Batch
 from streamproc.runtime.factory import build_pipeline
 from streamproc.runtime.worker import Worker
-from tests.unit.test_risk_pipeline import DESTS, K, POLICY, SCHEMA, visits
+from tests.unit.test_risk_pipeline import DESTS, POLICY, SCHEMA, K, visits
 from tests.unit.worker_fakes import FakeConsumer, msg
 
 
