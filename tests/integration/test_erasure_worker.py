@@ -13,6 +13,10 @@ subjects (whose new keys keep the key topic written), follow.  Then:
 * the forgotten subject's records after the worker applied the marker are withheld from
   ``fraud`` (counted ``forgotten``), still delivered to ``analytics``; no new key was
   made for them;
+* every key a delivered value names is in the key topic (read_committed): written in the
+  transaction of the outputs that use it;
+* a worker killed (SIGKILL) and restarted restores the table: a kept subject's e-mail gets
+  the same ciphertext as before, the forgotten subject stays withheld from ``fraud``;
 * nothing is dead-lettered, and the key topic is compacted with the bounding settings.
 """
 
@@ -90,12 +94,14 @@ class Orders:
         self.email: dict[str, str] = {}  # order_id -> the e-mail as produced
         self.n = 0
 
-    def send(self, subjects: tuple[str, ...], rounds: int) -> set[str]:
+    def send(self, subjects: tuple[str, ...], rounds: int, email: str | None = None) -> set[str]:
         ids = set()
         for _ in range(rounds):
             for s in subjects:
                 rec = self.gen.order()
                 rec.update(customer_id=s, order_id=f"o-{self.n}")
+                if email is not None:
+                    rec["email"] = email
                 self.p.produce(self.ws.topic("orders"), key=s.encode(), value=self.sealer.seal(rec))
                 self.sent[rec["order_id"]] = s
                 self.email[rec["order_id"]] = rec["email"]
@@ -180,6 +186,11 @@ def test_forget_mid_stream_shreds_every_value_of_the_subject(
     assert set(got["fraud"]) == phase1  # before the forget, fraud gets everything
     emails = {i: r["email"] for i, r in got["fraud"].items()}
     assert all(e.startswith("ds1_") for e in emails.values())
+    # Every key a delivered value names was committed with it (read_committed): no output
+    # ever depends on a key that was not persisted.
+    committed = read_topics(ws.bootstrap, [key_topic], timeout=20, idle=1.0)[key_topic]
+    stored = {(r.key or b"").decode().split("/")[1] for r in committed if r.value is not None}
+    assert {e.split("_")[1] for e in emails.values()} <= stored
     mine = [emails[i] for i in phase1 if orders.sent[i] == FORGOTTEN]
     assert len(set(mine)) == 6 and opens_any(ws, key_topic, mine) == mine  # reversible until forgotten
 
@@ -265,6 +276,20 @@ def test_forget_mid_stream_shreds_every_value_of_the_subject(
     forgot = [e for e in tools if e["type"] == "subject_forgotten"]
     assert len(forgot) == 1 and forgot[0]["attrs"]["count"] == 1 and forgot[0]["attrs"]["outcome"] == "success"
     assert FORGOTTEN not in json.dumps(forgot)
+
+    # A worker killed and restarted restores the table: a kept subject's e-mail gets the
+    # same ciphertext as before (its key, not a new one), the forgotten subject stays out.
+    w.kill()
+    w2 = WorkerProcess(ws, name="restarted")
+    workers.append(w2)
+    w2.wait_assigned(60)
+    i0, v0 = next((i, v) for i, v in stays.items() if orders.sent[i] == STAYS[0])
+    again = orders.send((STAYS[0],), rounds=1, email=orders.email[i0]) | orders.send((FORGOTTEN,), rounds=1)
+    got = outputs(ws, phase1 | phase2 | again)
+    (same,) = [i for i in again if orders.sent[i] == STAYS[0]]
+    (gone,) = [i for i in again if orders.sent[i] == FORGOTTEN]
+    assert got["fraud"][same]["email"] == v0
+    assert gone in got["analytics"] and gone not in got["fraud"]
 
 
 def _ts(text: str) -> float:
