@@ -182,6 +182,15 @@ def test_budget_survives_sigkill_without_double_spend(
     restored = [e for e in w2.log_events() if e.get("message") == "state restored"]
     assert restored and sum(e["records"] for e in restored) > 0, w2.log()[-3000:]
     assert_changelog(ws, orders)
+    topic = ws.load_config().budget_changelog_topic
+    assert topic is not None
+    committed = len(read_topics(ws.bootstrap, [topic], timeout=30, idle=1.0)[topic])
+    written = len(read_topics(ws.bootstrap, [topic], timeout=30, idle=1.0, isolation="read_uncommitted")[topic])
+    print(
+        f"\n[budget] SIGKILL: subjects={len(SUBJECTS)} records={len(orders.sent)} allowance={ALLOWANCE} "
+        f"restored_records={sum(e['records'] for e in restored)} changelog_committed={committed} "
+        f"changelog_aborted_hidden={written - committed}"
+    )
     w2.terminate()
     assert w2.wait(60) == 0, w2.log()[-3000:]
 

@@ -229,3 +229,113 @@ def test_without_stores_nothing_changes() -> None:
     assert with_state(records, []) is records
     with pytest.raises(ValueError):
         StateStores([CounterStore()])
+
+
+class FakeMsg:
+    def __init__(self, partition: int, offset: int, key: bytes | None, value: bytes | None, eof: bool = False) -> None:
+        self._p, self._o, self._k, self._v, self._eof = partition, offset, key, value, eof
+
+    def error(self) -> Any:
+        if not self._eof:
+            return None
+        from confluent_kafka import KafkaError
+
+        return KafkaError(KafkaError._PARTITION_EOF)
+
+    def partition(self) -> int:
+        return self._p
+
+    def offset(self) -> int:
+        return self._o
+
+    def key(self) -> bytes | None:
+        return self._k
+
+    def value(self) -> bytes | None:
+        return self._v
+
+
+class FakeChangelogConsumer:
+    """A changelog as a read_committed consumer sees it.  ``logs[p]`` is a list of polls:
+    the records each poll makes visible (the first poll stops at the last stable offset;
+    a transaction that resolves later shows its records on a later poll), every poll
+    ends with EOF; ``high[p]`` is the high watermark when the read starts (the pending
+    records and the commit marker included)."""
+
+    def __init__(
+        self, partitions: int, logs: dict[int, list[list[tuple[bytes, bytes | None]]]], high: dict[int, int]
+    ) -> None:
+        self.partitions, self.logs, self.high = partitions, logs, high
+        self.positions: dict[int, int] = {}
+        self.assigned: list[int] = []
+        self.polls = 0
+
+    def list_topics(self, topic: str, timeout: float) -> Any:
+        from types import SimpleNamespace
+
+        meta = SimpleNamespace(error=None, partitions={p: None for p in range(self.partitions)})
+        return SimpleNamespace(topics={topic: meta})
+
+    def get_watermark_offsets(self, tp: Any, timeout: float, cached: bool) -> tuple[int, int]:
+        return 0, self.high.get(tp.partition, 0)
+
+    def assign(self, tps: list[Any]) -> None:
+        self.assigned = [tp.partition for tp in tps]
+        self.positions = dict.fromkeys(self.assigned, 0)
+
+    def consume(self, n: int, timeout: float) -> list[FakeMsg]:
+        out = []
+        for p in self.assigned:
+            polls = self.logs.get(p, [])
+            if self.polls < len(polls):
+                for key, value in polls[self.polls]:
+                    out.append(FakeMsg(p, self.positions[p], key, value))
+                    self.positions[p] += 1
+                if self.polls == len(polls) - 1:
+                    self.positions[p] = self.high[p]  # past the last commit marker
+            out.append(FakeMsg(p, self.positions[p], None, None, eof=True))
+        self.polls += 1
+        return out
+
+    def position(self, tps: list[Any]) -> list[Any]:
+        from confluent_kafka import TopicPartition
+
+        return [TopicPartition(tp.topic, tp.partition, self.positions[tp.partition]) for tp in tps]
+
+    def unassign(self) -> None:
+        self.assigned = []
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_kafka_reader_reads_to_the_high_watermark_not_the_first_eof() -> None:
+    """The first EOF comes at the last stable offset, before a transaction that commits a
+    moment later: a restore that stopped there would miss its state (a spent budget
+    restored as unspent).  The reader reads on until its position reaches the high
+    watermark taken at the start."""
+    from streamproc.runtime.state import KafkaChangelogReader
+
+    fake = FakeChangelogConsumer(2, {1: [[(b"a", b"1"), (b"a", b"2")], [(b"a", b"3")]]}, {0: 0, 1: 5})
+    reader = KafkaChangelogReader({}, group_prefix="g", consumer_factory=lambda conf: fake)
+    got: dict[tuple[int, bytes], bytes | None] = {}
+    n = reader.read(TOPIC, [0, 1], lambda p, k, v: got.__setitem__((p, k), v), timeout=5)
+    assert n == 3 and got == {(1, b"a"): b"3"}
+    assert fake.assigned == []  # unassigned afterwards
+
+
+def test_the_kafka_reader_refuses_a_changelog_with_too_few_partitions_or_bad_state() -> None:
+    from streamproc.runtime.state import KafkaChangelogReader
+
+    fake = FakeChangelogConsumer(1, {}, {})
+    reader = KafkaChangelogReader({}, group_prefix="g", consumer_factory=lambda conf: fake)
+    with pytest.raises(StateUnavailable, match="input partition 2 needs"):
+        reader.read(TOPIC, [0, 2], lambda p, k, v: None, timeout=5)
+    fake = FakeChangelogConsumer(1, {0: [[(b"k", b"junk")]]}, {0: 2})
+    reader = KafkaChangelogReader({}, group_prefix="g", consumer_factory=lambda conf: fake)
+
+    def bad(p: int, k: bytes, v: bytes | None) -> None:
+        raise ValueError("budget state too short")
+
+    with pytest.raises(StateUnavailable, match="offset 0: unreadable state"):
+        reader.read(TOPIC, [0], bad, timeout=5)
