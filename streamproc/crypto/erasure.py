@@ -484,7 +484,8 @@ class SubjectKeyTable:
                 raise SubjectKeyUnavailable(f"audience {aud!r} has no KEK for its subject keys")
             plains = [_sealed_plaintext(e.rkey, aud, e.key or b"") for e in entries]
             for e, sealed in zip(entries, sealer.seal_many(plains), strict=True):
-                out.append((e.rkey.encode(), key_value(sealed, aud)))  # the key stays in memory only
+                if e.rkey in self._live:  # not forgotten while it was being sealed
+                    out.append((e.rkey.encode(), key_value(sealed, aud)))  # the key stays in memory only
         now = int(self._clock() * 1000)
         out.extend((rkey.encode(), shred_value(aud, now)) for rkey, aud in shreds.items())
         with self._lock:

@@ -691,3 +691,26 @@ def test_a_forgotten_subject_is_counted_once_per_audience_even_when_consent_also
     fraud = [o.source.offset for o in result.outputs if o.topic == FRAUD]
     assert fraud == [1]
     assert sorted(o.source.offset for o in result.outputs if o.topic == SUPPORT) == [0, 1]
+
+
+def test_a_key_forgotten_while_its_batch_is_sealed_is_never_written(keyring: LocalKeyring, keys: PseudonymKeys) -> None:
+    """The marker arrives (follower thread) while the batch that made the subject's key is
+    being sealed: the key record is not written -- the batch's values under it are
+    unreadable from the start -- and a shred is queued for it."""
+    t = new_table(keyring, keys)
+    tok = erasure.subject_tokens(keys, b"cust-1", [1])[1]
+    real = t.sealers["fraud"]
+
+    class MarkerDuringSeal:
+        def seal_many(self, plains: list[bytes]) -> list[bytes]:
+            t.apply(erasure.record_key(tok, erasure.MARKER), erasure.marker_value(1))
+            return real.seal_many(plains)
+
+    t.sealers["fraud"] = MarkerDuringSeal()  # type: ignore[assignment]
+    t.cipher_fn("fraud")(b"cust-1")
+    t.cipher_fn("fraud")(b"cust-2")
+    written = {k.decode().split("/")[0] for k, v in t.take_writes()}
+    assert tok not in written and len(written) == 1  # cust-2's key only
+    t.sealers["fraud"] = real
+    shreds = t.take_writes()
+    assert [k.decode().split("/")[0] for k, _ in shreds] == [tok] and b"shredded" in (shreds[0][1] or b"")
