@@ -1,5 +1,9 @@
-"""The demo's erasure scene (``streamproc demo --in-process``): a forgotten subject's values
-are no longer reversible.
+"""The demo's erasure scenes: a forgotten subject's values are no longer reversible.
+
+:func:`erasure_scene` runs in memory (``streamproc demo --in-process``);
+:func:`run_erasure_scene` runs on the broker (``streamproc demo``): a worker process with
+the subject-key topic, ``streamproc forget`` as an operator runs it, and re-identification
+through the audited path against what the key topic holds.
 
 Fraud's e-mail rule becomes ``erasable: true`` (subject ``customer_id``) in a copy of the
 example policy; the subject-key table is in memory here (a worker reads and writes the
@@ -13,10 +17,18 @@ still re-identifies, and the forgotten subject's next order is withheld from fra
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.table import Table
 
 from streamproc import demo as d
 
@@ -131,4 +143,269 @@ def erasure_scene(console: Console, ws: d.Workspace, kms: Any, schemas: Any, see
     )
 
 
-__all__ = ["erasable_policy", "erasure_scene"]
+SOURCE = "erase.orders"
+
+TP = tuple[str, int, int]
+
+
+@dataclass
+class ErasureSceneResult:
+    """What the broker scene saw (for the summary table and the tests)."""
+
+    forgotten: str
+    kept: str
+    #: Source (topic, partition, offset) -> (subject, phase "before" | "after", e-mail produced).
+    sent: dict[TP, tuple[str, str, str]] = field(default_factory=dict)
+    #: Audience -> source reference -> the e-mail field as that audience received it.
+    received: dict[str, dict[TP, str]] = field(default_factory=dict)
+    #: Subject -> outcome of re-identifying one of their fraud values, before / after the forget.
+    reid_before: dict[str, str] = field(default_factory=dict)
+    reid_after: dict[str, str] = field(default_factory=dict)
+    forget_output: str = ""
+
+    def refs(self, subject: str, phase: str) -> set[TP]:
+        return {r for r, (s, p, _) in self.sent.items() if s == subject and p == phase}
+
+
+def _scene_config(ws: d.Workspace, bootstrap: str, policy: Path, suffix: str) -> Path:
+    source = SOURCE + suffix
+    cfg = {
+        "kafka": {"bootstrap.servers": bootstrap},
+        "consumer": {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000},
+        "group_id": f"streamproc-demo-erasure{suffix}",
+        "processing_guarantee": "exactly_once",
+        "batch": {"max_records": 50, "max_wait_ms": 50},
+        "schemas": {"directory": str(ws.schemas)},
+        "kms": {"provider": "local", "path": str(ws.keyring)},
+        "policy": str(policy),
+        "pipelines": [{
+            "sources": [source],
+            "dead_letter_topic": d.dead_letter_topic(source),
+            "destinations": [{"topic": d.dest_topic(source, a), "audience": a, "kek": f"{a}-kek"} for a in d.AUDIENCES],
+        }],
+        "erasure": {"topic": KEY_TOPIC + suffix, "keks": {"fraud": FRAUD_SUBJECT_KEK}},
+        "audit": {"file": str(ws.root / f"audit-erasure{suffix}" / "processor.jsonl")},  # forget is audited
+        "topics": {"defaults": {"partitions": 1, "replication_factor": 1}},
+        "metrics": {"enabled": False},
+        "logging": {"level": "INFO", "format": "json"},  # the scene reads when the table applied the forget
+    }  # fmt: skip
+    path = ws.root / f"streamproc-erasure{suffix}.yaml"
+    path.write_text(json.dumps(cfg, indent=2))  # JSON is valid YAML
+    return path
+
+
+def _applied_since(log_path: Path, since: float, count: int) -> bool:
+    """The worker's subject-key table applied ``count`` records after ``since`` (epoch s)."""
+    import datetime as dt
+
+    n = 0
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if e.get("message") != "subject-key updates applied" or not isinstance(e.get("count"), int):
+            continue
+        when = dt.datetime.fromisoformat(str(e.get("ts", "")).replace("Z", "+00:00")).timestamp()
+        if when >= since:
+            n += e["count"]
+    return n >= count
+
+
+def run_erasure_scene(
+    console: Console, ws: d.Workspace, bootstrap: str, seed: int, *, per_phase: int = 4,
+    suffix: str = "", timeout: float = 90.0,
+) -> ErasureSceneResult | None:  # fmt: skip
+    """The scene on the broker at ``bootstrap`` (see the module docstring); ``None`` when
+    the workspace's policy is not the example one."""
+    import yaml
+    from confluent_kafka import Consumer, Producer
+
+    from streamproc.audit import AuditLog, MemorySink
+    from streamproc.client import RecordOpener, RecordSealer
+    from streamproc.client.generator import EventGenerator
+    from streamproc.config import load_config
+    from streamproc.crypto.kms.local import LocalKeyring
+    from streamproc.crypto.provenance import from_headers, resolve_reference
+    from streamproc.crypto.pseudonym import PseudonymKeys
+    from streamproc.reid import AudienceKey, Reidentifier, SubjectForgottenError
+    from streamproc.runtime.erasure import key_opener, read_key_directory
+    from streamproc.runtime.topics import apply_topics
+    from streamproc.schema.registry import build_schema_source
+
+    raw = erasable_policy(yaml.safe_load(ws.policy.read_text()))
+    if raw is None:
+        console.print("[dim]erasure scene skipped: it is written for the example policy's fraud audience[/]")
+        return None
+    source = SOURCE + suffix
+    policy_path = ws.root / f"policy-erasure{suffix}.yaml"
+    policy_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    kms = LocalKeyring(ws.keyring)
+    kms.ensure_key(FRAUD_SUBJECT_KEK)
+    config_path = _scene_config(ws, bootstrap, policy_path, suffix)
+    config = load_config(config_path)
+    apply_topics(config)
+    keys = PseudonymKeys(kms, d.PSEUDONYM_SECRET)
+    prov_keys = {a: keys.provenance_key(a)[1] for a in d.AUDIENCES}
+    schemas = build_schema_source(str(ws.schemas))
+    opener = RecordOpener(kms, schemas)
+    schema_file, kek, _ = d.SOURCES["orders"]
+    sealer = RecordSealer(kms, kek, source, json.loads((ws.schemas / schema_file).read_text()), schemas)
+    gen = EventGenerator(seed + 3)
+    forgotten = gen.order()["customer_id"]
+    kept = next(c for c in (gen.order()["customer_id"] for _ in range(100)) if c != forgotten)
+    result = ErasureSceneResult(forgotten, kept, received={a: {} for a in d.AUDIENCES})
+    policy = config.load_policy()
+    fraud_key = AudienceKey("fraud", keys.primary_version, keys.siv_key("fraud")[1])
+    open_key = key_opener(kms, config.erasure.topic if config.erasure else "")
+
+    def reveal(value: str) -> str:
+        directory = read_key_directory(config)  # what the key topic holds now
+        reid = Reidentifier(fraud_key, AuditLog([MemorySink()], stream="demo"), policy,
+                            subject_keys=lambda aud, kid: directory.resolve(aud, kid, open_key))  # fmt: skip
+        try:
+            return reid.reidentify(value, "EMAIL", actor="demo", field="email", reason="DEMO-1 erasure scene")
+        except SubjectForgottenError as exc:
+            return exc.reason
+
+    console.print(
+        "\n[bold]erasure scene[/]: fraud's e-mail is erasable (each customer's own key, sealed in "
+        f"{config.erasure.topic if config.erasure else ''})"
+    )
+    quiet = {"log.connection.close": False}
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5, **quiet})
+    dests = {d.dest_topic(source, a): a for a in d.AUDIENCES}
+    consumer = Consumer({
+        "bootstrap.servers": bootstrap, "group.id": f"demo-erasure-reader-{os.getpid()}{suffix}",
+        "auto.offset.reset": "earliest", "enable.auto.commit": False,
+        "isolation.level": "read_committed", "session.timeout.ms": 6000, **quiet,
+    })  # fmt: skip
+    log_path = ws.root / f"worker-erasure{suffix}.log"
+    worker: subprocess.Popen[bytes] | None = None
+
+    def wait(what: str, done: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            if worker is not None and worker.poll() is not None:
+                raise RuntimeError(f"the erasure scene's processor exited with {worker.returncode}; see {log_path}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"erasure scene: timed out waiting for {what}; see {log_path}")
+            time.sleep(0.05)
+
+    def produce(phase: str) -> None:
+        errors: list[str] = []
+        for i in range(per_phase):
+            subject = forgotten if i % 2 == 0 else kept
+            rec = gen.order()
+            rec["customer_id"] = subject
+
+            def done(err: Any, msg: Any, subject: str = subject, email: str = rec["email"]) -> None:
+                if err is not None:
+                    errors.append(err.name())
+                else:
+                    result.sent[(msg.topic(), msg.partition(), msg.offset())] = (subject, phase, email)
+
+            producer.produce(source, sealer.seal(rec), subject.encode(), on_delivery=done)
+            producer.poll(0)
+        if producer.flush(30) != 0 or errors:
+            raise RuntimeError(f"erasure scene: orders not acknowledged ({', '.join(errors) or 'timeout'})")
+
+    def read() -> None:
+        for msg in consumer.consume(100, 0.2):
+            topic, value = msg.topic(), msg.value()
+            if msg.error() or topic not in dests or value is None:
+                continue
+            audience = dests[topic]
+            headers = [(str(h[0]), h[1] if isinstance(h[1], bytes) else b"") for h in msg.headers() or []]
+            prov = from_headers(headers)
+            assert prov.ref is not None
+            ref = resolve_reference(prov_keys[audience], prov.ref, [source])
+            result.received[audience][ref] = str(opener.decode(topic, value).get("email"))
+
+    def complete(phase: str) -> Callable[[], bool]:
+        # analytics has no erasable rule: once it has a record, fraud has it or never will
+        # (one transaction per batch).
+        def check() -> bool:
+            read()
+            want = {r for r, (_, p, _) in result.sent.items() if p == phase}
+            return want <= set(result.received["analytics"])
+
+        return check
+
+    try:
+        with open(log_path, "wb") as log_file:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "streamproc.cli.main", "run", "--config", str(config_path)],
+                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+        consumer.subscribe(list(dests))
+        produce("before")
+        wait("the orders before the forget", complete("before"))
+        for subject in (forgotten, kept):
+            value = next(result.received["fraud"][r] for r in sorted(result.refs(subject, "before")))
+            result.reid_before[subject] = reveal(value)
+        console.print("[green]✓[/] fraud's values of both customers re-identify (audited path, key from the key topic)")
+        since = time.time()
+        r = subprocess.run(
+            [sys.executable, "-m", "streamproc.cli.main", "forget", forgotten, "--config", str(config_path),
+             "--reason", "DEMO-1 erasure request"],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        if r.returncode != 0:
+            raise RuntimeError(f"erasure scene: streamproc forget failed: {r.stderr.strip()}")
+        result.forget_output = r.stdout
+        console.print(f"[green]✓[/] streamproc forget {forgotten} --reason ...:")
+        for line in r.stdout.strip().splitlines():
+            console.print(f"    {line}")
+        shredded = int(r.stdout.split(" key(s) shredded")[0].rsplit(" ", 1)[1]) if " key(s) shredded" in r.stdout else 0
+        wait("the worker to apply the forget", lambda: _applied_since(log_path, since, 1 + shredded))
+        produce("after")
+        wait("the orders after the forget", complete("after"))
+        for subject in (forgotten, kept):
+            value = next(result.received["fraud"][r] for r in sorted(result.refs(subject, "before")))
+            result.reid_after[subject] = reveal(value)
+    finally:
+        consumer.close()
+        if worker is not None and worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+    console.print(erasure_table(result))
+    console.print(
+        "[dim]re-identify: one of the customer's fraud values from before the forget, through the audited "
+        "path. Once compaction removes the old key record (docs/governance.md: the bound), no key left "
+        "anywhere opens the forgotten customer's values.[/]\n"
+    )
+    return result
+
+
+def erasure_table(r: ErasureSceneResult) -> Table:
+    """Per customer and phase: orders fraud / analytics received, and re-identification."""
+    table = Table(
+        title=f"erasure: {r.forgotten} forgotten mid-stream (streamproc forget)", header_style="bold",
+        title_justify="left",
+    )  # fmt: skip
+    for col in ("customer", "phase", "fraud (erasable)", "analytics", "re-identify fraud value"):
+        table.add_column(col, no_wrap=True)
+    for subject in (r.forgotten, r.kept):
+        for phase, reid in (("before", r.reid_before), ("after", r.reid_after)):
+            refs = r.refs(subject, phase)
+            fraud = len(refs & set(r.received["fraud"]))
+            analytics = len(refs & set(r.received["analytics"]))
+            outcome = reid.get(subject, "")
+            shown = "subject_forgotten" if outcome == "subject_forgotten" else ("ok" if outcome else "")
+            table.add_row(
+                subject, phase, f"{fraud}/{len(refs)}" + (" withheld" if fraud < len(refs) else ""),
+                f"{analytics}/{len(refs)}", shown,
+            )  # fmt: skip
+    return table
+
+
+__all__ = ["ErasureSceneResult", "erasable_policy", "erasure_scene", "erasure_table", "run_erasure_scene"]

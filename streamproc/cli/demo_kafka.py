@@ -11,6 +11,8 @@ Steps (each shows progress):
    through the provenance headers; show dead letters and a few live metrics;
 6b. the consent scene (:mod:`streamproc.cli.demo_consent`): a customer withdraws consent
    mid-stream and their later orders are missing from analytics only;
+6c. the erasure scene (:mod:`streamproc.cli.demo_erasure`): a customer is forgotten
+   mid-stream (``streamproc forget``) and their fraud values no longer re-identify;
 7. SIGTERM the worker (it drains and commits) and stop the broker.
 """
 
@@ -191,6 +193,9 @@ def run_kafka_demo(console: Console, ws: d.Workspace, events: int, show_n: int, 
         from streamproc.cli.demo_consent import run_consent_scene
 
         run_consent_scene(console, ws, broker.bootstrap, seed)  # a withdrawal mid-stream
+        from streamproc.cli.demo_erasure import run_erasure_scene
+
+        run_erasure_scene(console, ws, broker.bootstrap, seed)  # a subject forgotten mid-stream
         if keep_running:
             console.print("[bold]running[/]: broker, processor and metrics stay up; Ctrl-C to stop.")
             try:
