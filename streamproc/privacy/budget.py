@@ -123,6 +123,9 @@ class SubjectState:
     eps: list[float]
     delta: list[float]
     rho: list[float]
+    _total: tuple[float, float, float] | None = field(default=None, compare=False, repr=False)
+    """The sums of the three lists (``None``: to be computed): kept between spends, so a
+    decision does not sum every slice again; dropped whenever slices fall off."""
 
     @classmethod
     def empty(cls, slices: int, now_slice: int) -> SubjectState:
@@ -138,9 +141,29 @@ class SubjectState:
         for arr in (self.eps, self.delta, self.rho):
             arr[:] = [0.0] * shift + arr[: n - shift]
         self.newest = now_slice
+        self._total = None
+
+    def totals(self) -> tuple[float, float, float]:
+        """(epsilon, delta, rho) spent over the slices (exact sums, cached)."""
+        t = self._total
+        if t is None:
+            t = self._total = (math.fsum(self.eps), math.fsum(self.delta), math.fsum(self.rho))
+        return t
+
+    def charge(self, cost: Cost) -> None:
+        """Add ``cost`` to the newest slice (and to the cached sums)."""
+        rho = cost.zcdp
+        self.eps[0] += cost.epsilon
+        self.delta[0] += cost.delta
+        self.rho[0] += rho
+        t = self._total
+        if t is not None:
+            # One rounding per spend on top of the exact sum: far below _TOLERANCE.
+            self._total = (t[0] + cost.epsilon, t[1] + cost.delta, t[2] + rho)
 
     def spent(self) -> Cost:
-        return Cost(math.fsum(self.eps), math.fsum(self.delta), math.fsum(self.rho))
+        e, d, r = self.totals()
+        return Cost(e, d, r)
 
     def is_empty(self) -> bool:
         return not any(self.eps) and not any(self.rho) and not any(self.delta)
@@ -230,24 +253,23 @@ class Accountant:
 
     def fits(self, spent: Cost, cost: Cost) -> bool:
         """Whether ``spent + cost`` stays within the budget by either accounting."""
+        return self._fits(spent.epsilon, spent.delta, spent.zcdp, cost)
+
+    def _fits(self, eps: float, delta: float, rho: float, cost: Cost) -> bool:
         b = self.budget
-        total = spent + cost
         limit = b.epsilon * (1 + _TOLERANCE)
-        if total.epsilon <= limit and total.delta <= b.delta * (1 + _TOLERANCE):
+        if eps + cost.epsilon <= limit and delta + cost.delta <= b.delta * (1 + _TOLERANCE):
             return True
-        return b.delta > 0 and zcdp_to_epsilon(total.zcdp, b.delta) <= limit
+        return b.delta > 0 and zcdp_to_epsilon(rho + cost.zcdp, b.delta) <= limit
 
     def try_spend(self, key: bytes, cost: Cost) -> Decision:
         """Charge ``cost`` to the subject if it fits (released), else charge nothing."""
         now_slice = self._slice(self.clock())
         st = self._state(key, now_slice)
-        spent = st.spent()
-        if not self.fits(spent, cost):
+        if not self._fits(*st.totals(), cost):
             self.suppressed += 1
-            return Decision(False, spent)
-        st.eps[0] += cost.epsilon
-        st.delta[0] += cost.delta
-        st.rho[0] += cost.zcdp
+            return Decision(False, st.spent())
+        st.charge(cost)
         self.dirty.add(key)
         return Decision(True, st.spent())
 
@@ -285,5 +307,5 @@ class Accountant:
             # keep the whole total, conservatively, as spent in the current slice.
             total = st.spent()
             st = SubjectState.empty(self.budget.buckets + 1, self._slice(self.clock()))
-            st.eps[0], st.delta[0], st.rho[0] = total.epsilon, total.delta, total.zcdp
+            st.charge(total)
         self.states[key] = st

@@ -31,7 +31,10 @@ starts.  With ``read_committed`` the position stops before a transaction that is
 open (a dead worker's, until the transaction is aborted by its successor or times out),
 so the restore waits for it to resolve rather than miss changes a commit could still
 make visible, bounded by ``restore_timeout`` (then :class:`StateUnavailable`: the worker
-stops rather than process with a state it cannot prove complete).
+stops rather than process with a state it cannot prove complete).  A changelog that does
+not exist, or has fewer partitions than the input, is a
+:class:`~streamproc.errors.ConfigError` (exit 78: ``streamproc topics apply`` creates it
+with the input's partition count).
 
 Reuse.  Another store (per-subject erasure keys) implements :class:`ChangelogStore`
 (``topic`` plus the four epoch methods plus ``restore``/``drop``), is exposed by the
@@ -47,6 +50,7 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol, cast
 
+from streamproc.errors import ConfigError
 from streamproc.pipeline.state import StateWrite
 from streamproc.runtime.checkpoint import FatalWorkerError
 
@@ -249,13 +253,14 @@ class KafkaChangelogReader:
 
         deadline = time.monotonic() + timeout
         meta = self.consumer.list_topics(topic, timeout=max(1.0, timeout / 4)).topics.get(topic)
+        # A missing or too small changelog is a deployment to fix, not an outage: exit 78.
         if meta is None or meta.error is not None or not meta.partitions:
-            raise StateUnavailable(
+            raise ConfigError(
                 f"changelog {topic!r} does not exist or cannot be described (create it with `streamproc topics apply`)"
             )
         missing = sorted(set(partitions) - set(meta.partitions))
         if missing:
-            raise StateUnavailable(
+            raise ConfigError(
                 f"changelog {topic!r} has {len(meta.partitions)} partitions; input partition {missing[0]} needs "
                 "its own (a changelog has at least the input's partition count)"
             )

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from streamproc.errors import ConfigError
 from streamproc.pipeline.state import StateWrite, UndoLog
 from streamproc.runtime import checkpoint as cp
 from streamproc.runtime.state import StateStores, StateUnavailable, with_state
@@ -329,7 +330,7 @@ def test_the_kafka_reader_refuses_a_changelog_with_too_few_partitions_or_bad_sta
 
     fake = FakeChangelogConsumer(1, {}, {})
     reader = KafkaChangelogReader({}, group_prefix="g", consumer_factory=lambda conf: fake)
-    with pytest.raises(StateUnavailable, match="input partition 2 needs"):
+    with pytest.raises(ConfigError, match="input partition 2 needs"):
         reader.read(TOPIC, [0, 2], lambda p, k, v: None, timeout=5)
     fake = FakeChangelogConsumer(1, {0: [[(b"k", b"junk")]]}, {0: 2})
     reader = KafkaChangelogReader({}, group_prefix="g", consumer_factory=lambda conf: fake)
