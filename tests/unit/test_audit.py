@@ -659,6 +659,7 @@ def test_helpers_cover_every_event_type() -> None:
     log.emit(EventType.CONSENT_WITHHELD, {"audience": "analytics", "purpose": "marketing", "reason": "withdrawn", "count": 2})
     for dl in (EventType.DEAD_LETTER_INSPECTED, EventType.DEAD_LETTER_REPLAYED):
         log.emit(dl, {"subject": "orders.dlq:0:7", "topic": "orders", "reason": "INC-1", "outcome": "success"})
+    log.emit(EventType.SUBJECT_FORGOTTEN, {"subject": "tk1_q3Zp0GkT8bWm2cXa9RrL1e", "topic": "keys", "audiences": ["fraud"], "purposes": ["marketing"], "count": 1, "outcome": "success"})
     assert {e["type"] for e in sink.events()} == {t.value for t in EventType}
     assert verify(sink.lines).ok
 

@@ -343,16 +343,28 @@ def values(t: AvroType, depth: int = 0) -> st.SearchStrategy[Any]:
         return st.fixed_dictionaries({f.name: values(f.type, depth + 1) for f in t.fields})
     if isinstance(t, Union):
         options = []
-        for b in t.branches:
+        for i, b in enumerate(t.branches):
             if depth >= 4 and b.kind != "null" and any(x.kind == "null" for x in t.branches):
                 continue  # bound recursion: prefer null deep down
             if isinstance(b, Record):
                 # tuple notation makes fastavro write exactly this branch
                 options.append(values(b, depth + 1).map(lambda v, n=b.fullname: (n, v)))
+            elif b.kind == "long" and any(x.kind == "int" for x in t.branches[:i]):
+                # fastavro writes a Python int under the first branch it fits: keep long
+                # values outside the int range, else a timestamp would be written as an
+                # earlier int branch (a date of -720000 days, which no reader can decode)
+                options.append(values(b, depth + 1).map(_outside_int32))
             else:
                 options.append(values(b, depth + 1))
         return st.one_of(options)
     raise AssertionError(k)
+
+
+def _outside_int32(v: int) -> int:
+    """``v`` moved out of the int32 range by 2**32 (unchanged when already outside)."""
+    if -(2**31) <= v < 2**31:
+        return v + 2**32 if v >= 0 else v - 2**32
+    return v
 
 
 def encode(schema: Any, record: Any) -> bytes:
