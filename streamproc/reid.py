@@ -265,8 +265,7 @@ class Reidentifier:
         self.subject_keys = subject_keys
 
     def _resolve(self, key_id: str) -> bytes:
-        if self.subject_keys is None:
-            raise ReidentificationError("no subject-key topic configured")
+        assert self.subject_keys is not None
         return self.subject_keys(self.audience, key_id)
 
     @property
@@ -430,6 +429,12 @@ class Reidentifier:
     def _run_erasable(self, who: str, safe: dict[str, Any], value: str, domain: str, text: bool) -> Any:
         """An erasable ``ds1_`` value: its subject key from the key topic, then AES-SIV."""
         safe = {**safe, "key_version": None}  # a subject key has no master version
+        if self.subject_keys is None:
+            self._audit(who, safe, "denied", "no_subject_key_topic")
+            raise ReidentificationError(
+                "re-identification denied: the value is erasable (ds1_...) and no subject-key topic is "
+                "configured (the processor config's erasure: section)"
+            )
         try:
             key = self._resolve(erasure.key_id_of(value))
         except erasure.SubjectForgotten:

@@ -62,7 +62,7 @@ from streamproc.crypto.pseudonym import (
     make_tokenizer,
     unb64u,
 )
-from streamproc.errors import StreamprocError
+from streamproc.errors import EnvelopeError, StreamprocError
 
 FORMAT = 1
 PREFIX = f"ds{FORMAT}_"
@@ -214,8 +214,6 @@ def open_sealed(open_envelope: Callable[[bytes], bytes], rkey: str, audience: st
     its transient errors (KMS outage) propagate, everything else is
     :class:`SubjectKeyUnavailable`.
     """
-    from streamproc.errors import EnvelopeError
-
     try:
         plain = open_envelope(sealed)
     except EnvelopeError as exc:

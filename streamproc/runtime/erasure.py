@@ -16,7 +16,6 @@ forgotten markers written by ``streamproc forget`` reach the table through the f
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -85,14 +84,4 @@ def read_key_directory(config: Config, *, timeout: float = 30.0, consumer_config
     return directory
 
 
-def wait_applied(table: ConsentTable, count: int, timeout: float) -> bool:
-    """Wait until ``table`` applied ``count`` records (tests and the demo)."""
-    deadline = time.monotonic() + timeout
-    while table.applied < count:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
-__all__ = ["ROLE", "build_key_table", "key_opener", "read_key_directory", "start_key_table", "wait_applied"]
+__all__ = ["ROLE", "build_key_table", "key_opener", "read_key_directory", "start_key_table"]

@@ -714,3 +714,14 @@ def test_a_key_forgotten_while_its_batch_is_sealed_is_never_written(keyring: Loc
     t.sealers["fraud"] = real
     shreds = t.take_writes()
     assert [k.decode().split("/")[0] for k, _ in shreds] == [tok] and b"shredded" in (shreds[0][1] or b"")
+
+
+def test_an_erasable_value_without_a_key_topic_is_denied_and_audited(make_pipeline: Maker, keyring: LocalKeyring) -> None:
+    kit = erasable_kit(make_pipeline, keyring)
+    value = fraud_emails(kit, kit.pipeline.process(orders(kit, [("c1", "a@x.io")])))[0]
+    sink = MemorySink()
+    reid = Reidentifier(AudienceKey("fraud", 1, kit.keys.siv_key("fraud")[1]), AuditLog([sink], stream="t"), kit.policy)
+    with pytest.raises(ReidentificationError, match="no subject-key topic"):
+        reid.reidentify(value, "EMAIL", actor="alice", field="email", reason="TICKET-1")
+    attrs = json.loads(sink.lines[-1])["attrs"]
+    assert (attrs["outcome"], attrs["error"]) == ("denied", "no_subject_key_topic")
