@@ -9,7 +9,8 @@ subjects (whose new keys keep the key topic written), follow.  Then:
   every one ever output, before and after the forget -- opens with **any** key record
   left in the key topic (every record in the log is tried, read_uncommitted);
 * re-identification of those values fails with ``subject_forgotten`` (audited); the other
-  subjects' values still re-identify, and their key records are intact;
+  subjects' values still re-identify, and their key records are intact -- through the
+  library and through ``streamproc keys export-audience`` + ``streamproc reidentify``;
 * the forgotten subject's records after the worker applied the marker are withheld from
   ``fraud`` (counted ``forgotten``), still delivered to ``analytics``; no new key was
   made for them;
@@ -257,6 +258,24 @@ def test_forget_mid_stream_shreds_every_value_of_the_subject(
     events = [json.loads(x) for x in sink.lines]
     errors = [e["attrs"].get("error") for e in events if e["type"] == "reidentification"]
     assert errors.count("subject_forgotten") == len(mine)
+
+    # The same through the commands an investigator runs (key file, then reidentify).
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "streamproc.cli.main", *args], capture_output=True, text=True,
+            cwd=str(REPO), timeout=120, check=False,
+        )  # fmt: skip
+
+    key_file = ws.root / "fraud.key"
+    r = cli("keys", "export-audience", "--config", str(ws.config_path), "--audience", "fraud", "--out", str(key_file))
+    assert r.returncode == 0, r.stderr
+    common = ("reidentify", "--config", str(ws.config_path), "--key-file", str(key_file), "--domain", "EMAIL",
+              "--field", "email", "--reason", "DSR-2041 check")  # fmt: skip
+    i1, v1 = next(iter(stays.items()))
+    r = cli(*common, v1)
+    assert r.returncode == 0 and r.stdout.strip() == orders.email[i1].strip().lower(), r.stderr
+    r = cli(*common, mine[0])
+    assert r.returncode == 1 and "subject was forgotten" in r.stderr and FORGOTTEN not in r.stdout + r.stderr
 
     # The subject has no live key (no new one was made), a marker and shred records; the
     # others keep theirs.  No record names the subject in clear.
