@@ -26,7 +26,7 @@ from streamproc.errors import PolicyError, SchemaError
 from streamproc.operators import OpContext, Operator, OperatorError, get_operator
 from streamproc.operators.dp import DP_PROP
 from streamproc.policy.model import DP_OPERATORS, Audience, Rule
-from streamproc.privacy.budget import Cost
+from streamproc.privacy.budget import Accountant, Cost
 from streamproc.schema import avro
 from streamproc.schema.annotations import (
     DOMAIN_HINT,
@@ -534,7 +534,16 @@ def build_plan(
         out_schema = output_schema(schema, root)
     except SchemaError as exc:
         raise PolicyError(f"audience {audience.name!r}, schema {schema.fullname}: {exc}") from None
-    cost = dp_cost(root, audience.name) if audience.budget is not None else None
+    cost = None
+    if audience.budget is not None:
+        cost = dp_cost(root, audience.name)
+        if not Accountant(audience.budget).fits(Cost(0.0, 0.0, 0.0), cost):
+            # Each rule fits the budget (checked with the policy), but this schema's DP
+            # fields together do not: no record of it could ever be released.
+            raise PolicyError(
+                f"audience {audience.name!r}, schema {schema.fullname}: one record's DP fields cost "
+                f"epsilon {cost.epsilon:g}, more than the whole budget {audience.budget.epsilon:g}"
+            )
     return Plan(audience.name, root, out_schema, subject, b.transforms, cost)
 
 

@@ -249,6 +249,15 @@ def test_a_budget_needs_tokens_and_a_changelog(kit: Kit) -> None:
         kit.build(keys=None)
 
 
+def test_a_schema_whose_record_cost_exceeds_the_budget_is_refused(keys: PseudonymKeys) -> None:
+    """Each rule fits the budget, the record does not: nothing could ever be released."""
+    over = BUDGET - AMOUNT_EPS + 0.1  # SCORE's epsilon, so that AMOUNT + SCORE > BUDGET
+    pol = raw_policy()
+    pol["audiences"]["analytics"]["tags"]["SCORE"]["epsilon"] = over
+    with pytest.raises(PolicyError, match="more than the whole budget"):
+        build_plan(avro.parse(SCHEMA), parse_policy(pol).audience("analytics"), keys)
+
+
 @pytest.mark.parametrize(
     ("field", "message"),
     [
