@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError, KafkaException, Producer
 
+from streamproc.pipeline.state import UndoLog
 from streamproc.runtime.factory import build_pipeline
 from streamproc.runtime.watchdog import Watchdog
 from streamproc.runtime.worker import Worker
@@ -55,6 +56,50 @@ class HeldProducer:
         self.commits += 1
         self.before_commit(self.commits)
         self.inner.commit_transaction(timeout)
+
+
+class CountingStore:
+    """A stateful collaborator on the epoch protocol: counts every source record the
+    pipeline processed (an :class:`UndoLog` undoes what uncommitted epochs added).  Once
+    the worker stopped, each record must have been counted exactly once, however often
+    it was processed: what the privacy budget relies on."""
+
+    topic = "unused"
+    partitioned = False  # takes part in the epochs only (no changelog topic to restore)
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[int, int], int] = {}
+        self.undo: UndoLog[tuple[int, int], int] = UndoLog(self._put)
+        self.rolled_back: list[list[int]] = []  # the open epochs at each rollback
+
+    def _put(self, key: tuple[int, int], old: int | None) -> None:
+        if old is None:
+            self.counts.pop(key, None)
+        else:
+            self.counts[key] = old
+
+    def add(self, key: tuple[int, int]) -> None:
+        self.undo.touch(key, lambda: self.counts.get(key))
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def begin(self, epoch: int) -> None:
+        self.undo.begin(epoch)
+
+    def committed(self, epoch: int) -> None:
+        self.undo.committed(epoch)
+
+    def discard(self, epoch: int) -> None:
+        self.undo.discard(epoch)
+
+    def rollback(self) -> None:
+        self.rolled_back.append(self.undo.open_epochs)
+        self.undo.rollback()
+
+    def restore(self, partition: int, key: bytes, value: bytes | None) -> None:
+        raise AssertionError("not partitioned: never restored")
+
+    def drop(self, partition: int) -> None:
+        raise AssertionError("not partitioned: never dropped")
 
 
 def _check_outputs(ws: Any, produced: set[tuple[int, int]], tansu: bool) -> int:
@@ -92,8 +137,19 @@ def test_abort_of_n_after_n_plus_1_was_processed_redoes_both(
         held.append(HeldProducer(conf))
         return held[-1]
 
-    worker = Worker(config, build_pipeline(config, observer=obs), instance="abort", observer=obs,
+    pipeline = build_pipeline(config, observer=obs)
+    store = CountingStore()
+    process = pipeline.process
+
+    def counting_process(inputs: Any) -> Any:
+        for r in inputs:
+            store.add((r.partition, r.offset))
+        return process(inputs)
+
+    pipeline.process = counting_process  # type: ignore[method-assign]
+    worker = Worker(config, pipeline, instance="abort", observer=obs,
                     producer_factory=factory)  # type: ignore[arg-type]  # fmt: skip
+    worker.state.stores.append(store)
 
     def before_commit(n: int) -> None:
         if n != 2:
@@ -119,6 +175,11 @@ def test_abort_of_n_after_n_plus_1_was_processed_redoes_both(
     assert worker.aborts == 1 and obs.of("transaction").count(("aborted",)) == 1
     # Batch 3 was processed, never committed on its own: it was redone after the abort.
     assert worker.records_committed == len(produced)
+    # The abort rolled the state back over both batches (N and N+1), and what stayed
+    # counts every record exactly once although batches 2 and 3 were processed twice.
+    assert store.rolled_back == [[2, 3]]
+    assert store.counts == dict.fromkeys(produced, 1)
+    assert store.undo.open_epochs == []  # drained: nothing left uncommitted
     dups = _check_outputs(ws, produced, broker_is_tansu)
     print(f"\n[overlap abort] tansu={broker_is_tansu} produced={len(produced)} duplicates={dups}")
 
