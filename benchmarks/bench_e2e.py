@@ -39,7 +39,11 @@ SCRAM-SHA-512 over TLS) -- or ``--bootstrap``:
      provenance headers before 0.2 (isolates what the headers cost the client and the broker);
    * ``raw-eos-prov``     -- ``raw-eos`` plus the one ``streamproc.prov`` header the worker
      writes now (same length, a per-record 22-character reference);
-   * ``raw-eos-2``        -- the transactional copy loop writing each record to 2 topics.
+   * ``raw-eos-2``        -- the transactional copy loop writing each record to 2 topics;
+   * ``streamproc-eos-serial`` / ``streamproc-eos-2-serial`` -- the worker with
+     ``batch.overlap_commit: false`` (commit, then consume the next batch);
+   * ``base-eos`` / ``base-eos-2`` -- the worker of another source tree
+     (``--baseline DIR``, e.g. a checkout of the commit before a change), same rounds.
 
 3. Clocks, per run: ``launch`` (subprocess started), ``assigned`` (its "partitions
    assigned" log line: start-up, ``init_transactions`` and the group join are over),
@@ -56,8 +60,10 @@ SCRAM-SHA-512 over TLS) -- or ``--bootstrap``:
 Also recorded per run, over the steady phase: CPU seconds of the worker/copy process (all
 threads) and of its main thread, and of the broker (``/proc``), the number of batches,
 for the copy loops the mean time per batch of each phase (produce, send_offsets/flush,
-commit), and the load average.  ``--pin`` puts the worker/copy process on the last CPU and
-the broker and this harness on the others.  Rates are *input* records/s; the median over
+commit; for the worker, how long its committer thread took per commit and how long the loop
+still waited for it), the load average, and the process's resident set at ``done``
+(``VmRSS``, steady state) and its high-water mark (``VmHWM``).  ``--pin`` puts the
+worker/copy process on the last CPU and the broker and this harness on the others.  Rates are *input* records/s; the median over
 ``--repeat`` rounds is reported, and each ratio (e.g. streamproc EOS / raw EOS copy) is the
 median of the per-round ratios.
 """
@@ -108,6 +114,9 @@ class Case:
     ``"prov"`` the one ``streamproc.prov`` header of today's worker."""
     overlap: bool = True
     """Worker only: ``batch.overlap_commit`` (False: commit, then consume the next batch)."""
+    baseline: bool = False
+    """Worker only: run the source tree given with ``--baseline DIR`` (another checkout,
+    e.g. the commit before a change) instead of this one, in the same rounds."""
 
 
 CASES: dict[str, Case] = {
@@ -154,6 +163,22 @@ CASES: dict[str, Case] = {
         ),
         Case("raw-eos-2", "raw", "exactly_once", 2, "raw copy loop, transactional, 2 topics"),
         Case(
+            "base-eos",
+            "streamproc",
+            "exactly_once",
+            1,
+            "--baseline tree: worker, exactly-once, 1 audience",
+            baseline=True,
+        ),
+        Case(
+            "base-eos-2",
+            "streamproc",
+            "exactly_once",
+            2,
+            "--baseline tree: worker, exactly-once, 2 audiences",
+            baseline=True,
+        ),
+        Case(
             "streamproc-eos-serial",
             "streamproc",
             "exactly_once",
@@ -197,7 +222,13 @@ RATIOS = (
     ("streamproc-eos-2-serial", "raw-eos-2"),
     ("streamproc-eos", "streamproc-eos-serial"),
     ("streamproc-eos-2", "streamproc-eos-2-serial"),
+    ("base-eos", "raw-eos"),
+    ("base-eos-2", "raw-eos-2"),
+    ("streamproc-eos", "base-eos"),
+    ("streamproc-eos-2", "base-eos-2"),
 )
+#: ``--baseline DIR``: the source tree the ``base-*`` cases run.
+BASELINE: Path | None = None
 
 
 # -- workspace and topics --------------------------------------------------------------------------
@@ -229,7 +260,7 @@ class Bench:
             "producer": dict(self.producer),
             "group_id": f"e2e-{suffix}",
             "processing_guarantee": case.guarantee,
-            "batch": {**self.batch, "overlap_commit": case.overlap},
+            "batch": {**self.batch, **({} if case.overlap else {"overlap_commit": False})},
             "schemas": {"directory": str(self.root / "schemas")},
             "kms": {"provider": "local", "path": str(self.root / "keys" / "keyring.json")},
             "policy": str(self.root / "policy.yaml"),
@@ -529,6 +560,9 @@ def run_case(bench: Bench, case: Case, *, timeout: float = 600.0, pin: int | Non
     dst_tps = [TopicPartition(d, p) for d in dests for p in range(bench.partitions)]
     log_path = bench.root / f"{suffix}.log"
     cmd = command_for(case, config)
+    if case.baseline and BASELINE is None:
+        raise ValueError(f"case {case.name} needs --baseline DIR")
+    tree = BASELINE if case.baseline and BASELINE is not None else REPO
     if pin is not None and hasattr(os, "sched_setaffinity"):
         cmd = ["taskset", "-c", str(pin), *cmd]
     with open(log_path, "wb") as log:
@@ -538,8 +572,8 @@ def run_case(bench: Bench, case: Case, *, timeout: float = 600.0, pin: int | Non
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            cwd=str(REPO),
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            cwd=str(tree),
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(tree)},
         )
     first: list[float] = []
 
@@ -1013,6 +1047,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="with --broker kafka: SASL_SSL (SCRAM-SHA-512, TLS, hostname verification)",
     )
     ap.add_argument("--bootstrap", help="use this broker instead of starting a local one")
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        help="another source tree (a checkout of an earlier commit) for the base-* cases",
+    )
     ap.add_argument("--timeout", type=float, default=600.0, help="per-run timeout, seconds")
     ap.add_argument(
         "--keep", type=Path, help="keep the workspace (configs, logs) in this directory"
@@ -1022,6 +1061,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    global BASELINE
+    BASELINE = args.baseline.resolve() if args.baseline else None
     bad = [c for c in cases if c not in CASES]
     if bad:
         ap.error(f"unknown case(s) {bad}; have {', '.join(CASES)}")
