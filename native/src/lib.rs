@@ -105,7 +105,7 @@ impl NatOp {
             }
             NatOp::Mask { first, last, ch } => {
                 let n = v.chars().count();
-                if (first + last) * 2 > n {
+                if first.saturating_add(*last).saturating_mul(2) > n {
                     return NatOut::Text(ch.repeat(n).into_bytes());
                 }
                 let head_end = v.char_indices().nth(*first).map_or(v.len(), |(i, _)| i);

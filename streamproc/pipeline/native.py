@@ -180,7 +180,12 @@ def compile_native(
         spec = plan_spec(plan, schema)
     except Unsupported:
         return None
-    fn: Callable[[bytes], list[bytes]] = NativePlan(
-        spec, offset, prefix, BadPayload, TransformFailed, _ineffective, Ineffective
-    )
+    try:
+        fn: Callable[[bytes], list[bytes]] = NativePlan(
+            spec, offset, prefix, BadPayload, TransformFailed, _ineffective, Ineffective
+        )
+    except (ValueError, TypeError, OverflowError):
+        # A parameter the interpreter cannot hold (a mask length beyond 64 bits, say): the
+        # generated function handles it as before.
+        return None
     return fn

@@ -375,6 +375,19 @@ def test_recursive_schema_and_subject_plans_stay_in_python(shared_keys: Pseudony
     assert native.compile_native(Plan("a", Apply(Primitive("string")), {}, None, {}), node2, force=True) is not None
 
 
+@needs_native
+def test_parameters_beyond_the_interpreter_keep_the_generated_function(shared_keys: PseudonymKeys) -> None:
+    node = avro.parse(SCHEMA)
+    assert isinstance(node, Record)
+    plan = build_plan(node, _audience([("PII", {"op": "mask", "keep_last": 2**70})], "keep"), shared_keys)
+    assert native.compile_native(plan, node, force=True) is None
+    huge = build_plan(node, _audience([("PII", {"op": "mask", "keep_last": 2**62})], "keep"), shared_keys)
+    fns = both(huge, node)
+    assert fns is not None  # fits in 64 bits: native, and the floor still masks everything
+    assert outcome(fns[1], _body("4111111111111111")) == outcome(fns[0], _body("4111111111111111"))
+    assert outcome(fns[1], _body("4111111111111111"))[1] == encode(SCHEMA, {"a": "*" * 16, "b": 7, "m": {"k": "v"}})
+
+
 def test_streamproc_native_0_disables_it() -> None:
     code = "from streamproc.pipeline import native; print(native.ENABLED)"
     env = {**os.environ, "STREAMPROC_NATIVE": "0"}
