@@ -5,8 +5,13 @@ of ``Pipeline.process``, and most of it is CPython bytecode stepping over the Av
 fields that are only copied.  The extension (crate ``native/``, built by ``pip install -e .``
 when cargo is there) runs the same walk in Rust: kept runs are copied with one ``memcpy``,
 transformed fields are decoded and handed to the *same* Python operator callables the
-generated code would call, and their results are encoded the same way.  Operators keep one
-implementation; only the walk is native.
+generated code would call, and their results are encoded the same way.  A few operators
+are also computed in Rust, each only in the exact bound form that declares it with a
+``native_op`` attribute (the plain string tokenizer, ``mask`` without ``preserve`` or
+``fixed_length``, ``generalize: {cidr}`` on canonical dotted quads, and the fail-closed
+guard around them): on the reference record they were most of what remained of the plan
+function once the walk was compiled.  Every other operator keeps its one implementation,
+in Python, called back from the walk.
 
 The generated Python function stays the reference the interpreter is checked against
 (``tests/unit/test_native_plan.py``: byte-identical output, the same ``TransformFailed``
