@@ -105,6 +105,12 @@ def _apply(n: Node, value: Any, subject: bytes | None) -> Any:
                 out_t = out_t.nullable_of  # a budgeted DP field: null when suppressed
             if isinstance(out_t, Enum) and result is not None:
                 return out_t.symbols[result]  # an enum output is an index too (randomized_response)
+            writer = _PRIMITIVE_WRITERS.get(out_t.kind)
+            if writer is not None and result is not None:
+                # The generated code encodes inside the operator's try, so a result its type
+                # cannot hold (a huge int for a double, a float32 overflow, a lone surrogate)
+                # fails the field; the oracle must fail it at the same place, not later.
+                fastavro.schemaless_writer(io.BytesIO(), writer, result)
             return result
         except PASS_THROUGH:
             raise
@@ -143,6 +149,10 @@ def _apply(n: Node, value: Any, subject: bytes | None) -> Any:
         # tuple notation: fastavro writes exactly the output branch the plan maps to
         return (_type_name(n.out.branches[n.index_map[i]]), result)
     raise TypeError(n)
+
+
+#: Writers of the primitive output types whose encoding can fail for a wrong-sized value.
+_PRIMITIVE_WRITERS = {k: fastavro.parse_schema(k) for k in ("int", "long", "float", "double", "string")}
 
 
 def run_reference(plan: Plan, schema_json: Any, avro_bytes: bytes) -> bytes:
