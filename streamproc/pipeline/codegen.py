@@ -711,51 +711,39 @@ def compile_reader(
     return fn
 
 
-def compile_tuple_reader(
-    schema: Record, qi: list[str | None], sensitive: str | None, *, offset: int = 0
-) -> Callable[[bytes], tuple[tuple[Any, ...], Any]]:
-    """``f(buf) -> (quasi-identifier tuple, sensitive value)`` from a record this processor
-    wrote: the measurement-only form of :func:`compile_reader` (no spans, no lists; a name
-    ``None`` -- a field the audience does not receive -- reads as ``None``).  The tuple
-    holds each quasi-identifier's *encoded bytes* (equal values, equal bytes); the
-    sensitive value is decoded, since distinct values are counted for l-diversity."""
-    wanted = {n for n in (*qi, sensitive) if n is not None}
+def compile_key_reader(
+    schema: Record, qi: set[str], sensitive: str | None, *, offset: int = 0
+) -> Callable[[bytes], tuple[bytes, bytes | None]]:
+    """``f(buf) -> (quasi-identifier key, sensitive key)`` from a record this processor
+    wrote: the measurement-only form of :func:`compile_reader` (no decoding, no spans).  The
+    quasi-identifier key is the encodings of the fields ``qi`` concatenated in schema order,
+    the sensitive key the encoding of ``sensitive`` (``None`` without one).  Encodings are
+    self-delimiting, so equal keys mean equal encodings of every field: the classes (and
+    distinct sensitive values) are those of the values.  The same keys as
+    :func:`streamproc.pipeline.native.compile_native_reader`, which replaces this when the
+    compiled interpreter is built."""
+    wanted = qi | ({sensitive} if sensitive is not None else set())
     g = _Gen()
     body = [f"    pos = {offset}"]
-    var: dict[str, str] = {}
+    parts: list[str] = []
+    sens = "None"
     last = max((i for i, f in enumerate(schema.fields) if f.name in wanted), default=-1)
     for f in schema.fields[: last + 1]:
         if f.name not in wanted:
             g.skip(f.type, "    ", body)
             continue
-        v = var[f.name] = g.var("rv")
-        t = f.type
-        if f.name != sensitive:
-            # A quasi-identifier is only compared for equality: its encoded bytes serve as
-            # well as its value, without decoding.  (Avro's encoding of a value is unique
-            # for what this processor writes; a producer's non-minimal varint in a kept
-            # field could only split a class, which shows more risk, never less.)
-            st = g.var("st")
-            body.append(f"    {st} = pos")
-            g.skip(t, "    ", body)
-            body.append(f"    {v} = buf[{st}:pos]")
-            continue
-        if isinstance(t, Union):
-            i = g.var("u")
-            body.append(f"    {i} = buf[pos]")
-            body.append("    pos += 1")
-            for idx, br in enumerate(t.branches):
-                body.append(f"    {'if' if idx == 0 else 'elif'} {i} == {idx << 1}:")
-                inner: list[str] = []
-                g.decode(br, v, "        ", inner)
-                body.extend(inner)
-            body.append("    else: raise _Bad('union branch')")
-        else:
-            g.decode(t, v, "    ", body)
-    items = ", ".join("None" if n is None else var[n] for n in qi)
-    body.append(f"    return ({items},), {'None' if sensitive is None else var[sensitive]}")
+        st, v = g.var("st"), g.var("rv")
+        body.append(f"    {st} = pos")
+        g.skip(f.type, "    ", body)
+        body.append(f"    {v} = buf[{st}:pos]")
+        if f.name in qi:
+            parts.append(v)
+        if f.name == sensitive:
+            sens = v
+    key = "b''" if not parts else parts[0] if len(parts) == 1 else " + ".join(parts)
+    body.append(f"    return {key}, {sens}")
     src = "\n".join([*g.lines, "def _read(buf):", *body]) + "\n"
     env = dict(g.env)
-    exec(compile(src, f"<streamproc tuple reader {schema.fullname}>", "exec"), env)
-    fn: Callable[[bytes], tuple[tuple[Any, ...], Any]] = env["_read"]
+    exec(compile(src, f"<streamproc key reader {schema.fullname}>", "exec"), env)
+    fn: Callable[[bytes], tuple[bytes, bytes | None]] = env["_read"]
     return fn

@@ -194,3 +194,26 @@ def compile_native(
         # generated function handles it as before.
         return None
     return fn
+
+
+def compile_native_reader(schema: AvroType, names: set[str], *, offset: int = 0) -> Callable[[bytes], bytes] | None:
+    """``f(buf) -> bytes``: the encodings of the top-level fields ``names`` of a record this
+    processor wrote, concatenated in schema order (a keep/drop plan over the output schema,
+    run by the interpreter), or ``None`` when the interpreter is not built, disabled, or
+    cannot walk the schema (recursive).
+
+    Why: risk measurement reads each output's quasi-identifiers back; the interpreter walks
+    the record in Rust, about five times faster than the generated reader.  The encoding of
+    a field is self-delimiting, so the concatenation of several identifies their values
+    exactly: two records give equal bytes iff their fields' encodings are equal.
+    """
+    if NativePlan is None or not ENABLED or not isinstance(schema, Record):
+        return None
+    try:
+        spec = ("record", [("keep" if f.name in names else "drop", _ty(f.type)) for f in schema.fields])
+    except Unsupported:
+        return None
+    fn: Callable[[bytes], bytes] = NativePlan(
+        spec, offset, b"", BadPayload, TransformFailed, _ineffective, Ineffective
+    ).run
+    return fn

@@ -1,13 +1,17 @@
 """Re-identification risk in the pipeline: measured on, and enforced in, each audience's outputs.
 
 An audience with ``risk:`` in the policy gets a :class:`RiskGuard`.  Once per batch, after
-its plans ran and before its outputs are sealed, the guard reads the quasi-identifier
-tuple (and the sensitive value) of every output plaintext -- the values the audience's
-subscribers will decrypt, after every transformation -- with a reader compiled per output
-schema (:class:`RiskProbe`), and:
+its plans ran and before its outputs are sealed, the guard reads the quasi-identifiers
+(and the sensitive value) of every output plaintext -- the values the audience's
+subscribers will decrypt, after every transformation, consent, budget suppression and
+enforcement included -- with readers compiled per output schema (:class:`RiskProbe`), and:
 
 * **measures**: every released tuple goes into a :class:`~streamproc.privacy.risk.RiskWindow`
-  (``released``), whose report the worker exports as gauges per audience;
+  (``released``), whose report the worker exports as gauges per audience.  Measurement
+  alone compares encodings, not values: a record's class key is its quasi-identifier
+  fields' encodings concatenated and its sensitive key the sensitive field's encoding
+  (read in Rust by the compiled interpreter when it is built, else by one generated
+  reader), so nothing is decoded and no tuple is built per record;
 * **enforces** (``risk.action``): a *candidate* window per ladder level counts the tuple
   each record would have at that level (level 0: what the policy's rules give).  A record
   is released at the lowest level whose class, counting this record, holds at least k
@@ -38,11 +42,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 from streamproc.errors import PolicyError
 from streamproc.operators import OpContext
-from streamproc.pipeline.codegen import compile_reader, compile_tuple_reader, enc_long, encoder
+from streamproc.pipeline.codegen import compile_key_reader, compile_reader, enc_long, encoder
+from streamproc.pipeline.native import compile_native_reader
 from streamproc.pipeline.plan import Plan, node_out_type, quasi_identifier_fields, scalar_of
 from streamproc.policy.model import Audience
 from streamproc.privacy.risk import RiskReport, RiskWindow
@@ -91,8 +97,16 @@ class RiskProbe:
         sens_name = field_of(risk.sensitive) if risk.sensitive is not None else None
         names = [f.name for f in out.fields if f.name in set(qi_names) | {sens_name}]
         self.read = compile_reader(out, names, offset=offset)
-        #: Measurement only: the tuple and the sensitive value, straight from the bytes.
-        self.read_tuple = compile_tuple_reader(out, qi_names, sens_name, offset=offset)
+        # Measurement only: each record's class key (its quasi-identifiers' encodings) and
+        # sensitive key, straight from the bytes -- by the compiled interpreter when it is
+        # built (one call per key, in Rust), else by one generated reader for both.
+        qi_set = {n for n in qi_names if n is not None}
+        self.read_keys = compile_key_reader(out, qi_set, sens_name, offset=offset)
+        native_qi = compile_native_reader(out, qi_set, offset=offset)
+        native_sens = None if sens_name is None else compile_native_reader(out, {sens_name}, offset=offset)
+        #: ``(class keys reader, sensitive keys reader or None)`` of the interpreter, or None.
+        self.native = None if native_qi is None or (sens_name is not None and native_sens is None) else (
+            native_qi, native_sens)
         index = {n: i for i, n in enumerate(names)}
         #: Position in the reader's values of each quasi-identifier (-1: not received).
         self.qi = [-1 if n is None else index[n] for n in qi_names]
@@ -182,6 +196,28 @@ class RiskGuard:
         for w, sp in zip(self.candidates, savepoint[1:], strict=True):
             w.rollback(sp)
 
+    def keys(
+        self, runs: list[tuple[RiskProbe, int, int]], plains: list[bytes]
+    ) -> tuple[list[Hashable], list[Hashable] | None]:
+        """The class key and (with l) the sensitive key of every record of ``runs``, in
+        order: one ``map`` per run and key, so the loop over records stays in C."""
+        with_l = self.target.sensitive is not None
+        qis: list[Hashable] = []
+        sens: list[Hashable] | None = [] if with_l else None
+        for probe, start, end in runs:  # one run per plan
+            part = plains[start:end] if start or end < len(plains) else plains
+            if probe.native is not None:
+                rq, rs = probe.native
+                qis += map(rq, part)
+                if sens is not None and rs is not None:
+                    sens += map(rs, part)
+            else:
+                rows = list(map(probe.read_keys, part))
+                qis += map(itemgetter(0), rows)
+                if sens is not None:
+                    sens += map(itemgetter(1), rows)
+        return qis, sens
+
     def apply(
         self, runs: list[tuple[RiskProbe, int, int]], plains: list[bytes], now: float,
         enforced: dict[tuple[str, str], int],
@@ -193,11 +229,8 @@ class RiskGuard:
         cands = self.candidates
         suppressed = generalized = 0
         nulls = (None,) * len(self.target.quasi_identifiers)
-        if not cands:  # measurement only: read the tuples, one batch into the window
-            rows: list[tuple[tuple[Hashable, ...], Hashable]] = []
-            for probe, start, end in runs:  # one run per plan: map() keeps the loop in C
-                rows += map(probe.read_tuple, plains[start:end] if start or end < len(plains) else plains)
-            self.released.add_many(rows, now)
+        if not cands:  # measurement only: read the keys, one batch into the window
+            self.released.add_batch(*self.keys(runs, plains), now)
             return self.released.report(now)
         for probe, start, end in runs:
             read, qi, sens = probe.read, probe.qi, probe.sensitive

@@ -15,8 +15,9 @@ measures, over that window:
 
 **Sliding window, bounded memory.** Records enter with a timestamp and leave when older
 than ``window_s`` or, if more than ``max_records`` are inside the window, oldest first (a
-capped table with eviction).  Memory is O(``max_records``): one deque entry per record
-plus one counter per distinct tuple (and per distinct sensitive value of a class).  The
+capped table with eviction).  Memory is O(``max_records``): two list slots per record
+(records added together share one chunk) plus one counter per distinct tuple (and per
+distinct (tuple, sensitive value) pair).  The
 measurement is *exact* over the records it holds.  The only approximation is coverage:
 when the cap evicts records younger than the window (``evicted_by_cap`` counts them),
 the report covers the newest ``max_records`` records (``covered_s`` < ``window_s``).  For
@@ -29,7 +30,11 @@ expected volume (100 000 by default: about 10 MB for three short quasi-identifie
 **Incremental.** The measurements are kept up to date on every addition and removal (a
 histogram of class sizes, the records in classes below k, the unique classes, and the same
 for distinct sensitive values), so :meth:`RiskWindow.report` costs O(distinct class
-sizes), not O(classes): the worker reports once per batch at no cost per record.
+sizes), not O(classes): the worker reports once per batch at no cost per record.  The
+worker's path, :meth:`RiskWindow.add_batch`, applies a batch (its additions, and the
+records that expiry and the cap take out) as one net change per touched class, computed
+with C-level passes (``Counter``, ``map``, ``dict.update``) instead of Python statements
+per record; :meth:`RiskWindow.add` updates the same counters one record at a time.
 
 **Savepoints.** The runtime adds a batch's outputs before its transaction commits; when
 the transaction aborts, the same records come again.  :meth:`RiskWindow.savepoint` and
@@ -37,7 +42,9 @@ the transaction aborts, the same records come again.  :meth:`RiskWindow.savepoin
 is never counted twice.  Records that left by age or by the cap while the batch was
 added stay gone: the window only gets smaller, which errs on the cautious side.
 
-Values are compared as they are given (the caller passes output values, after the
+Values are compared as they are given, by equality (the worker passes each output's
+quasi-identifier *encodings*, concatenated, and the sensitive field's encoding: equal
+bytes iff equal values; the caller passes output values, after the
 policy's transformations: a suppressed value is ``None`` or ``*`` and is one value like
 any other, as in ARX and pycanon).  Nothing here logs or exports a value: the report holds
 counts and shares only.
@@ -50,7 +57,9 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from itertools import compress, repeat
+from operator import add, gt, itemgetter, not_, sub
+from operator import lt as lt_
 
 #: Enforcement actions (``risk.action``): ``suppress`` writes null for the record's
 #: quasi-identifiers; ``generalize_more`` walks the policy's ladder first.
@@ -114,28 +123,79 @@ class RiskReport:
         return ok
 
 
-def _bump(hist: Counter[int], key: int, by: int) -> None:
-    n = hist[key] + by
-    if n:
-        hist[key] = n
-    else:
-        del hist[key]
+class _Chunk:
+    """Records added at one time, oldest first: ``qis[start:]`` (and ``sens[start:]``) are
+    still held.  One per batch on the worker's path, so holding a record costs two list
+    slots, not a tuple and a deque entry of its own."""
+
+    __slots__ = ("qis", "sens", "start", "ts")
+
+    def __init__(self, ts: float, qis: list[Hashable], sens: list[Hashable] | None) -> None:
+        self.ts = ts
+        self.qis = qis
+        self.sens = sens
+        self.start = 0
+
+    def __len__(self) -> int:
+        return len(self.qis) - self.start
+
+
+def _merge(hist: dict[int, int], plus: Counter[int], minus: Counter[int]) -> None:
+    """``hist += plus - minus`` over positive keys (0 is "no class"), zeros removed."""
+    for key, c in plus.items():
+        if key:
+            hist[key] = hist.get(key, 0) + c
+    for key, c in minus.items():
+        if key:
+            m = hist[key] - c
+            if m:
+                hist[key] = m
+            else:
+                del hist[key]
+
+
+def _recount(
+    counts: dict[Hashable, int], touched: list[Hashable], plus: list[Hashable], minus: list[Hashable]
+) -> tuple[list[int], list[int]]:
+    """Apply ``+1`` per key of ``plus`` and ``-1`` per key of ``minus`` to ``counts`` (keys
+    at 0 removed); returns the ``touched`` keys' counts before and after.  Every pass is a
+    C loop (``Counter``'s counting, ``map``, ``dict.update``): the batch costs a few
+    machine-level passes per record, not a Python statement per record and counter."""
+    old = list(map(counts.get, touched, repeat(0)))
+    new = old
+    if plus:
+        inc = Counter(plus)
+        new = list(map(add, new, map(inc.get, touched, repeat(0))))
+    if minus:
+        dec = Counter(minus)
+        new = list(map(sub, new, map(dec.get, touched, repeat(0))))
+    counts.update(zip(touched, new, strict=True))
+    for key in compress(touched, map(not_, new)):
+        del counts[key]
+    return old, new
 
 
 @dataclass
 class RiskWindow:
-    """The sliding window of one audience's quasi-identifier tuples (see the module doc)."""
+    """The sliding window of one audience's quasi-identifier tuples (see the module doc).
+
+    A quasi-identifier "tuple" is any hashable value the caller derives from the record's
+    quasi-identifiers, the same way for every record (the worker uses the concatenated
+    encodings of the fields: equal values, equal bytes); the window only compares them."""
 
     target: RiskTarget
     clock: Callable[[], float] = time.time
-    _entries: deque[tuple[float, Hashable, Hashable]] = field(default_factory=deque)
-    _classes: Counter[Hashable] = field(default_factory=Counter)
-    _values: dict[Hashable, dict[Hashable, int]] = field(default_factory=dict)
-    """tuple -> its sensitive values -> records: the class's distinct values are the
-    inner dict's length, so l-diversity costs two lookups per record."""
-    _sizes: Counter[int] = field(default_factory=Counter)
+    _chunks: deque[_Chunk] = field(default_factory=deque)
+    _held: int = 0
+    _classes: dict[Hashable, int] = field(default_factory=dict)
+    """tuple -> records of that class in the window."""
+    _pairs: dict[tuple[Hashable, Hashable], int] = field(default_factory=dict)
+    """(tuple, sensitive value) -> records (with a sensitive attribute only)."""
+    _distinct: dict[Hashable, int] = field(default_factory=dict)
+    """tuple -> distinct sensitive values of its class (its pairs in ``_pairs``)."""
+    _sizes: dict[int, int] = field(default_factory=dict)
     """class size -> number of classes of that size (the smallest key is the window's k)."""
-    _diversity: Counter[int] = field(default_factory=Counter)
+    _diversity: dict[int, int] = field(default_factory=dict)
     """distinct sensitive values -> number of classes with that many (smallest: the window's l)."""
     _below_k: int = 0
     """Records in classes smaller than the target k."""
@@ -145,234 +205,199 @@ class RiskWindow:
     added: int = 0
     """Records ever added (a savepoint is a value of this counter)."""
 
-    def add(self, qi: tuple[Hashable, ...], sensitive: Hashable = None, ts: float | None = None) -> int:
+    # -- the worker's path: a batch at a time ----------------------------------------------
+    def add_batch(self, qis: list[Hashable], sens: list[Hashable] | None, now: float) -> None:
+        """Add a batch of records at one time: ``qis[i]`` (and ``sens[i]`` with a sensitive
+        attribute) per record.  The same window and counters as :meth:`add` one record at a
+        time: expiry, then the cap's eviction of the oldest (all the cap would evict while
+        adding the batch one by one), then the batch, applied as one net change per class."""
+        t = self.target
+        if t.sensitive is not None and (sens is None or len(sens) != len(qis)):
+            raise ValueError("one sensitive value per record")
+        gone_q, gone_s = self._expired(now)
+        self.added += len(qis)
+        excess = self._held + len(qis) - t.max_records
+        if excess > 0:
+            held = min(excess, self._held)
+            q, s = self._take_oldest(held)
+            gone_q += q
+            gone_s += s
+            self.evicted_by_cap += excess
+            if excess > held:  # the batch alone is over the cap: its oldest rows never stay
+                qis = qis[excess - held:]
+                sens = None if sens is None else sens[excess - held:]
+        if not qis and not gone_q:
+            return
+        if qis:
+            qs = list(qis)
+            ss = None if t.sensitive is None else list(sens or ())
+            last = self._chunks[-1] if self._chunks else None
+            if last is not None and last.ts == now and not last.start:
+                last.qis += qs
+                if ss is not None and last.sens is not None:
+                    last.sens += ss
+            else:
+                self._chunks.append(_Chunk(now, qs, ss))
+            self._held += len(qs)
+        self._apply(list(qis), None if t.sensitive is None else list(sens or ()), gone_q, gone_s)
+
+    def add_many(self, rows: list[tuple[Hashable, Hashable]], now: float) -> None:
+        """:meth:`add_batch` for ``(tuple, sensitive)`` rows."""
+        qis = [r[0] for r in rows]
+        sens = [r[1] for r in rows] if self.target.sensitive is not None else None
+        self.add_batch(qis, sens, now)
+
+    def _apply(
+        self, add_q: list[Hashable], add_s: list[Hashable] | None, rem_q: list[Hashable], rem_s: list[Hashable]
+    ) -> None:
+        """The counters after ``add_*`` entered and ``rem_*`` left (net, per class)."""
+        t = self.target
+        k = t.k
+        touched = list(set(add_q).union(rem_q))
+        old, new = _recount(self._classes, touched, add_q, rem_q)
+        _merge(self._sizes, Counter(new), Counter(old))
+        self._below_k += sum(compress(new, map(k.__gt__, new))) - sum(compress(old, map(k.__gt__, old)))
+        lt = t.l
+        if lt is None:
+            return
+        assert add_s is not None
+        pairs_in = list(zip(add_q, add_s, strict=True))
+        pairs_out = list(zip(rem_q, rem_s, strict=True))
+        ptouched = list(set(pairs_in).union(pairs_out))
+        pold, pnew = _recount(self._pairs, ptouched, pairs_in, pairs_out)  # type: ignore[arg-type]
+        was, now_ = list(map(bool, pold)), list(map(bool, pnew))
+        came = list(map(itemgetter(0), compress(ptouched, map(lt_, was, now_))))
+        went = list(map(itemgetter(0), compress(ptouched, map(gt, was, now_))))
+        distinct = self._distinct
+        dold = list(map(distinct.get, touched, repeat(0)))
+        if came or went:
+            _recount(distinct, list(set(came).union(went)), came, went)
+            dnew = list(map(distinct.get, touched, repeat(0)))
+        else:
+            dnew = dold
+        _merge(self._diversity, Counter(dnew), Counter(dold))
+        self._below_l += sum(compress(new, map(lt.__gt__, dnew))) - sum(compress(old, map(lt.__gt__, dold)))
+
+    def _take_oldest(self, n: int) -> tuple[list[Hashable], list[Hashable]]:
+        """Remove the ``n`` oldest held records from the chunks; returns their tuples and
+        sensitive values (the counters are the caller's)."""
+        qs: list[Hashable] = []
+        ss: list[Hashable] = []
+        chunks = self._chunks
+        while n > 0 and chunks:
+            c = chunks[0]
+            m = min(n, len(c))
+            qs += c.qis[c.start:c.start + m]
+            if c.sens is not None:
+                ss += c.sens[c.start:c.start + m]
+            c.start += m
+            n -= m
+            self._held -= m
+            if c.start == len(c.qis):
+                chunks.popleft()
+        return qs, ss
+
+    def _expired(self, now: float) -> tuple[list[Hashable], list[Hashable]]:
+        """Take the records older than the window out of the chunks (counters: the caller's)."""
+        horizon = now - self.target.window_s
+        qs: list[Hashable] = []
+        ss: list[Hashable] = []
+        chunks = self._chunks
+        while chunks and chunks[0].ts <= horizon:
+            c = chunks.popleft()
+            qs += c.qis[c.start:]
+            if c.sens is not None:
+                ss += c.sens[c.start:]
+            self._held -= len(c)
+        return qs, ss
+
+    def _expire(self, now: float) -> None:
+        q, s = self._expired(now)
+        if q:
+            self._apply([], [] if self.target.sensitive is not None else None, q, s)
+
+    # -- one record at a time (enforcement's candidate windows, ``streamproc risk``) ----------
+    def add(self, qi: Hashable, sensitive: Hashable = None, ts: float | None = None) -> int:
         """Add one output's tuple; returns the size of its class in the window afterwards
         (what enforcement compares with k)."""
         now = self.clock() if ts is None else ts
-        entries = self._entries
         t = self.target
-        if entries and entries[0][0] <= now - t.window_s:
+        chunks = self._chunks
+        if chunks and chunks[0].ts <= now - t.window_s:
             self._expire(now)
-        if len(entries) >= t.max_records:
-            self._pop()
+        if self._held >= t.max_records:
+            q, s = self._take_oldest(1)
+            self._step(q[0], s[0] if s else None, -1)
             self.evicted_by_cap += 1
-        entries.append((now, qi, sensitive))
+        last = chunks[-1] if chunks else None
+        if last is not None and last.ts == now:
+            last.qis.append(qi)
+            if last.sens is not None:
+                last.sens.append(sensitive)
+        else:
+            chunks.append(_Chunk(now, [qi], None if t.sensitive is None else [sensitive]))
+        self._held += 1
         self.added += 1
+        return self._step(qi, sensitive, 1)
+
+    def _step(self, qi: Hashable, s: Hashable, d: int) -> int:
+        """One record of ``qi`` (with ``s``) in (``d`` = 1) or out (-1); returns the class size."""
         classes = self._classes
-        c = classes[qi]
-        classes[qi] = n = c + 1
+        c = classes.get(qi, 0)
+        n = c + d
+        if n:
+            classes[qi] = n
+        else:
+            del classes[qi]
         sizes = self._sizes
         if c:
-            _bump(sizes, c, -1)
-        sizes[n] += 1
-        k = t.k
-        if n < k:
-            self._below_k += 1
-        elif n == k:
-            self._below_k -= c
-        if t.sensitive is not None:
-            vals = self._values.get(qi)
-            if vals is None:
-                vals = self._values[qi] = {}
-            d = len(vals)
-            vals[sensitive] = vals.get(sensitive, 0) + 1
-            self._move_diversity(c, d, n, len(vals))
-        return n
-
-    def add_many(self, rows: list[tuple[tuple[Hashable, ...], Hashable]], now: float) -> None:
-        """:meth:`add` for a batch of ``(tuple, sensitive)`` rows at one time (the worker's
-        path: one expiry check per batch, locals bound once; same counters as :meth:`add`)."""
-        t = self.target
-        if t.sensitive is not None:
-            self._add_many_l(rows, now)
-            return
-        entries = self._entries
-        rows = self._make_room(rows, now)
-        k = t.k
-        classes, sizes = self._classes, self._sizes
-        append, get = entries.append, classes.get
-        below = 0
-        for qi, _ in rows:
-            append((now, qi, None))
-            c = get(qi, 0)
-            n = c + 1
-            classes[qi] = n
-            if c:
-                m = sizes[c] - 1
-                if m:
-                    sizes[c] = m
-                else:
-                    del sizes[c]
-            sizes[n] = sizes.get(n, 0) + 1
-            if n < k:
-                below += 1
-            elif n == k:
-                below -= c
-        self._below_k += below
-
-    def _make_room(
-        self, rows: list[tuple[tuple[Hashable, ...], Hashable]], now: float
-    ) -> list[tuple[tuple[Hashable, ...], Hashable]]:
-        """Before a batch: expire by age, then evict the oldest records the cap would evict
-        while adding ``rows`` one by one (the held records end the same: the newest
-        ``max_records``).  Returns the rows to append (all, unless the batch alone exceeds
-        the cap) and counts them all as added."""
-        t = self.target
-        entries = self._entries
-        if entries and entries[0][0] <= now - t.window_s:
-            self._expire(now)
-        self.added += len(rows)
-        excess = len(entries) + len(rows) - t.max_records
-        if excess > 0:
-            held = min(excess, len(entries))
-            self._drop_oldest(held)
-            self.evicted_by_cap += excess
-            if excess > held:  # the batch alone is over the cap: its oldest rows never stay
-                rows = rows[excess - held:]
-        return rows
-
-    def _drop_oldest(self, n: int, horizon: float | None = None) -> None:
-        """Remove the ``n`` oldest records (or, with ``horizon``, those at or before it):
-        :meth:`_remove` inlined, for eviction and expiry in bulk."""
-        entries = self._entries
-        classes, sizes, k = self._classes, self._sizes, self.target.k
-        lt = self.target.l
-        values, div = self._values, self._diversity
-        popleft = entries.popleft
-        below_k = below_l = 0
-        while entries and (n > 0 if horizon is None else entries[0][0] <= horizon):
-            n -= 1
-            _, qi, sv = popleft()
-            c = classes[qi]
-            m = c - 1
+            m = sizes[c] - 1
             if m:
-                classes[qi] = m
-            else:
-                del classes[qi]
-            x = sizes[c] - 1
-            if x:
-                sizes[c] = x
+                sizes[c] = m
             else:
                 del sizes[c]
-            if m:
-                sizes[m] = sizes.get(m, 0) + 1
-            below_k += (m if m < k else 0) - (c if c < k else 0)
-            if lt is not None:
-                vals = values[qi]
-                d = len(vals)
-                y = vals[sv] - 1
-                if y:
-                    vals[sv] = y
-                else:
-                    del vals[sv]
-                d2 = len(vals)
-                if not m:
-                    del values[qi]
-                if c:
-                    z = div[d] - 1
-                    if z:
-                        div[d] = z
-                    else:
-                        del div[d]
-                if m:
-                    div[d2] = div.get(d2, 0) + 1
-                below_l += (m if d2 < lt else 0) - (c if d < lt else 0)
-        self._below_k += below_k
-        self._below_l += below_l
-
-    def _add_many_l(self, rows: list[tuple[tuple[Hashable, ...], Hashable]], now: float) -> None:
-        """:meth:`add_many` with l-diversity (the same counters as :meth:`add`, inlined)."""
-        t = self.target
-        entries = self._entries
-        rows = self._make_room(rows, now)
-        k = t.k
-        lt = t.l
-        assert lt is not None
-        classes, sizes, values, div = self._classes, self._sizes, self._values, self._diversity
-        append, get, vget = entries.append, classes.get, values.get
-        below_k = below_l = 0
-        for qi, sv in rows:
-            append((now, qi, sv))
-            c = get(qi, 0)
-            n = c + 1
-            classes[qi] = n
-            if c:
-                m = sizes[c] - 1
-                if m:
-                    sizes[c] = m
-                else:
-                    del sizes[c]
-                vals = vget(qi)
-                assert vals is not None
-            else:
-                vals = values[qi] = {}
+        if n:
             sizes[n] = sizes.get(n, 0) + 1
-            if n < k:
-                below_k += 1
-            elif n == k:
-                below_k -= c
-            d = len(vals)
-            vals[sv] = vals.get(sv, 0) + 1
-            d2 = len(vals)
-            if d2 != d:
-                if c:
-                    m = div[d] - 1
-                    if m:
-                        div[d] = m
-                    else:
-                        del div[d]
-                div[d2] = div.get(d2, 0) + 1
-                below_l += (n if d2 < lt else 0) - (c if d < lt else 0)
-            elif d < lt:
-                below_l += 1
-        self._below_k += below_k
-        self._below_l += below_l
-
-    def _move_diversity(self, c: int, d: int, n: int, d2: int) -> None:
-        """A class went from ``c`` records with ``d`` distinct values to ``n`` with ``d2``."""
-        lt = self.target.l
-        assert lt is not None
-        if c:
-            _bump(self._diversity, d, -1)
-        if n:
-            self._diversity[d2] += 1
-        self._below_l += (n if d2 < lt else 0) - (c if d < lt else 0)
-
-    def class_size(self, qi: tuple[Hashable, ...]) -> int:
-        return self._classes.get(qi, 0)
-
-    @staticmethod
-    def _decrement(counter: dict[Any, int], key: Any) -> int:
-        n = counter[key] - 1
-        if n:
-            counter[key] = n
-        else:
-            del counter[key]
-        return n
-
-    def _remove(self, qi: Hashable, s: Hashable) -> None:
-        c = self._classes[qi]
-        n = self._decrement(self._classes, qi)
-        _bump(self._sizes, c, -1)
-        if n:
-            self._sizes[n] += 1
         k = self.target.k
         self._below_k += (n if n < k else 0) - (c if c < k else 0)
-        if self.target.sensitive is not None:
-            vals = self._values[qi]
-            d = len(vals)
-            self._decrement(vals, s)
-            d2 = len(vals)
-            if not vals:
-                del self._values[qi]
-            self._move_diversity(c, d, n, d2)
+        lt = self.target.l
+        if lt is not None:
+            pairs = self._pairs
+            p = (qi, s)
+            pc = pairs.get(p, 0)
+            pn = pc + d
+            if pn:
+                pairs[p] = pn
+            else:
+                del pairs[p]
+            dd = self._distinct.get(qi, 0)
+            dn = dd + (1 if not pc else 0) - (1 if not pn else 0)
+            if dn:
+                self._distinct[qi] = dn
+            else:
+                self._distinct.pop(qi, None)
+            div = self._diversity
+            if c:
+                m = div[dd] - 1
+                if m:
+                    div[dd] = m
+                else:
+                    del div[dd]
+            if n:
+                div[dn] = div.get(dn, 0) + 1
+            self._below_l += (n if dn < lt else 0) - (c if dd < lt else 0)
+        return n
 
-    def _pop(self) -> None:
-        _, qi, s = self._entries.popleft()
-        self._remove(qi, s)
+    def class_size(self, qi: Hashable) -> int:
+        return self._classes.get(qi, 0)
 
-    def _expire(self, now: float) -> None:
-        self._drop_oldest(0, now - self.target.window_s)
+    def held(self) -> list[tuple[float, Hashable, Hashable]]:
+        """The held records, oldest first, as ``(time, tuple, sensitive)`` (tests, recount)."""
+        out: list[tuple[float, Hashable, Hashable]] = []
+        for c in self._chunks:
+            sens = c.sens[c.start:] if c.sens is not None else [None] * len(c)
+            out += [(c.ts, q, s) for q, s in zip(c.qis[c.start:], sens, strict=True)]
+        return out
 
     def savepoint(self) -> int:
         """A mark to :meth:`rollback` to (the number of records ever added)."""
@@ -381,29 +406,43 @@ class RiskWindow:
     def rollback(self, savepoint: int) -> int:
         """Take back every record added after ``savepoint`` (newest first); returns how
         many were still held.  Records evicted meanwhile stay gone (see the module doc)."""
-        n = min(self.added - savepoint, len(self._entries))
-        entries = self._entries
-        for _ in range(max(0, n)):
-            _, qi, s = entries.pop()
-            self._remove(qi, s)
+        n = max(0, min(self.added - savepoint, self._held))
+        qs: list[Hashable] = []
+        ss: list[Hashable] = []
+        chunks = self._chunks
+        left = n
+        while left > 0:
+            c = chunks[-1]
+            m = min(left, len(c))
+            qs += c.qis[len(c.qis) - m:]
+            del c.qis[len(c.qis) - m:]
+            if c.sens is not None:
+                ss += c.sens[len(c.sens) - m:]
+                del c.sens[len(c.sens) - m:]
+            left -= m
+            self._held -= m
+            if not len(c):
+                chunks.pop()
+        if qs:
+            self._apply([], [] if self.target.sensitive is not None else None, qs, ss)
         self.added = min(self.added, max(savepoint, 0))
-        return max(0, n)
+        return n
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return self._held
 
     def report(self, now: float | None = None) -> RiskReport:
         """The measurements over the records in the window at ``now`` (default: the clock);
         O(distinct class sizes), from the counters kept by :meth:`add`."""
         self._expire(self.clock() if now is None else now)
         t = self.target
-        n = len(self._entries)
+        n = self._held
         min_l: int | None = None
         share_below_l: float | None = None
         if t.sensitive is not None:
             min_l = min(self._diversity, default=0)
             share_below_l = self._below_l / n if n else 0.0
-        covered = (self._entries[-1][0] - self._entries[0][0]) if n else 0.0
+        covered = (self._chunks[-1].ts - self._chunks[0].ts) if n else 0.0
         return RiskReport(
             records=n,
             classes=len(self._classes),
@@ -421,20 +460,21 @@ class RiskWindow:
         """The same report computed from scratch over the held records (tests compare the
         two; never on the hot path)."""
         t = self.target
-        n = len(self._entries)
-        sizes = Counter(qi for _, qi, _ in self._entries)
+        held = self.held()
+        n = len(held)
+        sizes = Counter(qi for _, qi, _ in held)
         below_k = sum(c for c in sizes.values() if c < t.k)
         min_l: int | None = None
         share_below_l: float | None = None
         if t.sensitive is not None:
             values: dict[Hashable, set[Hashable]] = {}
-            for _, qi, s in self._entries:
+            for _, qi, s in held:
                 values.setdefault(qi, set()).add(s)
             min_l = min((len(v) for v in values.values()), default=0)
             assert t.l is not None
             below = sum(sizes[qi] for qi, v in values.items() if len(v) < t.l)
             share_below_l = below / n if n else 0.0
-        covered = (self._entries[-1][0] - self._entries[0][0]) if n else 0.0
+        covered = (held[-1][0] - held[0][0]) if n else 0.0
         return RiskReport(
             records=n, classes=len(sizes), min_class=min(sizes.values(), default=0),
             share_below_k=below_k / n if n else 0.0,

@@ -136,7 +136,7 @@ def test_incremental_counters_equal_a_recount_through_adds_expiry_and_rollbacks(
     for _ in range(n):
         t += rng.expovariate(1.0)
         sp = w.savepoint()
-        before = list(w._entries)
+        before = w.held()
         batch = rng.randint(1, 6)
         for _ in range(batch):
             qi = (rng.choice(["A", "B", "C"]), rng.randint(0, 2), "F")
@@ -144,7 +144,7 @@ def test_incremental_counters_equal_a_recount_through_adds_expiry_and_rollbacks(
         if rng.random() < 0.3:
             w.rollback(sp)
             # what is left is the committed records that neither age nor the cap removed
-            assert list(w._entries) == before[len(before) - len(w._entries):]
+            assert w.held() == before[len(before) - len(w):]
         assert w.report(now=t) == w.recount()
     assert w.report(now=t + 1000.0) == w.recount() and len(w) == 0
 
