@@ -58,8 +58,8 @@ from collections import Counter, deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from itertools import compress, repeat
-from operator import add, gt, itemgetter, not_, sub
-from operator import lt as lt_
+from operator import add, itemgetter, not_, sub
+from typing import Any
 
 #: Enforcement actions (``risk.action``): ``suppress`` writes null for the record's
 #: quasi-identifiers; ``generalize_more`` walks the policy's ladder first.
@@ -140,39 +140,20 @@ class _Chunk:
         return len(self.qis) - self.start
 
 
-def _merge(hist: dict[int, int], plus: Counter[int], minus: Counter[int]) -> None:
-    """``hist += plus - minus`` over positive keys (0 is "no class"), zeros removed."""
-    for key, c in plus.items():
-        if key:
-            hist[key] = hist.get(key, 0) + c
-    for key, c in minus.items():
-        if key:
-            m = hist[key] - c
-            if m:
-                hist[key] = m
-            else:
-                del hist[key]
-
-
-def _recount(
-    counts: dict[Hashable, int], touched: list[Hashable], plus: list[Hashable], minus: list[Hashable]
-) -> tuple[list[int], list[int]]:
+def _recount(counts: dict[Any, int], plus: list[Any], minus: list[Any]) -> tuple[list[Any], list[int], list[int]]:
     """Apply ``+1`` per key of ``plus`` and ``-1`` per key of ``minus`` to ``counts`` (keys
-    at 0 removed); returns the ``touched`` keys' counts before and after.  Every pass is a
-    C loop (``Counter``'s counting, ``map``, ``dict.update``): the batch costs a few
+    at 0 removed); returns the keys touched and their counts before and after.  Every pass
+    is a C loop (``Counter``'s counting, ``map``, ``dict.update``): the batch costs a few
     machine-level passes per record, not a Python statement per record and counter."""
+    inc = Counter(plus)
+    dec = Counter(minus)
+    touched = list(inc.keys() | dec.keys())
     old = list(map(counts.get, touched, repeat(0)))
-    new = old
-    if plus:
-        inc = Counter(plus)
-        new = list(map(add, new, map(inc.get, touched, repeat(0))))
-    if minus:
-        dec = Counter(minus)
-        new = list(map(sub, new, map(dec.get, touched, repeat(0))))
+    new = list(map(sub, map(add, old, map(inc.get, touched, repeat(0))), map(dec.get, touched, repeat(0))))
     counts.update(zip(touched, new, strict=True))
     for key in compress(touched, map(not_, new)):
         del counts[key]
-    return old, new
+    return touched, old, new
 
 
 @dataclass
@@ -250,33 +231,65 @@ class RiskWindow:
     def _apply(
         self, add_q: list[Hashable], add_s: list[Hashable] | None, rem_q: list[Hashable], rem_s: list[Hashable]
     ) -> None:
-        """The counters after ``add_*`` entered and ``rem_*`` left (net, per class)."""
+        """The counters after ``add_*`` entered and ``rem_*`` left (net, per class): the
+        touched classes' (size, distinct values) before and after, counted per distinct
+        pair, move the histograms and the below-k / below-l counts."""
         t = self.target
-        k = t.k
-        touched = list(set(add_q).union(rem_q))
-        old, new = _recount(self._classes, touched, add_q, rem_q)
-        _merge(self._sizes, Counter(new), Counter(old))
-        self._below_k += sum(compress(new, map(k.__gt__, new))) - sum(compress(old, map(k.__gt__, old)))
+        touched, old, new = _recount(self._classes, add_q, rem_q)
         lt = t.l
         if lt is None:
+            self._move(Counter(new), Counter(old))
             return
         assert add_s is not None
-        pairs_in = list(zip(add_q, add_s, strict=True))
-        pairs_out = list(zip(rem_q, rem_s, strict=True))
-        ptouched = list(set(pairs_in).union(pairs_out))
-        pold, pnew = _recount(self._pairs, ptouched, pairs_in, pairs_out)  # type: ignore[arg-type]
-        was, now_ = list(map(bool, pold)), list(map(bool, pnew))
-        came = list(map(itemgetter(0), compress(ptouched, map(lt_, was, now_))))
-        went = list(map(itemgetter(0), compress(ptouched, map(gt, was, now_))))
+        ptouched, pold, pnew = _recount(
+            self._pairs,
+            list(zip(add_q, add_s, strict=True)), list(zip(rem_q, rem_s, strict=True)),
+        )
+        # A pair at 0 before only gained records, one at 0 after only lost some (what leaves
+        # was held before the batch): the pairs that came and went are the zeros.
+        came = list(map(itemgetter(0), compress(ptouched, map(not_, pold))))
+        went = list(map(itemgetter(0), compress(ptouched, map(not_, pnew))))
         distinct = self._distinct
         dold = list(map(distinct.get, touched, repeat(0)))
         if came or went:
-            _recount(distinct, list(set(came).union(went)), came, went)
+            _recount(distinct, came, went)
             dnew = list(map(distinct.get, touched, repeat(0)))
         else:
             dnew = dold
-        _merge(self._diversity, Counter(dnew), Counter(dold))
-        self._below_l += sum(compress(new, map(lt.__gt__, dnew))) - sum(compress(old, map(lt.__gt__, dold)))
+        self._move(Counter(zip(new, dnew, strict=True)), Counter(zip(old, dold, strict=True)))
+
+    def _move(self, plus: Counter[Any], minus: Counter[Any]) -> None:
+        """Classes counted by size (or by (size, distinct values) with l) enter (``plus``)
+        and leave (``minus``) the histograms and the below-k / below-l counts; size 0 is
+        "no class".  One Python step per distinct size, not per class."""
+        k, lt = self.target.k, self.target.l
+        sizes, div = self._sizes, self._diversity
+        bk = bl = 0
+        for sign, hist in ((1, plus), (-1, minus)):
+            for key, c in hist.items():
+                if lt is None:
+                    size, d = key, 0
+                else:
+                    size, d = key
+                if not size:
+                    continue
+                m = sizes.get(size, 0) + sign * c
+                if m:
+                    sizes[size] = m
+                else:
+                    del sizes[size]
+                if size < k:
+                    bk += sign * c * size
+                if lt is not None:
+                    m = div.get(d, 0) + sign * c
+                    if m:
+                        div[d] = m
+                    else:
+                        del div[d]
+                    if d < lt:
+                        bl += sign * c * size
+        self._below_k += bk
+        self._below_l += bl
 
     def _take_oldest(self, n: int) -> tuple[list[Hashable], list[Hashable]]:
         """Remove the ``n`` oldest held records from the chunks; returns their tuples and
