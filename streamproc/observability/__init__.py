@@ -62,3 +62,6 @@ class Observer:
 
     def retention_drift(self, topic: str, drifted: bool) -> None:
         """A governed topic's live retention differs (or not) from the policy's (runtime.retention)."""
+
+    def state_topic_drift(self, topic: str, drifted: bool) -> None:
+        """A state topic's live compaction settings differ (or not) from what ``topics apply`` sets (runtime.state_topics)."""

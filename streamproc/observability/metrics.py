@@ -128,6 +128,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("streamproc_workers", "gauge", (), "Live worker processes (1 per process, summed).", "livesum"),
     MetricSpec("streamproc_insecure_transport", "gauge", ("component",), "1 when TLS certificate verification is switched off for a component (kafka, kms, schema_registry) by an explicit insecure: true; 0 otherwise.", "max"),
     MetricSpec("streamproc_retention_drift", "gauge", ("topic",), "1 when a governed topic's live retention.ms (or cleanup.policy) differs from what the policy and config call for; 0 when it matches. Topics from the config only.", "max"),
+    MetricSpec("streamproc_state_topic_drift", "gauge", ("topic",), "1 when a state topic's (consent, subject keys, budget changelog) live cleanup.policy or key-topic compaction settings differ from what topics apply sets; 0 when they match.", "max"),
     MetricSpec("streamproc_risk_window_records", "gauge", ("audience",), "Records in the audience's re-identification risk window (its outputs of the policy's risk window, capped by max_records); summed over live workers.", "livesum"),
     MetricSpec("streamproc_risk_min_class_size", "gauge", ("audience",), "Smallest equivalence class of quasi-identifier tuples the audience received in the window: its k (0 when empty); the worst live worker.", "livemin"),
     MetricSpec("streamproc_risk_share_below_k", "gauge", ("audience",), "Share of the window's records in classes smaller than the policy's k; the worst live worker.", "livemax"),
@@ -581,6 +582,9 @@ class Metrics(Observer):
 
     def retention_drift(self, topic: str, drifted: bool) -> None:
         self._child("streamproc_retention_drift", self._label("topic", topic)).set(1 if drifted else 0)
+
+    def state_topic_drift(self, topic: str, drifted: bool) -> None:
+        self._child("streamproc_state_topic_drift", self._label("topic", topic)).set(1 if drifted else 0)
 
     def dependency_restored(self, dependency: str) -> None:
         if self._outage_since.pop(dependency, None) is not None:

@@ -161,6 +161,11 @@ def desired_acls(config: Config) -> list[Acl]:
 
         for t in expected_retention(config, config.load_policy()):
             add(proc, TOPIC, LITERAL, t, "DESCRIBE_CONFIGS", "retention drift check")
+        # ... and of the state topics (runtime/state_topics.py: compaction settings).
+        from streamproc.runtime.state_topics import expected_state_configs
+
+        for t in expected_state_configs(config):
+            add(proc, TOPIC, LITERAL, t, "DESCRIBE_CONFIGS", "state topic drift check")
     for audience, a in acls.audiences.items():
         for p in config.pipelines:
             for d in p.destinations:

@@ -207,21 +207,25 @@ def start_consent_table(config: Config, pipeline: Any) -> Any:
 def start_retention_monitor(config: Config, policy: Any, observer: Observer) -> threading.Event:
     """Run a :class:`~streamproc.runtime.retention.RetentionMonitor` in a daemon thread.
 
-    It reports ``streamproc_retention_drift`` per governed topic every
-    ``topics.retention_check_interval_seconds`` (0 or no governed topic: not started).
+    It reports ``streamproc_retention_drift`` per governed topic (and
+    ``streamproc_state_topic_drift`` per state topic) every
+    ``topics.retention_check_interval_seconds`` (0 or no governed or state topic: not started).
     Set the returned event to stop it.
     """
     from confluent_kafka.admin import AdminClient
 
     from streamproc.runtime.retention import RetentionMonitor, expected_retention
+    from streamproc.runtime.state_topics import expected_state_configs
 
     stop = threading.Event()
     interval = config.topics.retention_check_interval_seconds
     expected = expected_retention(config, policy)
-    if interval <= 0 or not expected:
+    state = expected_state_configs(config)
+    if interval <= 0 or not (expected or state):
         return stop
     monitor = RetentionMonitor(
-        expected, AdminClient(config.admin_config()), observer.retention_drift, interval=interval
+        expected, AdminClient(config.admin_config()), observer.retention_drift, interval=interval,
+        state=state, report_state=observer.state_topic_drift,
     )
     threading.Thread(target=monitor.run, args=(stop,), name="retention-monitor", daemon=True).start()
     return stop

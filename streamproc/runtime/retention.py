@@ -37,6 +37,7 @@ from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 from streamproc.config import Config
 from streamproc.errors import ConfigError
 from streamproc.policy.model import Policy, format_duration_ms
+from streamproc.runtime.state_topics import StateTopic, config_drift, describe_state_configs
 
 log = logging.getLogger("streamproc.runtime.retention")
 
@@ -222,6 +223,10 @@ class RetentionMonitor:
     that cannot be described keeps its last value and is logged: an unreadable config is
     neither proof of drift nor of compliance.  ``clock`` and ``admin`` are injected so the
     schedule and the broker can be replaced in tests.
+
+    With ``state`` (:func:`~streamproc.runtime.state_topics.expected_state_configs`), the
+    same check also reads the compaction settings of the state topics and reports them
+    through ``report_state(topic, drifted)`` (``streamproc_state_topic_drift``).
     """
 
     def __init__(
@@ -233,8 +238,13 @@ class RetentionMonitor:
         interval: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
         timeout: float = 10.0,
+        state: Mapping[str, StateTopic] | None = None,
+        report_state: Callable[[str, bool], None] | None = None,
     ) -> None:
         self.expected = dict(expected)
+        self.state = dict(state or {})
+        self.report_state = report_state
+        self.last_state: dict[str, list[str] | None] = {}
         self.admin = admin
         self.report = report
         self.interval = interval
@@ -249,6 +259,7 @@ class RetentionMonitor:
     def check(self) -> dict[str, Drift | None]:
         """Describe now, report every topic that could be read, return the drift found."""
         self._last = self.clock()
+        self._check_state()
         try:
             live = describe_retention(self.admin, self.expected, self.timeout)
         except Exception as exc:
@@ -269,6 +280,25 @@ class RetentionMonitor:
                 )
         self.last_result = result
         return result
+
+    def _check_state(self) -> None:
+        if not self.state or self.report_state is None:
+            return
+        try:
+            live = describe_state_configs(self.admin, self.state, self.timeout)
+        except Exception as exc:
+            log.warning("state topic check failed", extra={"error": type(exc).__name__})
+            return
+        result = config_drift(self.state, live)
+        for topic, names in result.items():
+            have = live.get(topic)
+            if have is None or have.error:
+                log.warning("state topic check: cannot describe topic", extra={"topic": topic, "error": have.error if have else "missing"})
+                continue
+            self.report_state(topic, names is not None)
+            if names:
+                log.warning("state topic drift", extra={"topic": topic, "settings": names})
+        self.last_state = result
 
     def maybe_check(self) -> dict[str, Drift | None] | None:
         """:meth:`check` when the interval has passed since the last one, else None."""

@@ -21,7 +21,9 @@ The subject-key topic (``erasure.topic``) is compacted too, with settings that b
 long a shredded key stays in the log (:data:`KEY_TOPIC_CONFIG`, docs/governance.md): a
 closed segment after ``segment.ms``, cleaned as soon as it is dirty
 (``min.cleanable.dirty.ratio``) and at the latest after ``max.compaction.lag.ms``.
-``topics.overrides.<key topic>`` may change them.
+``topics.overrides.<key topic>`` may change them.  Unlike partitions, these settings are
+realigned on an existing topic (as retention is): a state topic that deletes by age, or a
+key topic compacted too late, breaks a guarantee, and setting them back loses nothing.
 
 The budget changelog (``<group_id>.budget-changelog``, when an audience has ``budget:``)
 is compacted too, with the largest partition count of the source topics (changelog
@@ -49,22 +51,9 @@ from streamproc.runtime.retention import (
     expected_retention,
     set_retention,
 )
+from streamproc.runtime.state_topics import KEY_TOPIC_CONFIG, expected_state_configs, realign
 
 log = logging.getLogger("streamproc.runtime.topics")
-
-#: The subject-key topic's settings (overridable per topic): the old record of a shredded
-#: key is deleted by compaction once its segment is closed and cleaned.  A segment closes at
-#: the first write after ``segment.ms``; the cleaner takes any dirty segment (ratio 0.01)
-#: and at the latest ``max.compaction.lag.ms`` after the write; shred records and markers
-#: carry no key and stay (they are the last record of their key); a null tombstone (a
-#: lifted marker) is kept ``delete.retention.ms`` so that restoring readers still see it.
-KEY_TOPIC_CONFIG = {
-    "cleanup.policy": "compact",
-    "segment.ms": "3600000",
-    "min.cleanable.dirty.ratio": "0.01",
-    "max.compaction.lag.ms": "3600000",
-    "delete.retention.ms": "86400000",
-}
 
 
 @dataclass(frozen=True)
@@ -145,6 +134,7 @@ def apply_topics(
             log.info("topic %s", status, extra={"topic": nt.topic, "partitions": nt.num_partitions})
         _wait_for_leaders(admin, [nt.topic for nt in new], timeout)
     _align_retention(admin, results, retention, timeout)
+    _align_state_configs(admin, config, results, timeout)
     return [results[t] for t in wanted]
 
 
@@ -176,6 +166,16 @@ def _align_retention(
         log.info("topic retention set", extra={"topic": t, "retention_ms": ms})
 
 
+def _align_state_configs(admin: AdminClient, config: Config, results: dict[str, TopicResult], timeout: float) -> None:
+    """Realign the compaction settings of existing state topics (:mod:`streamproc.runtime.state_topics`)."""
+    existing = [t for t, r in results.items() if r.status == "exists"]
+    for t, names in realign(admin, expected_state_configs(config), existing, timeout).items():
+        r = results[t]
+        note = ", ".join(x for x in (r.note, f"{', '.join(names)} realigned") if x)
+        results[t] = TopicResult(t, r.status, r.partitions, r.replication_factor, note)
+        log.info("state topic configs realigned", extra={"topic": t, "settings": names})
+
+
 def _wait_for_leaders(admin: AdminClient, topics: list[str], timeout: float) -> None:
     """Return once every partition of ``topics`` has a leader in the broker's metadata.
 
@@ -204,4 +204,4 @@ def _wait_for_leaders(admin: AdminClient, topics: list[str], timeout: float) -> 
         time.sleep(0.1)
 
 
-__all__ = ["TopicResult", "apply_topics"]
+__all__ = ["KEY_TOPIC_CONFIG", "TopicResult", "apply_topics"]

@@ -537,6 +537,8 @@ def test_acls_let_the_processor_read_the_table_and_the_consent_app_write_it(tmp_
     assert with_consent - without == {
         Acl("User:proc", "TOPIC", "LITERAL", "sp.consent", "READ"),
         Acl("User:proc", "GROUP", "PREFIXED", "sp.consent-", "READ"),
+        # the worker's periodic check of the table's cleanup.policy (runtime/state_topics.py)
+        Acl("User:proc", "TOPIC", "LITERAL", "sp.consent", "DESCRIBE_CONFIGS"),
         Acl("User:prefs", "TOPIC", "LITERAL", "sp.consent", "WRITE"),
     }
 
