@@ -22,6 +22,8 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use std::collections::HashSet;
 
+mod risk;
+
 /// A value to skip (what the generated `skip()` emits).
 enum Ty {
     Null,
@@ -902,5 +904,6 @@ impl NativePlan {
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativePlan>()?;
+    m.add_class::<risk::RiskCounts>()?;
     Ok(())
 }

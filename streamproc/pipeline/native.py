@@ -28,6 +28,11 @@ The walk reproduces the generated code statement for statement, its lax corners 
 (a slice past the end is clamped; ``pos += 4`` past the end is only caught by the final
 length check), so an operator sees exactly the value it would see in Python, and a record
 fails closed at the same point with the same reason class.
+
+The extension also holds ``RiskCounts``, the counters of a re-identification risk window
+over bytes keys (:func:`risk_counts`, ``native/src/risk.rs``): risk measurement uses them
+instead of its Python counters when the extension is built (``STREAMPROC_NATIVE=0`` too
+turns them off).
 """
 
 from __future__ import annotations
@@ -62,6 +67,11 @@ try:
     from streamproc._native import NativePlan
 except ImportError:  # not built: the generated Python function runs instead
     NativePlan = None  # type: ignore[assignment,misc]
+
+try:
+    from streamproc._native import RiskCounts
+except ImportError:  # not built, or built from a crate without it
+    RiskCounts = None  # type: ignore[assignment,misc]
 
 #: Whether plans run natively when they can (the extension is built and not disabled).
 ENABLED = NativePlan is not None and os.environ.get("STREAMPROC_NATIVE", "1") != "0"
@@ -217,3 +227,12 @@ def compile_native_reader(schema: AvroType, names: set[str], *, offset: int = 0)
         spec, offset, b"", BadPayload, TransformFailed, _ineffective, Ineffective
     ).run
     return fn
+
+
+def risk_counts(k: int, l: int | None) -> Any:  # noqa: E741 -- the name the literature uses
+    """The compiled counters of a risk window whose keys are bytes (the ``counts`` of
+    :class:`~streamproc.privacy.risk.RiskWindow`), or ``None`` when the extension is not
+    built, is disabled, or predates them: the window then keeps its counters in Python."""
+    if RiskCounts is None or not ENABLED:
+        return None
+    return RiskCounts(k, l or 0)

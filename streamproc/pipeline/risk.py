@@ -48,7 +48,7 @@ from typing import Any
 from streamproc.errors import PolicyError
 from streamproc.operators import OpContext
 from streamproc.pipeline.codegen import compile_key_reader, compile_reader, enc_long, encoder
-from streamproc.pipeline.native import compile_native_reader
+from streamproc.pipeline.native import compile_native_reader, risk_counts
 from streamproc.pipeline.plan import Plan, node_out_type, quasi_identifier_fields, scalar_of
 from streamproc.policy.model import Audience
 from streamproc.privacy.risk import RiskReport, RiskWindow
@@ -184,7 +184,9 @@ class RiskGuard:
         assert target is not None
         self.audience = audience.name
         self.target = target
-        self.released = RiskWindow(target)
+        # Measurement alone adds bytes keys (RiskGuard.keys): the compiled counters take
+        # them when the extension is built.  Enforcement adds decoded tuples: Python counters.
+        self.released = RiskWindow(target, counts=risk_counts(target.k, target.l) if target.action is None else None)
         levels = max((len(steps) for _, steps in audience.risk_ladder), default=0)
         self.candidates = [] if target.action is None else [RiskWindow(target) for _ in range(levels + 1)]
 

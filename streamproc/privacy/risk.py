@@ -182,6 +182,11 @@ class RiskWindow:
     """Records in classes smaller than the target k."""
     _below_l: int = 0
     """Records in classes with fewer distinct sensitive values than the target l."""
+    counts: Any = None
+    """Optional: an object that keeps the counters instead of the dicts above (the compiled
+    ``RiskCounts`` the pipeline passes when the extension is built; its keys must then be
+    bytes).  Same methods as the Python path: ``apply``, ``step1``, ``class_size``,
+    ``counters``; the tests run both against a recount."""
     evicted_by_cap: int = 0
     added: int = 0
     """Records ever added (a savepoint is a value of this counter)."""
@@ -235,6 +240,10 @@ class RiskWindow:
         touched classes' (size, distinct values) before and after, counted per distinct
         pair, move the histograms and the below-k / below-l counts."""
         t = self.target
+        if self.counts is not None:
+            with_l = t.sensitive is not None
+            self.counts.apply(add_q, add_s if with_l else None, rem_q, rem_s if with_l else None)
+            return
         touched, old, new = _recount(self._classes, add_q, rem_q)
         lt = t.l
         if lt is None:
@@ -355,6 +364,9 @@ class RiskWindow:
 
     def _step(self, qi: Hashable, s: Hashable, d: int) -> int:
         """One record of ``qi`` (with ``s``) in (``d`` = 1) or out (-1); returns the class size."""
+        if self.counts is not None:
+            n: int = self.counts.step1(qi, s if self.target.sensitive is not None else None, d > 0)
+            return n
         classes = self._classes
         c = classes.get(qi, 0)
         n = c + d
@@ -402,6 +414,9 @@ class RiskWindow:
         return n
 
     def class_size(self, qi: Hashable) -> int:
+        if self.counts is not None:
+            n: int = self.counts.class_size(qi)
+            return n
         return self._classes.get(qi, 0)
 
     def held(self) -> list[tuple[float, Hashable, Hashable]]:
@@ -450,18 +465,23 @@ class RiskWindow:
         self._expire(self.clock() if now is None else now)
         t = self.target
         n = self._held
+        if self.counts is not None:
+            classes, min_class, below_k, unique, least_l, below_l = self.counts.counters()
+        else:
+            classes, min_class, below_k = len(self._classes), min(self._sizes, default=0), self._below_k
+            unique, least_l, below_l = self._sizes.get(1, 0), min(self._diversity, default=0), self._below_l
         min_l: int | None = None
         share_below_l: float | None = None
         if t.sensitive is not None:
-            min_l = min(self._diversity, default=0)
-            share_below_l = self._below_l / n if n else 0.0
+            min_l = least_l
+            share_below_l = below_l / n if n else 0.0
         covered = (self._chunks[-1].ts - self._chunks[0].ts) if n else 0.0
         return RiskReport(
             records=n,
-            classes=len(self._classes),
-            min_class=min(self._sizes, default=0),
-            share_below_k=self._below_k / n if n else 0.0,
-            share_unique=self._sizes.get(1, 0) / n if n else 0.0,
+            classes=classes,
+            min_class=min_class,
+            share_below_k=below_k / n if n else 0.0,
+            share_unique=unique / n if n else 0.0,
             min_l=min_l,
             share_below_l=share_below_l,
             covered_s=covered,

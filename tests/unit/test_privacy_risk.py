@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from streamproc.pipeline import native
 from streamproc.privacy.risk import RiskTarget, RiskWindow
 
 pd = pytest.importorskip("pandas")
@@ -168,3 +169,66 @@ def test_add_many_keeps_the_same_counters_as_add(seed: int, n: int, cap: int, wi
         many.add_many(rows, t)
         assert many.report(now=t) == one.report(now=t) == many.recount()
         assert many.savepoint() == one.savepoint() and many.evicted_by_cap == one.evicted_by_cap
+
+
+needs_counts = pytest.mark.skipif(
+    native.RiskCounts is None, reason="streamproc._native (with RiskCounts) is not built"
+)
+
+
+def _b(v: Any) -> bytes:
+    """A test value as the bytes key the worker would give (distinct values, distinct bytes)."""
+    return repr(v).encode()
+
+
+@needs_counts
+@settings(max_examples=80, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(1, 150),
+    cap=st.sampled_from([5, 30, 10_000]),
+    with_l=st.booleans(),
+    batched=st.booleans(),
+)
+def test_compiled_counters_equal_the_python_ones_and_a_recount(
+    seed: int, n: int, cap: int, with_l: bool, batched: bool
+) -> None:
+    """The compiled counters (the worker's, when the extension is built) against the Python
+    counters and a recount from scratch, through batches or single adds, expiry by age,
+    eviction by the cap, rollbacks and class_size."""
+    rng = random.Random(seed)
+    target = RiskTarget(QI, k=3, window_s=20.0, max_records=cap,
+                        l=2 if with_l else None, sensitive="DIAGNOSIS" if with_l else None)
+    fast = RiskWindow(target, clock=lambda: 0.0, counts=native.RiskCounts(3, 2 if with_l else 0))
+    slow = RiskWindow(target, clock=lambda: 0.0)
+    t = 0.0
+    for _ in range(n):
+        t += rng.expovariate(0.5)
+        sps = fast.savepoint(), slow.savepoint()
+        rows = [(_b((rng.choice("AB"), rng.randint(0, 2))), _b(rng.choice("xyz")) if with_l else None)
+                for _ in range(rng.randint(1, 8))]
+        if batched:
+            for w in (fast, slow):
+                w.add_many(rows, t)
+        else:
+            for qi, sv in rows:
+                assert fast.add(qi, sv, t) == slow.add(qi, sv, t)
+        if rng.random() < 0.2:
+            assert fast.rollback(sps[0]) == slow.rollback(sps[1])
+        probe = _b((rng.choice("AB"), rng.randint(0, 2)))
+        assert fast.class_size(probe) == slow.class_size(probe)
+        assert fast.report(now=t) == slow.report(now=t) == fast.recount()
+    assert fast.report(now=t + 1000.0) == slow.report(now=t + 1000.0) and len(fast) == 0
+
+
+@needs_counts
+def test_compiled_counters_refuse_a_record_they_do_not_hold() -> None:
+    """A removal of a class or pair never added is a bug of the caller, not a negative count."""
+    c = native.RiskCounts(3, 2)
+    c.apply([b"a"], [b"x"], [], [])
+    with pytest.raises(ValueError):
+        c.apply([], [], [b"b"], [b"x"])
+    with pytest.raises(ValueError):
+        c.apply([], [], [b"a"], [b"y"])
+    with pytest.raises(TypeError):
+        c.apply(["a"], [b"x"], [], [])

@@ -63,7 +63,9 @@ RECORD = st.fixed_dictionaries({
     "flag": st.booleans(),
     # a string "1" and a long 1 are different values (different branches)
     "diagnosis": st.one_of(st.none(), st.sampled_from(["1", "flu", ""]), st.sampled_from([1, 0, 300])),
-    "tail": st.dictionaries(st.sampled_from(["k", "l"]), st.integers(-2, 2), max_size=2),
+    # one entry at most: a map's entries in another order are another encoding of an equal
+    # map (two classes: more risk shown, never less); not what this checks
+    "tail": st.dictionaries(st.sampled_from(["k", "l"]), st.integers(-2, 2), max_size=1),
 })
 
 
