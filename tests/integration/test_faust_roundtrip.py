@@ -160,7 +160,9 @@ def test_faust_producer_processor_subscriber(
         assert rec["customer_id"].startswith("tk1_") and rec["customer_id"] != orig["customer_id"]
         assert rec["ip_address"] == ".".join(orig["ip_address"].split(".")[:3]) + ".0/24"  # cidr 24
         assert rec["birth_date"].month == 1 and rec["birth_date"].day == 1  # generalize to year
-        assert (rec["amount_cents"], rec["currency"], rec["items"]) == (orig["amount_cents"], orig["currency"], orig["items"])
+        # AMOUNT: the demo workspace gives analytics dp_noise (laplace; integers stay integers)
+        assert isinstance(rec["amount_cents"], int)
+        assert (rec["currency"], rec["items"]) == (orig["currency"], orig["items"])
         tokens[orig["customer_id"]].add(rec["customer_id"])
     # Tokens are deterministic per customer and distinct across customers: the counts per
     # token that analytics computes are exactly the counts per (hidden) customer.
