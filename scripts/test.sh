@@ -43,7 +43,7 @@ fi
 # The whole suite; integration tests on Apache Kafka (the default once its jars are
 # fetched; STREAMPROC_TEST_BROKER overrides, docs/testing.md).
 suite_rc=0
-python -m pytest -q -p no:cacheprovider "$@" || suite_rc=$?
+python -m pytest -q -p no:cacheprovider --durations=25 "$@" || suite_rc=$?
 if [ "$tansu_rc" -ne 0 ]; then
   echo "Tansu run (streamproc demo / -m tansu_smoke) failed with exit code $tansu_rc" >&2
   [ "$suite_rc" -ne 0 ] || suite_rc=$tansu_rc
