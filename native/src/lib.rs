@@ -905,5 +905,6 @@ impl NativePlan {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativePlan>()?;
     m.add_class::<risk::RiskCounts>()?;
+    m.add_class::<risk::KeyReader>()?;
     Ok(())
 }

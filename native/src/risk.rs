@@ -15,6 +15,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
 use std::collections::HashMap;
 
+use crate::{Fail, NativePlan, Node, Walk};
+
 #[pyclass(module = "streamproc._native")]
 pub struct RiskCounts {
     k: u64,
@@ -171,5 +173,86 @@ impl RiskCounts {
             self.diversity.keys().copied().min().unwrap_or(0),
             self.below_l,
         )
+    }
+}
+
+/// Reads the keys risk measurement compares from a batch of output plaintexts, in one walk
+/// per record: the encodings of the quasi-identifier fields, concatenated (the class key),
+/// and of the sensitive field (the sensitive key).
+///
+/// Why: reading them back with two keep/drop plans costs two calls and two walks per
+/// record; this walks each record once and builds the two lists here.  The walk is the
+/// plan interpreter's `skip` over a keep/drop plan of the output schema (built by
+/// streamproc/pipeline/native.py), so the structure checks are the same: a record that
+/// does not match its schema raises `BadPayload`, and it must end where the schema ends.
+#[pyclass(frozen, module = "streamproc._native")]
+pub struct KeyReader {
+    plan: Py<NativePlan>,
+    /// per top-level field: bit 1 class key, bit 2 sensitive key (0: skipped)
+    slots: Vec<u8>,
+    sensitive: bool,
+}
+
+#[pymethods]
+impl KeyReader {
+    /// ``KeyReader(plan, slots)``: ``plan`` a keep/drop plan over the output record, one
+    /// slot per top-level field.
+    #[new]
+    fn new(plan: Py<NativePlan>, slots: Vec<u8>) -> PyResult<Self> {
+        match &plan.get().root {
+            Node::Record(children)
+                if children.len() == slots.len()
+                    && children.iter().all(|c| matches!(c, Node::Keep(_) | Node::Drop(_))) => {}
+            _ => return Err(PyValueError::new_err("a key reader needs a keep/drop plan with one slot per field")),
+        }
+        let sensitive = slots.iter().any(|s| s & 2 != 0);
+        Ok(KeyReader { plan, slots, sensitive })
+    }
+
+    /// ``(class keys, sensitive keys)`` of ``plains``, in order (the second list empty
+    /// without a sensitive field).
+    fn read<'py>(
+        &self,
+        py: Python<'py>,
+        plains: &Bound<'py, PyList>,
+    ) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>)> {
+        let plan = self.plan.get();
+        let children = match &plan.root {
+            Node::Record(children) => children,
+            _ => unreachable!("checked at construction"),
+        };
+        let qs = PyList::empty(py);
+        let ss = PyList::empty(py);
+        let mut q: Vec<u8> = Vec::new();
+        let mut s: Vec<u8> = Vec::new();
+        for item in plains.iter() {
+            let b = item.downcast::<PyBytes>()?;
+            let buf = b.as_bytes();
+            let mut w = Walk { py, plan, buf, pos: plan.offset, start: plan.offset, out: Vec::new() };
+            q.clear();
+            s.clear();
+            for (child, slot) in children.iter().zip(&self.slots) {
+                let t = match child {
+                    Node::Keep(t) | Node::Drop(t) => t,
+                    _ => unreachable!("checked at construction"),
+                };
+                let a = w.pos;
+                w.skip(t).map_err(|f| plan.fail(py, f))?;
+                if slot & 1 != 0 {
+                    q.extend_from_slice(w.slice(a, w.pos));
+                }
+                if slot & 2 != 0 {
+                    s.extend_from_slice(w.slice(a, w.pos));
+                }
+            }
+            if w.pos != buf.len() {
+                return Err(plan.fail(py, Fail::Bad("trailing or missing bytes")));
+            }
+            qs.append(PyBytes::new(py, &q))?;
+            if self.sensitive {
+                ss.append(PyBytes::new(py, &s))?;
+            }
+        }
+        Ok((qs, ss))
     }
 }

@@ -10,8 +10,8 @@ enforcement included -- with readers compiled per output schema (:class:`RiskPro
   (``released``), whose report the worker exports as gauges per audience.  Measurement
   alone compares encodings, not values: a record's class key is its quasi-identifier
   fields' encodings concatenated and its sensitive key the sensitive field's encoding
-  (read in Rust by the compiled interpreter when it is built, else by one generated
-  reader), so nothing is decoded and no tuple is built per record;
+  (read in Rust, one walk per record, when the compiled extension is built, else by one
+  generated reader), so nothing is decoded and no tuple is built per record;
 * **enforces** (``risk.action``): a *candidate* window per ladder level counts the tuple
   each record would have at that level (level 0: what the policy's rules give).  A record
   is released at the lowest level whose class, counting this record, holds at least k
@@ -48,7 +48,7 @@ from typing import Any
 from streamproc.errors import PolicyError
 from streamproc.operators import OpContext
 from streamproc.pipeline.codegen import compile_key_reader, compile_reader, enc_long, encoder
-from streamproc.pipeline.native import compile_native_reader, risk_counts
+from streamproc.pipeline.native import compile_native_keys, risk_counts
 from streamproc.pipeline.plan import Plan, node_out_type, quasi_identifier_fields, scalar_of
 from streamproc.policy.model import Audience
 from streamproc.privacy.risk import RiskReport, RiskWindow
@@ -102,11 +102,8 @@ class RiskProbe:
         # built (one call per key, in Rust), else by one generated reader for both.
         qi_set = {n for n in qi_names if n is not None}
         self.read_keys = compile_key_reader(out, qi_set, sens_name, offset=offset)
-        native_qi = compile_native_reader(out, qi_set, offset=offset)
-        native_sens = None if sens_name is None else compile_native_reader(out, {sens_name}, offset=offset)
-        #: ``(class keys reader, sensitive keys reader or None)`` of the interpreter, or None.
-        self.native = None if native_qi is None or (sens_name is not None and native_sens is None) else (
-            native_qi, native_sens)
+        #: The interpreter's reader of a batch's keys, or None (then ``read_keys`` per record).
+        self.native = compile_native_keys(out, qi_set, sens_name, offset=offset)
         index = {n: i for i, n in enumerate(names)}
         #: Position in the reader's values of each quasi-identifier (-1: not received).
         self.qi = [-1 if n is None else index[n] for n in qi_names]
@@ -209,10 +206,10 @@ class RiskGuard:
         for probe, start, end in runs:  # one run per plan
             part = plains[start:end] if start or end < len(plains) else plains
             if probe.native is not None:
-                rq, rs = probe.native
-                qis += map(rq, part)
-                if sens is not None and rs is not None:
-                    sens += map(rs, part)
+                q, s = probe.native(part)
+                qis += q
+                if sens is not None:
+                    sens += s
             else:
                 rows = list(map(probe.read_keys, part))
                 qis += map(itemgetter(0), rows)
