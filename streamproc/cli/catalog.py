@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -30,6 +31,17 @@ def _schemas(paths: tuple[str, ...], config_schemas: object) -> list[Path]:
         # Only authored schemas: derived output schemas under registered/ are not sources.
         files += [Path(p)] if p.endswith(".avsc") else sorted(Path(p).glob("*.avsc"))
     return files
+
+
+def audience_topics(config: Any) -> dict[str, list[str]]:
+    """audience -> its destination topics in the config, in config order."""
+    topics: dict[str, list[str]] = {}
+    for p in config.pipelines:
+        for d in p.destinations:
+            topics.setdefault(d.audience, [])
+            if d.topic not in topics[d.audience]:
+                topics[d.audience].append(d.topic)
+    return topics
 
 
 @click.command("catalog")
@@ -53,12 +65,7 @@ def catalog(config_path: str, fmt: str, old_policy: str | None, schema_paths: tu
         old = load_policy(old_policy) if old_policy else None
     except (ConfigError, PolicyError, SchemaError) as exc:
         raise click.ClickException(str(exc)) from None
-    topics: dict[str, list[str]] = {}
-    for p in config.pipelines:
-        for d in p.destinations:
-            topics.setdefault(d.audience, [])
-            if d.topic not in topics[d.audience]:
-                topics[d.audience].append(d.topic)
+    topics = audience_topics(config)
     new_map = data_map(policy, schemas, topics)
     if old is None:
         click.echo(json.dumps(new_map, indent=2) if fmt == "json" else render_markdown(new_map), nl=fmt == "json")

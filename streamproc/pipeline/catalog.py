@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from streamproc.crypto.erasure import offline_table
 from streamproc.crypto.pseudonym import PseudonymKeys
 from streamproc.errors import PolicyError
-from streamproc.pipeline.lineage import field_treatments
-from streamproc.pipeline.plan import build_plan
-from streamproc.policy.model import Policy, format_duration_ms
+from streamproc.pipeline.lineage import FieldTreatment, field_treatments
+from streamproc.pipeline.plan import Plan, build_plan
+from streamproc.policy.model import Audience, Policy, format_duration_ms
 from streamproc.schema.avro import Record
 from streamproc.schema.registry import RegisteredSchema
 
@@ -41,14 +42,44 @@ def _retention(ms: int | None) -> str | None:
     return None if ms is None else format_duration_ms(ms)
 
 
+@dataclass(frozen=True)
+class CompiledPlan:
+    """One (schema, audience) plan compiled with throw-away keys, and its field rows."""
+
+    schema: Record
+    audience: Audience
+    plan: Plan | None
+    rows: list[FieldTreatment]
+    """Every leaf field with what the audience gets (empty when the plan failed)."""
+    error: str | None = None
+    """Why the plan does not compile (a :class:`PolicyError` message), else None."""
+
+
+def compiled_plans(policy: Policy, schemas: Sequence[RegisteredSchema]) -> Iterator[CompiledPlan]:
+    """Every record schema (by name) x audience (in policy order), compiled as the
+    processor compiles it.  The one walk behind the data map and ``policy explain``: what
+    they show is what the plan does, strictest-tag and container rules included."""
+    keys = PseudonymKeys(_Throwaway(), policy.pseudonym_key or "catalog")
+    erasure = offline_table(keys)  # erasable rules bind; no key is ever made
+    for rs in sorted(schemas, key=lambda s: s.name):
+        node = rs.node
+        if not isinstance(node, Record):
+            continue
+        for aud in policy.audiences.values():
+            try:
+                plan = build_plan(node, aud, keys, erasure)
+            except PolicyError as exc:
+                yield CompiledPlan(node, aud, None, [], str(exc))
+                continue
+            yield CompiledPlan(node, aud, plan, field_treatments(node, plan))
+
+
 def data_map(
     policy: Policy,
     schemas: Sequence[RegisteredSchema],
     topics: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """The data map as a JSON-able dict (``topics``: audience -> its destination topics)."""
-    keys = PseudonymKeys(_Throwaway(), policy.pseudonym_key or "catalog")
-    erasure = offline_table(keys)  # erasable rules bind; no key is ever made
     audiences = {
         a.name: {
             "purpose": a.purpose,
@@ -65,35 +96,29 @@ def data_map(
         for a in policy.audiences.values()
     }
     out_schemas: dict[str, Any] = {}
-    for rs in sorted(schemas, key=lambda s: s.name):
-        node = rs.node
-        if not isinstance(node, Record):
+    for c in compiled_plans(policy, schemas):
+        fields: dict[str, Any] = out_schemas.setdefault(c.schema.fullname, {"fields": {}})["fields"]
+        aud = c.audience
+        if c.error is not None:
+            fields.setdefault("<plan>", {"tags": [], "audiences": {}})["audiences"][aud.name] = {
+                "operation": "error",
+                "error": c.error,
+                "output_field": None,
+            }
             continue
-        fields: dict[str, Any] = {}
-        for aud in policy.audiences.values():
-            try:
-                rows = field_treatments(node, build_plan(node, aud, keys, erasure))
-            except PolicyError as exc:
-                fields.setdefault("<plan>", {"tags": [], "audiences": {}})["audiences"][aud.name] = {
-                    "operation": "error",
-                    "error": str(exc),
-                    "output_field": None,
-                }
-                continue
-            for t in rows:
-                entry = fields.setdefault(t.path, {"tags": list(t.tags), "audiences": {}})
-                cell: dict[str, Any] = {
-                    "operation": t.operation,
-                    "output_field": t.output_field,
-                    "purpose": aud.purpose,
-                    "retention": _retention(aud.retention_ms),
-                }
-                for p in BUDGET_PARAMS:
-                    values = [u.params[p] for u in t.ops if p in u.params]
-                    if values:
-                        cell[p] = values[0]
-                entry["audiences"][aud.name] = cell
-        out_schemas[node.fullname] = {"fields": fields}
+        for t in c.rows:
+            entry = fields.setdefault(t.path, {"tags": list(t.tags), "audiences": {}})
+            cell: dict[str, Any] = {
+                "operation": t.operation,
+                "output_field": t.output_field,
+                "purpose": aud.purpose,
+                "retention": _retention(aud.retention_ms),
+            }
+            for p in BUDGET_PARAMS:
+                values = [u.params[p] for u in t.ops if p in u.params]
+                if values:
+                    cell[p] = values[0]
+            entry["audiences"][aud.name] = cell
     return {
         "policy": {"name": policy.name, "version": policy.version},
         "dead_letter": {"retention": _retention(policy.dead_letter_retention_ms)},
@@ -194,4 +219,4 @@ def render_diff_markdown(changes: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["data_map", "diff", "render_diff_markdown", "render_markdown"]
+__all__ = ["CompiledPlan", "compiled_plans", "data_map", "diff", "render_diff_markdown", "render_markdown"]

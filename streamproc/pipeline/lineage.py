@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from streamproc.operators.base import value_kind
 from streamproc.pipeline.plan import (
     Apply,
     ArrayNode,
@@ -45,6 +46,12 @@ class OpUse:
 
     op: str
     params: Mapping[str, Any]
+    props: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    """The output field properties the operator declares (e.g. the calibrated noise of ``dp_noise``)."""
+    domain: str = field(default="", compare=False)
+    """The pseudonym domain of a keyed operator (``token``, ``encrypt_deterministic``)."""
+    kind: str = field(default="", compare=False)
+    """The value kind the operator reads (``long``, ``double``, ``date``, ...)."""
 
     def describe(self) -> str:
         """``mask(keep_last=4)``: the operator and its parameters, in a stable order."""
@@ -127,7 +134,7 @@ def _applies(n: Node) -> Iterator[OpUse]:
     """The operators applied to a value's own parts (not inside nested records), once each."""
     seen: set[tuple[str, str]] = set()
     for a in _apply_nodes(n):
-        use = OpUse(a.op, dict(a.params or {}))
+        use = OpUse(a.op, dict(a.params or {}), dict(a.props), a.domain, value_kind(a.t))
         k = (use.op, json.dumps(use.params, sort_keys=True, default=str))
         if k not in seen:
             seen.add(k)

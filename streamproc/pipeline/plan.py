@@ -72,6 +72,8 @@ class Apply(Node):
     """The rule's parameters (lineage and the data map describe the transformation with them)."""
     props: dict[str, Any] = field(default_factory=dict)
     """Output field properties the operator declares (:meth:`Operator.field_props`)."""
+    domain: str = ""
+    """The pseudonym domain a keyed operator derives its key in (``policy explain`` names it)."""
 
 
 @dataclass(eq=False)
@@ -380,7 +382,9 @@ class _Builder:
                 raise PolicyError(f"{where}: subject_field {want!r} is not a top-level field")
         self.transforms[op.name] = self.transforms.get(op.name, 0) + 1
         props = dict(op.field_props(rule.params, t))
-        return Apply(t, out, fn, op.name, path, op.needs_subject, decode, dict(rule.params), props)
+        return Apply(
+            t, out, fn, op.name, path, op.needs_subject, decode, dict(rule.params), props, domain if op.needs_keys else ""
+        )
 
 
 _STRING = Primitive("string")
