@@ -720,7 +720,7 @@ def compile_key_reader(
     the sensitive key the encoding of ``sensitive`` (``None`` without one).  Encodings are
     self-delimiting, so equal keys mean equal encodings of every field: the classes (and
     distinct sensitive values) are those of the values.  The same keys as
-    :func:`streamproc.pipeline.native.compile_native_reader`, which replaces this when the
+    :func:`streamproc.pipeline.native.compile_native_keys`, which replaces this when the
     compiled interpreter is built."""
     wanted = qi | ({sensitive} if sensitive is not None else set())
     g = _Gen()
