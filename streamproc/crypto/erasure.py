@@ -214,13 +214,16 @@ def open_sealed(open_envelope: Callable[[bytes], bytes], rkey: str, audience: st
     its transient errors (KMS outage) propagate, everything else is
     :class:`SubjectKeyUnavailable`.
     """
+    # Errors name the key id (random) and never the record key: its first half is the
+    # subject's token, a stable identifier of the person.
+    kid = rkey.rpartition("/")[2]
     try:
         plain = open_envelope(sealed)
     except EnvelopeError as exc:
-        raise SubjectKeyUnavailable(f"key record {rkey!r} does not open ({exc.reason.value})") from None
+        raise SubjectKeyUnavailable(f"subject key {kid} does not open ({exc.reason.value})") from None
     want = _sealed_plaintext(rkey, audience, b"")
     if not plain.startswith(want) or len(plain) != len(want) + SUBJECT_KEY_BYTES:
-        raise SubjectKeyUnavailable(f"key record {rkey!r} was sealed for another record key or audience")
+        raise SubjectKeyUnavailable(f"subject key {kid} was sealed for another record key or audience")
     return plain[len(want) :]
 
 
@@ -243,6 +246,8 @@ class _Entry:
         self.token, self.kid, self.audience = token, kid, audience
         self.rkey = f"{token}/{kid}"
         self.sealed = sealed
+        #: The raw key, only while it is needed: until it is sealed into a key record (a key
+        #: this worker created) and its cipher is built; then the AES-SIV object alone holds it.
         self.key = key
         self.cipher: tuple[str, AESSIV, bytes] | None = None
 
@@ -449,6 +454,9 @@ class SubjectKeyTable:
                 key = e.key = open_sealed(self._open, e.rkey, e.audience, e.sealed)
             c = e.cipher = (f"{PREFIX}{e.kid}_", AESSIV(key), e.kid.encode())
             e.sealed = None  # opened: the sealed copy is not needed again
+            with self._lock:
+                if e.rkey not in self._unsent:  # sealed already (or restored): the cipher holds the key
+                    e.key = None
         return c
 
     # -- the transaction seam (the epoch protocol of streamproc.pipeline.state) ------------
@@ -480,7 +488,11 @@ class SubjectKeyTable:
             sealer = self.sealers.get(aud)
             if sealer is None:
                 raise SubjectKeyUnavailable(f"audience {aud!r} has no KEK for its subject keys")
-            plains = [_sealed_plaintext(e.rkey, aud, e.key or b"") for e in entries]
+            plains = []
+            for e in entries:
+                if e.key is None:  # never: an unsent key keeps its bytes until sealed
+                    raise SubjectKeyUnavailable(f"subject key {e.kid} lost its key bytes before it was sealed")
+                plains.append(_sealed_plaintext(e.rkey, aud, e.key))
             for e, sealed in zip(entries, sealer.seal_many(plains), strict=True):
                 if e.rkey in self._live:  # not forgotten while it was being sealed
                     out.append((e.rkey.encode(), key_value(sealed, aud)))  # the key stays in memory only
@@ -489,6 +501,8 @@ class SubjectKeyTable:
         with self._lock:
             for e in unsent:
                 self._unsent.pop(e.rkey, None)
+                if e.cipher is not None:  # sealed and in use: the raw key is not kept beside the cipher
+                    e.key = None
             taken = self._shreds_taken.setdefault(self._epoch, {})
             for rkey, aud in shreds.items():
                 taken[rkey] = self._shreds.pop(rkey, aud)

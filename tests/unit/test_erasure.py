@@ -136,6 +136,44 @@ def test_key_record_is_sealed_under_the_audience_kek(keyring: LocalKeyring, keys
         erasure.open_sealed(lambda d: opener.open_parts(TOPIC, d)[0], f"{other.token}/{other.suffix}", "fraud", sealed)
 
 
+def test_a_key_record_that_does_not_open_is_named_by_its_key_id_not_the_subject_token(
+    keyring: LocalKeyring, keys: PseudonymKeys
+) -> None:
+    """The record key's first half is the subject's token (a stable identifier of the
+    person): an error names the random key id only, whatever the failure."""
+    table = new_table(keyring, keys, FixedRng(1))
+    table.cipher_fn("fraud")(b"cust-1")
+    (k, v), = table.take_writes()
+    assert v is not None
+    token, kid = k.decode().split("/")
+    sealed = base64.b64decode(json.loads(v)["key"])
+    opener = Opener.for_kms(keyring)
+    tampered = sealed[:-1] + bytes([sealed[-1] ^ 1])
+    for rkey, blob in ((f"{token}/{'0' * 16}", sealed), (k.decode(), tampered)):
+        with pytest.raises(erasure.SubjectKeyUnavailable) as info:
+            erasure.open_sealed(lambda d: opener.open_parts(TOPIC, d)[0], rkey, "fraud", blob)
+        assert token not in str(info.value) and rkey.split("/")[1] in str(info.value)
+    assert kid == (bytes([1]) * 8).hex()
+
+
+def test_the_raw_subject_key_is_dropped_once_sealed_and_in_use(keyring: LocalKeyring, keys: PseudonymKeys) -> None:
+    """The AES-SIV object is the one in-memory copy a key needs once its record is written
+    (a key this worker created) or opened (a key read from the topic)."""
+    a, b = new_table(keyring, keys, FixedRng(1)), new_table(keyring, keys)
+    cipher = a.cipher_fn("fraud")
+    c1 = cipher(b"cust-1")
+    (e,) = a._live.values()
+    assert e.key == bytes([2]) * 64  # not sealed yet: kept to seal it
+    copy_writes(a, b)
+    assert e.key is None and e.sealed is None
+    assert cipher(b"cust-1") is c1  # still encrypts (the memo, then the entry's cipher)
+    assert a._cipher(e) is c1
+    cb = b.cipher_fn("fraud")(b"cust-1")  # opened through the KMS
+    (eb,) = b._live.values()
+    assert eb.key is None and eb.sealed is None
+    assert cb[1].encrypt(b"x", [b"d"]) == AESSIV(bytes([2]) * 64).encrypt(b"x", [b"d"])
+
+
 @pytest.mark.parametrize(
     "key, value",
     [
