@@ -118,6 +118,7 @@ class Committer:
         self.in_flight: InFlight | None = None
         self._jobs: queue.SimpleQueue[InFlight | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._closed = False
         if overlap:  # process-wide, and only ever lowered (see SWITCH_INTERVAL)
             sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
         #: Batches settled; seconds the caller blocked waiting for them; seconds their
@@ -177,9 +178,10 @@ class Committer:
         job = self.in_flight
         if job is None:
             return
-        if not job.done.is_set():
-            log.info("rebalance: waiting for the commit in flight", extra={"count": len(gone)})
-        self._wait(job)
+        if not self._closed:  # closed: waited for already (the consumer's close revokes)
+            if not job.done.is_set():
+                log.info("rebalance: waiting for the commit in flight", extra={"count": len(gone)})
+            self._wait(job)
         job.revoked |= gone
 
     def close(self) -> None:
@@ -188,6 +190,7 @@ class Committer:
         Used after a fatal error, when the outcome no longer matters: the batch either
         committed or left its transaction for the next instance's ``init_transactions``.
         """
+        self._closed = True
         job = self.in_flight
         if job is not None:
             try:

@@ -238,7 +238,9 @@ def test_sigkill_ten_times_with_two_workers(
 
 
 #: No progress for this long after the broker is back = hung (see the broker test).
-HUNG_AFTER = 30.0
+#: Long enough for the worker's watchdog to end a call stuck since the broker went away
+#: (its 30 s timeout + 30 s grace), short enough to keep the test bounded otherwise.
+HUNG_AFTER = 75.0
 
 
 def test_broker_sigkill_and_restart_mid_stream(
@@ -249,9 +251,12 @@ def test_broker_sigkill_and_restart_mid_stream(
     The worker reconnects by itself, except when librdkafka's
     ``send_offsets_to_transaction`` hangs on a group coordinator that went away and came
     back (confluentinc/librdkafka#5511: the call ignores its timeout).  Deployed, the
-    liveness probe (``metrics.liveness_timeout_seconds``) restarts such a worker; here a
-    worker without progress for ``HUNG_AFTER`` s after the broker is back is SIGKILLed and
-    started again the same way, and counted.  Either way the outputs must stay exact.
+    worker's watchdog turns such a call into a fatal exit naming it (``TransactionStuck``,
+    60 s after the call began; the liveness probe, ``metrics.liveness_timeout_seconds``,
+    backs it up).  Here a worker that exits is started again the same way, as a Deployment
+    would, and must have logged why; one without progress for ``HUNG_AFTER`` s after the
+    broker is back is SIGKILLed and restarted (the liveness probe's part), and counted.
+    Either way the outputs must stay exact.
     """
     from streamproc.devkafka import KafkaBroker, kafka_available
 
@@ -275,7 +280,7 @@ def test_broker_sigkill_and_restart_mid_stream(
     w = WorkerProcess(ws, name="w0")
     workers.append(w)
     bad: set[tuple[int, int]] = set()
-    hung = exited = 0
+    hung = exited = stuck = 0
     for k in range(2):
         _wait_progress(progress, progress.total(), w)
         bad |= _produce_bad(ws, k)
@@ -298,6 +303,9 @@ def test_broker_sigkill_and_restart_mid_stream(
                 w.kill()
             else:
                 exited += 1
+                assert w.proc.returncode == 1, w.log()[-3000:]  # exit 1: fatal, restart it
+                assert '"message": "fatal ' in w.log(), w.log()[-3000:]  # a named reason
+                stuck += "fatal TransactionStuck" in w.log()
             w = WorkerProcess(ws, name=f"w{k + 1}")
             workers.append(w)
             _wait_progress(progress, progress.total(), w)
@@ -308,7 +316,8 @@ def test_broker_sigkill_and_restart_mid_stream(
         good,
         bad,
         w.log()[-3000:],
-        f"2 broker kill -9/restarts (worker hung {hung}x and restarted, exited {exited}x)",
+        f"2 broker kill -9/restarts (worker hung {hung}x and restarted, exited {exited}x, "
+        f"{stuck}x of them by the watchdog)",
     )
     w.terminate()
     assert w.wait(30) == 0, w.log()[-3000:]

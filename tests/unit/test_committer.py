@@ -320,9 +320,10 @@ def test_a_commit_stuck_past_its_timeout_is_a_named_fatal_error() -> None:
             committer.settle()
         with pytest.raises(cp.TransactionStuck):  # a rebalance would not hang either
             committer.release({("src", 0)})
+        committer.close()  # logs it and gives up waiting
+        committer.release({("src", 0)})  # the consumer's close then leaves the group
     finally:
         p.gate.set()
-    committer.close()
 
 
 def test_close_lets_the_commit_in_flight_finish() -> None:
@@ -400,3 +401,22 @@ def test_at_least_once_failed_delivery_in_flight_is_an_abort_at_settle() -> None
     assert done is not None and isinstance(done.error, cp.Aborted)
     assert consumer.commits == [] and c.committed == {}
     committer.close()
+
+
+def test_a_stuck_call_exits_1_with_one_line_naming_it(caplog: pytest.LogCaptureFixture) -> None:
+    from streamproc.runtime.exits import EXIT_FATAL, exit_code
+
+    class NoRefusal:  # the AccessGuard's view: no broker refusal behind the error
+        error = None
+
+    clock = Clock()
+    dog = Watchdog(grace=5.0, clock=clock)
+    with dog.guard("send_offsets_to_transaction", 10.0):
+        clock.now += 16.0
+        what = dog.overdue()
+    assert what is not None
+    stuck = cp.TransactionStuck(what)
+    with caplog.at_level("ERROR", logger="streamproc.runtime.worker"):
+        assert exit_code(stuck, NoRefusal()) == EXIT_FATAL  # type: ignore[arg-type]
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith("fatal TransactionStuck: send_offsets_to_transaction")
