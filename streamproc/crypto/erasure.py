@@ -328,8 +328,23 @@ class SubjectKeyTable:
 
     # -- applying topic records (restore and follow) ------------------------------------------
     def apply(self, key: bytes | None, value: bytes | None) -> None:
-        """Apply one record of the key topic in topic order; :class:`KeyRecordError` if malformed."""
-        r = parse_record(key, value)
+        """Apply one record of the key topic in topic order; :class:`KeyRecordError` if malformed.
+
+        Fail closed on a malformed *value* under a well-formed record key: compaction keeps
+        that record in place of the key (or marker) it replaces, so the key is treated as
+        gone (never used again) and an unreadable marker as a forget; then the error is
+        raised for the caller to count and log.
+        """
+        try:
+            r = parse_record(key, value)
+        except KeyRecordError:
+            token, suffix = parse_record_key(key)  # a malformed record key names nothing: skipped
+            with self._lock:
+                if suffix == MARKER:
+                    self._forget(token)
+                else:
+                    self._remove(f"{token}/{suffix}")
+            raise
         with self._lock:
             self._versions.add(token_version(r.token))
             rkey = f"{r.token}/{r.suffix}"
@@ -579,10 +594,21 @@ class KeyDirectory:
         self.rejected = 0
 
     def apply(self, key: bytes | None, value: bytes | None) -> None:
+        """One record of the topic; a malformed one is counted in :attr:`rejected` and, under
+        a well-formed record key, fails closed as :meth:`SubjectKeyTable.apply` does: the
+        key it replaces is gone, an unreadable marker forgets its subject."""
         try:
             r = parse_record(key, value)
         except KeyRecordError:
             self.rejected += 1
+            try:
+                token, suffix = parse_record_key(key)
+            except KeyRecordError:
+                return
+            if suffix == MARKER:
+                self.forgotten.add(token)
+            else:
+                self.keys.pop(suffix, None)
             return
         self.versions.add(token_version(r.token))
         if r.suffix == MARKER:

@@ -252,6 +252,53 @@ def test_forget_marker_drops_keys_refuses_new_ones_and_shreds_stragglers(keyring
     assert f(b"cust-1")[0].startswith("ds1_")
 
 
+@pytest.mark.parametrize("value", [b"not json", b'{"v": 2, "shredded": 1}', b'{"v": 1, "audience": "fraud"}'])
+def test_an_unreadable_record_over_a_key_fails_closed(keyring: LocalKeyring, keys: PseudonymKeys, value: bytes) -> None:
+    """Compaction keeps the unreadable record in place of the key record: the key is gone
+    for the table and the directory too (a new key is made; the old one re-identifies
+    nothing), and the record is still reported as malformed."""
+    a = new_table(keyring, keys, FixedRng(1))
+    f = a.cipher_fn("fraud")
+    old = f(b"cust-1")[0]
+    directory = erasure.KeyDirectory()
+    (k, _v), = copy_writes(a, directory)
+    a.committed(0)
+    kid = k.decode().split("/")[1]
+    assert kid in directory.keys
+    with pytest.raises(erasure.KeyRecordError):
+        a.apply(k, value)
+    directory.apply(k, value)
+    assert len(a) == 0
+    assert f(b"cust-1")[0] != old  # a new key, not the unreadable one
+    assert len(a) == 1 and a.created == 2 and directory.rejected == 1 and kid not in directory.keys
+    with pytest.raises(ReidentificationError):
+        directory.resolve("fraud", kid, lambda d: d)
+
+
+@pytest.mark.parametrize("value", [b"not json", b'{"v": 2, "forgotten": 1}', b'{"v": 1}'])
+def test_an_unreadable_forgotten_marker_forgets(keyring: LocalKeyring, keys: PseudonymKeys, value: bytes) -> None:
+    """A record under ``<token>/forgotten`` that does not parse (a newer format, a damaged
+    one) is a forget all the same: no key is made for the subject, theirs are shredded."""
+    a = new_table(keyring, keys)
+    f = a.cipher_fn("fraud")
+    f(b"cust-1")
+    copy_writes(a, a)
+    a.committed(0)
+    tok = erasure.subject_tokens(keys, b"cust-1", [1])[1]
+    with pytest.raises(erasure.KeyRecordError):
+        a.apply(erasure.record_key(tok, erasure.MARKER), value)
+    assert a.is_forgotten(tok) and len(a) == 0 and a.pending_shreds == 1
+    with pytest.raises(erasure.SubjectForgotten):
+        f(b"cust-1")
+    directory = erasure.KeyDirectory()
+    directory.apply(erasure.record_key(tok, erasure.MARKER), value)
+    assert tok in directory.forgotten and directory.rejected == 1
+    # A malformed record key names no subject or key: skipped, nothing changes.
+    with pytest.raises(erasure.KeyRecordError):
+        a.apply(b"no-slash", b"{}")
+    assert a.pending_shreds == 1
+
+
 def test_rollback_drops_uncommitted_keys_and_a_redo_makes_new_ones(keyring: LocalKeyring, keys: PseudonymKeys) -> None:
     t = new_table(keyring, keys)
     f = t.cipher_fn("fraud")
