@@ -56,6 +56,7 @@ from streamproc.observability.anomaly import (
     AnomalyDetector,
     AnomalyKind,
 )
+from streamproc.pipeline.budget import SUPPRESSED_REASONS as DP_SUPPRESSED_REASONS
 from streamproc.policy.consent import WITHHELD_REASONS
 
 if TYPE_CHECKING:
@@ -107,7 +108,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("streamproc_records_quarantined_total", "counter", ("reason",), "Records the pipeline quarantined (any reason class); they go to the dead-letter topic."),
     MetricSpec("streamproc_tombstones_total", "counter", (), "Tombstones (null values) forwarded to every destination."),
     MetricSpec("streamproc_consent_withheld_total", "counter", ("audience", "reason"), "Records withheld from an audience by its purpose's legal basis (not_granted, withdrawn, objected, no_subject); no output, no dead letter."),
-    MetricSpec("streamproc_dp_budget_suppressed_total", "counter", ("audience", "reason"), "Records whose differentially private fields an audience received as null: the subject's privacy budget is spent (exhausted) or there is no subject to account against (no_subject)."),
+    MetricSpec("streamproc_dp_budget_suppressed_total", "counter", ("audience", "reason"), "Records whose differentially private fields an audience received as null: the subject's privacy budget is spent (exhausted) or there is no subject to account against (no_subject); withheld: the record was not delivered to the audience at all (its null variant failed)."),
     MetricSpec("streamproc_egress_records_total", "counter", ("topic", "audience"), "Sanitized records produced, by destination topic and audience."),
     MetricSpec("streamproc_egress_bytes_total", "counter", ("topic", "audience"), "Bytes of sealed sanitized values produced, by destination topic and audience."),
     MetricSpec("streamproc_transformed_fields_total", "counter", ("operator",), "Field values transformed, by operator (token, mask, generalize, ...)."),
@@ -243,7 +244,7 @@ class _LabelGuard:
             "topic": k.topics,
             "audience": k.audiences,
             "kek_id": k.kek_ids,
-            "reason": frozenset(r.value for r in Reason) | frozenset(WITHHELD_REASONS),
+            "reason": frozenset(r.value for r in Reason) | frozenset(WITHHELD_REASONS) | frozenset(DP_SUPPRESSED_REASONS),
             "operator": frozenset(REGISTRY),
             "provider": KMS_PROVIDERS,
             "action": RISK_ACTIONS,

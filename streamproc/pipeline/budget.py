@@ -43,6 +43,14 @@ from streamproc.privacy.budget import (
 
 log = logging.getLogger("streamproc.pipeline.budget")
 
+#: Why a budgeted audience got a record's DP fields as null (``BatchStats.dp_suppressed``,
+#: the ``reason`` of ``streamproc_dp_budget_suppressed_total``): the subject's budget is
+#: spent, the record has no subject to account against, or the suppressed variant itself
+#: failed and the record was withheld from the audience instead.  A closed set: metric
+#: labels outside it are refused.
+EXHAUSTED, NO_SUBJECT, WITHHELD = "exhausted", "no_subject", "withheld"
+SUPPRESSED_REASONS = (EXHAUSTED, NO_SUBJECT, WITHHELD)
+
 _Key = tuple[str, int, bytes]  # (audience, input partition, changelog key)
 
 
@@ -170,4 +178,4 @@ class BudgetBook:
         self._undo.forget(lambda k: k[1] != partition)
 
 
-__all__ = ["BudgetBook"]
+__all__ = ["EXHAUSTED", "NO_SUBJECT", "SUPPRESSED_REASONS", "WITHHELD", "BudgetBook"]

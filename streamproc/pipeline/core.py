@@ -56,7 +56,7 @@ from streamproc.errors import (
     SealingUnavailable,
     TransientError,
 )
-from streamproc.pipeline.budget import BudgetBook
+from streamproc.pipeline.budget import EXHAUSTED, NO_SUBJECT, WITHHELD, BudgetBook
 from streamproc.pipeline.codegen import BadPayload, TransformFailed, compile_plan, compile_subject
 from streamproc.pipeline.consent import ConsentGate
 from streamproc.pipeline.lineage import FieldTreatment, field_treatments
@@ -171,7 +171,8 @@ class BatchStats:
     dp_suppressed: dict[tuple[str, str], int] = field(default_factory=dict)
     """(audience, reason) -> records whose DP fields were written as null for that
     audience: ``exhausted`` (the subject's budget is spent) or ``no_subject`` (no subject
-    value to account against: fail closed)."""
+    value to account against: fail closed); ``withheld`` when even the null variant failed
+    and the record was not delivered to that audience (``pipeline.budget.SUPPRESSED_REASONS``)."""
 
 
 @dataclass
@@ -584,16 +585,16 @@ class Pipeline:
             except (BadPayload, IndexError, UnicodeDecodeError, struct.error, ValueError, OverflowError):
                 subj = None  # cannot happen after the plan ran; fail closed
             if subj is None:
-                why = "no_subject"
+                why = NO_SUBJECT
             elif book.spend(aud, partition, book.key(aud, subj), b.cost):
                 continue
             else:
-                why = "exhausted"
+                why = EXHAUSTED
             try:
                 outs[i] = b"".join(b.suppressed(plain))
             except Exception:
                 admitted[i] = False
-                why = "withheld"
+                why = WITHHELD
             k = (aud, why)
             suppressed[k] = suppressed.get(k, 0) + 1
 

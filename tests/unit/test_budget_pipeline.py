@@ -144,6 +144,16 @@ def test_a_subject_gets_its_budget_then_null_dp_fields(kit: Kit) -> None:
     assert all(r["country"] == "FR" and r["customer_id"].startswith("tk1_") for r in rows)
     assert [r["amount"] for r in kit.decoded(res, "ops.visits")] == [12.5] * len(subjects)
     assert res.stats.dp_suppressed == {("analytics", "exhausted"): 6 - RELEASES}
+    # ... and the metric keeps the reason (a closed label set: not folded into _other)
+    m = Metrics(registry=CollectorRegistry(), known=KnownLabels.of(audiences=["analytics"]))
+    m.batch_processed(res.stats, len(subjects), 0.01)
+    samples = {
+        (s.labels["audience"], s.labels["reason"]): s.value
+        for fam in m.registry.collect()
+        for s in fam.samples
+        if s.name == "streamproc_dp_budget_suppressed_total"
+    }
+    assert samples == {("analytics", "exhausted"): 6 - RELEASES}
     # the next batch: still spent (the state is kept between batches)
     rows2 = kit.decoded(kit.pipeline.process(kit.records(["alice", "bob"])), "analytics.visits")
     assert released(rows2) == [False, RELEASES > 1]
