@@ -6,10 +6,12 @@
 #   docker run --rm --read-only --tmpfs /tmp \
 #     -v "$PWD/streamproc.yaml:/etc/streamproc/streamproc.yaml:ro" ... streamproc:local
 #
-# Two stages: the builder turns the checkout into a wheel and installs it, with its
-# dependencies and the vault/aws/registry extras, into a virtualenv at /opt/venv; the
+# Three stages: `native` builds the wheel, compiled plan interpreter included (Rust crate
+# native/, the abi3 extension streamproc._native); the builder installs that wheel, with
+# its dependencies and the vault/aws/registry extras, into a virtualenv at /opt/venv; the
 # runtime stage is a clean python:3.11-slim with only that virtualenv copied in (no
-# compiler, no pip cache, no source tree).
+# compiler, no Rust, no pip cache, no source tree).  STREAMPROC_NATIVE=0 at run time
+# switches to the generated Python plan functions (docs/deploy.md).
 #
 # The runtime runs as the numeric, non-root user 10001 and writes nothing outside the
 # mounts the deployment gives it, so it works with a read-only root filesystem:
@@ -24,6 +26,49 @@
 # key material from a mounted volume (docs/deploy.md).
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# Pinned to the release the crate is built and tested with; slim-bookworm has gcc (the
+# linker) and the same glibc as the Python image, which runs what it links.
+ARG RUST_IMAGE=rust:1.95.0-slim-bookworm
+
+# ---------------------------------------------------------------------------------------
+FROM ${RUST_IMAGE} AS native
+
+# Bookworm's own Python is 3.11, the version the abi3 extension targets (pyo3 feature
+# abi3-py311): it only drives setup.py, the wheel runs on the Python image's 3.11.
+# Package versions are the ones of the pinned base image's Debian point release.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3-venv \
+ && rm -rf /var/lib/apt/lists/*
+
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore \
+    PYTHONDONTWRITEBYTECODE=1 \
+    CARGO_TARGET_DIR=/tmp/cargo-target
+
+RUN python3 -m venv /opt/build
+ENV PATH=/opt/build/bin:$PATH
+
+WORKDIR /src
+# Only what the wheel is built from (.dockerignore keeps everything else out of the
+# context, native/target included). README.md* is a glob so a checkout without a README
+# still builds.
+COPY pyproject.toml setup.py README.md* ./
+COPY native/Cargo.toml native/Cargo.lock ./native/
+COPY native/src/ ./native/src/
+COPY streamproc/ ./streamproc/
+
+# The crates exactly as Cargo.lock says (--locked fails on a lock file that does not match
+# Cargo.toml), then the wheel built offline from them, so the build cannot resolve
+# anything else.  --py-limited-api=cp311 makes the wheel cp311-abi3 with _native.abi3.so.
+# setup.py marks the extension optional (a checkout without Rust still installs), so the
+# wheel is checked here: abi3-tagged and holding the extension, or the build fails.
+RUN --mount=type=cache,target=/root/.cache/pip \
+    --mount=type=cache,target=/usr/local/cargo/registry \
+    cargo fetch --locked --manifest-path native/Cargo.toml \
+ && CARGO_NET_OFFLINE=true pip wheel --no-deps --wheel-dir /dist \
+        --config-settings=--build-option=--py-limited-api=cp311 . \
+ && python3 -c "import glob, sys, zipfile; (w,) = glob.glob('/dist/streamproc-*-cp311-abi3-linux_*.whl'); names = zipfile.ZipFile(w).namelist(); sys.exit(0 if 'streamproc/_native.abi3.so' in names else w + ': no streamproc/_native.abi3.so')"
 
 # ---------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS builder
@@ -35,17 +80,15 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
-WORKDIR /src
-# Only what the wheel is built from (.dockerignore keeps everything else out of the
-# context). README.md* is a glob so a checkout without a README still builds.
-COPY pyproject.toml README.md* ./
-COPY streamproc/ ./streamproc/
+COPY --from=native /dist/ /dist/
 
-# The wheel first, then the wheel and its dependencies into the venv; compile bytecode
-# now, because the runtime's root filesystem is read-only.
+# The wheel and its dependencies into the venv; compile bytecode now, because the
+# runtime's root filesystem is read-only.  Then the extension must import here, on the
+# runtime's interpreter, and the plan code must see it: otherwise the image would
+# silently run the slower Python path.
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip wheel --no-deps --wheel-dir /dist . \
- && pip install --compile "$(ls /dist/streamproc-*.whl)[vault,aws,registry]" \
+    pip install --compile "$(ls /dist/streamproc-*.whl)[vault,aws,registry]" \
+ && python -c "import sys, streamproc._native; from streamproc.pipeline import native; sys.exit(0 if native.available() else 'streamproc._native imports but the plan code does not see it')" \
  && streamproc --version
 
 # ---------------------------------------------------------------------------------------
