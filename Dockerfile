@@ -34,8 +34,10 @@ ARG RUST_IMAGE=rust:1.95.0-slim-bookworm
 FROM ${RUST_IMAGE} AS native
 
 # Bookworm's own Python is 3.11, the version the abi3 extension targets (pyo3 feature
-# abi3-py311): it only drives setup.py, the wheel runs on the Python image's 3.11.
-# Package versions are the ones of the pinned base image's Debian point release.
+# abi3-py311): it only drives setup.py, the wheel runs on the Python image's 3.11.  Not
+# pinned to a Debian revision (DL3008): security updates replace revisions on the mirror,
+# so a pin would break the build; every bookworm revision is 3.11, and the wheel check
+# below holds the result.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3-venv \
