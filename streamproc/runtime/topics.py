@@ -18,7 +18,7 @@ expired by age would turn back into "no record", i.e. into consent-by-default fo
 opt-out bases.
 
 The subject-key topic (``erasure.topic``) is compacted too, with settings that bound how
-long a shredded key stays in the log (:data:`KEY_TOPIC_CONFIG`, docs/governance.md): a
+long a shredded key stays in the log (:data:`~streamproc.runtime.state_topics.KEY_TOPIC_CONFIG`, docs/governance.md): a
 closed segment after ``segment.ms``, cleaned as soon as it is dirty
 (``min.cleanable.dirty.ratio``) and at the latest after ``max.compaction.lag.ms``.
 ``topics.overrides.<key topic>`` may change them.  Unlike partitions, these settings are
@@ -51,7 +51,7 @@ from streamproc.runtime.retention import (
     expected_retention,
     set_retention,
 )
-from streamproc.runtime.state_topics import KEY_TOPIC_CONFIG, expected_state_configs, realign
+from streamproc.runtime.state_topics import StateTopic, expected_state_configs, realign
 
 log = logging.getLogger("streamproc.runtime.topics")
 
@@ -90,6 +90,7 @@ def apply_topics(
     results: dict[str, TopicResult] = {}
     new: list[NewTopic] = []
     changelog = config.budget_changelog_topic
+    state = expected_state_configs(config)
     for t in wanted:
         s = config.topics.for_topic(t)
         parts, rf = s.partitions or 1, s.replication_factor or 1
@@ -104,18 +105,14 @@ def apply_topics(
         conf = dict(s.config)
         if t in retention:
             conf[RETENTION_MS] = str(retention[t])
-        if config.consent is not None and t == config.consent.topic:
-            # The consent table: the last record per key is the state (KTable), so the
-            # topic is compacted, never deleted by age (a withdrawal must not expire).
+        st = state.get(t)
+        if st is not None:
+            # A state topic (consent table, subject keys, budget changelog): the last record
+            # per key is the state, so it is compacted, never deleted by age, and the key
+            # topic's cleaning is bounded.  The settings `topics check` and the worker's
+            # drift check compare with, so what is created is what is checked.
             # (retention.ms, if configured, is left: Kafka ignores it under compact only.)
-            conf["cleanup.policy"] = "compact"
-        if config.erasure is not None and t == config.erasure.topic:
-            override = config.topics.overrides.get(t)
-            conf = {**KEY_TOPIC_CONFIG, **(override.config if override is not None else {}), "cleanup.policy": "compact"}
-        if t == changelog:
-            # The budget changelog: the last state per (audience, subject token) is the
-            # state, partition p for input partition p (streamproc.runtime.state).
-            conf["cleanup.policy"] = "compact"
+            conf.update(st.settings)
         new.append(NewTopic(t, num_partitions=parts, replication_factor=rf, config=conf))
     if new:
         futures = admin.create_topics(new, operation_timeout=timeout, request_timeout=timeout)
@@ -134,7 +131,7 @@ def apply_topics(
             log.info("topic %s", status, extra={"topic": nt.topic, "partitions": nt.num_partitions})
         _wait_for_leaders(admin, [nt.topic for nt in new], timeout)
     _align_retention(admin, results, retention, timeout)
-    _align_state_configs(admin, config, results, timeout)
+    _align_state_configs(admin, state, results, timeout)
     return [results[t] for t in wanted]
 
 
@@ -166,10 +163,12 @@ def _align_retention(
         log.info("topic retention set", extra={"topic": t, "retention_ms": ms})
 
 
-def _align_state_configs(admin: AdminClient, config: Config, results: dict[str, TopicResult], timeout: float) -> None:
+def _align_state_configs(
+    admin: AdminClient, state: Mapping[str, StateTopic], results: dict[str, TopicResult], timeout: float
+) -> None:
     """Realign the compaction settings of existing state topics (:mod:`streamproc.runtime.state_topics`)."""
     existing = [t for t, r in results.items() if r.status == "exists"]
-    for t, names in realign(admin, expected_state_configs(config), existing, timeout).items():
+    for t, names in realign(admin, state, existing, timeout).items():
         r = results[t]
         note = ", ".join(x for x in (r.note, f"{', '.join(names)} realigned") if x)
         results[t] = TopicResult(t, r.status, r.partitions, r.replication_factor, note)
@@ -204,4 +203,4 @@ def _wait_for_leaders(admin: AdminClient, topics: list[str], timeout: float) -> 
         time.sleep(0.1)
 
 
-__all__ = ["KEY_TOPIC_CONFIG", "TopicResult", "apply_topics"]
+__all__ = ["TopicResult", "apply_topics"]

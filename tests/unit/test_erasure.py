@@ -501,6 +501,38 @@ def test_topics_apply_creates_the_key_topic_compacted_with_bounded_cleaning(tmp_
     assert int(conf["max.compaction.lag.ms"]) <= 3_600_000 and float(conf["min.cleanable.dirty.ratio"]) <= 0.01
 
 
+def test_topics_apply_creates_the_state_topics_with_the_settings_that_are_checked(tmp_path: Path) -> None:
+    """What ``topics apply`` creates is what ``topics check`` and the worker compare with
+    (one source: :func:`expected_state_configs`); ``topics.defaults.config`` still applies
+    to the key topic where it sets nothing of the key topic's own."""
+    from streamproc.runtime.state_topics import (
+        KEY_TOPIC_CONFIG,
+        LiveConfigs,
+        config_drift,
+        expected_state_configs,
+    )
+    from streamproc.runtime.topics import apply_topics
+
+    path = config_dir(tmp_path, SECTION)
+    raw = yaml.safe_load(path.read_text())
+    raw["topics"] = {
+        "defaults": {"config": {"min.insync.replicas": "1", "segment.ms": "604800000", "cleanup.policy": "delete"}},
+        "overrides": {TOPIC: {"config": {"max.compaction.lag.ms": "600000"}}},
+    }
+    path.write_text(yaml.safe_dump(raw))
+    config = load_config(path)
+    admin = FakeAdmin()
+    apply_topics(config, admin=admin)  # type: ignore[arg-type]
+    conf = admin.created[TOPIC]
+    assert conf["min.insync.replicas"] == "1"  # the defaults reach the key topic
+    assert conf["cleanup.policy"] == "compact"  # ... but never undo compaction
+    assert conf["segment.ms"] == KEY_TOPIC_CONFIG["segment.ms"] == "3600000"  # nor its bounds
+    assert conf["max.compaction.lag.ms"] == "600000"  # its own override does
+    expected = expected_state_configs(config)
+    live = {t: LiveConfigs(t, admin.created[t]) for t in expected}
+    assert config_drift(expected, live) == {t: None for t in expected}
+
+
 # -- through the pipeline -------------------------------------------------------------------------
 
 
