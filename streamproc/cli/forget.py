@@ -4,7 +4,8 @@ What it does, in order (docs/governance.md, "Erasure"):
 
 1. opens the tools' audit trail (refuses to run without it) and reads the subject-key
    topic to its end;
-2. writes one ``subject_forgotten`` audit event (the subject's token, never the value);
+2. writes one ``subject_forgotten`` audit event (the subject's token in the subject-key
+   domain, or without ``erasure:`` in the consent domain; never the value);
 3. writes the *forgotten marker* ``<token>/forgotten`` (no worker creates a key for the
    subject again: their later records are withheld from audiences with erasable rules),
    then a *shred record* over every key record of the subject (under every master version
@@ -85,6 +86,12 @@ def forget_subject(
         out.update(token=primary, topic=topic, shredded=len(live), audiences=sorted({r.audience or "-" for r in live}))
     purposes = sorted(policy.purposes) if config.consent is not None else []
     out["purposes"] = purposes
+    if out["token"] is None and config.consent is not None:
+        # No subject-key topic: the audit event names the subject by the consent table's
+        # token (the key its withdrawals are written under), never the identifier.
+        from streamproc.client.consent import subject_token
+
+        out["token"] = subject_token(keys, config.consent.domain, subject)
     log.emit(
         SubjectForgottenEvent(
             subject=out["token"], topic=out["topic"], audiences=out["audiences"], purposes=purposes,

@@ -765,6 +765,47 @@ def test_forget_writes_marker_shreds_withdrawals_and_one_audit_event(
     assert subject not in json.dumps(events) and all(subject.encode() not in k + v for k, v in produced)
 
 
+def test_forget_without_a_key_topic_audits_the_consent_token(
+    keyring: LocalKeyring, keys: PseudonymKeys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``consent:`` and no ``erasure:``, the audit event still says whom it was about:
+    the subject's token in the consent domain (HKDF salt ``streamproc/consent/v1``, info the
+    domain), which keys their withdrawals; never the identifier."""
+    import streamproc.client.consent as client_consent
+    from streamproc.cli import forget as forget_mod
+
+    withdrawn: list[tuple[str, str]] = []
+
+    class Writer:
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            pass
+
+        def withdraw(self, subj: str, purpose: str) -> None:
+            withdrawn.append((subj, purpose))
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(client_consent, "ConsentWriter", Writer)
+    raw = yaml.safe_load(POLICY_FILE.read_text())
+    raw["purposes"] = {"marketing": {"basis": "consent"}, "service": {"basis": "contract"}}
+    for a, p in (("analytics", "marketing"), ("fraud", "service"), ("support", "service")):
+        raw["audiences"][a]["purpose"] = p
+    config = SimpleNamespace(erasure=None, consent=SimpleNamespace(topic="consent", domain="shop"), producer_config=lambda: {})
+    sink = MemorySink()
+    subject = "cust-0042"
+    done = forget_mod.forget_subject(
+        config, parse_policy(raw), keys, subject, log=AuditLog([sink], stream="t"), reason="DSR-8"
+    )  # fmt: skip
+    master = keyring.get_secret(PSEUDONYM)[1]
+    k = HKDF(hashes.SHA256(), 32, b"streamproc/consent/v1", b"shop").derive(master)
+    want = "tk1_" + b64u(hmac.new(k, subject.encode(), hashlib.sha256).digest()[:16])
+    assert done["token"] == want and done["topic"] is None and done["shredded"] == 0
+    assert sorted(withdrawn) == [(subject, "marketing"), (subject, "service")]
+    (event,) = [json.loads(x) for x in sink.lines if json.loads(x)["type"] == "subject_forgotten"]
+    assert event["attrs"]["subject"] == want and subject not in json.dumps(event)
+
+
 def test_policy_check_and_the_data_map_show_the_rule_as_erasable() -> None:
     from streamproc.pipeline.catalog import data_map
     from streamproc.pipeline.lint import check
