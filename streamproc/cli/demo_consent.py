@@ -25,10 +25,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +34,7 @@ from rich.console import Console
 from rich.table import Table
 
 from streamproc import demo as d
+from streamproc.cli.demo_scene import TP, SceneProcess, outputs, produce_orders
 
 #: Purpose of each audience and the legal basis of each purpose (the in-process scene's).
 AUDIENCE_PURPOSE = {"analytics": "marketing", "fraud": "fraud_prevention", "support": "service"}
@@ -48,9 +45,6 @@ PURPOSES = {
 }
 SOURCE = "shop.orders"
 CONSENT_TOPIC = "shop.consent"
-
-TP = tuple[str, int, int]
-
 
 @dataclass
 class ConsentSceneResult:
@@ -114,36 +108,15 @@ def _write_config(ws: d.Workspace, bootstrap: str, policy: Path, metrics_port: i
     return path
 
 
-def _applied(log_path: Path, consent_topic: str, partition: int, offset: int) -> bool:
+def _applied(worker: SceneProcess, consent_topic: str, partition: int, offset: int) -> bool:
     """The worker logged that its consent table applied ``offset`` (or later)."""
-    try:
-        lines = log_path.read_text(errors="replace").splitlines()
-    except OSError:
-        return False
-    for line in lines:
-        try:
-            e = json.loads(line)
-        except ValueError:
-            continue
-        if (
-            e.get("message") == "consent updates applied"
-            and e.get("topic") == consent_topic
-            and e.get("partition") == partition
-            and isinstance(e.get("offset"), int)
-            and e["offset"] >= offset
-        ):
-            return True
-    return False
-
-
-def _wait(what: str, done: Callable[[], bool], worker: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not done():
-        if worker.poll() is not None:
-            raise RuntimeError(f"the consent scene's processor exited with {worker.returncode}; see {log}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"consent scene: timed out waiting for {what}; see {log}")
-        time.sleep(0.05)
+    return any(
+        e.get("topic") == consent_topic
+        and e.get("partition") == partition
+        and isinstance(e.get("offset"), int)
+        and e["offset"] >= offset
+        for e in worker.log_events("consent updates applied")
+    )
 
 
 def run_consent_scene(
@@ -160,7 +133,6 @@ def run_consent_scene(
     from streamproc.client.generator import EventGenerator
     from streamproc.config import load_config
     from streamproc.crypto.kms.local import LocalKeyring
-    from streamproc.crypto.provenance import from_headers, resolve_reference
     from streamproc.crypto.pseudonym import PseudonymKeys
     from streamproc.devbroker import free_port
     from streamproc.runtime.topics import apply_topics
@@ -202,80 +174,50 @@ def run_consent_scene(
         "isolation.level": "read_committed", "session.timeout.ms": 6000, **quiet,
     })  # fmt: skip
     log_path = ws.root / f"worker-consent{suffix}.log"
-    worker: subprocess.Popen[bytes] | None = None
+    worker: SceneProcess | None = None
+
+    def sent(ref: TP, subject: str, _rec: dict[str, Any], phase: str) -> None:
+        result.sent[ref] = (subject, phase)
+
+    def produce(phase: str) -> None:
+        produce_orders("consent", producer, sealer, gen, source, (withdrawn, kept), per_phase,
+                       lambda ref, subject, rec: sent(ref, subject, rec, phase))  # fmt: skip
+
+    def complete(phase: str) -> Callable[[], bool]:
+        # fraud and support (opt-out bases) get every record; analytics is in the same
+        # transaction, so once they have a record, analytics has it or never will.
+        def check() -> bool:
+            for audience, ref, _msg in outputs(consumer, dests, prov_keys, source):
+                result.received[audience].add(ref)
+            want = {r for r, (_, p) in result.sent.items() if p == phase}
+            return want <= result.received["fraud"] and want <= result.received["support"]
+
+        return check
+
     try:
         for subject in (withdrawn, kept):
             writer.grant(subject, "marketing")
         console.print(f"[green]✓[/] {withdrawn} and {kept} granted 'marketing' (ConsentWriter.grant → {consent_topic})")
-        with open(log_path, "wb") as log_file:
-            worker = subprocess.Popen(
-                [sys.executable, "-m", "streamproc.cli.main", "run", "--config", str(config_path)],
-                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            )  # fmt: skip
+        worker = SceneProcess("consent", config_path, log_path)
         consumer.subscribe(list(dests))
-
-        def produce(phase: str) -> None:
-            errors: list[str] = []
-            for i in range(per_phase):
-                subject = withdrawn if i % 2 == 0 else kept
-                rec = gen.order()
-                rec["customer_id"] = subject
-
-                def done(err: Any, msg: Any, subject: str = subject) -> None:
-                    if err is not None:
-                        errors.append(err.name())
-                    else:
-                        result.sent[(msg.topic(), msg.partition(), msg.offset())] = (subject, phase)
-
-                producer.produce(source, sealer.seal(rec), subject.encode(), on_delivery=done)
-                producer.poll(0)
-            if producer.flush(30) != 0 or errors:
-                raise RuntimeError(f"consent scene: orders not acknowledged ({', '.join(errors) or 'timeout'})")
-
-        def read() -> None:
-            for msg in consumer.consume(100, 0.2):
-                topic, value = msg.topic(), msg.value()
-                if msg.error() or topic not in dests or value is None:
-                    continue
-                audience = dests[topic]
-                headers = [(str(h[0]), h[1] if isinstance(h[1], bytes) else b"") for h in msg.headers() or []]
-                prov = from_headers(headers)
-                assert prov.ref is not None
-                result.received[audience].add(resolve_reference(prov_keys[audience], prov.ref, [source]))
-
-        def complete(phase: str) -> Callable[[], bool]:
-            # fraud and support (opt-out bases) get every record; analytics is in the same
-            # transaction, so once they have a record, analytics has it or never will.
-            def check() -> bool:
-                read()
-                want = {r for r, (_, p) in result.sent.items() if p == phase}
-                return want <= result.received["fraud"] and want <= result.received["support"]
-
-            return check
-
         produce("before")
-        _wait("the orders before the withdrawal", complete("before"), worker, log_path, timeout)
+        worker.wait("the orders before the withdrawal", complete("before"), timeout)
         result.withdrawal = writer.withdraw(withdrawn, "marketing")
         console.print(
             f"[green]✓[/] {withdrawn} withdrew 'marketing' mid-stream (ConsentWriter.withdraw, as "
             f"`streamproc consent withdraw --subject {withdrawn} --purpose marketing` does)"
         )
         part, off = result.withdrawal
-        _wait("the worker to apply the withdrawal",
-              lambda: _applied(log_path, consent_topic, part, off), worker, log_path, timeout)  # fmt: skip
+        w = worker
+        worker.wait("the worker to apply the withdrawal", lambda: _applied(w, consent_topic, part, off), timeout)
         produce("after")
-        _wait("the orders after the withdrawal", complete("after"), worker, log_path, timeout)
+        worker.wait("the orders after the withdrawal", complete("after"), timeout)
         result.withheld_metric = _withheld_metric(metrics_port)
     finally:
         consumer.close()
         writer.close()
-        if worker is not None and worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+        if worker is not None:
+            worker.stop()
     console.print(consent_table(result))
     console.print(
         "[dim]before / after: produced before the withdrawal / after the worker applied it. "

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from streamproc import demo as d
+from streamproc.cli.demo_scene import TP, SceneProcess, outputs, produce_orders
 
 #: The subject-key KEK of the fraud audience in the demo keyring (``erasure.keks``).
 FRAUD_SUBJECT_KEK = "fraud-subject-kek"
@@ -145,8 +145,6 @@ def erasure_scene(console: Console, ws: d.Workspace, kms: Any, schemas: Any, see
 
 SOURCE = "erase.orders"
 
-TP = tuple[str, int, int]
-
 
 @dataclass
 class ErasureSceneResult:
@@ -194,21 +192,13 @@ def _scene_config(ws: d.Workspace, bootstrap: str, policy: Path, suffix: str) ->
     return path
 
 
-def _applied_since(log_path: Path, since: float, count: int) -> bool:
+def _applied_since(worker: SceneProcess, since: float, count: int) -> bool:
     """The worker's subject-key table applied ``count`` records after ``since`` (epoch s)."""
     import datetime as dt
 
     n = 0
-    try:
-        lines = log_path.read_text(errors="replace").splitlines()
-    except OSError:
-        return False
-    for line in lines:
-        try:
-            e = json.loads(line)
-        except ValueError:
-            continue
-        if e.get("message") != "subject-key updates applied" or not isinstance(e.get("count"), int):
+    for e in worker.log_events("subject-key updates applied"):
+        if not isinstance(e.get("count"), int):
             continue
         when = dt.datetime.fromisoformat(str(e.get("ts", "")).replace("Z", "+00:00")).timestamp()
         if when >= since:
@@ -230,7 +220,6 @@ def run_erasure_scene(
     from streamproc.client.generator import EventGenerator
     from streamproc.config import load_config
     from streamproc.crypto.kms.local import LocalKeyring
-    from streamproc.crypto.provenance import from_headers, resolve_reference
     from streamproc.crypto.pseudonym import PseudonymKeys
     from streamproc.reid import AudienceKey, Reidentifier, SubjectForgottenError
     from streamproc.runtime.erasure import key_opener, read_key_directory
@@ -285,66 +274,30 @@ def run_erasure_scene(
         "isolation.level": "read_committed", "session.timeout.ms": 6000, **quiet,
     })  # fmt: skip
     log_path = ws.root / f"worker-erasure{suffix}.log"
-    worker: subprocess.Popen[bytes] | None = None
-
-    def wait(what: str, done: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + timeout
-        while not done():
-            if worker is not None and worker.poll() is not None:
-                raise RuntimeError(f"the erasure scene's processor exited with {worker.returncode}; see {log_path}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"erasure scene: timed out waiting for {what}; see {log_path}")
-            time.sleep(0.05)
+    worker: SceneProcess | None = None
 
     def produce(phase: str) -> None:
-        errors: list[str] = []
-        for i in range(per_phase):
-            subject = forgotten if i % 2 == 0 else kept
-            rec = gen.order()
-            rec["customer_id"] = subject
+        def sent(ref: TP, subject: str, rec: dict[str, Any]) -> None:
+            result.sent[ref] = (subject, phase, rec["email"])
 
-            def done(err: Any, msg: Any, subject: str = subject, email: str = rec["email"]) -> None:
-                if err is not None:
-                    errors.append(err.name())
-                else:
-                    result.sent[(msg.topic(), msg.partition(), msg.offset())] = (subject, phase, email)
-
-            producer.produce(source, sealer.seal(rec), subject.encode(), on_delivery=done)
-            producer.poll(0)
-        if producer.flush(30) != 0 or errors:
-            raise RuntimeError(f"erasure scene: orders not acknowledged ({', '.join(errors) or 'timeout'})")
-
-    def read() -> None:
-        for msg in consumer.consume(100, 0.2):
-            topic, value = msg.topic(), msg.value()
-            if msg.error() or topic not in dests or value is None:
-                continue
-            audience = dests[topic]
-            headers = [(str(h[0]), h[1] if isinstance(h[1], bytes) else b"") for h in msg.headers() or []]
-            prov = from_headers(headers)
-            assert prov.ref is not None
-            ref = resolve_reference(prov_keys[audience], prov.ref, [source])
-            result.received[audience][ref] = str(opener.decode(topic, value).get("email"))
+        produce_orders("erasure", producer, sealer, gen, source, (forgotten, kept), per_phase, sent)
 
     def complete(phase: str) -> Callable[[], bool]:
         # analytics has no erasable rule: once it has a record, fraud has it or never will
         # (one transaction per batch).
         def check() -> bool:
-            read()
+            for audience, ref, msg in outputs(consumer, dests, prov_keys, source):
+                result.received[audience][ref] = str(opener.decode(msg.topic(), msg.value()).get("email"))
             want = {r for r, (_, p, _) in result.sent.items() if p == phase}
             return want <= set(result.received["analytics"])
 
         return check
 
     try:
-        with open(log_path, "wb") as log_file:
-            worker = subprocess.Popen(
-                [sys.executable, "-m", "streamproc.cli.main", "run", "--config", str(config_path)],
-                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            )  # fmt: skip
+        worker = SceneProcess("erasure", config_path, log_path)
         consumer.subscribe(list(dests))
         produce("before")
-        wait("the orders before the forget", complete("before"))
+        worker.wait("the orders before the forget", complete("before"), timeout)
         for subject in (forgotten, kept):
             value = next(result.received["fraud"][r] for r in sorted(result.refs(subject, "before")))
             result.reid_before[subject] = reveal(value)
@@ -362,21 +315,17 @@ def run_erasure_scene(
         for line in r.stdout.strip().splitlines():
             console.print(f"    {line}")
         shredded = int(r.stdout.split(" key(s) shredded")[0].rsplit(" ", 1)[1]) if " key(s) shredded" in r.stdout else 0
-        wait("the worker to apply the forget", lambda: _applied_since(log_path, since, 1 + shredded))
+        w = worker
+        worker.wait("the worker to apply the forget", lambda: _applied_since(w, since, 1 + shredded), timeout)
         produce("after")
-        wait("the orders after the forget", complete("after"))
+        worker.wait("the orders after the forget", complete("after"), timeout)
         for subject in (forgotten, kept):
             value = next(result.received["fraud"][r] for r in sorted(result.refs(subject, "before")))
             result.reid_after[subject] = reveal(value)
     finally:
         consumer.close()
-        if worker is not None and worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+        if worker is not None:
+            worker.stop()
     console.print(erasure_table(result))
     console.print(
         "[dim]re-identify: one of the customer's fraud values from before the forget, through the audited "
