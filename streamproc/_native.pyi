@@ -11,6 +11,7 @@ class NativePlan:
         tf: Any,
         tfi: Any,
         ineffective: Any,
+        passthrough: tuple[type[BaseException], ...],
         /,
     ) -> None: ...
     def __call__(self, buf: bytes, /) -> list[bytes]: ...

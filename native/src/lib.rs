@@ -400,6 +400,9 @@ struct NativePlan {
     tf: PyObject,
     tfi: PyObject,
     ineffective: PyObject,
+    /// `codegen.PASS_THROUGH` (a tuple of exception classes), as the plan builder passes it:
+    /// what an operator may raise that is not a failure of the record.
+    passthrough: PyObject,
 }
 
 struct Walk<'a, 'py> {
@@ -645,11 +648,16 @@ impl<'a, 'py> Walk<'a, 'py> {
         })
     }
 
-    /// An operator's exception as the generated code raises it: `Ineffective` ->
-    /// `_TFI(path)`, any other `Exception` -> `_TF(path)`; anything else (KeyboardInterrupt)
-    /// propagates unchanged.
+    /// An operator's exception as the generated code raises it: one of `PASS_THROUGH`
+    /// (`except _Pass: raise`: a forgotten subject, a transient outage) propagates
+    /// unchanged, `Ineffective` -> `_TFI(path)`, any other `Exception` -> `_TF(path)`;
+    /// anything else (KeyboardInterrupt) propagates unchanged.  The pass-through set is the
+    /// one the plan was built with, never a copy here: both paths re-raise the same classes.
     fn op_error(&self, err: PyErr, path: &PyObject) -> Fail {
         let py = self.py;
+        if err.is_instance(py, self.plan.passthrough.bind(py)) {
+            return Fail::Py(err);
+        }
         let which = if err.is_instance(py, self.plan.ineffective.bind(py)) {
             &self.plan.tfi
         } else if err.is_instance_of::<PyException>(py) {
@@ -857,8 +865,8 @@ impl NativePlan {
 
 #[pymethods]
 impl NativePlan {
-    /// `NativePlan(spec, offset, prefix, BadPayload, TF, TFI, Ineffective)`; the spec is the
-    /// tuple tree `streamproc.pipeline.native.plan_spec` builds from a plan.
+    /// `NativePlan(spec, offset, prefix, BadPayload, TF, TFI, Ineffective, PASS_THROUGH)`;
+    /// the spec is the tuple tree `streamproc.pipeline.native.plan_spec` builds from a plan.
     #[new]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -869,8 +877,9 @@ impl NativePlan {
         tf: PyObject,
         tfi: PyObject,
         ineffective: PyObject,
+        passthrough: PyObject,
     ) -> PyResult<Self> {
-        Ok(NativePlan { root: parse_node(spec)?, offset, prefix, bad, tf, tfi, ineffective })
+        Ok(NativePlan { root: parse_node(spec)?, offset, prefix, bad, tf, tfi, ineffective, passthrough })
     }
 
     /// The generated function's contract: ``f(buf) -> list[bytes]`` (one part here).

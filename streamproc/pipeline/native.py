@@ -43,6 +43,7 @@ from typing import Any
 
 from streamproc.operators.base import Ineffective
 from streamproc.pipeline.codegen import (
+    PASS_THROUGH,
     BadPayload,
     TransformFailed,
     _ineffective,
@@ -197,7 +198,7 @@ def compile_native(
         return None
     try:
         fn: Callable[[bytes], list[bytes]] = NativePlan(
-            spec, offset, prefix, BadPayload, TransformFailed, _ineffective, Ineffective
+            spec, offset, prefix, BadPayload, TransformFailed, _ineffective, Ineffective, PASS_THROUGH
         )
     except (ValueError, TypeError, OverflowError):
         # A parameter the interpreter cannot hold (a mask length beyond 64 bits, say): the
@@ -227,7 +228,7 @@ def compile_native_keys(
         spec = ("record", [("keep" if f.name in wanted else "drop", _ty(f.type)) for f in schema.fields])
     except Unsupported:
         return None
-    plan = NativePlan(spec, offset, b"", BadPayload, TransformFailed, _ineffective, Ineffective)
+    plan = NativePlan(spec, offset, b"", BadPayload, TransformFailed, _ineffective, Ineffective, PASS_THROUGH)
     slots = [(1 if f.name in qi else 0) | (2 if f.name == sensitive else 0) for f in schema.fields]
     fn: Callable[[list[bytes]], tuple[list[bytes], list[bytes]]] = KeyReader(plan, slots).read
     return fn

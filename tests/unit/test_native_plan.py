@@ -34,8 +34,9 @@ from hypothesis.control import currently_in_test_context
 
 from streamproc.client import RecordOpener, RecordSealer
 from streamproc.client.generator import EventGenerator
+from streamproc.crypto.erasure import SubjectForgotten
 from streamproc.crypto.pseudonym import PseudonymKeys, make_text_tokenizer
-from streamproc.errors import Reason
+from streamproc.errors import KmsUnavailable, Reason, TransientError
 from streamproc.operators.base import Ineffective
 from streamproc.pipeline import core, native
 from streamproc.pipeline.codegen import TransformFailed, compile_plan
@@ -220,6 +221,40 @@ def test_keyboard_interrupt_in_an_operator_propagates(shared_keys: PseudonymKeys
     for fn in fns:
         with pytest.raises(KeyboardInterrupt):
             fn(_body())
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "exc",
+    [SubjectForgotten(), TransientError("outage"), KmsUnavailable("kms down")],
+    ids=["subject-forgotten", "transient", "kms-unavailable"],
+)
+def test_pass_through_exceptions_propagate_like_generated_code(shared_keys: PseudonymKeys, exc: Exception) -> None:
+    """``except _Pass: raise``: a forgotten subject (the pipeline withholds the record) and
+    an outage (the runtime retries the batch) are not failures of the record, on either
+    path -- the very exception object comes out, not a ``TransformFailed``."""
+    assert isinstance(exc, (SubjectForgotten, TransientError))
+    plan, node, _ = _plan_with_op(shared_keys, _raise(exc))
+    fns = both(plan, node)
+    assert fns is not None
+    for fn in fns:
+        with pytest.raises(type(exc)) as info:
+            fn(_body())
+        assert info.value is exc
+
+
+@needs_native
+def test_the_interpreter_reraises_the_set_the_plan_is_built_with(
+    shared_keys: PseudonymKeys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pass-through set is read from Python when the plan is built, not copied into
+    the extension: a class added to it propagates through both paths alike."""
+    monkeypatch.setattr(native, "PASS_THROUGH", (_Boom, SubjectForgotten, TransientError))
+    plan, node, _ = _plan_with_op(shared_keys, _raise(_Boom("x")))
+    fn = native.compile_native(plan, node, force=True)
+    assert fn is not None
+    with pytest.raises(_Boom):
+        fn(_body())
 
 
 @needs_native
