@@ -18,7 +18,9 @@ enforcement included -- with readers compiled per output schema (:class:`RiskPro
   records of the window; ``suppress`` has only level 0, ``generalize_more`` climbs the
   policy's ladder (each step applied to the previous level's value: it can only coarsen
   what the audience already sees); when no level reaches k the record's
-  quasi-identifiers are written as null (the plan made those fields nullable).  Every
+  quasi-identifiers are written as null (the plan made those fields nullable), as they
+  are when a ladder step raises on the record's value (fail closed per record: raising
+  would fail the batch on every retry and keep the worker down).  Every
   record counts in every level's window, whatever it was released as: a class is the set
   of records that truly share the tuple.
 
@@ -47,7 +49,13 @@ from typing import Any
 
 from streamproc.errors import PolicyError
 from streamproc.operators import OpContext
-from streamproc.pipeline.codegen import compile_key_reader, compile_reader, enc_long, encoder
+from streamproc.pipeline.codegen import (
+    PASS_THROUGH,
+    compile_key_reader,
+    compile_reader,
+    enc_long,
+    encoder,
+)
 from streamproc.pipeline.native import compile_native_keys, risk_counts
 from streamproc.pipeline.plan import Plan, node_out_type, quasi_identifier_fields, scalar_of
 from streamproc.policy.model import Audience
@@ -237,24 +245,33 @@ class RiskGuard:
                 vals, spans = read(plains[j])
                 tup = tuple([vals[i] if i >= 0 else None for i in qi])
                 s = vals[sens] if sens >= 0 else None
-                if cands:
-                    tup_l = tup
-                    level = 0 if cands[0].add(tup, None, now) >= k else -1
-                    chosen = vals
-                    cur = vals
+                tup_l = tup
+                level = 0 if cands[0].add(tup, None, now) >= k else -1
+                chosen = vals
+                cur = vals
+                try:
                     for lv in range(1, len(cands)):
                         cur = probe.level_values(cur, lv)
                         t_l = tuple([cur[i] if i >= 0 else None for i in qi])
                         if cands[lv].add(t_l, None, now) >= k and level < 0:
                             level, chosen, tup_l = lv, cur, t_l
-                    if level < 0:
-                        plains[j] = probe.splice(plains[j], spans, None)
-                        tup = nulls
-                        suppressed += 1
-                    elif level > 0:
-                        plains[j] = probe.splice(plains[j], spans, chosen)
-                        tup = tup_l
-                        generalized += 1
+                except PASS_THROUGH:
+                    raise  # an outage: the batch is retried, as for the plan's operators
+                except Exception:
+                    # A ladder step that cannot coarsen this value (out of its range, say)
+                    # fails this record closed -- its quasi-identifiers are suppressed, even
+                    # if level 0 reached k, since its higher levels went uncounted -- rather
+                    # than the batch: raising here would stop the worker on every retry of
+                    # the same record.  It is not counted in the levels it has no tuple at.
+                    level = -1
+                if level < 0:
+                    plains[j] = probe.splice(plains[j], spans, None)
+                    tup = nulls
+                    suppressed += 1
+                elif level > 0:
+                    plains[j] = probe.splice(plains[j], spans, chosen)
+                    tup = tup_l
+                    generalized += 1
                 add(tup, s, now)
         if suppressed:
             key = (self.audience, SUPPRESSED)

@@ -316,3 +316,60 @@ def test_the_data_map_shows_enforcement_and_its_diff(tmp_path: Path) -> None:
     old = data_map(parse_policy(measured_only), schemas)
     changes = [c for c in diff(old, new) if c["attribute"] == "risk"]
     assert [(c["audience"], c["after"].get("action")) for c in changes] == [("suppressed", "suppress")]
+
+
+def test_a_ladder_step_that_raises_suppresses_that_record_not_the_batch(tmp_path: Path, keyring: LocalKeyring) -> None:
+    """A ladder step that cannot coarsen a value (a date past year 9999: ``generalize to:
+    month`` overflows) fails that record closed -- its quasi-identifiers null, counted as
+    suppressed, even when its level-0 class reached k -- and every other record is
+    enforced as if the odd ones were not there (raising would stop the worker on every
+    retry of the same batch)."""
+    rules = {**RULES, "BIRTH_DATE": "keep"}
+    ladder = {"BIRTH_DATE": [{"op": "generalize", "to": "month"}, {"op": "generalize", "to": "year"}]}
+    policy = {**POLICY, "audiences": {
+        **{a: {**spec, "tags": rules} for a, spec in POLICY["audiences"].items()},
+        "laddered": {"record_key": "keep", "tags": rules, "risk": risk(action="generalize_more", ladder=ladder)},
+    }}
+    kit = Kit(tmp_path, keyring, policy)
+    odd_days = 2**31 - 1  # a valid Avro date (int), far beyond what datetime can hold
+    records = visits(300, 13)
+    odd_at = {40, 41, 150, 151, 299}  # K + 2 identical odd records: their level-0 class reaches k
+    for i in sorted(odd_at):
+        records.insert(i, {"visit_id": f"odd{i}", "postcode": "SW1A 1A", "birth_date": odd_days,
+                           "gender": "F", "diagnosis": "flu"})
+    p = kit.pipeline()
+    outputs: list[Any] = []
+    enforced: Counter[tuple[str, str]] = Counter()
+    for b in range(0, len(records), 100):
+        res = p.process(kit.inputs(records[b:b + 100], b))
+        assert not res.quarantined
+        outputs += res.outputs
+        enforced.update(res.stats.risk_enforced)
+
+    def at_level(v: dict[str, Any], n: int) -> tuple[Any, ...]:
+        d = dt.date(1970, 1, 1) + dt.timedelta(days=v["birth_date"])
+        d = d if n == 0 else d.replace(day=1) if n == 1 else d.replace(month=1, day=1)
+        return (v["postcode"].split(" ")[0], d, v["gender"])
+
+    counts = [Counter() for _ in range(3)]  # type: list[Counter[tuple[Any, ...]]]
+    want: list[tuple[tuple[Any, ...], int] | None] = []
+    for v in records:
+        if v["birth_date"] == odd_days:
+            want.append(None)
+            continue
+        chosen = None
+        for n in range(3):
+            t = at_level(v, n)
+            counts[n][t] += 1
+            if chosen is None and counts[n][t] >= K:
+                chosen = (t, n)
+        want.append(chosen)
+    got = kit.received(outputs, "visits.laddered")
+    assert [r["visit_id"] for r in got] == [v["visit_id"] for v in records]
+    assert [None if r["postcode"] is None else (r["postcode"], r["birth_date"], r["gender"]) for r in got] == [
+        None if w is None else w[0] for w in want]
+    assert all(r["birth_date"] is None and r["gender"] is None for r in got if r["visit_id"].startswith("odd"))
+    n_gen = sum(1 for w in want if w is not None and w[1] > 0)
+    assert n_gen > 0
+    assert enforced[("laddered", "suppressed")] == sum(1 for w in want if w is None)
+    assert enforced[("laddered", "generalized")] == n_gen
