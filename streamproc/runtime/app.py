@@ -103,10 +103,14 @@ def run_worker(
         return EXIT_FATAL
     try:
         subject_keys = start_key_table(config, pipeline)  # likewise (erasable rules)
-    except ConsentUnavailable as exc:
-        log.error("fatal: %s", exc)
+    except BaseException as exc:
+        # Whatever stops the start here (an unreadable key topic, a bad key record, a
+        # broker error, Ctrl-C), the consent table restored above owns a consumer: stop it.
         if consent is not None:
             consent.stop()
+        if not isinstance(exc, ConsentUnavailable):
+            raise
+        log.error("fatal: %s", exc)
         return EXIT_FATAL
     tables = [t for t in (consent, subject_keys) if t is not None]
     instance = instance or default_instance()
