@@ -399,7 +399,7 @@ class Config:
         audit = [self.audit.kafka_topic] if self.audit and self.audit.kafka_topic else []
         consent = [self.consent.topic] if self.consent is not None else []
         keys = [self.erasure.topic] if self.erasure is not None else []
-        budget = [t for t in (self.budget_changelog_topic,) if t]
+        budget = [t for t in (self.budget_changelog_topic, self.risk_hold_topic) if t]
         return list(
             dict.fromkeys(
                 [*self.source_topics, *self.destination_topics, *self.dead_letter_topics, *audit, *consent, *keys,
@@ -423,6 +423,18 @@ class Config:
         if not any(a.budget is not None for a in policy.audiences.values() if a.name in routed):
             return None
         return f"{self.group_id}.budget-changelog"
+
+    @property
+    def risk_hold_topic(self) -> str | None:
+        """``<group_id>.risk-hold``: the compacted changelog of the records held by
+        ``risk.action: hold`` (streamproc.pipeline.hold), when a routed audience holds."""
+        routed = {d.audience for p in self.pipelines for d in p.destinations}
+        policy = self.load_policy()
+        if not any(
+            a.risk is not None and a.risk.action == "hold" for a in policy.audiences.values() if a.name in routed
+        ):
+            return None
+        return f"{self.group_id}.risk-hold"
 
     def dead_letter_topic_for(self, source_topic: str) -> str:
         for p in self.pipelines:

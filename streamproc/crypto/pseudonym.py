@@ -59,6 +59,7 @@ CONSENT_SALT = b"streamproc/consent/v1"
 ERASURE_SALT = b"streamproc/erasure/v1"
 ERASURE_INFO = "subject-keys"
 BUDGET_SALT = b"streamproc/budget/v1"
+HOLD_SALT = b"streamproc/risk-hold/v1"
 TOKEN_BYTES = 16
 
 
@@ -153,6 +154,12 @@ class PseudonymKeys:
         per audience, so two audiences' changelog keys for one subject are unlinkable."""
         v, m = self.master(version)
         return v, hkdf(m, BUDGET_SALT, audience)
+
+    def hold_key(self, audience: str, version: int | None = None) -> tuple[int, bytes]:
+        """The key of an audience's held-class digests (the risk-hold changelog's keys): a
+        class's quasi-identifiers are never written, and two audiences' digests differ."""
+        v, m = self.master(version)
+        return v, hkdf(m, HOLD_SALT, audience)
 
     def provenance_key(self, audience: str, version: int | None = None) -> tuple[int, bytes]:
         """The AES-256 key of an audience's provenance references (never shared)."""

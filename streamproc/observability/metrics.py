@@ -138,7 +138,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("streamproc_risk_share_below_l", "gauge", ("audience",), "Share of the window's records in classes with fewer distinct sensitive values than the policy's l; the worst live worker.", "livemax"),
     MetricSpec("streamproc_risk_k_target", "gauge", ("audience",), "The policy's k for the audience (alerts compare the window with it).", "max"),
     MetricSpec("streamproc_risk_l_target", "gauge", ("audience",), "The policy's l for the audience (audiences with l only).", "max"),
-    MetricSpec("streamproc_risk_enforced_total", "counter", ("audience", "action"), "Records whose quasi-identifiers k-anonymity enforcement rewrote, by audience and action (suppressed, generalized)."),
+    MetricSpec("streamproc_risk_enforced_total", "counter", ("audience", "action"), "Records whose quasi-identifiers k-anonymity enforcement rewrote, by audience and action (suppressed, generalized), or held back and released (held, released: full output once the class reached k, expired: suppressed after the window or over hold.max_records)."),
     MetricSpec("streamproc_anomalies_total", "counter", ("kind",), "Anomalies found by the in-process detector, by kind (decryption_spike, egress_spike, decryption_failure_burst, unknown_key, revoked_key, unexpected_destination, kek_not_allowed)."),
 )
 
@@ -176,7 +176,7 @@ TX_OUTCOMES = frozenset({"committed", "aborted"})
 #: KMS provider names (``kms.provider`` of the config): the factory's closed list.
 KMS_PROVIDERS = frozenset(_KMS_PROVIDERS)
 #: ``streamproc_risk_enforced_total{action}``: how enforcement released an at-risk record.
-RISK_ACTIONS = frozenset({"suppressed", "generalized"})
+RISK_ACTIONS = frozenset({"suppressed", "generalized", "held", "released", "expired"})
 #: Partitions are Kafka integers, never text; above this a value is not a partition.
 MAX_PARTITION = 100_000
 

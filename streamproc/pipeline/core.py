@@ -59,10 +59,11 @@ from streamproc.errors import (
 from streamproc.pipeline.budget import EXHAUSTED, NO_SUBJECT, WITHHELD, BudgetBook
 from streamproc.pipeline.codegen import BadPayload, TransformFailed, compile_plan, compile_subject
 from streamproc.pipeline.consent import ConsentGate
+from streamproc.pipeline.hold import Held, HoldBook
 from streamproc.pipeline.lineage import FieldTreatment, field_treatments
 from streamproc.pipeline.native import compile_native
 from streamproc.pipeline.plan import build_plan, subject_of
-from streamproc.pipeline.risk import RiskGuard, RiskProbe
+from streamproc.pipeline.risk import EXPIRED, HELD, RELEASED, RiskGuard, RiskProbe
 from streamproc.pipeline.state import StateWrite
 from streamproc.policy.consent import FORGOTTEN
 from streamproc.policy.model import Audience, Policy, Purpose
@@ -167,7 +168,9 @@ class BatchStats:
     """audience -> its risk window after this batch (audiences with ``risk:`` that had outputs)."""
     risk_enforced: dict[tuple[str, str], int] = field(default_factory=dict)
     """(audience, ``suppressed`` | ``generalized``) -> records whose quasi-identifiers
-    enforcement rewrote (streamproc.pipeline.risk)."""
+    enforcement rewrote (streamproc.pipeline.risk); with ``action: hold``, (audience,
+    ``held`` | ``released`` | ``expired``) -> records kept back, released with their
+    full output, released suppressed (streamproc.pipeline.hold)."""
     dp_suppressed: dict[tuple[str, str], int] = field(default_factory=dict)
     """(audience, reason) -> records whose DP fields were written as null for that
     audience: ``exhausted`` (the subject's budget is spent) or ``no_subject`` (no subject
@@ -286,6 +289,7 @@ class Pipeline:
         erasure: SubjectKeyTable | None = None,
         budget_topic: str | None = None,
         budget_clock: Callable[[], float] = time.time,
+        hold_topic: str | None = None,
     ) -> None:
         self.policy = policy
         #: The subject-key table of ``erasable`` rules (``None``: such rules do not compile).
@@ -332,6 +336,10 @@ class Pipeline:
         self._init_keks(routes, reserved_keks)
         #: The per-subject budgets of the audiences with ``budget:`` (``None``: none has one).
         self.budgets = self._init_budgets(budget_topic, budget_clock)
+        #: Wall-clock time of ``action: hold`` (hold times are written to the changelog).
+        self._hold_clock = budget_clock
+        #: The held records of the ``action: hold`` audiences (``None``: none holds).
+        self.holds = self._init_holds(hold_topic)
         self.revocation_check_interval = revocation_check_interval
         self._clock = clock
         self._sealers_checked = clock()
@@ -364,6 +372,28 @@ class Pipeline:
             raise PolicyError(f"audience {name!r}: 'budget' needs a changelog topic (budget state survives restarts there)")
         keys = self.keys
         return BudgetBook(topic, budgets, {a: keys.budget_key(a)[1] for a in budgets}, clock=clock)
+
+    def _init_holds(self, topic: str | None) -> HoldBook | None:
+        """The :class:`HoldBook` of the routed audiences with ``risk.action: hold``.
+
+        Fail closed: the class digests need the pseudonym master (``keys.pseudonym``) and
+        held records need their changelog topic; without either, the pipeline does not
+        start (a hold in memory could lose records)."""
+        guards = {n: g for n, g in self.risk_guards.items() if g.target.action == "hold"}
+        if not guards:
+            return None
+        name = sorted(guards)[0]
+        if self.keys is None:
+            raise PolicyError(f"audience {name!r}: risk action 'hold' needs keys.pseudonym (the class digests are keyed)")
+        if not topic:
+            raise PolicyError(f"audience {name!r}: risk action 'hold' needs its changelog topic (held records survive there)")
+        for n, g in guards.items():
+            g.hold_key = self.keys.hold_key(n)[1]
+
+        def counted(audience: str, digest: bytes, held_at: float) -> None:
+            guards[audience].restore_held(digest, held_at)
+
+        return HoldBook(topic, {n: (g.target.hold_max, g.target.window_s) for n, g in guards.items()}, counted)
 
     def _init_keks(self, routes: Sequence[Route], reserved: Iterable[str]) -> None:
         """Per-source KEK admission, installed on the opener (checked before the KMS)."""
@@ -451,7 +481,7 @@ class Pipeline:
     def state_stores(self) -> list[Any]:
         """The changelog-backed stateful collaborators (``ChangelogStore`` of
         :mod:`streamproc.runtime.state`) whose writes come in ``BatchResult.state_writes``."""
-        return [s for s in (self.erasure, self.budgets) if s is not None]
+        return [s for s in (self.erasure, self.budgets, self.holds) if s is not None]
 
     @property
     def source_topics(self) -> list[str]:
@@ -693,6 +723,8 @@ class Pipeline:
                 for pend in pending.values():
                     if pend.plains:  # a destination whose every record failed has none
                         self._seal(pend, outputs, stats)
+                if self.holds is not None:
+                    self._release_held(outputs, stats)
             except BaseException:
                 if saved is not None:  # the batch will come again: count it once
                     self.rollback(saved)
@@ -705,6 +737,8 @@ class Pipeline:
         writes = [] if self.erasure is None else self._key_writes(self.erasure)
         if self.budgets is not None:
             writes += self.budgets.writes()
+        if self.holds is not None:
+            writes += self.holds.writes()
         return BatchResult(outputs, quarantined, stats, writes)
 
     @staticmethod
@@ -725,12 +759,51 @@ class Pipeline:
         and enforcement rewrites the plaintexts of at-risk records before they are sealed
         (:mod:`streamproc.pipeline.risk`).  One clock reading per batch."""
         now = self._clock()
+        for g in self.risk_guards.values():
+            g.reached.clear()  # a retried batch decides its releases anew
         for pend in pending.values():
             guard = pend.state.risk
             if guard is None or not pend.plains:
                 continue
             runs = [(c.probe, start, end) for c, start, end in pend.runs() if c.probe is not None]
+            if guard.target.action == "hold":
+                wall = self._hold_clock()
+                pend.held = guard.hold(runs, pend.plains, wall)
+                stats.risk[guard.audience] = guard.released.report(wall)
+                continue
             stats.risk[guard.audience] = guard.apply(runs, pend.plains, now, stats.risk_enforced)
+
+    def _release_held(self, outputs: list[OutputRecord], stats: BatchStats) -> None:
+        """After sealing: each ``hold`` audience's classes that reached k in this batch
+        release their held records (full output), then records past the window or over
+        ``hold.max_records`` are released suppressed; every release is produced here and
+        tombstoned in the same transaction (streamproc.pipeline.hold)."""
+        book = self.holds
+        assert book is not None
+        now = self._hold_clock()
+        enforced = stats.risk_enforced
+        for name, guard in self.risk_guards.items():
+            if guard.target.action != "hold":
+                continue
+            reached, guard.reached = guard.reached, set()
+            full = [h for d in sorted(reached) for h in book.release_class(name, d)]
+            expired = book.expire(name, now)
+            null = guard.suppressed_digest if expired else b""
+            for h in full:
+                guard.released.add(h.digest, None, now)
+            for _ in expired:
+                guard.released.add(null, None, now)
+            for h, value in [*((h, h.value) for h in full), *((h, h.suppressed) for h in expired)]:
+                src = InputRecord(h.source, h.partition, h.offset, None, None)
+                outputs.append(_new_output(h.topic, h.key, value, list(h.headers), src))
+                ek = (h.topic, name)
+                stats.egress_records[ek] = stats.egress_records.get(ek, 0) + 1
+                stats.egress_bytes[ek] = stats.egress_bytes.get(ek, 0) + len(value)
+            for action, n in ((RELEASED, len(full)), (EXPIRED, len(expired))):
+                if n:
+                    enforced[(name, action)] = enforced.get((name, action), 0) + n
+            if full or expired:
+                stats.risk[name] = guard.released.report(now)
 
     def savepoint(self) -> dict[str, tuple[int, ...]]:
         """A mark of every risk window, for :meth:`rollback` when the batch's transaction
@@ -940,11 +1013,17 @@ class Pipeline:
         """Stage 2, for one destination: seal its plaintexts in one go, then build outputs."""
         st = pend.state
         topic = st.dest.topic
-        sealed_all = self._guarded(st, functools.partial(st.sealer.seal_many, pend.plains))
+        held = pend.held
+        # Held records (action: hold) are sealed twice, full and suppressed, in the same
+        # call: both variants rest in the hold changelog as ciphertext, never plaintext.
+        plains = pend.plains if not held else [*pend.plains, *(sp for _, _, sp in held)]
+        sealed_all = self._guarded(st, functools.partial(st.sealer.seal_many, plains))
+        holding = {j: (digest, len(pend.plains) + i) for i, (j, digest, _) in enumerate(held)}
         key_mode, key_fn = st.key_mode, st.key_fn
         recs = pend.records
         refs = None if st.references is None else st.references(recs)
         transforms = stats.transforms
+        now = self._hold_clock() if held else 0.0
         for compiled, start, end in pend.runs():
             _count_transforms(transforms, compiled, end - start)
             prefix = compiled.prov_prefix
@@ -958,7 +1037,19 @@ class Pipeline:
                     key = None
                 else:
                     key = key_fn(rec.key)
+                if holding and j in holding:
+                    assert self.holds is not None
+                    digest, si = holding[j]
+                    self.holds.hold(Held(
+                        st.dest.audience, digest, now, topic, key, tuple(headers), sealed_all[j], sealed_all[si],
+                        rec.topic, rec.partition, rec.offset,
+                    ))  # fmt: skip
+                    continue
                 outputs.append(_new_output(topic, key, sealed_all[j], headers, rec))
+        if held:
+            hk = (st.dest.audience, HELD)
+            stats.risk_enforced[hk] = stats.risk_enforced.get(hk, 0) + len(held)
+            sealed_all = [v for j, v in enumerate(sealed_all[: len(pend.plains)]) if j not in holding]
         ek = (topic, st.dest.audience)
         stats.egress_records[ek] = stats.egress_records.get(ek, 0) + len(sealed_all)
         stats.egress_bytes[ek] = stats.egress_bytes.get(ek, 0) + sum(map(len, sealed_all))
@@ -981,10 +1072,12 @@ class _Pending:
     :meth:`runs` gives the stretches of one plan (how transforms are counted).
     """
 
-    __slots__ = ("marks", "plains", "records", "state")
+    __slots__ = ("held", "marks", "plains", "records", "state")
 
     def __init__(self, state: _DestState) -> None:
         self.state = state
+        #: ``action: hold``: (index, class digest, suppressed plaintext) of held records.
+        self.held: list[tuple[int, bytes, bytes]] = []
         self.plains: list[bytes] = []
         self.records: list[InputRecord] = []
         self.marks: list[tuple[_Compiled, int]] = []  # (plan, index of its first output)

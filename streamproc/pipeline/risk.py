@@ -42,6 +42,8 @@ twice.  Nothing here logs or reports a value: only counts and shares leave.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from operator import itemgetter
@@ -65,6 +67,9 @@ from streamproc.schema.avro import Record, Union
 #: ``streamproc_risk_enforced_total{action}`` values: how an at-risk record was released.
 SUPPRESSED = "suppressed"
 GENERALIZED = "generalized"
+#: ``action: hold``: a record kept back, one released with its full output once its class
+#: reached k, one released suppressed (window passed, or the hold full).
+HELD, RELEASED, EXPIRED = "held", "released", "expired"
 
 _MEMO_MAX = 4096
 """Ladder values remembered per (field, level): quasi-identifiers repeat (that is the point
@@ -194,11 +199,64 @@ class RiskGuard:
         self.released = RiskWindow(target, counts=risk_counts(target.k, target.l) if target.action is None else None)
         levels = max((len(steps) for _, steps in audience.risk_ladder), default=0)
         self.candidates = [] if target.action is None else [RiskWindow(target) for _ in range(levels + 1)]
+        #: ``action: hold``: the key of the class digests (set by the pipeline, from the
+        #: pseudonym master), and the classes that reached k in the current batch.
+        self.hold_key: bytes | None = None
+        self.reached: set[bytes] = set()
+
+    def class_digest(self, tup: tuple[Any, ...]) -> bytes:
+        """``action: hold``'s class key: a keyed digest of the quasi-identifier tuple (the
+        hold changelog's keys name it; a digest the hold key cannot recompute is no
+        dictionary of quasi-identifiers).  ``repr`` of decoded Avro values is stable
+        across processes (no hash randomization), so a restored class matches."""
+        assert self.hold_key is not None
+        return hmac.new(self.hold_key, repr(tup).encode(), hashlib.sha256).digest()[:16]
+
+    @property
+    def suppressed_digest(self) -> bytes:
+        """The class of a record released with its quasi-identifiers null."""
+        return self.class_digest((None,) * len(self.target.quasi_identifiers))
+
+    def hold(
+        self, runs: list[tuple[RiskProbe, int, int]], plains: list[bytes], now: float
+    ) -> list[tuple[int, bytes, bytes]]:
+        """``action: hold`` on ``plains[start:end]`` of each run: the records whose class,
+        counting them, is still below k, as ``(index, class digest, suppressed plaintext)``.
+
+        Every record counts in the candidate window (a class is the records that truly
+        share the tuple, held or not); one that reaches k is released as is, and its
+        class is added to :attr:`reached` (its held records go out with it).  The
+        released window measures in digest space: what subscribers got, a held record
+        from its release on (:class:`~streamproc.pipeline.hold.HoldBook`).
+        """
+        cand = self.candidates[0]
+        k = self.target.k
+        held = []
+        for probe, start, end in runs:
+            read, qi = probe.read, probe.qi
+            for j in range(start, end):
+                vals, spans = read(plains[j])
+                h = self.class_digest(tuple([vals[i] if i >= 0 else None for i in qi]))
+                if cand.add(h, None, now) >= k:
+                    self.reached.add(h)
+                    self.released.add(h, None, now)
+                else:
+                    held.append((j, h, probe.splice(plains[j], spans, None)))
+        return held
+
+    def restore_held(self, digest: bytes, held_at: float) -> None:
+        """A held record restored from the changelog counts in its class again (at its
+        hold time, or at the newest time the window has if that is later: the window's
+        times only grow, so a late restore counts at most a batch interval longer)."""
+        cand = self.candidates[0]
+        newest = cand.newest()
+        cand.add(digest, None, held_at if newest is None else max(held_at, newest))
 
     def savepoint(self) -> tuple[int, ...]:
         return (self.released.savepoint(), *(w.savepoint() for w in self.candidates))
 
     def rollback(self, savepoint: tuple[int, ...]) -> None:
+        self.reached.clear()
         self.released.rollback(savepoint[0])
         for w, sp in zip(self.candidates, savepoint[1:], strict=True):
             w.rollback(sp)

@@ -351,13 +351,6 @@ def _budget(where: str, spec: Any, rules: tuple[Rule, ...]) -> Budget | None:
 #: key and no subject, and keeps the type (checked when the plan compiles).
 LADDER_OPS = ("generalize", "mask", "redact")
 
-_HOLD_REFUSED = (
-    "action 'hold' is not supported: a held record must survive a crash, which needs a hold "
-    "topic written in the worker's transaction and released later; this version does not keep "
-    "one, and holding records in memory could lose them. Use suppress or generalize_more"
-)
-
-
 def _risk(where: str, spec: Any, source: str = "<policy>", audience: str = "") -> tuple[
     RiskTarget | None, tuple[tuple[str, tuple[Rule, ...]], ...]
 ]:
@@ -369,12 +362,14 @@ def _risk(where: str, spec: Any, source: str = "<policy>", audience: str = "") -
     whose quasi-identifier tuple is shared by fewer than k records of the window has its
     quasi-identifiers suppressed (null) or, with ``generalize_more``, generalized one
     ladder level further at a time until its class reaches k (and suppressed when even
-    the last level does not).  ``hold`` is refused (see :data:`_HOLD_REFUSED`).
+    the last level does not).  With ``hold`` (and ``hold: {max_records: N}``) the record
+    is kept back, sealed, in the hold changelog until its class reaches k in the window,
+    and released suppressed when it expires or the hold is full (streamproc.pipeline.hold).
     """
     if spec is None:
         return None, ()
     where = f"{where}: risk"
-    allowed = {"quasi_identifiers", "k", "l", "sensitive", "window", "max_records", "action", "ladder"}
+    allowed = {"quasi_identifiers", "k", "l", "sensitive", "window", "max_records", "action", "ladder", "hold"}
     if not isinstance(spec, Mapping) or set(spec) - allowed:
         raise PolicyError(f"{where}: a mapping with {', '.join(sorted(allowed))}")
     qi = spec.get("quasi_identifiers")
@@ -397,13 +392,20 @@ def _risk(where: str, spec: Any, source: str = "<policy>", audience: str = "") -
     if window_ms is None:
         raise PolicyError(f"{where}: 'window' is required (e.g. 1h)")
     action = spec.get("action")
-    if action == "hold":
-        raise PolicyError(f"{where}: {_HOLD_REFUSED}")
     if action is not None and action not in ACTIONS:
         raise PolicyError(f"{where}: 'action' is one of {', '.join(ACTIONS)} (or absent: measure only), not {action!r}")
     ladder = _ladder(where, spec.get("ladder"), action, qi, source, audience)
+    hold, hold_max = spec.get("hold"), 0
+    if action == "hold":
+        if not (isinstance(hold, Mapping) and set(hold) == {"max_records"}):
+            raise PolicyError(f"{where}: action hold needs 'hold: {{max_records: N}}' (the most records held at once)")
+        hold_max = hold["max_records"]
+        if not (isinstance(hold_max, int) and not isinstance(hold_max, bool) and 1 <= hold_max <= 1_000_000):
+            raise PolicyError(f"{where}: hold.max_records is an integer 1..1000000")
+    elif hold is not None:
+        raise PolicyError(f"{where}: 'hold' applies only with action: hold")
     try:
-        target = RiskTarget(tuple(qi), k, window_ms / 1000, l_, sensitive, max_records, action)
+        target = RiskTarget(tuple(qi), k, window_ms / 1000, l_, sensitive, max_records, action, hold_max)
     except ValueError as exc:
         raise PolicyError(f"{where}: {exc}") from None
     return target, ladder

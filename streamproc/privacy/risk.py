@@ -62,8 +62,9 @@ from operator import add, itemgetter, not_, sub
 from typing import Any
 
 #: Enforcement actions (``risk.action``): ``suppress`` writes null for the record's
-#: quasi-identifiers; ``generalize_more`` walks the policy's ladder first.
-ACTIONS = ("suppress", "generalize_more")
+#: quasi-identifiers; ``generalize_more`` walks the policy's ladder first; ``hold`` keeps
+#: the record back (sealed, in the hold changelog) until its class reaches k in the window.
+ACTIONS = ("suppress", "generalize_more", "hold")
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,8 @@ class RiskTarget:
     max_records: int = 100_000
     action: str | None = None
     """``None``: measure only; else one of :data:`ACTIONS` (enforce k on the outputs)."""
+    hold_max: int = 0
+    """With ``action: hold``: the most records held at once (``hold.max_records``)."""
 
     def __post_init__(self) -> None:
         if not self.quasi_identifiers:
@@ -94,6 +97,10 @@ class RiskTarget:
             raise ValueError("max_records must be 1..10000000")
         if self.action is not None and self.action not in ACTIONS:
             raise ValueError(f"action must be one of {', '.join(ACTIONS)}")
+        if (self.action == "hold") != (self.hold_max > 0):
+            raise ValueError("hold.max_records (>= 1) goes with action: hold, and only with it")
+        if self.action == "hold" and self.l is not None:
+            raise ValueError("action: hold does not take l (a held record's sensitive value is not kept)")
 
 
 @dataclass(frozen=True)
@@ -426,6 +433,10 @@ class RiskWindow:
             sens = c.sens[c.start:] if c.sens is not None else [None] * len(c)
             out += [(c.ts, q, s) for q, s in zip(c.qis[c.start:], sens, strict=True)]
         return out
+
+    def newest(self) -> float | None:
+        """The time of the newest record held (``None``: empty)."""
+        return self._chunks[-1].ts if self._chunks else None
 
     def savepoint(self) -> int:
         """A mark to :meth:`rollback` to (the number of records ever added)."""

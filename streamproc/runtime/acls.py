@@ -137,6 +137,13 @@ def desired_acls(config: Config) -> list[Acl]:
         add(proc, TOPIC, LITERAL, changelog, "WRITE", "budget changelog (state in the transaction)")
         add(proc, TOPIC, LITERAL, changelog, "READ", "budget changelog restore")
         add(proc, GROUP, PREFIXED, f"{config.group_id}.state-", "READ", "budget changelog reader")
+    hold = config.risk_hold_topic
+    if hold is not None:
+        # Held records (risk action hold): written in the worker's transactions, restored
+        # on assignment like the budget changelog (same reader group prefix).
+        add(proc, TOPIC, LITERAL, hold, "WRITE", "risk-hold changelog (state in the transaction)")
+        add(proc, TOPIC, LITERAL, hold, "READ", "risk-hold changelog restore")
+        add(proc, GROUP, PREFIXED, f"{config.group_id}.state-", "READ", "risk-hold changelog reader")
     add(proc, GROUP, LITERAL, config.group_id, "READ", "consumer group and transactional offsets")
     if config.exactly_once:
         add(

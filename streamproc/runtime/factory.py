@@ -139,6 +139,7 @@ def build_pipeline(
         ],
         revocation_check_interval=sweep,
         budget_topic=config.budget_changelog_topic,
+        hold_topic=config.risk_hold_topic,
     )
 
 

@@ -1,8 +1,8 @@
 """The settings of the state topics, and their drift on the broker.
 
-Three topics hold *state*, not a stream: the consent table (``consent.topic``), the
-subject-key topic of crypto-shredding (``erasure.topic``) and the budget changelog
-(``<group_id>.budget-changelog``).  Their correctness rests on topic configs:
+Four topics hold *state*, not a stream: the consent table (``consent.topic``), the
+subject-key topic of crypto-shredding (``erasure.topic``), the budget changelog
+(``<group_id>.budget-changelog``) and the risk-hold changelog (``<group_id>.risk-hold``).  Their correctness rests on topic configs:
 
 * all three must be ``cleanup.policy=compact`` (and not ``compact,delete``): the last
   record per key *is* the state, and a record deleted by age turns a withdrawal back into
@@ -52,7 +52,7 @@ class StateTopic:
 
     topic: str
     role: str
-    """``consent``, ``subject_keys`` or ``budget_changelog``."""
+    """``consent``, ``subject_keys``, ``budget_changelog`` or ``risk_hold``."""
     settings: Mapping[str, str]
 
 
@@ -82,6 +82,10 @@ def expected_state_configs(config: Config) -> dict[str, StateTopic]:
     changelog = config.budget_changelog_topic
     if changelog:
         out.setdefault(changelog, StateTopic(changelog, "budget_changelog", dict(COMPACT)))
+    hold = config.risk_hold_topic
+    if hold:
+        # Held records: a record deleted by age would be a held record lost.
+        out.setdefault(hold, StateTopic(hold, "risk_hold", dict(COMPACT)))
     return out
 
 

@@ -94,7 +94,7 @@ def apply_topics(
     for t in wanted:
         s = config.topics.for_topic(t)
         parts, rf = s.partitions or 1, s.replication_factor or 1
-        if t == changelog:
+        if t in (changelog, config.risk_hold_topic):
             parts = _changelog_partitions(config, existing)
         meta = existing.get(t)
         if meta is not None and meta.error is None:

@@ -263,7 +263,10 @@ def test_output_schema_of_an_enforced_audience(tmp_path: Path, keyring: LocalKey
 @pytest.mark.parametrize(
     ("risk_spec", "message"),
     [
-        (risk(action="hold"), "action 'hold' is not supported"),
+        (risk(action="hold"), "action hold needs 'hold: {max_records: N}'"),
+        (risk(action="hold", hold={"max_records": 10}), "action: hold does not take l"),
+        ({**risk(action="hold", hold={"max_records": 0}), "l": None, "sensitive": None}, "hold.max_records is an integer"),
+        (risk(action="suppress", hold={"max_records": 5}), "'hold' applies only with action: hold"),
         (risk(action="generalize_more"), "generalize_more needs 'ladder'"),
         (risk(action="suppress", ladder=LADDER), "'ladder' applies only with action: generalize_more"),
         (risk(action="generalize_more", ladder={"DIAGNOSIS": [{"op": "generalize", "prefix": 1}]}),
