@@ -21,7 +21,13 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.integration.conftest import Broker, WorkerProcess, make_workspace, produce_raw, read_topics
+from tests.integration.conftest import (
+    Broker,
+    WorkerProcess,
+    make_workspace,
+    produce_raw,
+    read_topics,
+)
 from tests.unit.test_risk_hold import simulate, visit
 from tests.unit.test_risk_pipeline import RULES, SCHEMA, K
 
