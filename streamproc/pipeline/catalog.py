@@ -91,6 +91,7 @@ def data_map(
             "risk": None if a.risk is None else {
                 "k": a.risk.k, "l": a.risk.l, "quasi_identifiers": list(a.risk.quasi_identifiers),
                 **({"action": a.risk.action} if a.risk.action else {}),  # enforced: outputs change
+                **({"hold_max_records": a.risk.hold_max} if a.risk.action == "hold" else {}),
             },
         }
         for a in policy.audiences.values()
@@ -144,6 +145,8 @@ def render_markdown(dm: Mapping[str, Any]) -> str:
         risk = "-" if r is None else f"k {r['k']}" + (f", l {r['l']}" if r["l"] else "") + f" over {', '.join(r['quasi_identifiers'])}"
         if r is not None and r.get("action"):
             risk += f", enforced ({r['action']})"
+            if r.get("hold_max_records"):
+                risk += f", at most {r['hold_max_records']} held"
         lines.append(
             f"| {name} | {_cell(a['purpose'])} | {_cell(a['retention'])} | {_cell(', '.join(a['topics']))} | "
             f"{_cell(budget)} | {_cell(risk)} |"

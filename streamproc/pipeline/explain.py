@@ -353,6 +353,7 @@ def _audience(policy: Policy, a: Audience, topics: Sequence[str]) -> dict[str, A
         out["risk"] = {
             "k": r.k, "l": r.l, "sensitive": r.sensitive, "quasi_identifiers": list(r.quasi_identifiers),
             "window": format_duration_ms(round(r.window_s * 1000)), "action": r.action,
+            **({"hold": {"max_records": r.hold_max}} if r.action == "hold" else {}),
             "ladder": {tag: [describe(policy, a, s.op, s.params)["text"] for s in steps] for tag, steps in a.risk_ladder},
         }
     return out
@@ -444,6 +445,9 @@ def render_text(doc: Mapping[str, Any]) -> str:
         else:
             target = f"k {r['k']}" + (f", l {r['l']} over {r['sensitive']}" if r["l"] else "")
             how = "measured only (gauges, alert)" if not r["action"] else f"enforced by {r['action']}"
+            if r.get("hold"):
+                how += (f" (records below k kept back, sealed, until their class reaches k; released suppressed "
+                        f"after {r['window']} or beyond {r['hold']['max_records']} held)")
             lines.append(f"  re-identification risk: {target} over {', '.join(r['quasi_identifiers'])} "
                          f"within {r['window']}; {how}")
             for tag, steps in r["ladder"].items():

@@ -408,7 +408,8 @@ def test_risk_gauges_per_audience_and_enforcement_counter() -> None:
         w.add(qi, sv, ts=0.0)
     st = BatchStats()
     st.risk = {"analytics": w.report(now=0.0), "not-configured": w.report(now=0.0)}
-    st.risk_enforced = {("analytics", "suppressed"): 2, ("analytics", "generalized"): 1, ("analytics", "bogus"): 5}
+    st.risk_enforced = {("analytics", "suppressed"): 2, ("analytics", "generalized"): 1, ("analytics", "bogus"): 5,
+                        ("analytics", "held"): 7, ("analytics", "released"): 4, ("analytics", "expired"): 3}
     m = Metrics(known=KNOWN)
     m.batch_processed(st, 4, 0.01)
     text = generate_latest(m.registry).decode()
@@ -428,4 +429,6 @@ def test_risk_gauges_per_audience_and_enforcement_counter() -> None:
     assert val("streamproc_risk_enforced_total", action="suppressed", audience="analytics") == 2
     assert val("streamproc_risk_enforced_total", action="generalized", audience="analytics") == 1
     assert val("streamproc_risk_enforced_total", action="_other", audience="analytics") == 5
+    for action, n in (("held", 7), ("released", 4), ("expired", 3)):  # action: hold's labels pass the guard
+        assert val("streamproc_risk_enforced_total", action=action, audience="analytics") == n
     assert "not-configured" not in text and 'audience="_other"' not in text

@@ -204,3 +204,51 @@ def test_received_values_decode_as_the_opener_sees_them(tmp_path: Path, keyring:
     r = p.process(kit.inputs([visit(1, "N7AB")], start=1))
     (o,) = [o for o in r.outputs if o.topic == DEST.topic]
     assert RecordOpener(keyring, kit.schemas).decode(DEST.topic, o.value)["postcode"] is None
+
+
+def test_explain_and_catalog_show_the_hold() -> None:
+    from streamproc.pipeline.catalog import data_map, render_markdown
+    from streamproc.pipeline.explain import explain, render_text
+
+    pol = parse_policy(policy(250))
+    text = render_text(explain(pol))
+    assert ("re-identification risk: k 3 over POSTCODE, BIRTH_DATE, GENDER within 1h; enforced by hold (records "
+            "below k kept back, sealed, until their class reaches k; released suppressed after 1h or beyond 250 held)") in text
+    dm = data_map(pol, [])
+    assert dm["audiences"]["held"]["risk"] == {"k": K, "l": None, "quasi_identifiers": QI, "action": "hold",
+                                               "hold_max_records": 250}
+    assert "k 3 over POSTCODE, BIRTH_DATE, GENDER, enforced (hold), at most 250 held |" in render_markdown(dm)
+
+
+def test_config_names_the_hold_topic_and_topics_acls_cover_it(tmp_path: Path) -> None:
+    """``<group_id>.risk-hold`` exists only when a routed audience holds; it is a state
+    topic (created compacted, drift-checked) and the processor alone may write and read it."""
+    import shutil
+
+    import yaml
+
+    from streamproc.config import load_config
+    from streamproc.runtime.acls import GROUP, LITERAL, PREFIXED, TOPIC, Acl, desired_acls
+    from streamproc.runtime.state_topics import expected_state_configs
+    from tests.unit.test_acls import REPO, base
+
+    shutil.copytree(REPO / "schemas", tmp_path / "schemas")
+    pol = yaml.safe_load((REPO / "policy.yaml").read_text())
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(pol))
+    (tmp_path / "streamproc.yaml").write_text(yaml.safe_dump(base()))
+    assert load_config(tmp_path / "streamproc.yaml", env={}).risk_hold_topic is None
+    pol["audiences"]["analytics"]["risk"] = {"quasi_identifiers": ["PUBLIC"], "k": 2, "window": "1h",
+                                             "action": "hold", "hold": {"max_records": 10}}
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(pol))
+    cfg = load_config(tmp_path / "streamproc.yaml", env={})
+    assert cfg.risk_hold_topic == "sp.risk-hold" and "sp.risk-hold" in cfg.all_topics()
+    st = expected_state_configs(cfg)["sp.risk-hold"]
+    assert (st.role, dict(st.settings)) == ("risk_hold", {"cleanup.policy": "compact"})
+    acls = set(desired_acls(cfg))
+    for a in (
+        Acl("User:proc", TOPIC, LITERAL, "sp.risk-hold", "WRITE"),
+        Acl("User:proc", TOPIC, LITERAL, "sp.risk-hold", "READ"),
+        Acl("User:proc", GROUP, PREFIXED, "sp.state-", "READ"),
+    ):
+        assert a in acls
+    assert not any(a.name == "sp.risk-hold" and a.principal != "User:proc" for a in acls)
