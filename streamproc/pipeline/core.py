@@ -60,10 +60,11 @@ from streamproc.pipeline.budget import EXHAUSTED, NO_SUBJECT, WITHHELD, BudgetBo
 from streamproc.pipeline.codegen import BadPayload, TransformFailed, compile_plan, compile_subject
 from streamproc.pipeline.consent import ConsentGate
 from streamproc.pipeline.hold import Held, HoldBook
+from streamproc.pipeline.hold import encode as encode_held
 from streamproc.pipeline.lineage import FieldTreatment, field_treatments
 from streamproc.pipeline.native import compile_native
 from streamproc.pipeline.plan import build_plan, subject_of
-from streamproc.pipeline.risk import EXPIRED, HELD, RELEASED, RiskGuard, RiskProbe
+from streamproc.pipeline.risk import EXPIRED, HELD, RELEASED, SUPPRESSED, RiskGuard, RiskProbe
 from streamproc.pipeline.state import StateWrite
 from streamproc.policy.consent import FORGOTTEN
 from streamproc.policy.model import Audience, Policy, Purpose
@@ -1024,6 +1025,8 @@ class Pipeline:
         refs = None if st.references is None else st.references(recs)
         transforms = stats.transforms
         now = self._hold_clock() if held else 0.0
+        kept_back: set[int] = set()
+        n_big = 0
         for compiled, start, end in pend.runs():
             _count_transforms(transforms, compiled, end - start)
             prefix = compiled.prov_prefix
@@ -1038,18 +1041,29 @@ class Pipeline:
                 else:
                     key = key_fn(rec.key)
                 if holding and j in holding:
-                    assert self.holds is not None
+                    assert self.holds is not None and st.risk is not None
                     digest, si = holding[j]
-                    self.holds.hold(Held(
+                    h = Held(
                         st.dest.audience, digest, now, topic, key, tuple(headers), sealed_all[j], sealed_all[si],
                         rec.topic, rec.partition, rec.offset,
-                    ))  # fmt: skip
-                    continue
+                    )  # fmt: skip
+                    value = encode_held(h)
+                    if len(value) + len(h.changelog_key()) <= self.max_record_bytes:
+                        self.holds.hold(h, value)
+                        kept_back.add(j)
+                        continue
+                    # Too large to hold (both variants, base64, in one changelog record):
+                    # released suppressed now rather than failing every retry of the batch.
+                    st.risk.released.add(st.risk.suppressed_digest, None, now)
+                    n_big += 1
+                    sealed_all[j] = sealed_all[si]
                 outputs.append(_new_output(topic, key, sealed_all[j], headers, rec))
         if held:
-            hk = (st.dest.audience, HELD)
-            stats.risk_enforced[hk] = stats.risk_enforced.get(hk, 0) + len(held)
-            sealed_all = [v for j, v in enumerate(sealed_all[: len(pend.plains)]) if j not in holding]
+            for action, n in ((HELD, len(kept_back)), (SUPPRESSED, n_big)):
+                if n:
+                    hk = (st.dest.audience, action)
+                    stats.risk_enforced[hk] = stats.risk_enforced.get(hk, 0) + n
+            sealed_all = [v for j, v in enumerate(sealed_all[: len(pend.plains)]) if j not in kept_back]
         ek = (topic, st.dest.audience)
         stats.egress_records[ek] = stats.egress_records.get(ek, 0) + len(sealed_all)
         stats.egress_bytes[ek] = stats.egress_bytes.get(ek, 0) + sum(map(len, sealed_all))

@@ -124,11 +124,12 @@ class HoldBook:
         self.restored = 0
 
     # -- decisions -----------------------------------------------------------------------
-    def hold(self, h: Held) -> None:
+    def hold(self, h: Held, value: bytes | None = None) -> None:
+        """Hold ``h`` (``value``: its :func:`encode`, if the caller has it already)."""
         k = (h.partition, h.changelog_key())
         self._undo.touch(k, lambda: self._entries.get(k))
         self._put(k, h)
-        self._dirty[k] = encode(h)
+        self._dirty[k] = encode(h) if value is None else value
 
     def release_class(self, audience: str, digest: bytes) -> list[Held]:
         """Take every held record of the class (it reached k), oldest first."""

@@ -41,11 +41,12 @@ class HoldKit(Kit):
         super().__init__(tmp, keyring, policy(max_records))
         self.wall = [1_700_000_000.0]
 
-    def pipeline(self) -> Pipeline:
+    def pipeline(self, max_record_bytes: int = 1 << 20) -> Pipeline:
         return Pipeline(
             routes=[Route(("visits",), (DEST,))], policy=self.policy, opener=Opener.for_kms(self.keyring),
             kms=self.keyring, schemas=self.schemas, keys=PseudonymKeys(self.keyring, PSEUDONYM),
             clock=lambda: self.clock[0], budget_clock=lambda: self.wall[0], hold_topic=HOLD_TOPIC,
+            max_record_bytes=max_record_bytes,
         )
 
 
@@ -252,3 +253,20 @@ def test_config_names_the_hold_topic_and_topics_acls_cover_it(tmp_path: Path) ->
     ):
         assert a in acls
     assert not any(a.name == "sp.risk-hold" and a.principal != "User:proc" for a in acls)
+
+
+def test_a_record_too_large_to_hold_is_released_suppressed_at_once(tmp_path: Path, keyring: LocalKeyring) -> None:
+    """A hold record carries both sealed variants: one that would not fit the record-size
+    limit is not held (its transaction would fail on every retry) but released suppressed."""
+    kit = HoldKit(tmp_path, keyring)
+    r = kit.pipeline().process(kit.inputs([visit(0, "SW1A")]))
+    (w,) = r.state_writes
+    assert w.value is not None
+    limit = len(w.value) + len(w.key) - 1  # the output itself is far smaller
+    r2 = kit.pipeline(max_record_bytes=limit).process(kit.inputs([visit(0, "SW1A")]))
+    assert r2.state_writes == []
+    assert kit.received(r2.outputs, DEST.topic) == [
+        {**visit(0, "SW1A"), "postcode": None, "birth_date": None, "gender": None}
+    ]
+    assert r2.stats.risk_enforced == {("held", "suppressed"): 1}
+    assert r2.stats.egress_records == {(DEST.topic, "held"): 1}
