@@ -121,6 +121,10 @@ class HoldBook:
         self._count: dict[str, int] = dict.fromkeys(limits, 0)
         self._dirty: dict[_Key, bytes | None] = {}
         self._undo: UndoLog[_Key, Held] = UndoLog(self._put)
+        #: Held records of dropped partitions -> hold time: the risk window still counts
+        #: them, so restoring them again (the partition comes back) must not count twice
+        #: (an over-count would release a class before k).
+        self._counted: dict[_Key, float] = {}
         self.restored = 0
 
     # -- decisions -----------------------------------------------------------------------
@@ -212,13 +216,19 @@ class HoldBook:
         if h.audience != aud or h.partition != partition:
             raise ValueError("hold record under another audience's or partition's key")
         self._put(k, h)
-        self._on_restore(aud, h.digest, h.held_at)
+        if self._counted.pop(k, None) is None:
+            self._on_restore(aud, h.digest, h.held_at)
         self.restored += 1
 
     def drop(self, partition: int) -> None:
         """Forget ``partition``'s held records (revoked: the next owner restores them)."""
         for k in [k for k in self._entries if k[0] == partition]:
+            self._counted[k] = self._entries[k].held_at
             self._put(k, None)
+        if self._counted:  # what the windows have let go by now needs counting again
+            newest = max(self._counted.values())
+            oldest_kept = newest - max(w for _, w in self.limits.values())
+            self._counted = {k: t for k, t in self._counted.items() if t > oldest_kept}
         self._undo.forget(lambda k: k[0] != partition)
         self._dirty = {k: v for k, v in self._dirty.items() if k[0] != partition}
 

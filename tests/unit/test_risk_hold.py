@@ -270,3 +270,22 @@ def test_a_record_too_large_to_hold_is_released_suppressed_at_once(tmp_path: Pat
     ]
     assert r2.stats.risk_enforced == {("held", "suppressed"): 1}
     assert r2.stats.egress_records == {(DEST.topic, "held"): 1}
+
+
+def test_a_partition_that_comes_back_is_not_counted_twice(tmp_path: Path, keyring: LocalKeyring) -> None:
+    """Revoked then assigned again: the held record is restored, but the window still
+    counts it, so the class needs its true k (a double count would release v0 and v1
+    with 2 < k records)."""
+    kit = HoldKit(tmp_path, keyring)
+    p = kit.pipeline()
+    assert p.holds is not None
+    writes = p.process(kit.inputs([visit(0, "SW1A")])).state_writes
+    p.holds.drop(0)
+    assert p.holds.held("held") == 0
+    for w in writes:
+        p.holds.restore(w.partition or 0, w.key, w.value)
+    assert p.holds.held("held") == 1
+    r = p.process(kit.inputs([visit(1, "SW1A")], start=1))
+    assert kit.received(r.outputs, DEST.topic) == []
+    r = p.process(kit.inputs([visit(2, "SW1A")], start=2))
+    assert sorted(v["visit_id"] for v in kit.received(r.outputs, DEST.topic)) == ["v0", "v1", "v2"]
