@@ -409,14 +409,22 @@ class Reidentifier:
                 f"{self.audience!r}; export the key for that version "
                 f"(streamproc keys export-audience --audience {self.audience} --version {value_version})"
             )
+        return self._open(
+            who, safe, lambda: siv_decrypt(self.key.key, domain, value), text,
+            f"in domain {domain!r} (wrong audience, domain or a modified value)",
+        )
+
+    def _open(self, who: str, safe: dict[str, Any], decrypt: Callable[[], bytes], text: bool, mismatch: str) -> Any:
+        """Decrypt, decode when ``text``, audit the outcome: one ending for both value formats
+        (``mismatch`` completes the message of a value that does not open)."""
         try:
-            plain = siv_decrypt(self.key.key, domain, value)
+            plain = decrypt()
             result: Any = plain.decode("utf-8") if text else plain
         except ReidentificationError:
             self._audit(who, safe, "failed", "decrypt_failed")
             raise ReidentificationError(
                 f"re-identification failed: the value is not a ciphertext of audience {self.audience!r} "
-                f"in domain {domain!r} (wrong audience, domain or a modified value)"
+                f"{mismatch}"
             ) from None
         except UnicodeDecodeError:
             self._audit(who, safe, "failed", "not_text")
@@ -455,22 +463,10 @@ class Reidentifier:
                 f"re-identification failed: no subject key of audience {self.audience!r} in the subject-key "
                 "topic has this value's key id (another audience's value, or not made by this processor)"
             ) from None
-        try:
-            plain = erasure.decrypt(key, domain, value)
-            result: Any = plain.decode("utf-8") if text else plain
-        except ReidentificationError:
-            self._audit(who, safe, "failed", "decrypt_failed")
-            raise ReidentificationError(
-                f"re-identification failed: the value is not a ciphertext of audience {self.audience!r} "
-                f"in domain {domain!r} (wrong domain or a modified value)"
-            ) from None
-        except UnicodeDecodeError:
-            self._audit(who, safe, "failed", "not_text")
-            raise ReidentificationError(
-                "re-identification failed: the plaintext is binary; use reidentify_bytes"
-            ) from None
-        self._audit(who, safe, "success", None)
-        return result
+        return self._open(
+            who, safe, lambda: erasure.decrypt(key, domain, value), text,
+            f"in domain {domain!r} (wrong domain or a modified value)",
+        )
 
     def _audit(self, actor: str, attrs: dict[str, Any], outcome: str, error: str | None) -> None:
         try:
