@@ -11,7 +11,6 @@ withholding the one that never granted.
 from __future__ import annotations
 
 import os
-import secrets
 import time
 import uuid
 from pathlib import Path
@@ -21,7 +20,7 @@ import pytest
 import yaml
 
 from tests.integration.conftest import AUDIENCES, WorkerProcess, make_workspace, wait_for
-from tests.integration.test_kafka_security import cli, require_kafka, write_error
+from tests.integration.test_kafka_security import cli, start_sasl_broker, write_error
 
 devkafka = pytest.importorskip("streamproc.devkafka")
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition  # noqa: E402
@@ -56,19 +55,9 @@ def test_worker_reads_the_consent_table_with_only_the_derived_acls(tmp_path: Pat
     from streamproc.crypto.kms.local import LocalKeyring
     from streamproc.crypto.pseudonym import PseudonymKeys
 
-    require_kafka()
-    broker = devkafka.KafkaBroker(tmp_path / "broker", security="sasl_ssl")
-    try:
-        broker.start()
-    except Exception:
-        print(broker.log_tail())
-        broker.cleanup()
-        raise
+    broker, pw = start_sasl_broker(tmp_path / "broker", USERS)
     w = None
     try:
-        pw = {u: secrets.token_urlsafe(12) for u in USERS}
-        for u, p in pw.items():
-            broker.create_scram_user(u, p)
         suffix = uuid.uuid4().hex[:8]
         consent_topic = f"consent-{suffix}"
         ws = make_workspace(

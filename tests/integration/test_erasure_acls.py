@@ -11,7 +11,6 @@ neither read nor write the key topic, and the shop producer cannot write it.
 from __future__ import annotations
 
 import os
-import secrets
 import uuid
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import yaml
 
 from tests.integration.conftest import AUDIENCES, WorkerProcess, make_workspace, wait_for
 from tests.integration.test_consent_acls import read_all
-from tests.integration.test_kafka_security import cli, read_error, require_kafka, write_error
+from tests.integration.test_kafka_security import cli, read_error, start_sasl_broker, write_error
 
 devkafka = pytest.importorskip("streamproc.devkafka")
 from confluent_kafka import KafkaError, Producer  # noqa: E402
@@ -35,19 +34,9 @@ def test_worker_and_forget_use_the_key_topic_with_only_the_derived_acls(tmp_path
     from streamproc.client.generator import EventGenerator
     from streamproc.crypto.kms.local import LocalKeyring
 
-    require_kafka()
-    broker = devkafka.KafkaBroker(tmp_path / "broker", security="sasl_ssl")
-    try:
-        broker.start()
-    except Exception:
-        print(broker.log_tail())
-        broker.cleanup()
-        raise
+    broker, pw = start_sasl_broker(tmp_path / "broker", USERS)
     w = None
     try:
-        pw = {u: secrets.token_urlsafe(12) for u in USERS}
-        for u, p in pw.items():
-            broker.create_scram_user(u, p)
         suffix = uuid.uuid4().hex[:8]
         key_topic = f"subject-keys-{suffix}"
         ws = make_workspace(

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,21 +106,31 @@ def require_kafka() -> None:
     pytest.skip(why)
 
 
-@pytest.fixture(scope="module")
-def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
+def start_sasl_broker(path: Path, users: Iterable[str]) -> tuple[devkafka.KafkaBroker, dict[str, str]]:
+    """A SASL_SSL broker of the test's own with one SCRAM user per name (random passwords).
+
+    Skips (or fails, on a Kafka run) without the jars; on a failed start prints the
+    broker's log and cleans up.  The caller calls ``broker.cleanup()`` when done.
+    """
     require_kafka()
-    root = tmp_path_factory.mktemp("kafka-security")
-    broker = devkafka.KafkaBroker(root / "broker", security="sasl_ssl")
+    broker = devkafka.KafkaBroker(path, security="sasl_ssl")
     try:
         broker.start()
-    except Exception:
+        passwords = {u: secrets.token_urlsafe(12) for u in users}
+        for u, pw in passwords.items():
+            broker.create_scram_user(u, pw)
+    except BaseException:
         print(broker.log_tail())
         broker.cleanup()
         raise
+    return broker, passwords
+
+
+@pytest.fixture(scope="module")
+def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
+    root = tmp_path_factory.mktemp("kafka-security")
+    broker, passwords = start_sasl_broker(root / "broker", USERS)
     try:
-        passwords = {u: secrets.token_urlsafe(12) for u in USERS}
-        for u, pw in passwords.items():
-            broker.create_scram_user(u, pw)
         suffix = uuid.uuid4().hex[:8]
         kafka = {
             **broker.client_config("proc", passwords["proc"]),
